@@ -1,0 +1,249 @@
+"""Orthonormal frames from Householder reflectors (LAPACK layout).
+
+A frame Q ∈ St(n, r) (n ≥ r, QᵀQ = I_r) is the product of r reflectors applied to the truncated identity:
+
+    Q = H₁ H₂ … H_r I_{n×r},   H_j = I − τ_j y_j y_jᵀ,   τ_j = 2 / ‖y_j‖²,
+
+where y_j = e_j + h_j and h_j holds the free parameters below row j (paper Fig. 3a). Parameters are stored as a
+dense (…, n, r) tensor in the LAPACK layout of ``geqrf``: column j keeps its free entries strictly below the
+diagonal; the diagonal (an implicit 1) and the upper triangle are ignored.
+
+Two forms:
+
+* **full** — every strictly-lower entry is free: n·r − r(r+1)/2 degrees of freedom;
+* **reduced** — only rows r…n−1 are free, so the leading r×r block of Q is upper triangular (Fig. 3b):
+  n·r − r² degrees of freedom.
+
+Sign convention. Zero parameters give Q = −I_{n×r} (each H_j then negates coordinate j). The inverse map
+(:func:`frame_to_params`) follows LAPACK's numerically stable choice of reflector, so the frame it reproduces may
+differ from the given one by column signs; those signs are returned (``frame(params) · diag(signs) = F``) and the
+parametrizations absorb them into the spectrum or into the adjacent factor. :func:`frame_to_params_exact`
+reproduces the frame itself without signs (used where no factor is left to absorb them).
+
+The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T Yᵀ with T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
+(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "INITS",
+    "frame_mask",
+    "frame_dof",
+    "householder_frame",
+    "householder_frame_masked",
+    "padded_householder_frames",
+    "frame_to_params",
+    "frame_to_params_exact",
+    "init_frame_params",
+]
+
+INITS = ("identity", "random", "noisy_identity")
+
+
+def _check_shape(n: int, r: int) -> None:
+    if not (isinstance(n, int) and isinstance(r, int)) or n < 1 or r < 1 or r > n:
+        raise ValueError(f"a frame needs integers n ≥ r ≥ 1, got n={n!r}, r={r!r}")
+
+
+def frame_mask(n: int, r: int, reduced: bool = False, device=None, dtype=torch.bool) -> torch.Tensor:
+    """Mask (n, r) of the free reflector parameters: strictly lower entries, and for ``reduced`` rows ≥ r only."""
+    _check_shape(n, r)
+    rows = torch.arange(n, device=device).unsqueeze(1)
+    cols = torch.arange(r, device=device).unsqueeze(0)
+    mask = rows > cols
+    if reduced:
+        mask = mask & (rows >= r)
+    return mask.to(dtype)
+
+
+def frame_dof(n: int, r: int, reduced: bool = False) -> int:
+    """Degrees of freedom of a frame: n·r − r(r+1)/2 (full) or n·r − r² (reduced)."""
+    _check_shape(n, r)
+    return n * r - (r * r if reduced else r * (r + 1) // 2)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _wy_factors(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T⁻¹, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): X = T·Y_topᵀ."""
+    r = y.shape[-1]
+    gram = y.mT @ y
+    t_inv = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+    x = torch.linalg.solve_triangular(t_inv, y[..., :r, :].mT, upper=True)
+    return t_inv, x
+
+
+class _CompactWY(torch.autograd.Function):
+    """Q = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r), with a hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        t_inv, x = _wy_factors(y)
+        eye = torch.eye(y.shape[-2], y.shape[-1], dtype=y.dtype, device=y.device)
+        ctx.save_for_backward(y, t_inv, x)
+        return torch.baddbmm(eye.expand_as(y), y, x, alpha=-1)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor) -> torch.Tensor:
+        y, t_inv, x = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: rebuild the factors inside the graph
+            t_inv, x = _wy_factors(y)
+        r = y.shape[-1]
+        grad_x = -(y.mT @ grad_q)
+        grad_b = torch.linalg.solve_triangular(t_inv.mT, grad_x, upper=False)  # ∂/∂(Y_topᵀ)
+        grad_t_inv = -(grad_b @ x.mT)
+        grad_gram = grad_t_inv.triu(1) + torch.diag_embed(0.5 * grad_t_inv.diagonal(dim1=-2, dim2=-1))
+        grad_y = torch.baddbmm(y @ (grad_gram + grad_gram.mT), grad_q, x.mT, alpha=-1)
+        top = grad_y[..., :r, :] + grad_b.mT
+        return torch.cat([top, grad_y[..., r:, :]], dim=-2)
+
+
+def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Frames from reflector parameters with an explicit mask of free entries.
+
+    ``params``: (…, n, r); ``mask``: broadcastable to it, 1 where a parameter is free, 0 elsewhere (a padded
+    frame has zeros outside its own block). Returns Q (…, n, r) = H₁…H_r I_{n×r}. Half precision inputs are
+    computed in float32 and cast back.
+    """
+    n, r = params.shape[-2:]
+    if r > n:
+        raise ValueError(f"reflector parameters of shape {tuple(params.shape)}: need n ≥ r in (…, n, r)")
+    out_dtype = params.dtype
+    work = _compute_dtype(out_dtype)
+    batch_shape = params.shape[:-2]
+    y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
+    q = _CompactWY.apply(y.reshape(-1, n, r))
+    return q.reshape(*batch_shape, n, r).to(out_dtype)
+
+
+def householder_frame(params: torch.Tensor, reduced: bool = False) -> torch.Tensor:
+    """Frame Q = H₁…H_r I_{n×r} ∈ St(n, r) from reflector parameters (…, n, r) in the LAPACK layout.
+
+    ``reduced`` ignores rows < r of the parameters, giving a frame whose leading r×r block is upper triangular.
+    """
+    n, r = params.shape[-2:]
+    mask = frame_mask(n, r, reduced, device=params.device, dtype=params.dtype)
+    return householder_frame_masked(params, mask)
+
+
+def padded_householder_frames(
+    params: Sequence[torch.Tensor], reduced: Sequence[bool] | bool = False
+) -> list[torch.Tensor]:
+    """Frames of different shapes in one batched call (paper supplement §7, Fig. 9).
+
+    Each ``params[p]`` is (n_p, r_p). They are zero-padded into a (P, max n, max r) batch; the reflectors of the
+    padding are inert for the leading n_p × r_p block, which is returned for each p and equals
+    ``householder_frame(params[p], reduced[p])``.
+    """
+    if isinstance(reduced, bool):
+        reduced = [reduced] * len(params)
+    if len(params) == 0:
+        return []
+    n_max = max(p.shape[-2] for p in params)
+    r_max = max(p.shape[-1] for p in params)
+    ref = params[0]
+    batch = ref.new_zeros((len(params), n_max, r_max))
+    mask = torch.zeros((len(params), n_max, r_max), dtype=ref.dtype, device=ref.device)
+    for i, (p, red) in enumerate(zip(params, reduced)):
+        n, r = p.shape[-2:]
+        batch[i, :n, :r] = p
+        mask[i, :n, :r] = frame_mask(n, r, red, device=ref.device, dtype=ref.dtype)
+    q = householder_frame_masked(batch, mask)
+    return [q[i, : p.shape[-2], : p.shape[-1]] for i, p in enumerate(params)]
+
+
+def _column_signs(frame: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """s with frame · diag(s) closest to target: the sign of each diagonal entry of frameᵀ·target."""
+    d = (frame * target).sum(dim=-2)
+    return torch.where(d < 0, -torch.ones_like(d), torch.ones_like(d))
+
+
+def frame_to_params(matrix: torch.Tensor, reduced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reflector parameters of the orthonormal factor of ``matrix`` (…, n, r), by Householder QR (``geqrf``).
+
+    Returns ``(params, signs)`` with ``householder_frame(params, reduced) · diag(signs) = Q``, where
+    ``matrix = Q·R`` with R's diagonal positive (for an orthonormal ``matrix``, Q is the matrix itself).
+    ``signs`` is (…, r) with entries ±1. For ``reduced``, the leading r×r block of ``matrix`` must be upper
+    triangular (a frame in St_U(n, r)); entries that would break the reduced form are ignored.
+    """
+    n, r = matrix.shape[-2:]
+    _check_shape(n, r)
+    work = _compute_dtype(matrix.dtype)
+    a = matrix.detach().to(work)
+    if not torch.isfinite(a).all():
+        raise ValueError(f"frame_to_params: matrix of shape {tuple(matrix.shape)} has NaN or inf entries")
+    qr, _tau = torch.geqrf(a)
+    params = qr * frame_mask(n, r, reduced, device=a.device, dtype=work)
+    frame = householder_frame(params, reduced)
+    q_positive = torch.linalg.qr(a).Q
+    q_positive = q_positive * _column_signs(q_positive, a).unsqueeze(-2)  # make diag(R) > 0
+    signs = _column_signs(frame, q_positive)
+    return params.to(matrix.dtype), signs.to(matrix.dtype)
+
+
+def frame_to_params_exact(frame: torch.Tensor, reduced: bool = False) -> torch.Tensor:
+    """Reflector parameters that reproduce an orthonormal ``frame`` (…, n, r) exactly, with no column signs.
+
+    Each reflector maps the current column x onto +‖x‖·e_j; the first entry of y_j = x − ‖x‖e_j is formed as
+    −‖x_tail‖²/(x_j + ‖x‖) when x_j > 0 (Parlett) so no cancellation occurs. Parameters grow without bound as a
+    column approaches +e_j (the one direction this chart cannot reach).
+    """
+    n, r = frame.shape[-2:]
+    _check_shape(n, r)
+    work = torch.float64
+    a = frame.detach().to(work).clone()
+    params = torch.zeros_like(a)
+    for j in range(r):
+        x = a[..., j:, j]
+        alpha = x[..., 0]
+        tail_sq = (x[..., 1:] ** 2).sum(-1)
+        norm = torch.sqrt(alpha**2 + tail_sq)
+        v0 = torch.where(alpha > 0, -tail_sq / (alpha + norm).clamp_min(torch.finfo(work).tiny), alpha - norm)
+        v0 = torch.where(v0 == 0, torch.full_like(v0, -torch.finfo(work).tiny), v0)
+        v = x / v0.unsqueeze(-1)
+        v[..., 0] = 1.0
+        if reduced:
+            v[..., 1 : max(r - j, 1)] = 0.0
+        tau = 2.0 / (v**2).sum(-1)
+        params[..., j + 1 :, j] = v[..., 1:]
+        block = a[..., j:, j:]
+        a[..., j:, j:] = block - tau[..., None, None] * v.unsqueeze(-1) * (v.unsqueeze(-2) @ block)
+    return params.to(frame.dtype)
+
+
+def init_frame_params(
+    n: int,
+    r: int,
+    init: str = "noisy_identity",
+    reduced: bool = False,
+    batch: Sequence[int] = (),
+    alpha: float = 1e-4,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """Initial reflector parameters (*batch, n, r) for a frame in St(n, r) (St_U for ``reduced``).
+
+    * ``"identity"`` — zeros: the frame −I_{n×r};
+    * ``"random"`` — reflectors of QR(N), N i.i.d. standard normal (Haar-distributed frame up to column signs);
+    * ``"noisy_identity"`` — reflectors of QR(I_{n×r} + α·N); parameters are O(α) (paper supplement §9).
+    """
+    _check_shape(n, r)
+    if init not in INITS:
+        raise ValueError(f"unknown frame init {init!r}; choose one of {INITS}")
+    shape = (*batch, n, r)
+    if init == "identity":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(device)
+    base = noise if init == "random" else torch.eye(n, r, dtype=torch.float64, device=device) + alpha * noise
+    if reduced:
+        top = base[..., :r, :].triu()
+        base = torch.cat([top, base[..., r:, :]], dim=-2)
+    params, _ = frame_to_params(base, reduced)
+    return params.to(dtype)
