@@ -1,0 +1,12 @@
+"""torch-sttp: low-rank layers with an exposed, controllable spectrum (SVDP and STTP, Obukhov et al. 2021)."""
+from .frames import (
+    frame_to_params,
+    frame_to_params_exact,
+    householder_frame,
+    init_frame_params,
+    padded_householder_frames,
+)
+from .parametrizations import STTP, SVDP, SpectralParametrization, parametrize, sttp, svdp
+from .tt import count_dof
+
+__version__ = "0.1.0"

@@ -1,0 +1,441 @@
+"""SVDP and STTP parametrizations: W = U·Σ·Vᵀ with U, V orthonormal frames built from Householder reflectors.
+
+A :class:`SpectralParametrization` maps its own tensors (reflectors of the U side, reflectors of the V side and,
+for a learned spectrum, the vector S) to a layer's weight; it plugs into :mod:`torch.nn.utils.parametrize`:
+
+    >>> layer = torch.nn.Linear(256, 128)
+    >>> torch_sttp.parametrize(layer, "sttp", rank=16)          # or register_parametrization by hand
+    >>> layer.weight                                             # materialised from the parameters
+    >>> torch.nn.utils.parametrize.remove_parametrizations(layer, "weight")   # export a dense layer
+
+* U and V are tensor trains whose cores have orthonormal matricizations (paper Prop. 1); SVDP is the one-core case.
+  All cores except the two adjacent to Σ use the reduced Householder form (Prop. 2); with the identity spectrum the
+  last U core is reduced too (§3.2).
+* Spectrum: ``"identity"`` Σ = I; ``"normalized"`` Σ = diag(S/‖S‖∞), so σ_max(W) = 1; ``"free"`` Σ = diag(S).
+  Singular values are |Sᵢ|: S may carry signs.
+* The tensors are stored padded: each side's reflectors form one (L, N, R) tensor (L cores, padded to the largest
+  core), so a layer's frames are computed in one batched call. :attr:`SpectralParametrization.dof` counts only the
+  entries that move W.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize as torch_parametrize
+
+from .frames import INITS as FRAME_INITS
+from .frames import (
+    frame_mask,
+    frame_to_params,
+    frame_to_params_exact,
+    householder_frame_masked,
+    init_frame_params,
+)
+from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks, tt_svd
+
+__all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "svdp", "sttp", "INITS", "FORMAT_VERSION"]
+
+INITS = FRAME_INITS + ("pretrained",)
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainSide:
+    """One side (U or V) of the train, listed from its outer end towards Σ.
+
+    Core k has shape (ranks[k], modes[k], ranks[k+1]); its matricization (ranks[k]·modes[k]) × ranks[k+1] is an
+    orthonormal frame, reduced where ``reduced[k]``.
+    """
+
+    modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    reduced: tuple[bool, ...]
+
+    @property
+    def frame_shapes(self) -> list[tuple[int, int]]:
+        return [(self.ranks[k] * n, self.ranks[k + 1]) for k, n in enumerate(self.modes)]
+
+    @property
+    def padded_shape(self) -> tuple[int, int, int]:
+        shapes = self.frame_shapes
+        if not shapes:
+            return (0, 1, 1)
+        return (len(shapes), max(s[0] for s in shapes), max(s[1] for s in shapes))
+
+    def mask(self, dtype=torch.bool) -> torch.Tensor:
+        mask = torch.zeros(self.padded_shape, dtype=dtype)
+        for k, ((n, r), red) in enumerate(zip(self.frame_shapes, self.reduced)):
+            mask[k, :n, :r] = frame_mask(n, r, red, dtype=dtype)
+        return mask
+
+
+def _triangularizing_rotation(top: torch.Tensor) -> torch.Tensor:
+    """Orthogonal G (r×r) with top·G upper triangular (an RQ decomposition of the r×r block ``top``)."""
+    r = top.shape[-1]
+    if r == 1:
+        return torch.ones(1, 1, dtype=top.dtype, device=top.device)
+    q, _ = torch.linalg.qr(top.flip(0).mT)
+    return q.flip(-1)
+
+
+class SpectralParametrization(nn.Module):
+    """Map (U reflectors, V reflectors[, S]) ↦ W = U·Σ·Vᵀ reshaped to a layer's weight.
+
+    Args:
+        weight_shape: the layer's weight shape — (d_out, C_in, *kernel) for Linear, Conv and Embedding (rows are
+            embeddings); for ConvTranspose pass ``transposed=True`` and its own weight shape (C_in, C_out, *kernel).
+        rank: r, a cap: the middle rank is min(r, d_out, d_in), bond ranks follow the Holtz bound.
+        method: ``"svdp"`` or ``"sttp"``.
+        spectrum: ``"identity"``, ``"normalized"`` or ``"free"``.
+        eps: lower clamp of ‖S‖∞ for the normalized spectrum.
+    """
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        rank: int,
+        method: str = "sttp",
+        spectrum: str = "normalized",
+        transposed: bool = False,
+        eps: float = 1e-12,
+    ) -> None:
+        super().__init__()
+        self.method = check_method(method)
+        self.spectrum = check_spectrum(spectrum)
+        self.rank = check_rank(rank)
+        self.weight_shape = tuple(int(s) for s in weight_shape)
+        self.transposed = bool(transposed)
+        if self.transposed and len(self.weight_shape) < 3:
+            raise ValueError(f"transposed=True needs a conv weight (C_in, C_out, *kernel), got {self.weight_shape}")
+        shape = self.layout_shape
+        self.out_modes, self.in_modes = split_modes(shape, method)
+        modes = self.out_modes + self.in_modes
+        self.ranks = tt_ranks(modes, rank)
+        d_out_cores = len(self.out_modes)
+        self.r_mid = self.ranks[d_out_cores]
+        self.d_out, self.d_in = shape[0], math.prod(shape[1:])
+        self.eps = eps
+        u_ranks = tuple(self.ranks[: d_out_cores + 1])
+        v_ranks = tuple(reversed(self.ranks[d_out_cores:]))
+        n_u, n_v = len(self.out_modes), len(self.in_modes)
+        self.u_side = TrainSide(
+            tuple(self.out_modes), u_ranks, tuple([True] * (n_u - 1) + [spectrum == "identity"] * (n_u > 0))
+        )
+        self.v_side = TrainSide(tuple(reversed(self.in_modes)), v_ranks, tuple([True] * (n_v - 1) + [False] * (n_v > 0)))
+        self.register_buffer("u_mask", self.u_side.mask(torch.float32), persistent=False)
+        self.register_buffer("v_mask", self.v_side.mask(torch.float32), persistent=False)
+        self._pending: tuple[torch.Tensor, ...] | None = None
+
+    # ----------------------------------------------------------------------------------------------- shapes, DOF
+    @property
+    def layout_shape(self) -> tuple[int, ...]:
+        """The weight in the (d_out, C_in, *kernel) layout (a transposed conv's first two axes swapped)."""
+        s = self.weight_shape
+        return (s[1], s[0], *s[2:]) if self.transposed else s
+
+    @property
+    def has_spectrum(self) -> bool:
+        return self.spectrum != "identity"
+
+    @property
+    def dof(self) -> int:
+        """Free parameters that move W (equals :func:`torch_sttp.tt.count_dof`)."""
+        n = int(self.u_mask.sum().item() + self.v_mask.sum().item())
+        if not (self.out_modes or self.in_modes):
+            n = 0
+        return n + (self.r_mid if self.has_spectrum else 0)
+
+    def extra_repr(self) -> str:
+        return (f"method={self.method}, rank={self.rank}, spectrum={self.spectrum}, weight_shape={self.weight_shape}, "
+                f"modes={self.out_modes}|{self.in_modes}, ranks={self.ranks}, dof={self.dof}")
+
+    # -------------------------------------------------------------------------------------------------- forward
+    def _side_matrix(self, params: torch.Tensor, mask: torch.Tensor, side: TrainSide, transpose: bool):
+        """U (d_out, R_mid) of the U side, or Vᵀ (R_mid, d_in) of the V side (``transpose``)."""
+        if not side.modes:
+            return torch.ones(1, 1, dtype=params.dtype, device=params.device)
+        frames = householder_frame_masked(params, mask)
+        cores = [
+            frames[k, :rows, :cols].reshape(side.ranks[k], side.modes[k], side.ranks[k + 1])
+            for k, (rows, cols) in enumerate(side.frame_shapes)
+        ]
+        if not transpose:
+            out = cores[0].reshape(-1, cores[0].shape[-1])
+            for core in cores[1:]:
+                out = (out @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+            return out
+        # V side: contract from Σ outwards, each mirrored core read as (R_Σside, n, R_outer) ⇒ Vᵀ row-major.
+        out = None
+        for core in reversed(cores):
+            c = core.permute(2, 1, 0)
+            out = c.reshape(c.shape[0], -1) if out is None else (out @ c.reshape(c.shape[0], -1))
+            out = out.reshape(-1, c.shape[-1]) if c.shape[-1] != 1 else out
+        return out.reshape(self.r_mid, self.d_in)
+
+    def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
+        """Σ's diagonal from S (None for the identity spectrum)."""
+        if s is None:
+            return None
+        if self.spectrum == "normalized":
+            return s / s.abs().amax().clamp_min(self.eps)
+        return s
+
+    def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):
+        """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ."""
+        u = self._side_matrix(u_params, self.u_mask, self.u_side, transpose=False)
+        vt = self._side_matrix(v_params, self.v_mask, self.v_side, transpose=True)
+        return u, self.sigma(s), vt
+
+    def matrix(self, u_params, v_params, s=None) -> torch.Tensor:
+        """W as a (d_out, d_in) matrix."""
+        u, sigma, vt = self.factors(u_params, v_params, s)
+        return (u if sigma is None else u * sigma) @ vt
+
+    def forward(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        w = self.matrix(u_params, v_params, s).reshape(self.layout_shape)
+        return w.transpose(0, 1) if self.transposed else w
+
+    def singular_values(self, u_params, v_params, s=None) -> torch.Tensor:
+        """Singular values of W, descending (exact: |Σ|, no SVD)."""
+        sigma = self.sigma(s)
+        if sigma is None:
+            return torch.ones(self.r_mid, dtype=u_params.dtype, device=u_params.device)
+        return sigma.abs().sort(descending=True).values
+
+    # ---------------------------------------------------------------------------------------------- initialise
+    def initial_parameters(
+        self,
+        init: str = "noisy_identity",
+        alpha: float = 1e-4,
+        generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Fresh (U reflectors, V reflectors[, S]) for ``init`` in ("identity", "random", "noisy_identity")."""
+        if init not in FRAME_INITS:
+            raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        out = []
+        for side in (self.u_side, self.v_side):
+            p = torch.zeros(side.padded_shape, dtype=dtype, device=device)
+            for k, ((n, r), red) in enumerate(zip(side.frame_shapes, side.reduced)):
+                p[k, :n, :r] = init_frame_params(n, r, init, red, alpha=alpha, generator=generator, dtype=dtype,
+                                                 device=device)
+            out.append(p)
+        if self.has_spectrum:
+            out.append(torch.ones(self.r_mid, dtype=dtype, device=device))
+        return tuple(out)
+
+    # ------------------------------------------------------------------------------------------- right inverse
+    _warned: set = set()
+
+    def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Parameters whose W is the best approximation of ``weight`` in this parametrization.
+
+        SVDP: the truncated SVD (Eckart–Young). STTP: TT-SVD of the weight reshaped to the modes, brought to the
+        paper's form (orthonormal cores on both sides of Σ). Exact for ``"free"``; with ``"normalized"`` the loaded
+        weight comes back scaled by 1/σ_max, and with ``"identity"`` its singular values become 1.
+        """
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
+        if tuple(weight.shape) != self.weight_shape:
+            raise ValueError(f"right_inverse: weight of shape {tuple(weight.shape)} does not match this "
+                             f"parametrization's weight shape {self.weight_shape}")
+        if not torch.isfinite(weight).all():
+            raise ValueError(f"right_inverse: weight of shape {self.weight_shape} has NaN or inf entries; "
+                             "fix the weight before loading it")
+        if self.spectrum != "free" and self.spectrum not in SpectralParametrization._warned:
+            SpectralParametrization._warned.add(self.spectrum)
+            what = "scaled by 1/σ_max" if self.spectrum == "normalized" else "given unit singular values"
+            warnings.warn(f"loading a dense weight into the {self.spectrum!r} spectrum: the weight is {what}; "
+                          "use spectrum='free' to keep its scale", stacklevel=2)
+        dtype, device = weight.dtype, weight.device
+        w = weight.detach().to(torch.float64)
+        if self.transposed:
+            w = w.transpose(0, 1)
+        modes = self.out_modes + self.in_modes
+        if not modes:  # a 1×1 STTP weight
+            s = w.reshape(1)
+            return self._finish(torch.zeros(0, 1, 1), torch.zeros(0, 1, 1), s, dtype, device)
+        cores = tt_svd(w.reshape(modes), self.ranks)
+        n_out, n_cores = len(self.out_modes), len(modes)
+        middle = None
+        for k in range(n_cores - 1, n_out - 1, -1):  # right-orthonormalise the V cores
+            rl, n, rr = cores[k].shape
+            q, r = torch.linalg.qr(cores[k].reshape(rl, n * rr).mT)
+            cores[k] = q.mT.reshape(rl, n, rr)
+            if k > 0:
+                cores[k - 1] = cores[k - 1] @ r.mT
+            else:
+                middle = r.mT
+        if n_out:
+            last = cores[n_out - 1]
+            p, s, qh = torch.linalg.svd(last.reshape(-1, last.shape[-1]), full_matrices=False)
+            cores[n_out - 1] = p.reshape(last.shape[0], last.shape[1], -1)
+            if n_out < n_cores:
+                cores[n_out] = torch.einsum("ab,bic->aic", qh, cores[n_out])
+            else:
+                s = s * qh.reshape(-1)
+        else:
+            s = middle.reshape(1)
+        u_cores = cores[:n_out]
+        v_cores = [c.permute(2, 1, 0) for c in reversed(cores[n_out:])]
+        identity = self.spectrum == "identity"
+        if identity:  # unit singular values; signs of S move into a frame
+            signs = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
+            if v_cores:
+                v_cores[-1] = v_cores[-1] * signs
+            else:
+                u_cores[-1] = u_cores[-1] * signs
+            s = torch.ones_like(s)
+        u_params, carry_u = self._cores_to_params(u_cores, self.u_side, exact_last=identity and not v_cores)
+        if identity:
+            if v_cores:
+                v_cores[-1] = v_cores[-1] @ carry_u.mT
+        else:
+            s = s * carry_u.diagonal()
+        v_params, carry_v = self._cores_to_params(v_cores, self.v_side, exact_last=identity)
+        if not identity:
+            s = s * carry_v.diagonal()
+        return self._finish(u_params, v_params, s, dtype, device)
+
+    def _finish(self, u_params, v_params, s, dtype, device) -> tuple[torch.Tensor, ...]:
+        out = [u_params.to(dtype=dtype, device=device), v_params.to(dtype=dtype, device=device)]
+        if self.has_spectrum:
+            out.append(s.to(dtype=dtype, device=device))
+        return tuple(out)
+
+    @staticmethod
+    def _cores_to_params(cores: list[torch.Tensor], side: TrainSide, exact_last: bool):
+        """Reflectors of orthonormal cores; gauges (reduced form) and column signs are pushed towards Σ.
+
+        Returns the padded parameters and the (R_Σ × R_Σ) factor C left over at Σ: side = frames · C.
+        """
+        params = torch.zeros(side.padded_shape, dtype=torch.float64)
+        carry = None
+        for k, core in enumerate(cores):
+            if carry is not None:
+                core = torch.einsum("ab,bic->aic", carry, core)
+            rows, cols = side.frame_shapes[k]
+            frame = core.reshape(rows, cols)
+            rotation = None
+            if side.reduced[k]:
+                rotation = _triangularizing_rotation(frame[:cols])
+                frame = frame @ rotation
+            if exact_last and k == len(cores) - 1:
+                p, signs = frame_to_params_exact(frame, side.reduced[k]), torch.ones(cols, dtype=frame.dtype)
+            else:
+                p, signs = frame_to_params(frame, side.reduced[k])
+            params[k, :rows, :cols] = p
+            carry = torch.diag(signs) if rotation is None else signs[:, None] * rotation.mT
+        if carry is None:
+            carry = torch.ones(1, 1, dtype=torch.float64)
+        return params, carry
+
+    # ------------------------------------------------------------------------------------ checkpoint metadata
+    def config(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "method": self.method,
+            "rank": self.rank,
+            "spectrum": self.spectrum,
+            "weight_shape": list(self.weight_shape),
+            "transposed": self.transposed,
+            "modes": [list(self.out_modes), list(self.in_modes)],
+        }
+
+    def get_extra_state(self) -> dict:
+        return self.config()
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked in _load_from_state_dict, where the layer's name is known
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            theirs, ours = state_dict[key], self.config()
+            if not isinstance(theirs, dict) or theirs.get("format_version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{_layer_name(prefix)}: checkpoint written by a newer torch-sttp "
+                                 f"(format {theirs!r}); upgrade torch-sttp to load it")
+            diff = {k: (theirs.get(k), v) for k, v in ours.items() if k != "format_version" and theirs.get(k) != v}
+            if diff:
+                detail = ", ".join(f"{k}: checkpoint {a!r} vs layer {b!r}" for k, (a, b) in diff.items())
+                raise ValueError(f"{_layer_name(prefix)}: checkpoint was made with another parametrization "
+                                 f"({detail}); convert the model with the checkpoint's settings before loading, "
+                                 f"or load a dense checkpoint instead")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _layer_name(prefix: str) -> str:
+    name = prefix.split(".parametrizations.")[0]
+    return f"layer {name!r}" if name else "layer"
+
+
+class SVDP(SpectralParametrization):
+    """SVD parametrization W = U·Σ·Vᵀ, U ∈ St(d_out, r), V ∈ St(d_in, r) (paper §3.1–3.2)."""
+
+    def __init__(self, weight_shape, rank, spectrum="normalized", transposed=False, eps=1e-12):
+        super().__init__(weight_shape, rank, "svdp", spectrum, transposed, eps)
+
+
+class STTP(SpectralParametrization):
+    """Spectral tensor-train parametrization: U and V are tensor trains over the prime modes (paper §3.3)."""
+
+    def __init__(self, weight_shape, rank, spectrum="normalized", transposed=False, eps=1e-12):
+        super().__init__(weight_shape, rank, "sttp", spectrum, transposed, eps)
+
+
+def _is_transposed(module: nn.Module, tensor_name: str) -> bool:
+    return tensor_name == "weight" and isinstance(module, nn.modules.conv._ConvTransposeNd)
+
+
+def parametrize(
+    module: nn.Module,
+    method: str = "sttp",
+    rank: int = 64,
+    spectrum: str = "normalized",
+    init: str = "noisy_identity",
+    alpha: float = 1e-4,
+    tensor_name: str = "weight",
+    generator: torch.Generator | None = None,
+) -> SpectralParametrization:
+    """Register an SVDP/STTP parametrization on ``module.<tensor_name>`` and return it.
+
+    ``init="pretrained"`` projects the current weight (:meth:`SpectralParametrization.right_inverse`); the other
+    inits ("identity", "random", "noisy_identity" with noise scale ``alpha``) start the frames afresh with S = 1.
+    The parameters appear as ``module.parametrizations.<tensor_name>.original0`` (U reflectors), ``original1``
+    (V reflectors) and ``original2`` (S, learned spectra only).
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if torch_parametrize.is_parametrized(module, tensor_name):
+        raise ValueError(f"{type(module).__name__}.{tensor_name} is already parametrized; remove it first with "
+                         f"torch.nn.utils.parametrize.remove_parametrizations(module, {tensor_name!r})")
+    weight = getattr(module, tensor_name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no tensor {tensor_name!r} to parametrize")
+    p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, _is_transposed(module, tensor_name))
+    p.to(weight.device)
+    if init != "pretrained":
+        p._pending = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
+    torch_parametrize.register_parametrization(module, tensor_name, p)
+    return p
+
+
+def svdp(module: nn.Module, rank: int = 64, spectrum: str = "normalized", init: str = "noisy_identity",
+         **kwargs) -> SpectralParametrization:
+    """``parametrize(module, "svdp", …)``."""
+    return parametrize(module, "svdp", rank, spectrum, init, **kwargs)
+
+
+def sttp(module: nn.Module, rank: int = 64, spectrum: str = "normalized", init: str = "noisy_identity",
+         **kwargs) -> SpectralParametrization:
+    """``parametrize(module, "sttp", …)``."""
+    return parametrize(module, "sttp", rank, spectrum, init, **kwargs)
