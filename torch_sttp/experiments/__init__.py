@@ -1,0 +1,1 @@
+"""Experiment support: model definitions used to reproduce the paper's settings."""
