@@ -155,11 +155,10 @@ class SpectralParametrization(nn.Module):
                 f"modes={self.out_modes}|{self.in_modes}, ranks={self.ranks}, dof={self.dof}")
 
     # -------------------------------------------------------------------------------------------------- forward
-    def _side_matrix(self, params: torch.Tensor, mask: torch.Tensor, side: TrainSide, transpose: bool):
-        """U (d_out, R_mid) of the U side, or Vᵀ (R_mid, d_in) of the V side (``transpose``)."""
+    def _side_matrix(self, frames: torch.Tensor | None, side: TrainSide, transpose: bool, like: torch.Tensor):
+        """U (d_out, R_mid) of the U side, or Vᵀ (R_mid, d_in) of the V side (``transpose``), from its frames."""
         if not side.modes:
-            return torch.ones(1, 1, dtype=params.dtype, device=params.device)
-        frames = householder_frame_masked(params, mask)
+            return torch.ones(1, 1, dtype=like.dtype, device=like.device)
         cores = [
             frames[k, :rows, :cols].reshape(side.ranks[k], side.modes[k], side.ranks[k + 1])
             for k, (rows, cols) in enumerate(side.frame_shapes)
@@ -177,6 +176,12 @@ class SpectralParametrization(nn.Module):
             out = out.reshape(-1, c.shape[-1]) if c.shape[-1] != 1 else out
         return out.reshape(self.r_mid, self.d_in)
 
+    def factors_from_frames(self, u_frames, v_frames, u_params, s=None):
+        """(U, σ, Vᵀ) from precomputed padded frames of both sides (see :meth:`factors`)."""
+        u = self._side_matrix(u_frames, self.u_side, False, u_params)
+        vt = self._side_matrix(v_frames, self.v_side, True, u_params)
+        return u, self.sigma(s), vt
+
     def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
         """Σ's diagonal from S (None for the identity spectrum)."""
         if s is None:
@@ -187,9 +192,14 @@ class SpectralParametrization(nn.Module):
 
     def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):
         """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ."""
-        u = self._side_matrix(u_params, self.u_mask, self.u_side, transpose=False)
-        vt = self._side_matrix(v_params, self.v_mask, self.v_side, transpose=True)
-        return u, self.sigma(s), vt
+        u_frames = householder_frame_masked(u_params, self.u_mask) if self.u_side.modes else None
+        v_frames = householder_frame_masked(v_params, self.v_mask) if self.v_side.modes else None
+        return self.factors_from_frames(u_frames, v_frames, u_params, s)
+
+    def weight_from_factors(self, u, sigma, vt) -> torch.Tensor:
+        """The layer's weight tensor from (U, σ, Vᵀ)."""
+        w = ((u if sigma is None else u * sigma) @ vt).reshape(self.layout_shape)
+        return w.transpose(0, 1) if self.transposed else w
 
     def matrix(self, u_params, v_params, s=None) -> torch.Tensor:
         """W as a (d_out, d_in) matrix."""
@@ -197,8 +207,7 @@ class SpectralParametrization(nn.Module):
         return (u if sigma is None else u * sigma) @ vt
 
     def forward(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
-        w = self.matrix(u_params, v_params, s).reshape(self.layout_shape)
-        return w.transpose(0, 1) if self.transposed else w
+        return self.weight_from_factors(*self.factors(u_params, v_params, s))
 
     def singular_values(self, u_params, v_params, s=None) -> torch.Tensor:
         """Singular values of W, descending (exact: |Σ|, no SVD)."""

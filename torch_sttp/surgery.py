@@ -1,0 +1,759 @@
+"""Model surgery: convert whole models to SVDP/STTP, compute their frames in batches, export them back.
+
+    >>> model = torch_sttp.convert(model, method="sttp", rank=64)        # in place, returns the model
+    >>> torch_sttp.to_dense(model)                                      # plain layers, same outputs
+    >>> torch_sttp.to_factorized(model)                                 # two plain low-rank layers per layer
+
+Each converted layer keeps its class's behaviour (it becomes a subclass, e.g. ``SpectralLinear`` of ``nn.Linear``,
+then ``torch.nn.utils.parametrize`` makes it ``ParametrizedSpectralLinear``) and owns its parameters under
+``<layer>.parametrizations.weight``. A :class:`FramePlanner` shared by the model's converted layers computes all
+orthonormal frames of one padded shape in one batched call, and hands each layer its factors (U, σ, Vᵀ).
+The forward pass then either materialises W ("dense"), or runs the low-rank product without forming W
+("lowrank": x ↦ Vᵀx ↦ σ ↦ U; for convs an r-filter convolution followed by a 1×1 convolution), or — for STTP
+Linear layers — contracts the input with the TT cores along an opt_einsum path ("tt"); "auto" picks the cheapest
+by estimated FLOPs for the input at hand.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize as torch_parametrize
+
+from .frames import householder_frame_masked
+from .parametrizations import INITS, SpectralParametrization
+from .tt import check_method, check_rank, check_spectrum
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "PATHS",
+    "FramePlanner",
+    "convert",
+    "converted_layers",
+    "spectral_parametrization",
+    "to_dense",
+    "to_factorized",
+    "skipped_layers",
+]
+
+SUPPORTED_TYPES = (
+    nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding,
+)
+PATHS = ("auto", "dense", "lowrank", "tt")
+BATCHING = ("shape", "padded", "none")
+
+
+# ------------------------------------------------------------------------------------------------- frame planner
+class FramePlanner:
+    """Computes the factors (U, σ, Vᵀ) of every converted layer of a model, frames batched across layers.
+
+    ``batching``: ``"shape"`` stacks the reflectors of all frames of one padded shape into one call; ``"padded"``
+    pads every frame of the model to one shape and makes a single call; ``"none"`` computes each layer alone.
+
+    Results are reused only while valid: the parameters' version counters are unchanged, the grad mode is the same,
+    and — when gradients are being recorded — within one forward pass of the root model (a graph is never shared
+    between two forward passes, so any sequence of forward and backward passes is safe). In inference (no grad)
+    they stay cached until a parameter changes.
+    """
+
+    def __init__(self, batching: str = "shape") -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHING}")
+        self.batching = batching
+        self.layers: list[nn.Module] = []
+        self._cache: dict[int, tuple] | None = None
+        self._key = None
+        self._forward_id = 0
+        self._groups = None
+
+    def add(self, module: nn.Module) -> None:
+        self.layers.append(module)
+        self.invalidate()
+        self._groups = None
+
+    def remove(self, module: nn.Module) -> None:
+        self.layers = [m for m in self.layers if m is not module]
+        self.invalidate()
+        self._groups = None
+
+    def invalidate(self, *_args, **_kwargs) -> None:
+        self._cache, self._key = None, None
+
+    def new_forward(self, *_args, **_kwargs) -> None:
+        """Root forward pre-hook: a new pass begins (recorded graphs are never reused across passes)."""
+        self._forward_id += 1
+
+    def _state_key(self):
+        grad = torch.is_grad_enabled()
+        versions = tuple(t._version for m in self.layers for t in _originals(m))
+        ids = tuple(id(t) for m in self.layers for t in _originals(m))
+        return (grad, self._forward_id if grad else None, versions, ids)
+
+    def factors(self, module: nn.Module):
+        """(U, σ, Vᵀ) of ``module``, computing (and caching) all layers' factors when needed."""
+        if torch.compiler.is_compiling():
+            p = spectral_parametrization(module)
+            return p.factors(*_originals(module))
+        key = self._state_key()
+        if self._cache is None or key != self._key or id(module) not in self._cache:
+            self._cache = self._compute()
+            self._key = key
+        return self._cache[id(module)]
+
+    def _compute(self) -> dict[int, tuple]:
+        entries = []  # (layer index, side, params, mask)
+        for i, m in enumerate(self.layers):
+            p = spectral_parametrization(m)
+            originals = _originals(m)
+            for side_name, params, mask, side in (("u", originals[0], p.u_mask, p.u_side),
+                                                  ("v", originals[1], p.v_mask, p.v_side)):
+                if side.modes:
+                    entries.append((i, side_name, params, mask))
+        frames: dict[tuple[int, str], torch.Tensor] = {}
+        if self.batching == "none":
+            for i, side_name, params, mask in entries:
+                frames[(i, side_name)] = householder_frame_masked(params, mask)
+        else:
+            groups: dict = {}
+            for e in entries:
+                params = e[2]
+                shape = (None, None) if self.batching == "padded" else tuple(params.shape[1:])
+                groups.setdefault((shape, params.dtype, params.device), []).append(e)
+            for (_, _, _), members in groups.items():
+                n = max(e[2].shape[1] for e in members)
+                r = max(e[2].shape[2] for e in members)
+                stacked = torch.cat([_pad(e[2], n, r) for e in members])
+                masks = torch.cat([_pad(e[3].to(e[2].dtype), n, r) for e in members])
+                out = householder_frame_masked(stacked, masks)
+                start = 0
+                for e in members:
+                    count, rows, cols = e[2].shape
+                    frames[(e[0], e[1])] = out[start:start + count, :rows, :cols]
+                    start += count
+        result = {}
+        for i, m in enumerate(self.layers):
+            p = spectral_parametrization(m)
+            originals = _originals(m)
+            s = originals[2] if len(originals) > 2 else None
+            result[id(m)] = p.factors_from_frames(frames.get((i, "u")), frames.get((i, "v")), originals[0], s)
+        return result
+
+
+def _pad(t: torch.Tensor, n: int, r: int) -> torch.Tensor:
+    return F.pad(t, (0, r - t.shape[-1], 0, n - t.shape[-2])) if t.shape[-2:] != (n, r) else t
+
+
+def _originals(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    plist = module.parametrizations["weight"]
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
+def spectral_parametrization(module: nn.Module) -> SpectralParametrization | None:
+    """The :class:`SpectralParametrization` on ``module.weight``, or None."""
+    if not torch_parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations["weight"]:
+        if isinstance(p, SpectralParametrization):
+            return p
+    return None
+
+
+# ------------------------------------------------------------------------------------------ spectral layer classes
+@dataclass
+class LayerState:
+    """Per-layer settings and observations of a converted layer (not part of its state_dict)."""
+
+    name: str
+    planner: FramePlanner
+    path: str = "auto"
+    last_path: str | None = None
+    last_flops_per_sample: float | None = None
+    tt_cache: dict = field(default_factory=dict)
+
+
+class _SpectralMixin:
+    """Forward of a converted layer: factors from the planner, then the dense, low-rank or TT path."""
+
+    _sttp: LayerState
+
+    def _sttp_active(self) -> bool:
+        return "_sttp" in self.__dict__ and spectral_parametrization(self) is not None
+
+    def sttp_factors(self):
+        return self._sttp.planner.factors(self)
+
+    def _sttp_choose(self, costs: Mapping[str, float], batch: int) -> str:
+        state = self._sttp
+        path = state.path if state.path in costs else ("dense" if state.path != "auto" else "auto")
+        if path == "auto":
+            path = min(costs, key=costs.get)
+        state.last_path = path
+        state.last_flops_per_sample = costs[path] / max(batch, 1)
+        return path
+
+    def _sttp_dense_weight(self):
+        p = spectral_parametrization(self)
+        return p.weight_from_factors(*self.sttp_factors())
+
+    def _materialize_flops(self) -> float:
+        p = spectral_parametrization(self)
+        cached = not torch.is_grad_enabled() and self._sttp.planner._cache is not None
+        return 0.0 if cached else 2.0 * p.r_mid * p.d_out * p.d_in
+
+
+class SpectralLinear(_SpectralMixin, nn.Linear):
+    """``nn.Linear`` whose weight is W = U·Σ·Vᵀ (see :func:`convert`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._sttp_active():
+            return super().forward(x)
+        p = spectral_parametrization(self)
+        batch = x.numel() // max(x.shape[-1], 1)
+        r = p.r_mid
+        costs = {
+            "dense": 2.0 * p.d_out * p.d_in * batch + self._materialize_flops(),
+            "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch,
+        }
+        if p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2:
+            costs["tt"] = self._tt_plan(p, batch)[1]
+        path = self._sttp_choose(costs, batch)
+        if path == "dense":
+            return F.linear(x, self._sttp_dense_weight(), self.bias)
+        if path == "tt":
+            return self._tt_forward(p, x, batch)
+        u, sigma, vt = self.sttp_factors()
+        h = x @ vt.mT
+        if sigma is not None:
+            h = h * sigma
+        return F.linear(h, u, self.bias)
+
+    # ---- TT path: y = contraction of the tensorised input with the cores of V, Σ and U (supplement §6, Fig. 8)
+    def _tt_plan(self, p: SpectralParametrization, batch: int):
+        key = batch
+        cache = self._sttp.tt_cache
+        if key not in cache:
+            import opt_einsum
+
+            cores_shapes, subscripts = _tt_einsum_spec(p, batch)
+            path, info = opt_einsum.contract_path(subscripts, *cores_shapes, shapes=True, optimize="auto")
+            expr = opt_einsum.contract_expression(subscripts, *cores_shapes, optimize=path)
+            if len(cache) > 16:
+                cache.clear()
+            cache[key] = (expr, float(info.opt_cost))
+        return cache[key]
+
+    def _tt_forward(self, p: SpectralParametrization, x: torch.Tensor, batch: int) -> torch.Tensor:
+        expr, _ = self._tt_plan(p, batch)
+        cores_u, sigma, cores_v = _tt_cores(self, p)
+        xt = x.reshape(batch, *p.in_modes)
+        operands = [xt] + cores_v + ([sigma] if sigma is not None else []) + cores_u
+        y = expr(*operands, backend="torch").reshape(*x.shape[:-1], p.d_out)
+        return y if self.bias is None else y + self.bias
+
+
+def _tt_einsum_spec(p: SpectralParametrization, batch: int):
+    """Operand shapes and einsum subscripts of y[b, out…] = x[b, in…]·V cores·σ·U cores."""
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    b = next(letters)
+    in_idx = [next(letters) for _ in p.in_modes]
+    out_idx = [next(letters) for _ in p.out_modes]
+    ranks = p.ranks
+    bond = [next(letters) for _ in ranks]
+    n_out = len(p.out_modes)
+    shapes, terms = [(batch, *p.in_modes)], [b + "".join(in_idx)]
+    for j, n in enumerate(p.in_modes):  # V core for mode n_out + j in the original orientation
+        k = n_out + j
+        shapes.append((ranks[k], n, ranks[k + 1]))
+        terms.append(bond[k] + in_idx[j] + bond[k + 1])
+    if p.has_spectrum:
+        shapes.append((p.r_mid,))
+        terms.append(bond[n_out])
+    for k, n in enumerate(p.out_modes):
+        shapes.append((ranks[k], n, ranks[k + 1]))
+        terms.append(bond[k] + out_idx[k] + bond[k + 1])
+    # the outer bonds have size 1; they are summed away
+    return shapes, ",".join(terms) + "->" + b + "".join(out_idx)
+
+
+def _tt_cores(module, p: SpectralParametrization):
+    """Cores of U (original orientation), σ, and cores of V in the original orientation (R_{k−1}, n_k, R_k)."""
+    originals = _originals(module)
+    u_frames = householder_frame_masked(originals[0], p.u_mask)
+    v_frames = householder_frame_masked(originals[1], p.v_mask)
+    cores_u = [u_frames[k, :rows, :cols].reshape(p.u_side.ranks[k], p.u_side.modes[k], p.u_side.ranks[k + 1])
+               for k, (rows, cols) in enumerate(p.u_side.frame_shapes)]
+    mirrored = [v_frames[k, :rows, :cols].reshape(p.v_side.ranks[k], p.v_side.modes[k], p.v_side.ranks[k + 1])
+                for k, (rows, cols) in enumerate(p.v_side.frame_shapes)]
+    cores_v = [c.permute(2, 1, 0) for c in reversed(mirrored)]
+    sigma = p.sigma(originals[2]) if p.has_spectrum else None
+    return cores_u, sigma, cores_v
+
+
+def _conv_fn(ndim: int, transposed: bool = False) -> Callable:
+    if transposed:
+        return {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[ndim]
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim]
+
+
+class _SpectralConvMixin(_SpectralMixin):
+    def _conv_costs(self, p: SpectralParametrization, out_spatial: int, batch: int, in_spatial: int):
+        k = math.prod(self.kernel_size)
+        r = p.r_mid
+        dense = 2.0 * p.d_out * p.d_in * (out_spatial if not self.transposed else in_spatial) * batch
+        costs = {"dense": dense + self._materialize_flops()}
+        if self.groups == 1:
+            if self.transposed:
+                costs["lowrank"] = 2.0 * r * p.d_in * in_spatial * batch + 2.0 * r * p.d_out * out_spatial * batch
+            else:
+                costs["lowrank"] = 2.0 * r * p.d_in * out_spatial * batch + 2.0 * r * p.d_out * out_spatial * batch
+        del k
+        return costs
+
+
+class _SpectralConvNd(_SpectralConvMixin):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._sttp_active():
+            return super().forward(x)
+        p = spectral_parametrization(self)
+        nd = len(self.kernel_size)
+        batch = x.shape[0] if x.dim() == nd + 2 else 1
+        in_spatial = math.prod(x.shape[-nd:])
+        out_spatial = math.prod(_conv_out_size(x.shape[-nd:], self))
+        path = self._sttp_choose(self._conv_costs(p, out_spatial, batch, in_spatial), batch)
+        if path == "dense":
+            return self._conv_forward(x, self._sttp_dense_weight(), self.bias)
+        u, sigma, vt = self.sttp_factors()
+        first = vt.reshape(p.r_mid, self.in_channels, *self.kernel_size)
+        h = self._conv_forward(x, first, None)
+        mix = (u if sigma is None else u * sigma).reshape(p.d_out, p.r_mid, *([1] * nd))
+        return _conv_fn(nd)(h, mix, self.bias)
+
+
+def _conv_out_size(spatial, conv) -> list[int]:
+    out = []
+    for i, n in enumerate(spatial):
+        if isinstance(conv.padding, str):
+            if conv.padding == "same":
+                out.append(n)
+                continue
+            pad = 0
+        else:
+            pad = conv.padding[i]
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        out.append((n + 2 * pad - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+class _SpectralConvTransposeNd(_SpectralConvMixin):
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        if not self._sttp_active():
+            return super().forward(x, output_size)
+        p = spectral_parametrization(self)
+        nd = len(self.kernel_size)
+        batch = x.shape[0] if x.dim() == nd + 2 else 1
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, nd,
+                                              self.dilation)
+        in_spatial = math.prod(x.shape[-nd:])
+        out_spatial = math.prod(
+            (x.shape[-nd + i] - 1) * self.stride[i] - 2 * self.padding[i] + self.dilation[i] * (self.kernel_size[i] - 1)
+            + output_padding[i] + 1 for i in range(nd))
+        path = self._sttp_choose(self._conv_costs(p, out_spatial, batch, in_spatial), batch)
+        fn = _conv_fn(nd, transposed=True)
+        if path == "dense":
+            return fn(x, self._sttp_dense_weight(), self.bias, self.stride, self.padding, output_padding,
+                      self.groups, self.dilation)
+        u, sigma, vt = self.sttp_factors()
+        first = vt.reshape(p.r_mid, self.in_channels, *self.kernel_size).transpose(0, 1)
+        h = fn(x, first, None, self.stride, self.padding, output_padding, 1, self.dilation)
+        mix = (u if sigma is None else u * sigma).reshape(p.d_out, p.r_mid, *([1] * nd))
+        return _conv_fn(nd)(h, mix, self.bias)
+
+
+class SpectralConv1d(_SpectralConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with an SVDP/STTP weight."""
+
+
+class SpectralConv2d(_SpectralConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with an SVDP/STTP weight."""
+
+
+class SpectralConv3d(_SpectralConvNd, nn.Conv3d):
+    """``nn.Conv3d`` with an SVDP/STTP weight."""
+
+
+class SpectralConvTranspose1d(_SpectralConvTransposeNd, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with an SVDP/STTP weight."""
+
+
+class SpectralConvTranspose2d(_SpectralConvTransposeNd, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with an SVDP/STTP weight."""
+
+
+class SpectralConvTranspose3d(_SpectralConvTransposeNd, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with an SVDP/STTP weight."""
+
+
+class SpectralEmbedding(_SpectralMixin, nn.Embedding):
+    """``nn.Embedding`` with an SVDP/STTP weight; rows are looked up without forming W ("lowrank").
+
+    ``padding_idx`` rows receive no gradient; ``max_norm`` rescales the looked-up rows out of place (the
+    parameters are never modified), with the rescaling factor treated as a constant.
+    """
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if not self._sttp_active():
+            return super().forward(idx)
+        p = spectral_parametrization(self)
+        n = idx.numel()
+        costs = {"dense": self._materialize_flops(), "lowrank": 2.0 * p.r_mid * p.d_in * n}
+        if self.scale_grad_by_freq:
+            costs.pop("lowrank")
+        path = self._sttp_choose(costs, n)
+        if path == "dense":
+            w = self._sttp_dense_weight()
+            rows = F.embedding(idx, w, self.padding_idx, None, 2.0, self.scale_grad_by_freq, False)
+        else:
+            u, sigma, vt = self.sttp_factors()
+            coeff = F.embedding(idx, u, self.padding_idx)
+            rows = (coeff if sigma is None else coeff * sigma) @ vt
+        if self.max_norm is not None:
+            norms = torch.linalg.vector_norm(rows.detach(), ord=self.norm_type, dim=-1, keepdim=True)
+            scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), torch.ones_like(norms))
+            rows = rows * scale
+        return rows
+
+
+_SPECTRAL_CLASS = {
+    nn.Linear: SpectralLinear,
+    nn.Conv1d: SpectralConv1d, nn.Conv2d: SpectralConv2d, nn.Conv3d: SpectralConv3d,
+    nn.ConvTranspose1d: SpectralConvTranspose1d, nn.ConvTranspose2d: SpectralConvTranspose2d,
+    nn.ConvTranspose3d: SpectralConvTranspose3d,
+    nn.Embedding: SpectralEmbedding,
+}
+
+
+def _spectral_class(cls: type) -> type:
+    """The spectral subclass for a layer class (exact supported types, or a dynamic subclass for subclasses)."""
+    if cls in _SPECTRAL_CLASS:
+        return _SPECTRAL_CLASS[cls]
+    for base, spectral in _SPECTRAL_CLASS.items():
+        if issubclass(cls, base):
+            mixin = spectral.__mro__[1]
+            new = type(f"Spectral{cls.__name__}", (mixin, cls), {"__module__": __name__})
+            _SPECTRAL_CLASS[cls] = new
+            return new
+    raise TypeError(f"{cls.__name__} is not supported")
+
+
+# ---------------------------------------------------------------------------------------------------- convert
+def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, layer) of every layer with an SVDP/STTP weight."""
+    return [(n, m) for n, m in model.named_modules() if spectral_parametrization(m) is not None]
+
+
+def _matches(name: str, module: nn.Module, patterns) -> bool:
+    for pat in patterns:
+        if isinstance(pat, type):
+            if isinstance(module, pat):
+                return True
+        elif fnmatch.fnmatchcase(name, pat):
+            return True
+    return False
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, (str, type)):
+        return [x]
+    return list(x)
+
+
+def _skip_reason(name: str, module: nn.Module, shared: set[int], parents: dict[str, nn.Module]) -> str | None:
+    if spectral_parametrization(module) is not None:
+        return None
+    if torch_parametrize.is_parametrized(module, "weight"):
+        return "weight already has another parametrization"
+    parent = parents.get(name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return "projection inside nn.MultiheadAttention (its packed in_proj_weight is used directly)"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return "no weight tensor"
+    if id(weight) in shared:
+        return "weight is tied/shared with another module"
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not floating point"
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return "sparse embedding gradients are not supported"
+    return None
+
+
+def skipped_layers(model: nn.Module) -> list[tuple[str, str, str]]:
+    """(name, type, reason) of modules that :func:`convert` leaves alone."""
+    return list(getattr(model, "_sttp_skipped", []))
+
+
+def convert(
+    model: nn.Module,
+    method: str = "sttp",
+    rank: int | Mapping[str, int] = 64,
+    spectrum: str = "normalized",
+    init: str = "noisy_identity",
+    include=None,
+    exclude=None,
+    alpha: float = 1e-4,
+    path: str = "auto",
+    batching: str = "shape",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> nn.Module:
+    """Reparameterize, in place, every supported layer selected in ``model``; returns ``model``.
+
+    Args:
+        method: ``"sttp"`` or ``"svdp"``.
+        rank: a cap r for every layer, or a mapping from qualified layer name to rank (only those layers).
+        spectrum: ``"identity"``, ``"normalized"`` (σ_max = 1) or ``"free"``.
+        init: ``"noisy_identity"`` (α = ``alpha``), ``"identity"``, ``"random"``, or ``"pretrained"`` (project the
+            current weights: truncated SVD / TT-SVD).
+        include / exclude: qualified-name globs (``"features.*"``) or module types selecting layers; by default every
+            supported layer (Linear, Conv1/2/3d, ConvTranspose1/2/3d, Embedding) is included.
+        path: forward path, ``"auto"`` (cheapest estimated FLOPs), ``"dense"``, ``"lowrank"`` or ``"tt"``.
+        batching: how frames are batched across layers (see :class:`FramePlanner`).
+
+    Unsupported modules (tied weights, ``nn.MultiheadAttention`` projections, sparse embeddings, …) are left alone
+    and listed by :func:`skipped_layers` and in the report. On any error nothing is converted.
+    """
+    check_method(method)
+    check_spectrum(spectrum)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+    if batching not in BATCHING:
+        raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHING}")
+    if converted_layers(model):
+        names = ", ".join(n or "<root>" for n, _ in converted_layers(model)[:3])
+        raise ValueError(f"model is already converted (e.g. {names}); call torch_sttp.to_dense(model) first")
+    rank_map = dict(rank) if isinstance(rank, Mapping) else None
+    if rank_map is None:
+        check_rank(rank)
+    includes, excludes = _as_list(include), _as_list(exclude)
+
+    counts: dict[int, int] = {}
+    for m in model.modules():
+        for t in m.parameters(recurse=False):
+            counts[id(t)] = counts.get(id(t), 0) + 1
+    shared = {k for k, c in counts.items() if c > 1}
+    parents = {}
+    for pname, parent in model.named_modules():
+        for cname, child in parent.named_children():
+            parents[f"{pname}.{cname}" if pname else cname] = parent
+
+    selected, skipped = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_TYPES):
+            if isinstance(module, nn.MultiheadAttention):
+                skipped.append((name, type(module).__name__, "packed in_proj_weight is not a supported layer"))
+            continue
+        if includes and not _matches(name, module, includes):
+            continue
+        if excludes and _matches(name, module, excludes):
+            continue
+        if rank_map is not None and name not in rank_map:
+            continue
+        reason = _skip_reason(name, module, shared, parents)
+        if reason:
+            skipped.append((name, type(module).__name__, reason))
+            continue
+        selected.append((name, module))
+    for pat in includes:
+        if isinstance(pat, str) and not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
+            raise ValueError(f"include pattern {pat!r} matches no module; names look like "
+                             f"{[n for n, _ in list(model.named_modules())[1:4]]}")
+    for pat in excludes:
+        if isinstance(pat, str) and not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
+            raise ValueError(f"exclude pattern {pat!r} matches no module")
+    if rank_map is not None:
+        names = {n for n, _ in model.named_modules()}
+        unknown = [n for n in rank_map if n not in names]
+        if unknown:
+            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
+        for n, r in rank_map.items():
+            try:
+                check_rank(r)
+            except ValueError as e:
+                raise ValueError(f"layer {n!r}: {e}") from None
+    if not selected:
+        raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
+                         + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
+
+    planner = FramePlanner(batching)
+    done: list[tuple[nn.Module, type, torch.nn.Parameter]] = []
+    iterator = selected
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(selected, desc="convert", unit="layer")
+    try:
+        for name, module in iterator:
+            r = rank_map[name] if rank_map is not None else rank
+            original_cls, original_weight = module.__class__, module.weight
+            module.__class__ = _spectral_class(original_cls)
+            done.append((module, original_cls, original_weight))
+            weight = module.weight
+            p = SpectralParametrization(tuple(weight.shape), r, method, spectrum,
+                                        isinstance(module, nn.modules.conv._ConvTransposeNd))
+            p.to(weight.device)
+            if init != "pretrained":
+                p._pending = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
+            try:
+                torch_parametrize.register_parametrization(module, "weight", p)
+            except ValueError as e:
+                raise ValueError(f"layer {name!r} ({original_cls.__name__}): {e}") from None
+            module._sttp = LayerState(name=name, planner=planner, path=path)
+            planner.add(module)
+    except BaseException:
+        for module, cls, weight in reversed(done):
+            _restore(module, cls, weight)
+        raise
+    if model._forward_pre_hooks is not None:
+        handle = model.register_forward_pre_hook(planner.new_forward)
+        model._sttp_hook = handle
+    model._sttp_planner = planner
+    model._sttp_skipped = skipped
+    for _, module, in selected:
+        module._register_load_state_dict_pre_hook(_load_dense_weight_hook, with_module=True)
+    return model
+
+
+def _restore(module: nn.Module, cls: type, weight: torch.nn.Parameter) -> None:
+    if torch_parametrize.is_parametrized(module, "weight"):
+        torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        del module.weight
+        module.register_parameter("weight", weight)
+    module.__class__ = cls
+    module.__dict__.pop("_sttp", None)
+
+
+def _load_dense_weight_hook(module, state_dict, prefix, *args) -> None:
+    """Loading a dense checkpoint into a converted layer goes through ``right_inverse``."""
+    key = prefix + "weight"
+    if key not in state_dict or spectral_parametrization(module) is None:
+        return
+    if any(k.startswith(prefix + "parametrizations.weight.") for k in state_dict):
+        return
+    dense = state_dict.pop(key)
+    p = spectral_parametrization(module)
+    originals = p.right_inverse(dense.to(_originals(module)[0].dtype))
+    for i, t in enumerate(originals):
+        state_dict[f"{prefix}parametrizations.weight.original{i}"] = t
+    state_dict[f"{prefix}parametrizations.weight.0._extra_state"] = p.config()
+
+
+def _base_class(module: nn.Module) -> type:
+    cls = module.__class__
+    while cls.__name__.startswith("Parametrized") or issubclass(cls, _SpectralMixin):
+        if issubclass(cls, _SpectralMixin) and not cls.__name__.startswith("Parametrized"):
+            return next(b for b in cls.__mro__[1:] if not issubclass(b, _SpectralMixin))
+        cls = cls.__bases__[0]
+    return cls
+
+
+def _detach_planner(model: nn.Module) -> None:
+    handle = model.__dict__.pop("_sttp_hook", None)
+    if handle is not None:
+        handle.remove()
+    model.__dict__.pop("_sttp_planner", None)
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Replace every SVDP/STTP weight by its materialised dense weight, restoring plain layer classes (in place)."""
+    for _, module in converted_layers(model):
+        base = _base_class(module)
+        torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        module.__class__ = base
+        module.__dict__.pop("_sttp", None)
+        module._load_state_dict_pre_hooks.clear()
+    _detach_planner(model)
+    return model
+
+
+def _factorized_pair(module: nn.Module) -> nn.Module | None:
+    p = spectral_parametrization(module)
+    with torch.no_grad():
+        u, sigma, vt = p.factors(*_originals(module))
+        us = u if sigma is None else u * sigma
+    r = p.r_mid
+    dtype, device = us.dtype, us.device
+    kw = {"dtype": dtype, "device": device}
+    bias = module.bias is not None if hasattr(module, "bias") else False
+    if isinstance(module, nn.Linear):
+        first = nn.Linear(p.d_in, r, bias=False, **kw)
+        second = nn.Linear(r, p.d_out, bias=bias, **kw)
+        first.weight.data.copy_(vt)
+        second.weight.data.copy_(us)
+    elif isinstance(module, nn.Embedding):
+        if module.max_norm is not None or module.scale_grad_by_freq:
+            return None
+        first = nn.Embedding(module.num_embeddings, r, padding_idx=module.padding_idx, **kw)
+        second = nn.Linear(r, p.d_in, bias=False, **kw)
+        first.weight.data.copy_(us)
+        second.weight.data.copy_(vt.mT)
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1:
+            return None
+        nd = len(module.kernel_size)
+        conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[nd]
+        if module.transposed:
+            tcls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
+            first = tcls(module.in_channels, r, module.kernel_size, module.stride, module.padding,
+                         module.output_padding, 1, False, module.dilation, **kw)
+            first.weight.data.copy_(vt.reshape(r, module.in_channels, *module.kernel_size).transpose(0, 1))
+        else:
+            first = conv_cls(module.in_channels, r, module.kernel_size, module.stride, module.padding,
+                             module.dilation, 1, False, module.padding_mode, **kw)
+            first.weight.data.copy_(vt.reshape(r, module.in_channels, *module.kernel_size))
+        second = conv_cls(r, module.out_channels, 1, bias=bias, **kw)
+        second.weight.data.copy_(us.reshape(module.out_channels, r, *([1] * nd)))
+    else:
+        return None
+    if bias:
+        second.bias.data.copy_(module.bias.detach())
+    return nn.Sequential(first, second)
+
+
+def to_factorized(model: nn.Module) -> nn.Module:
+    """Replace each converted layer by two plain low-rank layers (in place where possible; returns the model).
+
+    Linear → Linear(d_in→r) · Linear(r→d_out); Conv → r-filter conv · 1×1 conv; ConvTranspose → r-channel
+    transposed conv · 1×1 conv; Embedding → Embedding(·, r) · Linear(r→dim). Grouped convs and max_norm embeddings
+    become dense layers. The result holds only plain modules (``torch.export``-able).
+    """
+    pairs = []
+    for name, module in converted_layers(model):
+        pairs.append((name, module, _factorized_pair(module)))
+    for name, module, pair in pairs:
+        if pair is None:
+            base = _base_class(module)
+            torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.__class__ = base
+            module.__dict__.pop("_sttp", None)
+            module._load_state_dict_pre_hooks.clear()
+            continue
+        if name == "":
+            _detach_planner(model)
+            return pair
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, pair)
+    _detach_planner(model)
+    return model
