@@ -173,7 +173,7 @@ class SpectralParametrization(nn.Module):
         for core in reversed(cores):
             c = core.permute(2, 1, 0)
             out = c.reshape(c.shape[0], -1) if out is None else (out @ c.reshape(c.shape[0], -1))
-            out = out.reshape(-1, c.shape[-1]) if c.shape[-1] != 1 else out
+            out = out.reshape(-1, c.shape[-1])
         return out.reshape(self.r_mid, self.d_in)
 
     def factors_from_frames(self, u_frames, v_frames, u_params, s=None):
