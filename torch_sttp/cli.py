@@ -1,0 +1,122 @@
+"""The ``sttp`` command line: reproduce the paper's numbers, report, train, compress and export models.
+
+    sttp reproduce compression [--json]
+    sttp report MODEL [--method sttp] [--rank 64] [--spectrum normalized] [--exclude GLOB …] [--json]
+    sttp train classify|gan …
+    sttp compress … / sttp export …
+
+Every subcommand has ``--help``. Experiment subcommands import their recipes lazily, so ``sttp report`` works with
+the core installation alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_reproduce_compression(args) -> int:
+    from .experiments.paper import reproduce_compression
+
+    rows = reproduce_compression()
+    if args.json:
+        print(json.dumps([r if isinstance(r, dict) else r.__dict__ for r in rows], indent=2, default=str))
+    else:
+        _print_reproduction(rows)
+    ok = all((r["within_tolerance"] if isinstance(r, dict) else r.within_tolerance) for r in rows)
+    return 0 if ok else 1
+
+
+def _print_reproduction(rows) -> None:
+    def get(r, k):
+        return r[k] if isinstance(r, dict) else getattr(r, k)
+
+    width = max(len(str(get(r, "setting"))) for r in rows)
+    print(f"{'setting':<{width}}  {'method':<6} {'paper':>8} {'ours':>8}  match")
+    for r in rows:
+        mark = "yes" if get(r, "within_tolerance") else "NO"
+        print(f"{str(get(r, 'setting')):<{width}}  {get(r, 'method'):<6} {str(get(r, 'published')):>8} "
+              f"{get(r, 'ours'):>8.3f}  {mark}")
+
+
+def _cmd_report(args) -> int:
+    from .experiments.models import MODELS, build_model
+    from .report import report
+    from .surgery import convert
+
+    if args.model not in MODELS:
+        print(f"unknown model {args.model!r}; choose one of {sorted(MODELS)}", file=sys.stderr)
+        return 2
+    model = build_model(args.model)
+    convert(model, method=args.method, rank=args.rank, spectrum=args.spectrum, init="identity",
+            exclude=args.exclude or None)
+    rep = report(model, print_table=False)
+    print(json.dumps(rep.to_dict(), indent=2, default=str) if args.json else rep)
+    return 0
+
+
+def _add_train(sub) -> None:
+    train = sub.add_parser("train", help="train a model with a recipe (classify, gan)")
+    recipes = train.add_subparsers(dest="recipe", required=True)
+    try:
+        from .experiments.classify import add_classify_arguments, run_classify
+    except ImportError:
+        pass
+    else:
+        p = recipes.add_parser("classify", help="image/sequence classification: dense, SN, SR, SVDP or STTP")
+        add_classify_arguments(p)
+        p.set_defaults(func=run_classify)
+    try:
+        from .experiments.gan import add_gan_arguments, run_gan
+    except ImportError:
+        pass
+    else:
+        p = recipes.add_parser("gan", help="SNGAN training with an SN, SR, SVDP or STTP discriminator")
+        add_gan_arguments(p)
+        p.set_defaults(func=run_gan)
+
+
+def _add_compress(sub) -> None:
+    try:
+        from .experiments.compress_cli import add_compress_arguments, add_export_arguments, cli_compress, cli_export
+    except ImportError:
+        return
+    p = sub.add_parser("compress", help="compress a pretrained model under a parameter budget")
+    add_compress_arguments(p)
+    p.set_defaults(func=cli_compress)
+    p = sub.add_parser("export", help="write a compressed model back as dense or factorized plain layers")
+    add_export_arguments(p)
+    p.set_defaults(func=cli_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sttp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    rep = sub.add_parser("reproduce", help="reproduce the paper's published numbers")
+    what = rep.add_subparsers(dest="what", required=True)
+    comp = what.add_parser("compression", help="compression Z of every published setting, paper vs ours")
+    comp.add_argument("--json", action="store_true", help="machine-readable output")
+    comp.set_defaults(func=_cmd_reproduce_compression)
+
+    r = sub.add_parser("report", help="per-layer table of a named architecture after conversion")
+    r.add_argument("model", help="architecture name, e.g. wrn28-10, sngan32-d, sngan32-g")
+    r.add_argument("--method", default="sttp", choices=["sttp", "svdp"])
+    r.add_argument("--rank", type=int, default=64)
+    r.add_argument("--spectrum", default="normalized", choices=["identity", "normalized", "free"])
+    r.add_argument("--exclude", action="append", help="qualified-name glob of layers kept dense (repeatable)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_cmd_report)
+
+    _add_train(sub)
+    _add_compress(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
