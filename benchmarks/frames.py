@@ -1,0 +1,225 @@
+"""Forward+backward cost of Householder frames against a GEMM baseline with the same FLOP count.
+
+For each batch shape (B, n, r) three workloads are timed, each as one forward pass plus the backward pass of
+``output.sum()`` through autograd:
+
+* ``ours``  — ``torch_sttp.frames.householder_frame(params)`` (compact WY form, hand-written backward);
+* ``gemm``  — ``G = YᵀY; Q = Y·G`` on a random Y of the same shape: two n×r×r GEMMs forward and three backward,
+  the same GEMM work as ``ours`` without the small triangular solves, so the ratio ours/gemm measures overhead;
+* ``hprod`` — ``torch.linalg.householder_product`` on the same reflectors (its CPU backward is very slow, so it
+  gets few repetitions and ``--quick`` skips it for the tallest shape, n = 5760).
+
+Each timing is the median of repeated runs after warm-up; ours and gemm are run interleaved so that changes in
+machine load affect both alike. One ``TARGET`` line per shape reports ours/gemm against
+the goal of 2.0.
+
+    python benchmarks/frames.py [--device cpu|cuda] [--dtype float32|float64|bfloat16] [--reps N] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from torch_sttp.frames import frame_mask, householder_frame
+
+SHAPES = [(1, 5760, 64), (8, 640, 64), (64, 128, 64)]
+GOAL = 2.0
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(
+    fns: dict[str, Callable[[], None]], device: torch.device, reps: int, warmup: int, budget_s: float
+) -> dict[str, tuple[float, int]]:
+    """Median wall time (seconds) of each function over up to ``reps`` runs after ``warmup`` runs.
+
+    The functions are run interleaved (a, b, a, b, …) so that a change in machine load hits all of them alike.
+    Timed runs stop early once ``budget_s`` seconds have been spent on them (each function is timed at least once).
+    Returns {name: (median, number of timed runs)}.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    for i in range(reps):
+        if i > 0 and spent >= budget_s:
+            break
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            elapsed = time.perf_counter() - start
+            times[name].append(elapsed)
+            spent += elapsed
+    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+
+
+def make_workloads(b: int, n: int, r: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    params = (torch.randn(b, n, r, generator=gen, dtype=torch.float64) / n**0.5).to(dtype).to(device)
+    params.requires_grad_(True)
+    y_gemm = (torch.randn(b, n, r, generator=gen, dtype=torch.float64) / n**0.5).to(dtype).to(device)
+    y_gemm.requires_grad_(True)
+
+    # householder_product takes the reflectors with the implicit unit diagonal and τ = 2/‖y‖².
+    mask = frame_mask(n, r, device=device, dtype=dtype)
+    eye = torch.eye(n, r, dtype=dtype, device=device)
+
+    def ours_fwd() -> torch.Tensor:
+        return householder_frame(params)
+
+    def gemm_fwd() -> torch.Tensor:
+        gram = y_gemm.mT @ y_gemm
+        return y_gemm @ gram
+
+    def hprod_fwd() -> torch.Tensor:
+        y = params * mask + eye
+        tau = 2.0 / (y * y).sum(dim=-2)
+        return torch.linalg.householder_product(y, tau)
+
+    def fwd_only(f: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                f()
+
+        return run
+
+    def fwd_bwd(f: Callable[[], torch.Tensor], leaf: torch.Tensor) -> Callable[[], None]:
+        def run() -> None:
+            leaf.grad = None
+            f().sum().backward()
+
+        return run
+
+    return {
+        "ours": (fwd_only(ours_fwd), fwd_bwd(ours_fwd, params), ours_fwd),
+        "gemm": (fwd_only(gemm_fwd), fwd_bwd(gemm_fwd, y_gemm), gemm_fwd),
+        "hprod": (fwd_only(hprod_fwd), fwd_bwd(hprod_fwd, params), hprod_fwd),
+    }
+
+
+def fmt_ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--reps", type=int, default=30, help="timed repetitions for ours and gemm (default 30)")
+    parser.add_argument(
+        "--hprod-reps", type=int, default=3, help="timed repetitions for householder_product (default 3)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=20.0, help="seconds of timed runs after which a measurement stops early"
+    )
+    parser.add_argument("--threads", type=int, default=cpu_count(), help="torch threads (default: cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="skip householder_product for the tallest shape (its backward is slow)"
+    )
+    args = parser.parse_args(argv)
+    if args.reps < 1 or args.hprod_reps < 1:
+        parser.error("--reps and --hprod-reps must be at least 1")
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("CUDA requested but not available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    torch.set_num_threads(args.threads)
+
+    print("Householder frames: forward + backward (gradient of sum), median wall time")
+    print(f"date:    {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}")
+    print(f"machine: {cpu_model()} ({platform.machine()}, {cpu_count()} cores available)")
+    print(f"os:      {platform.platform()}")
+    print(f"python:  {platform.python_version()}   torch: {torch.__version__}   threads: {torch.get_num_threads()}")
+    if device.type == "cuda":
+        print(f"gpu:     {torch.cuda.get_device_name(device)}")
+    print(f"device:  {device}   dtype: {args.dtype}   reps: {args.reps} (householder_product: {args.hprod_reps})")
+    print()
+
+    # householder_product's CPU backward grows with n far faster than the GEMMs: the tallest frame is the slow one.
+    largest = max(SHAPES, key=lambda s: s[1])
+    header = (
+        f"{'B':>4} {'n':>6} {'r':>4} | {'ours fwd':>9} {'gemm fwd':>9} | {'ours f+b':>9} {'gemm f+b':>9} "
+        f"{'ratio':>6} | {'hprod f+b':>10} {'hprod/ours':>10} | {'max|ours-hprod|':>15}"
+    )
+    print("times in ms; ratio = ours f+b / gemm f+b; hprod = torch.linalg.householder_product")
+    print(header)
+    print("-" * len(header))
+
+    targets = []
+    for b, n, r in SHAPES:
+        work = make_workloads(b, n, r, dtype, device)
+        fwd = time_it({k: work[k][0] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
+        fwd_bwd = time_it({k: work[k][1] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
+        (ours_f, _), (gemm_f, _) = fwd["ours"], fwd["gemm"]
+        (ours_fb, _), (gemm_fb, _) = fwd_bwd["ours"], fwd_bwd["gemm"]
+        ratio = ours_fb / gemm_fb
+
+        hprod_fb: float | None = None
+        hprod_note = ""
+        max_diff: float | None = None
+        try:
+            with torch.no_grad():
+                max_diff = (work["ours"][2]().float() - work["hprod"][2]().float()).abs().max().item()
+            if args.quick and (b, n, r) == largest:
+                hprod_note = "skipped"
+            else:
+                hprod_fb, runs = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)["hprod"]
+                hprod_note = f"{runs} run{'s' if runs > 1 else ''}"
+        except RuntimeError as exc:  # e.g. no householder_product kernel for this dtype/device
+            hprod_note = f"unsupported ({str(exc).splitlines()[0][:60]})"
+
+        hp_ratio = "n/a" if hprod_fb is None else f"{hprod_fb / ours_fb:.1f}x"
+        diff = "n/a" if max_diff is None else f"{max_diff:.1e}"
+        print(
+            f"{b:>4} {n:>6} {r:>4} | {fmt_ms(ours_f):>9} {fmt_ms(gemm_f):>9} | {fmt_ms(ours_fb):>9} "
+            f"{fmt_ms(gemm_fb):>9} {ratio:>6.2f} | {fmt_ms(hprod_fb):>10} {hp_ratio:>10} | {diff:>15}"
+            + (f"   hprod: {hprod_note}" if hprod_note else "")
+        )
+        targets.append((b, n, r, ratio))
+
+    print()
+    for b, n, r, ratio in targets:
+        ratio_2 = round(ratio, 2)
+        verdict = "PASS" if ratio_2 <= GOAL else "FAIL"
+        print(f"TARGET frames_fwd_bwd_B{b}_n{n}_r{r} ratio={ratio_2:.2f} goal={GOAL} {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
