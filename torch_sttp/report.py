@@ -1,0 +1,394 @@
+"""Compression report of a model: per-layer DOF, ranks, modes, paths and FLOPs, and the paper's ratio Z (eq. 11).
+
+    >>> torch_sttp.convert(model, "sttp", rank=64)
+    >>> rep = torch_sttp.report(model, example_input=x)       # prints a table; rep.z is Z in percent
+    >>> torch_sttp.compression(model)                         # Z only
+    >>> torch_sttp.count_model_dof(dense_model, "sttp", 64, "identity").z    # Z without converting anything
+
+Z (paper eq. 11) compares the learned parameters with those of the dense model:
+
+    Z = 100 · (Σ_ℓ DOF(W_ℓ) + C) / (Σ_ℓ numel(W_ℓ) + C),
+
+summed over the reparameterized layers ℓ, where C counts every other number of the model's state dict: biases,
+BatchNorm affine parameters and running statistics, the weights of layers left dense, other buffers.
+``num_batches_tracked`` counters are not counted, nor are the SVDP/STTP tensors themselves (their free entries are the
+DOF). A tensor that appears under several state-dict keys (tied weights) is counted once.
+
+:func:`count_model_dof` applies the same arithmetic to a dense model, selecting layers exactly as
+:func:`torch_sttp.convert` would, so a huge model (even one built on the ``meta`` device) is reported instantly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .surgery import (
+    SUPPORTED_TYPES,
+    _as_list,
+    _matches,
+    _skip_reason,
+    converted_layers,
+    skipped_layers,
+    spectral_parametrization,
+)
+from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks
+
+__all__ = ["LayerRow", "SkippedRow", "CompressionReport", "report", "compression", "count_model_dof"]
+
+_PARAM_KEY = "parametrizations.weight.original"
+
+
+# ---------------------------------------------------------------------------------------------------- rows
+@dataclass(frozen=True)
+class LayerRow:
+    """One reparameterized (or, for :func:`count_model_dof`, to-be-reparameterized) layer.
+
+    ``weight_shape`` is the layer's own weight shape; ``matrix_shape`` is (d_out, d_in) of W in the
+    (d_out, C_in, *kernel) layout. ``out_modes``/``in_modes`` are the train's modes (for SVDP simply (d_out) and
+    (d_in)); ``modes`` prints them as ``"out|in"``. ``tt_ranks`` are the bond ranks R_0…R_D and ``rank`` the
+    effective middle rank min(r, d_out, d_in). ``ratio`` is dof / numel. ``path`` and ``flops_per_sample`` describe
+    the forward path chosen on the layer's last call (None if it never ran).
+    """
+
+    name: str
+    type: str
+    method: str
+    spectrum: str
+    weight_shape: tuple[int, ...]
+    matrix_shape: tuple[int, int]
+    out_modes: tuple[int, ...]
+    in_modes: tuple[int, ...]
+    tt_ranks: tuple[int, ...]
+    rank: int
+    dof: int
+    numel: int
+    path: str | None = None
+    flops_per_sample: float | None = None
+
+    @property
+    def modes(self) -> str:
+        return _fmt_modes(self.out_modes) + "|" + _fmt_modes(self.in_modes)
+
+    @property
+    def ratio(self) -> float:
+        return self.dof / self.numel if self.numel else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("weight_shape", "matrix_shape", "out_modes", "in_modes", "tt_ranks"):
+            d[k] = list(d[k])
+        d["modes"] = self.modes
+        d["ratio"] = self.ratio
+        return d
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A supported layer that was left dense, with the reason (see :func:`torch_sttp.skipped_layers`)."""
+
+    name: str
+    type: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressionReport:
+    """Result of :func:`report` / :func:`count_model_dof`.
+
+    Attributes:
+        layers: one :class:`LayerRow` per reparameterized layer, in module order.
+        skipped: :class:`SkippedRow` of the layers left alone by :func:`torch_sttp.convert`.
+        other: C, the number of all other state-dict values (biases, BatchNorm, dense layers, buffers).
+        source: ``"model"`` (read from a converted model) or ``"arithmetic"`` (:func:`count_model_dof`).
+    """
+
+    layers: list[LayerRow] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    other: int = 0
+    source: str = "model"
+
+    @property
+    def dof_total(self) -> int:
+        return sum(row.dof for row in self.layers)
+
+    @property
+    def numel_total(self) -> int:
+        return sum(row.numel for row in self.layers)
+
+    @property
+    def z(self) -> float:
+        """Z in percent (paper eq. 11); 100 for a model without reparameterized layers."""
+        den = self.numel_total + self.other
+        return 100.0 * (self.dof_total + self.other) / den if den else 100.0
+
+    @property
+    def flops_per_sample(self) -> float | None:
+        """Σ of the layers' forward FLOPs per sample on their last call (None if no layer has run)."""
+        vals = [row.flops_per_sample for row in self.layers if row.flops_per_sample is not None]
+        return float(sum(vals)) if vals else None
+
+    def __float__(self) -> float:
+        return self.z
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (``json.dumps(rep.to_dict())``)."""
+        return {
+            "z": self.z,
+            "dof_total": self.dof_total,
+            "numel_total": self.numel_total,
+            "other": self.other,
+            "params_compressed": self.dof_total + self.other,
+            "params_dense": self.numel_total + self.other,
+            "flops_per_sample": self.flops_per_sample,
+            "source": self.source,
+            "layers": [row.to_dict() for row in self.layers],
+            "skipped": [row.to_dict() for row in self.skipped],
+        }
+
+    def summary(self) -> str:
+        n = len(self.layers)
+        line = (f"Z = {self.z:.4g}%  (DOF {self.dof_total:,} + C {self.other:,}) / "
+                f"(numel {self.numel_total:,} + C {self.other:,});  {n} layer{'s' * (n != 1)} reparameterized, "
+                f"{len(self.skipped)} skipped")
+        if self.flops_per_sample is not None:
+            line += f";  {_fmt_flops(self.flops_per_sample)} FLOPs/sample in those layers"
+        return line
+
+    def __str__(self) -> str:
+        header = ("layer", "type", "method", "spectrum", "weight", "matrix", "modes (out|in)", "TT ranks", "r",
+                  "DOF", "numel", "DOF/numel", "path", "FLOPs/sample")
+        right = {8, 9, 10, 11, 13}
+        body = [
+            (row.name or "<root>", row.type, row.method, row.spectrum, "x".join(map(str, row.weight_shape)),
+             f"{row.matrix_shape[0]}x{row.matrix_shape[1]}", row.modes, ",".join(map(str, row.tt_ranks)),
+             str(row.rank), f"{row.dof:,}", f"{row.numel:,}", f"{100 * row.ratio:.2f}%", row.path or "-",
+             _fmt_flops(row.flops_per_sample) if row.flops_per_sample is not None else "-")
+            for row in self.layers
+        ]
+        lines = []
+        if body:
+            widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+            def fmt(cells):
+                return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+            lines += [fmt(header), "  ".join("-" * w for w in widths)]
+            lines += [fmt(r) for r in body]
+        else:
+            lines.append("no reparameterized layers" + (" (for a dense model, use torch_sttp.count_model_dof)"
+                                                        if self.source == "model" else ""))
+        if self.skipped:
+            lines.append("skipped:")
+            w = max(len(s.name or "<root>") for s in self.skipped)
+            lines += [f"  {(s.name or '<root>').ljust(w)}  {s.type}: {s.reason}" for s in self.skipped]
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+
+def _fmt_modes(modes: Sequence[int]) -> str:
+    return "x".join(map(str, modes)) if modes else "-"
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+# -------------------------------------------------------------------------------------------------- helpers
+def _base_type_name(module: nn.Module) -> str:
+    """The user-facing class name of a layer (``Conv2d`` for a converted ``ParametrizedSpectralConv2d``)."""
+    for cls in type(module).__mro__:
+        if cls.__module__ not in ("torch.nn.utils.parametrize", "torch_sttp.surgery"):
+            return cls.__name__
+    return type(module).__name__
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _count_other(model: nn.Module, excluded: set[str]) -> int:
+    """Numbers in the state dict outside ``excluded`` keys and ``num_batches_tracked``; shared tensors once."""
+    seen: set[int] = set()
+    total = 0
+    for key, value in model.state_dict(keep_vars=True).items():
+        if not isinstance(value, torch.Tensor) or key.endswith("num_batches_tracked") or key in excluded:
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        total += value.numel()
+    return total
+
+
+def _run_example(model: nn.Module, example_input) -> None:
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                model(**example_input)
+            elif isinstance(example_input, (tuple, list)):
+                model(*example_input)
+            else:
+                model(example_input)
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+# ---------------------------------------------------------------------------------------------------- API
+def report(model: nn.Module, example_input=None, print_table: bool = True) -> CompressionReport:
+    """Per-layer compression report of a converted model and its Z (paper eq. 11).
+
+    Args:
+        model: a model converted with :func:`torch_sttp.convert` (layers parametrized one by one with
+            :func:`torch_sttp.parametrize` are reported too, without path information).
+        example_input: optional input (a tensor, a tuple of positional arguments or a dict of keyword arguments);
+            one forward pass is run under ``torch.no_grad()`` in eval mode so that each layer records its chosen
+            path and FLOPs per sample. The training flags of all modules are restored afterwards.
+        print_table: print the table (``str(report)``).
+    """
+    if example_input is not None:
+        _run_example(model, example_input)
+    rows, excluded = [], set()
+    keys = list(model.state_dict(keep_vars=True))
+    for name, module in converted_layers(model):
+        p = spectral_parametrization(module)
+        head = _prefix(name) + _PARAM_KEY
+        excluded.update(k for k in keys if k.startswith(head) and k[len(head):].isdigit())
+        state = module.__dict__.get("_sttp")
+        rows.append(LayerRow(
+            name=name,
+            type=_base_type_name(module),
+            method=p.method,
+            spectrum=p.spectrum,
+            weight_shape=tuple(p.weight_shape),
+            matrix_shape=(p.d_out, p.d_in),
+            out_modes=tuple(p.out_modes),
+            in_modes=tuple(p.in_modes),
+            tt_ranks=tuple(p.ranks),
+            rank=p.r_mid,
+            dof=int(p.dof),
+            numel=math.prod(p.weight_shape),
+            path=getattr(state, "last_path", None),
+            flops_per_sample=getattr(state, "last_flops_per_sample", None),
+        ))
+    skipped = [SkippedRow(*s) for s in skipped_layers(model)]
+    rep = CompressionReport(rows, skipped, _count_other(model, excluded), source="model")
+    if print_table:
+        print(rep)
+    return rep
+
+
+def compression(model: nn.Module) -> float:
+    """Z of a converted model in percent (paper eq. 11); see :func:`report`."""
+    return report(model, print_table=False).z
+
+
+def _layout_shape(module: nn.Module) -> tuple[int, ...]:
+    shape = tuple(int(s) for s in module.weight.shape)
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (shape[1], shape[0], *shape[2:])
+    return shape
+
+
+def count_model_dof(
+    dense_model: nn.Module,
+    method: str = "sttp",
+    rank: int | Mapping[str, int] = 64,
+    spectrum: str = "normalized",
+    include=None,
+    exclude=None,
+) -> CompressionReport:
+    """Z of ``dense_model`` as if it were converted with these settings — arithmetic only, nothing is converted.
+
+    Layers are selected as in :func:`torch_sttp.convert` (same ``include``/``exclude`` globs or types, ``rank`` a
+    cap or a {layer name: rank} mapping, same skipped layers), and each one's DOF is :func:`torch_sttp.count_dof`
+    of its weight in the (d_out, C_in, *kernel) layout (a ConvTranspose weight with its first two axes swapped).
+    Returns a :class:`CompressionReport` (``.z`` is Z, ``float(rep)`` too); it equals :func:`report` of the
+    converted model, apart from paths and FLOPs. Works on models built on the ``meta`` device.
+    """
+    check_method(method)
+    check_spectrum(spectrum)
+    if converted_layers(dense_model):
+        raise ValueError("count_model_dof needs a dense model, this one is already converted; use "
+                         "torch_sttp.report(model) for it")
+    rank_map = dict(rank) if isinstance(rank, Mapping) else None
+    if rank_map is None:
+        check_rank(rank)
+    includes, excludes = _as_list(include), _as_list(exclude)
+    names = [n for n, _ in dense_model.named_modules()]
+    for pat in includes:
+        if isinstance(pat, str) and not any(_matches(n, None, [pat]) for n in names):
+            raise ValueError(f"include pattern {pat!r} matches no module; names look like {names[1:4]}")
+    for pat in excludes:
+        if isinstance(pat, str) and not any(_matches(n, None, [pat]) for n in names):
+            raise ValueError(f"exclude pattern {pat!r} matches no module")
+    if rank_map is not None:
+        unknown = [n for n in rank_map if n not in set(names)]
+        if unknown:
+            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
+        for n, r in rank_map.items():
+            try:
+                check_rank(r)
+            except ValueError as e:
+                raise ValueError(f"layer {n!r}: {e}") from None
+
+    counts: dict[int, int] = {}
+    for m in dense_model.modules():
+        for t in m.parameters(recurse=False):
+            counts[id(t)] = counts.get(id(t), 0) + 1
+    shared = {k for k, c in counts.items() if c > 1}
+    parents = {}
+    for pname, parent in dense_model.named_modules():
+        for cname, child in parent.named_children():
+            parents[f"{pname}.{cname}" if pname else cname] = parent
+
+    rows, skipped, excluded = [], [], set()
+    for name, module in dense_model.named_modules():
+        if not isinstance(module, SUPPORTED_TYPES):
+            if isinstance(module, nn.MultiheadAttention):
+                skipped.append(SkippedRow(name, type(module).__name__,
+                                          "packed in_proj_weight is not a supported layer"))
+            continue
+        if includes and not _matches(name, module, includes):
+            continue
+        if excludes and _matches(name, module, excludes):
+            continue
+        if rank_map is not None and name not in rank_map:
+            continue
+        reason = _skip_reason(name, module, shared, parents)
+        if reason:
+            skipped.append(SkippedRow(name, type(module).__name__, reason))
+            continue
+        r = rank_map[name] if rank_map is not None else rank
+        layout = _layout_shape(module)
+        out_modes, in_modes = split_modes(layout, method)
+        ranks = tt_ranks(out_modes + in_modes, r)
+        rows.append(LayerRow(
+            name=name,
+            type=type(module).__name__,
+            method=method,
+            spectrum=spectrum,
+            weight_shape=tuple(int(s) for s in module.weight.shape),
+            matrix_shape=(layout[0], math.prod(layout[1:])),
+            out_modes=tuple(out_modes),
+            in_modes=tuple(in_modes),
+            tt_ranks=tuple(ranks),
+            rank=ranks[len(out_modes)],
+            dof=count_dof(layout, method, r, spectrum),
+            numel=module.weight.numel(),
+        ))
+        excluded.add(_prefix(name) + "weight")
+    return CompressionReport(rows, skipped, _count_other(dense_model, excluded), source="arithmetic")
