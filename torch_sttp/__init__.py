@@ -7,6 +7,8 @@ from .frames import (
     padded_householder_frames,
 )
 from .parametrizations import STTP, SVDP, SpectralParametrization, parametrize, sttp, svdp
+from .report import CompressionReport, compression, count_model_dof, report
+from .surgery import convert, converted_layers, skipped_layers, to_dense, to_factorized
 from .tt import count_dof
 
 __version__ = "0.1.0"
