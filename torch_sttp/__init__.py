@@ -8,6 +8,20 @@ from .frames import (
 )
 from .parametrizations import STTP, SVDP, SpectralParametrization, parametrize, sttp, svdp
 from .report import CompressionReport, compression, count_model_dof, report
+from .spectral import (
+    SpectralRegularizer,
+    apply_spectral_norm,
+    apply_spectral_regularization,
+    check_optimizer,
+    conv_operator_norm,
+    param_groups,
+    penalty,
+    plot_spectra,
+    sigma_l2_penalty,
+    singular_values,
+    snapshot_spectra,
+    spectral_stats,
+)
 from .surgery import convert, converted_layers, skipped_layers, to_dense, to_factorized
 from .tt import count_dof
 
