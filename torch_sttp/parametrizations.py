@@ -306,12 +306,39 @@ class SpectralParametrization(nn.Module):
         if identity:
             if v_cores:
                 v_cores[-1] = v_cores[-1] @ carry_u.mT
+                self._match_square_orientation(u_params, v_cores)
         else:
             s = s * carry_u.diagonal()
         v_params, carry_v = self._cores_to_params(v_cores, self.v_side, exact_last=identity)
         if not identity:
             s = s * carry_v.diagonal()
         return self._finish(u_params, v_params, s, dtype, device)
+
+    def _match_square_orientation(self, u_params: torch.Tensor, v_cores: list[torch.Tensor]) -> None:
+        """Make the V frame next to Σ reachable when it is square (identity spectrum only, in place).
+
+        A square full-form frame of r reflectors has determinant (−1)^r. If the target has the other sign, one
+        column of both the last U frame and that V frame is negated: U·Vᵀ = (U·D)(V·D)ᵀ, D = diag(±1). The column
+        whose U pivot is largest is chosen, so that the flipped U frame stays well inside the reduced chart.
+        """
+        rows, cols = self.v_side.frame_shapes[-1]
+        if rows != cols:
+            return
+        if torch.linalg.det(v_cores[-1].reshape(rows, cols)) * (-1) ** cols > 0:
+            return
+        u_rows, u_cols = self.u_side.frame_shapes[-1] if self.u_side.modes else (0, 0)
+        if u_rows == u_cols:
+            warnings.warn(f"weight of shape {self.weight_shape}: with the identity spectrum and square factors the "
+                          "parametrization covers one orientation only; the loaded weight has its last singular "
+                          "direction negated", stacklevel=3)
+            return
+        k = len(self.u_side.modes) - 1
+        u_frame = householder_frame_masked(u_params[k, :u_rows, :u_cols],
+                                           frame_mask(u_rows, u_cols, True, dtype=u_params.dtype))
+        flip = torch.ones(u_cols, dtype=u_params.dtype)
+        flip[int(torch.argmax(u_frame.diagonal()))] = -1.0
+        u_params[k, :u_rows, :u_cols] = frame_to_params_exact(u_frame * flip, reduced=True)
+        v_cores[-1] = v_cores[-1] * flip
 
     def _finish(self, u_params, v_params, s, dtype, device) -> tuple[torch.Tensor, ...]:
         out = [u_params.to(dtype=dtype, device=device), v_params.to(dtype=dtype, device=device)]
