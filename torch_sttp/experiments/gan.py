@@ -1,0 +1,878 @@
+"""SNGAN training recipe of the paper's GAN experiments (Sec. 4, Tables 1-2, Fig. 5), from CPU-sized runs to full scale.
+
+    python -m torch_sttp.experiments.gan --config configs/gan/mnist5k-cpu-reduced-sttp-c.yaml --seed 1
+    python -m torch_sttp.experiments.gan --dataset cifar10 --data-root ~/data --d sttp-r --out runs/cifar-sttp-r
+
+Recipe (Miyato et al. 2018 as used by the paper): unconditional ResNet SNGAN (presets 32 / 48 of
+:mod:`torch_sttp.experiments.models`), hinge loss, Adam with betas (0, 0.9), learning rate 2e-4 decayed linearly to
+zero over the run, ``n_dis`` discriminator updates per generator update, one batch of real images per discriminator
+update (real and fake images go through D in one forward pass).
+
+Discriminator variants (``--d``):
+
+* ``sn`` -- spectral normalization of every Conv2d/Linear layer (torch's ``spectral_norm``, one power iteration);
+* ``sr`` -- spectral regularization (Liu et al. 2019) applied on top of SN, :func:`torch_sttp.spectral.apply_spectral_regularization`;
+* ``svdp-c``/``sttp-c`` -- SVDP/STTP with the identity spectrum; ``-l`` the learned normalized spectrum
+  (Sigma = S/||S||_inf); ``-r`` learned normalized spectrum plus the D-optimal penalty (eq. 10) with weight
+  ``--penalty-weight`` added to the discriminator loss (:func:`torch_sttp.spectral.penalty`, mean over all
+  singular values of -log(sigma/sigma_max));
+* ``plain`` -- no constraint.
+
+The generator is dense by default (``--g plain``); ``--g svdp-r`` etc. converts it too, with ``noise_to_conv`` kept
+dense as in the paper.  The reduced discriminators of Table 1 are ``--d-reduce 4`` (preset 32) / ``16`` (preset 48):
+every D width divided by that factor.
+
+Outputs in ``--out``: ``config.yaml`` (the resolved settings), ``metrics.csv`` (losses, learning rate, seconds per
+step, D spectrum statistics, periodic cheap evaluations), ``checkpoint.pt`` (written atomically every
+``--ckpt-every`` generator steps and at the end: models, optimizers, schedulers, SR state, all RNG states and the
+data sampler state, so an interrupted run resumes bit-identically on CPU), ``summary.json`` (final metrics,
+compression Z, wall time), ``samples.png``, ``spectra_D.png`` (Fig. 5 style) and ``spectra_D_history.png``.
+
+Settings come from defaults < ``--config`` file (YAML or JSON, keys as the long flags with ``_``) < command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
+           "build_models", "summarize_runs", "CSV_FIELDS"]
+
+D_VARIANTS = ("sn", "sr", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r", "plain")
+G_VARIANTS = ("plain", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r")
+DATASETS = ("mnist5k", "cifar10", "stl10")
+
+#: Every setting with its default; ``None`` means "derived" (see :func:`resolve_config`).
+DEFAULTS: Dict[str, Any] = dict(
+    config=None,
+    # data
+    dataset="mnist5k",
+    data_root=None,
+    image_size=None,  # 32 for mnist5k / cifar10, 48 for stl10
+    data_split=None,  # train for mnist5k / cifar10, unlabeled for stl10
+    # models
+    preset=None,  # 32, or 48 for stl10
+    nz=128,
+    ngf=None,  # preset default (256 / 512)
+    ndf=None,  # preset default (128 / 1024)
+    d_reduce=1,
+    d="sn",
+    g="plain",
+    d_rank=64,
+    g_rank=64,
+    init="noisy_identity",
+    penalty_weight=1.0,
+    penalty_kind="d_optimal",
+    sr_every=1,
+    # optimization
+    steps=100000,
+    n_dis=5,
+    batch_size=64,
+    lr=2e-4,
+    beta1=0.0,
+    beta2=0.9,
+    lr_decay="linear",
+    # run
+    seed=0,
+    device="auto",
+    threads=None,
+    out=None,
+    ckpt_every=1000,
+    log_every=100,
+    spectra_every=None,  # default: log_every
+    eval_every=0,
+    eval_every_samples=500,
+    stop_after=None,
+    resume=True,
+    progress=True,
+    # final evaluation
+    metrics="modes,kid,fid,is",
+    eval_samples=1000,
+    inception_samples=None,  # default: eval_samples
+    inception_weights=None,
+    inception_batch=50,
+    cache_dir=None,  # default: <out>/cache
+    classifier_epochs=4,
+    min_share=0.02,
+    eval_only=False,
+)
+
+#: Settings that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {
+    "config", "device", "threads", "out", "ckpt_every", "stop_after", "resume", "progress", "metrics",
+    "eval_samples", "inception_samples", "inception_weights", "inception_batch", "cache_dir", "classifier_epochs",
+    "min_share", "eval_only", "data_root",
+}
+
+CSV_FIELDS = [
+    "step", "d_loss", "g_loss", "d_real", "d_fake", "penalty", "lr", "sec_per_step", "wall_time",
+    "d_sigma_min", "d_sigma_max", "d_stable_rank_mean",
+    "modes_classes_covered", "modes_kl_uniform", "cfid", "ckid",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    t = str(text).strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
+
+
+def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the GAN recipe's flags to ``parser`` (every default is ``SUPPRESS``: unset flags leave config values)."""
+    S = argparse.SUPPRESS
+
+    def h(text, key):
+        return f"{text} (default: {DEFAULTS[key]})"
+
+    g = parser.add_argument_group("config")
+    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=S, help=h("training images", "dataset"))
+    g.add_argument("--data-root", default=S, metavar="DIR",
+                   help="folder with the CIFAR-10 / STL-10 binary distributions (default: $TORCH_STTP_DATA or ./data)")
+    g.add_argument("--image-size", type=int, default=S, help="image side (default: 32, or 48 for stl10)")
+    g.add_argument("--data-split", default=S, help="split to train on (default: train, or unlabeled for stl10)")
+    g = parser.add_argument_group("models")
+    g.add_argument("--preset", type=int, choices=(32, 48), default=S, help="SNGAN preset (default: 32, 48 for stl10)")
+    g.add_argument("--nz", type=int, default=S, help=h("latent size", "nz"))
+    g.add_argument("--ngf", type=int, default=S, help="generator base width (default: preset's, 256 / 512)")
+    g.add_argument("--ndf", type=int, default=S, help="discriminator base width (default: preset's, 128 / 1024)")
+    g.add_argument("--d-reduce", type=int, default=S,
+                   help=h("divide every D width by this (Table 1: 4 for preset 32, 16 for preset 48)", "d_reduce"))
+    g.add_argument("--d", choices=D_VARIANTS, default=S, help=h("discriminator variant", "d"))
+    g.add_argument("--g", choices=G_VARIANTS, default=S, help=h("generator variant (noise_to_conv stays dense)", "g"))
+    g.add_argument("--d-rank", type=int, default=S, help=h("rank cap r of SVDP/STTP in D", "d_rank"))
+    g.add_argument("--g-rank", type=int, default=S, help=h("rank cap r of SVDP/STTP in G", "g_rank"))
+    g.add_argument("--init", default=S, help=h("frame initialization of SVDP/STTP", "init"))
+    g.add_argument("--penalty-weight", type=float, default=S, help=h("weight of the -R spectral penalty", "penalty_weight"))
+    g.add_argument("--penalty-kind", choices=("d_optimal", "divergence"), default=S,
+                   help=h("spectral penalty of the -R variants", "penalty_kind"))
+    g.add_argument("--sr-every", type=int, default=S, help=h("SR compensation period in D updates", "sr_every"))
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=S, help=h("generator updates", "steps"))
+    g.add_argument("--n-dis", type=int, default=S, help=h("discriminator updates per generator update", "n_dis"))
+    g.add_argument("--batch-size", type=int, default=S, help=h("batch size", "batch_size"))
+    g.add_argument("--lr", type=float, default=S, help=h("Adam learning rate of G and D", "lr"))
+    g.add_argument("--beta1", type=float, default=S, help=h("Adam beta1", "beta1"))
+    g.add_argument("--beta2", type=float, default=S, help=h("Adam beta2", "beta2"))
+    g.add_argument("--lr-decay", choices=("linear", "none"), default=S, help=h("learning-rate schedule", "lr_decay"))
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=S, help=h("seed of models, noise and data order", "seed"))
+    g.add_argument("--device", default=S, help=h("cpu, cuda, cuda:N or auto", "device"))
+    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
+    g.add_argument("--out", default=S, metavar="DIR", help="output folder (default: runs/gan/<dataset>-<d>-s<seed>)")
+    g.add_argument("--ckpt-every", type=int, default=S, help=h("checkpoint period in generator steps", "ckpt_every"))
+    g.add_argument("--log-every", type=int, default=S, help=h("CSV logging period in generator steps", "log_every"))
+    g.add_argument("--spectra-every", type=int, default=S, help="D spectrum snapshot period (default: --log-every)")
+    g.add_argument("--eval-every", type=int, default=S,
+                   help=h("period of the cheap mode-coverage evaluation during training (0: off)", "eval_every"))
+    g.add_argument("--eval-every-samples", type=int, default=S, help=h("samples of that evaluation", "eval_every_samples"))
+    g.add_argument("--stop-after", type=int, default=S,
+                   help="stop (as if interrupted, no extra checkpoint) after this generator step; rerun to resume")
+    g.add_argument("--resume", type=_bool, default=S, help=h("resume from <out>/checkpoint.pt if present", "resume"))
+    g.add_argument("--no-resume", dest="resume", action="store_false", default=S, help="start from scratch")
+    g.add_argument("--progress", type=_bool, default=S, help=h("tqdm progress bars", "progress"))
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--metrics", default=S,
+                   help=h("final metrics, comma separated from modes, kid, fid, is (or 'none')", "metrics"))
+    g.add_argument("--eval-samples", type=int, default=S, help=h("generated samples of the final evaluation", "eval_samples"))
+    g.add_argument("--inception-samples", type=int, default=S,
+                   help="generated and real samples for Inception KID/FID/IS (default: --eval-samples)")
+    g.add_argument("--inception-weights", default=S, metavar="FILE",
+                   help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; enables IS (else 'unavailable')")
+    g.add_argument("--inception-batch", type=int, default=S, help=h("Inception batch size", "inception_batch"))
+    g.add_argument("--cache-dir", default=S, metavar="DIR",
+                   help="real-feature and classifier cache (default: <out>/cache)")
+    g.add_argument("--classifier-epochs", type=int, default=S, help=h("epochs of the mode-coverage classifier", "classifier_epochs"))
+    g.add_argument("--min-share", type=float, default=S, help=h("share of samples for a class to count as covered", "min_share"))
+    g.add_argument("--eval-only", action="store_true", default=S,
+                   help="do not train: evaluate the run in --out (its checkpoint) and update summary.json")
+    return parser
+
+
+def load_config_file(path) -> dict:
+    """Settings from a ``.yaml``/``.yml`` or ``.json`` mapping (``-`` in keys read as ``_``)."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    data = data or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: a config file must hold a mapping of settings")
+    out = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(out) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
+    return out
+
+
+def resolve_config(args=None, **overrides) -> dict:
+    """Defaults < config file < ``args`` (argparse Namespace or mapping) < ``overrides``; derived values filled."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
+    given.update(overrides)
+    given = {k.replace("-", "_"): v for k, v in given.items()}
+    unknown = sorted(set(given) - set(DEFAULTS) - {"command", "func", "cmd", "subcommand"})
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    cfg = dict(DEFAULTS)
+    if given.get("config"):
+        cfg.update(load_config_file(given["config"]))
+    cfg.update({k: v for k, v in given.items() if k in DEFAULTS})
+    return _validate(cfg)
+
+
+def _validate(cfg: dict) -> dict:
+    ds = cfg["dataset"]
+    if ds not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}")
+    if cfg["preset"] is None:
+        cfg["preset"] = 48 if ds == "stl10" else 32
+    if cfg["image_size"] is None:
+        cfg["image_size"] = 48 if ds == "stl10" else 32
+    if cfg["data_split"] is None:
+        cfg["data_split"] = "unlabeled" if ds == "stl10" else "train"
+    for key, choices in (("d", D_VARIANTS), ("g", G_VARIANTS)):
+        cfg[key] = str(cfg[key]).lower()
+        if cfg[key] not in choices:
+            raise ValueError(f"{key} must be one of {choices}, got {cfg[key]!r}")
+    for key in ("steps", "n_dis", "batch_size", "d_reduce", "d_rank", "g_rank", "sr_every", "log_every", "nz"):
+        cfg[key] = int(cfg[key])
+        if cfg[key] < 1:
+            raise ValueError(f"{key} must be >= 1")
+    cfg["ckpt_every"] = int(cfg["ckpt_every"])
+    if cfg["spectra_every"] is None:
+        cfg["spectra_every"] = cfg["log_every"]
+    if isinstance(cfg["metrics"], str):
+        cfg["metrics"] = [m.strip().lower() for m in cfg["metrics"].split(",") if m.strip() and m.strip() != "none"]
+    cfg["metrics"] = [str(m).lower() for m in (cfg["metrics"] or [])]
+    bad = sorted(set(cfg["metrics"]) - {"modes", "kid", "fid", "is"})
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; choose from modes, kid, fid, is")
+    for key in ("resume", "progress", "eval_only"):
+        cfg[key] = _bool(cfg[key])
+    if cfg["out"] is None:
+        name = f"{ds}-p{cfg['preset']}-d{cfg['d']}" + (f"-r{cfg['d_reduce']}" if cfg["d_reduce"] > 1 else "")
+        name += (f"-g{cfg['g']}" if cfg["g"] != "plain" else "") + f"-s{cfg['seed']}"
+        cfg["out"] = str(Path("runs") / "gan" / name)
+    if cfg["cache_dir"] is None:
+        cfg["cache_dir"] = str(Path(cfg["out"]) / "cache")
+    if cfg["inception_samples"] is None:
+        cfg["inception_samples"] = cfg["eval_samples"]
+    for key in ("lr", "beta1", "beta2", "penalty_weight", "min_share"):
+        cfg[key] = float(cfg[key])
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ImageSource:
+    """Training images with a resumable, seeded shuffling batch sampler (epochs of random permutations).
+
+    In-memory datasets (mnist5k, CIFAR-10 uint8) are indexed directly; STL-10 is decoded per batch from its
+    memory map.  ``state_dict()`` holds the generator state, the current permutation and the position in it.
+    """
+
+    def __init__(self, cfg: Mapping, seed: int):
+        from .data import get_dataset, load_mnist5k
+
+        ds, size = cfg["dataset"], cfg["image_size"]
+        if ds == "mnist5k":
+            self.dataset = load_mnist5k(image_size=size, split=cfg["data_split"])
+        elif ds == "stl10":
+            self.dataset = get_dataset("stl10", cfg["data_split"], cfg["data_root"], image_size=size)
+        else:
+            self.dataset = get_dataset(ds, cfg["data_split"], cfg["data_root"])
+        self.n = len(self.dataset)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.perm = torch.randperm(self.n, generator=self.generator)
+        self.pos = 0
+        self.epoch = 0
+        first = self.get(torch.arange(1))
+        self.channels = int(first.shape[1])
+        if first.shape[-1] != size:
+            raise ValueError(f"{ds} images are {tuple(first.shape[-2:])}, expected {size}x{size}")
+
+    def get(self, idx: torch.Tensor) -> torch.Tensor:
+        ds = self.dataset
+        if hasattr(ds, "tensors"):
+            return ds.tensors[0][idx]
+        if hasattr(ds, "images") and getattr(ds.images, "dtype", None) == torch.uint8:
+            return ds.images[idx].to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+        if hasattr(ds, "get_batch"):
+            order = torch.argsort(idx)
+            x, _ = ds.get_batch(idx[order].numpy())
+            out = torch.empty_like(x)
+            out[order] = x
+            return out
+        return torch.stack([ds[int(i)][0] for i in idx])
+
+    def next(self, batch_size: int) -> torch.Tensor:
+        if self.pos + batch_size > self.n:
+            self.perm = torch.randperm(self.n, generator=self.generator)
+            self.pos = 0
+            self.epoch += 1
+        idx = self.perm[self.pos:self.pos + batch_size]
+        self.pos += batch_size
+        return self.get(idx)
+
+    def fixed(self, num: int, seed: int = 0) -> torch.Tensor:
+        """``num`` real images of a fixed random subset (for FID/KID references)."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(self.n, generator=g)[: min(num, self.n)]
+        return torch.cat([self.get(c) for c in torch.split(idx, 1000)])
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm.clone(), "pos": self.pos,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].clone()
+        self.pos = int(state["pos"])
+        self.epoch = int(state["epoch"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _split_variant(variant: str):
+    method, suffix = variant.split("-")
+    spectrum = {"c": "identity", "l": "normalized", "r": "normalized"}[suffix]
+    return method, spectrum, suffix == "r"
+
+
+def build_models(cfg: Mapping, channels: int):
+    """``(G, D, sr)`` built on the CPU from the settings (seeded by the caller); ``sr`` is the SR regularizer or None."""
+    from .. import spectral
+    from ..surgery import convert
+    from .models import SNGAN_PRESETS, SNGANDiscriminator, SNGANGenerator
+
+    preset = SNGAN_PRESETS[cfg["preset"]]
+    ndf = int(cfg["ndf"] if cfg["ndf"] is not None else preset["ndf"])
+    if ndf % cfg["d_reduce"]:
+        raise ValueError(f"ndf={ndf} is not divisible by d_reduce={cfg['d_reduce']}")
+    ndf //= cfg["d_reduce"]
+    G = SNGANGenerator(cfg["preset"], nz=cfg["nz"], ngf=cfg["ngf"], channels=channels, image_size=cfg["image_size"])
+    D = SNGANDiscriminator(cfg["preset"], ndf=ndf, channels=channels)
+    sr = None
+    if cfg["d"] == "sn":
+        spectral.apply_spectral_norm(D)
+    elif cfg["d"] == "sr":
+        sr = spectral.apply_spectral_regularization(D, every=cfg["sr_every"], spectral_norm=True)
+    elif cfg["d"] != "plain":
+        method, spectrum, _ = _split_variant(cfg["d"])
+        convert(D, method=method, rank=cfg["d_rank"], spectrum=spectrum, init=cfg["init"])
+    if cfg["g"] != "plain":
+        method, spectrum, _ = _split_variant(cfg["g"])
+        convert(G, method=method, rank=cfg["g_rank"], spectrum=spectrum, init=cfg["init"], exclude=["noise_to_conv"])
+    return G, D, sr
+
+
+def _z(model: nn.Module) -> float:
+    from ..surgery import converted_layers
+
+    if not converted_layers(model):
+        return 100.0
+    from ..report import compression
+
+    return float(compression(model))
+
+
+@torch.no_grad()
+def _spectra(model: nn.Module):
+    """Snapshot {layer: sigma} in eval mode (no SN power iteration is triggered)."""
+    from .. import spectral
+
+    was = model.training
+    model.eval()
+    try:
+        return spectral.snapshot_spectra(model)
+    finally:
+        model.train(was)
+
+
+def _spectra_stats(snapshot: Mapping[str, torch.Tensor]) -> dict:
+    mins, maxs, srs = [], [], []
+    for s in snapshot.values():
+        s = s.double()
+        if s.numel() == 0 or float(s.max()) <= 0:
+            continue
+        mins.append(float(s.min() / s.max()))
+        maxs.append(float(s.max()))
+        srs.append(float((s ** 2).sum() / s.max() ** 2))
+    if not mins:
+        return {}
+    return {"d_sigma_min": min(mins), "d_sigma_max": max(maxs), "d_stable_rank_mean": float(np.mean(srs))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# State, checkpoints, logs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _dump_config(cfg: Mapping) -> str:
+    try:
+        import yaml
+
+        return yaml.safe_dump(dict(cfg), sort_keys=False)
+    except ImportError:  # pragma: no cover
+        return json.dumps(dict(cfg), indent=2)
+
+
+class CsvLog:
+    """``metrics.csv`` with a fixed header; on resume, rows after the checkpoint's step are dropped."""
+
+    def __init__(self, path: Path, keep_until: Optional[int]):
+        self.path = Path(path)
+        rows = []
+        if keep_until is not None and self.path.is_file():
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= keep_until]
+        _atomic_write(self.path, lambda f: self._write_all(f, rows))
+
+    @staticmethod
+    def _write_all(f, rows):
+        import io
+
+        s = io.StringIO()
+        w = csv.DictWriter(s, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+        f.write(s.getvalue().encode())
+
+    def append(self, row: Mapping) -> None:
+        out = {}
+        for k in CSV_FIELDS:
+            v = row.get(k, "")
+            if isinstance(v, float):
+                v = repr(v)
+            out[k] = v
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(out)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
+    import matplotlib.image
+
+    x = ((images.clamp(-1, 1) + 1) / 2).cpu().numpy()
+    n, c, h, w = x.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.ones((rows * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        img = np.repeat(x[i], 3, 0) if c == 1 else x[i]
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img.transpose(1, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    matplotlib.image.imsave(str(path), grid)
+
+
+class _Stopped(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _hinge_d(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean()
+
+
+def _make_optimizers(cfg: Mapping, G: nn.Module, D: nn.Module, start_factor_steps: int):
+    betas = (float(cfg["beta1"]), float(cfg["beta2"]))
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg["lr"], betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg["lr"], betas=betas)
+    total = int(start_factor_steps)
+    if cfg["lr_decay"] == "linear":
+        def factor(step: int) -> float:
+            return max(0.0, 1.0 - step / total)
+    else:
+        def factor(step: int) -> float:
+            return 1.0
+    sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, factor)
+    sch_d = torch.optim.lr_scheduler.LambdaLR(opt_d, factor)
+    return opt_g, opt_d, sch_g, sch_d
+
+
+def _evaluator(cfg: Mapping, source: ImageSource, device, channels: int):
+    """A callable ``(G, metrics, num, n_inception) -> dict`` with the classifier/Inception loaded lazily."""
+    from . import metrics as M
+
+    state: dict = {}
+    data_key = dict(dataset=cfg["dataset"], split=cfg["data_split"], size=cfg["image_size"], seed=0)
+
+    def classifier():
+        if "clf" not in state:
+            ds = cfg["dataset"]
+            if ds == "stl10" and cfg["data_split"] == "unlabeled":
+                pass  # the labelled STL-10 train split is used for the classifier
+            try:
+                state["clf"], state["clf_info"] = M.get_classifier(
+                    ds, cfg["data_root"], cfg["image_size"], channels, cfg["cache_dir"], device,
+                    epochs=cfg["classifier_epochs"], progress=cfg["progress"])
+            except (OSError, ValueError) as e:
+                state["clf"], state["clf_info"] = None, {"error": str(e)}
+        return state["clf"]
+
+    def evaluate(G, which: Sequence[str], num: int, n_inception: Optional[int] = None) -> dict:
+        clf = classifier() if "modes" in which else None
+        inc = None
+        if any(m in which for m in ("kid", "fid", "is")) and M.fid_helper_available():
+            if "inc" not in state:
+                state["inc"] = M.InceptionFeatures(device, batch_size=cfg["inception_batch"],
+                                                   inception_weights=cfg["inception_weights"],
+                                                   progress=cfg["progress"])
+            inc = state["inc"]
+        res = M.evaluate_generator(
+            G, source.fixed, data_key, metrics=which, num_samples=num, inception_samples=n_inception,
+            cache_dir=cfg["cache_dir"], device=device, classifier=clf, inception=inc,
+            min_share=cfg["min_share"], progress=cfg["progress"])
+        if clf is not None:
+            res["classifier_test_accuracy"] = state["clf_info"].get("test_accuracy")
+        return res
+
+    return evaluate
+
+
+def run_gan(args=None, **overrides) -> dict:
+    """Train (or resume, or only evaluate) one GAN run; returns the summary dict (also written to summary.json).
+
+    ``args``: an argparse Namespace from a parser set up with :func:`add_gan_arguments`, or a mapping of settings.
+    With ``stop_after`` set, returns ``{"status": "stopped", "step": ...}`` after that step (no extra checkpoint).
+    """
+    cfg = resolve_config(args, **overrides)
+    out = Path(cfg["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(cfg["device"])
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    if (cfg["resume"] or cfg["eval_only"]) and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        old = ckpt["config"]
+        diff = sorted(k for k in DEFAULTS if k not in RESUMABLE_CHANGES and old.get(k) != cfg.get(k))
+        if diff:
+            raise ValueError(f"{ckpt_path} was written with different settings for {diff}: "
+                             + ", ".join(f"{k}={old.get(k)!r} (now {cfg.get(k)!r})" for k in diff)
+                             + "; use another --out or --no-resume")
+    elif cfg["eval_only"]:
+        raise FileNotFoundError(f"--eval-only: no checkpoint in {out}")
+
+    # build everything deterministically from the seed
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % (2**32))
+    random.seed(cfg["seed"])
+    source = ImageSource(cfg, seed=cfg["seed"] + 1)
+    channels = source.channels
+    G, D, sr = build_models(cfg, channels)
+    G.to(device)
+    D.to(device)
+    opt_g, opt_d, sch_g, sch_d = _make_optimizers(cfg, G, D, cfg["steps"])
+    noise_gen = torch.Generator().manual_seed(cfg["seed"] + 2)
+    _, _, d_reg = _split_variant(cfg["d"]) if "-" in cfg["d"] else (None, None, False)
+    _, _, g_reg = _split_variant(cfg["g"]) if "-" in cfg["g"] else (None, None, False)
+    step, wall_before = 0, 0.0
+    history: List[tuple] = []
+    if ckpt is not None:
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+        opt_g.load_state_dict(ckpt["opt_g"])
+        opt_d.load_state_dict(ckpt["opt_d"])
+        sch_g.load_state_dict(ckpt["sch_g"])
+        sch_d.load_state_dict(ckpt["sch_d"])
+        if sr is not None and ckpt.get("sr") is not None:
+            sr.load_state_dict(ckpt["sr"])
+        source.load_state_dict(ckpt["source"])
+        noise_gen.set_state(ckpt["noise_gen"])
+        _set_rng_state(ckpt["rng"])
+        step = int(ckpt["step"])
+        wall_before = float(ckpt.get("wall_time", 0.0))
+        history = list(ckpt.get("history", []))
+    _atomic_text(out / "config.yaml", _dump_config(cfg))
+    z_d, z_g = _z(D), _z(G)
+    evaluate = _evaluator(cfg, source, device, channels)
+
+    def save_checkpoint(at_step: int, wall: float) -> None:
+        blob = {
+            "version": 1, "step": at_step, "config": cfg, "G": G.state_dict(), "D": D.state_dict(),
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sch_g": sch_g.state_dict(),
+            "sch_d": sch_d.state_dict(), "sr": sr.state_dict() if sr is not None else None,
+            "source": source.state_dict(), "noise_gen": noise_gen.get_state(), "rng": _rng_state(),
+            "wall_time": wall, "history": history,
+        }
+        _atomic_write(ckpt_path, lambda f: torch.save(blob, f))
+
+    t_start = time.time()
+    status = "finished"
+    if not cfg["eval_only"] and step < cfg["steps"]:
+        log = CsvLog(out / "metrics.csv", keep_until=step if ckpt is not None else None)
+        if step == 0:
+            history.append((0, _spectra(D)))
+        bs, nz = cfg["batch_size"], cfg["nz"]
+        acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "penalty": 0.0, "n": 0}
+        bar = None
+        if cfg["progress"]:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg["steps"], initial=step, desc=f"gan {cfg['d']}", unit="step", dynamic_ncols=True)
+        t_last, s_last = time.time(), step
+        G.train()
+        D.train()
+        try:
+            while step < cfg["steps"]:
+                for _ in range(cfg["n_dis"]):
+                    real = source.next(bs).to(device, non_blocking=True)
+                    z = torch.randn(bs, nz, generator=noise_gen).to(device)
+                    with torch.no_grad():
+                        fake = G(z)
+                    logits = D(torch.cat([real, fake]))
+                    d_loss = _hinge_d(logits[:bs], logits[bs:])
+                    pen = None
+                    if d_reg:
+                        from .. import spectral
+
+                        pen = spectral.penalty(D, cfg["penalty_kind"])
+                        total = d_loss + cfg["penalty_weight"] * pen
+                    else:
+                        total = d_loss
+                    opt_d.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt_d.step()
+                    if sr is not None:
+                        sr.step()
+                    acc["d_loss"] += float(d_loss.detach())
+                    acc["d_real"] += float(logits[:bs].detach().mean())
+                    acc["d_fake"] += float(logits[bs:].detach().mean())
+                    acc["penalty"] += float(pen.detach()) if pen is not None else 0.0
+                z = torch.randn(bs, nz, generator=noise_gen).to(device)
+                g_loss = -D(G(z)).mean()
+                g_total = g_loss
+                if g_reg:
+                    from .. import spectral
+
+                    g_total = g_loss + cfg["penalty_weight"] * spectral.penalty(G, cfg["penalty_kind"])
+                opt_g.zero_grad(set_to_none=True)
+                g_total.backward()
+                opt_g.step()
+                # D's gradients from the G step are stale; they are zeroed before the next D update.
+                sch_g.step()
+                sch_d.step()
+                step += 1
+                acc["g_loss"] += float(g_loss.detach())
+                acc["n"] += 1
+                if bar is not None:
+                    bar.update(1)
+                    if step % max(1, min(cfg["log_every"], 10)) == 0:
+                        bar.set_postfix(d=f"{float(d_loss):.3f}", g=f"{float(g_loss):.3f}")
+                row = None
+                if step % cfg["log_every"] == 0 or step == cfg["steps"]:
+                    now = time.time()
+                    k = max(acc["n"], 1)
+                    row = {"step": step, "d_loss": acc["d_loss"] / (k * cfg["n_dis"]), "g_loss": acc["g_loss"] / k,
+                           "d_real": acc["d_real"] / (k * cfg["n_dis"]), "d_fake": acc["d_fake"] / (k * cfg["n_dis"]),
+                           "penalty": acc["penalty"] / (k * cfg["n_dis"]), "lr": opt_g.param_groups[0]["lr"],
+                           "sec_per_step": (now - t_last) / max(step - s_last, 1),
+                           "wall_time": wall_before + now - t_start}
+                    t_last, s_last = now, step
+                    acc = {key: 0.0 for key in acc}
+                if step % cfg["spectra_every"] == 0 or step == cfg["steps"]:
+                    snap = _spectra(D)
+                    history.append((step, snap))
+                    if row is not None:
+                        row.update(_spectra_stats(snap))
+                if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+                    res = evaluate(G, ["modes"], cfg["eval_every_samples"])
+                    row = row or {"step": step}
+                    row.update({k2: res.get(k2, "") for k2 in ("modes_classes_covered", "modes_kl_uniform", "cfid", "ckid")})
+                    t_last = time.time()  # seconds per step measure training only
+                if row is not None:
+                    log.append(row)
+                if (cfg["ckpt_every"] > 0 and step % cfg["ckpt_every"] == 0) or step == cfg["steps"]:
+                    save_checkpoint(step, wall_before + time.time() - t_start)
+                if cfg["stop_after"] is not None and step >= int(cfg["stop_after"]) and step < cfg["steps"]:
+                    raise _Stopped()
+        except _Stopped:
+            status = "stopped"
+        finally:
+            if bar is not None:
+                bar.close()
+        if status == "stopped":
+            return {"status": "stopped", "step": step, "out": str(out)}
+        wall_before += time.time() - t_start
+    elif ckpt is not None:
+        wall_before = float(ckpt.get("wall_time", 0.0))
+
+    # ------------------------------------------------------------------ final evaluation and artifacts
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if (cfg["eval_only"] and summary_path.is_file()) else {}
+    t_eval = time.time()
+    if step < cfg["steps"]:
+        status = "partial"
+    summary.update({
+        "status": status, "step": step, "steps": cfg["steps"], "d": cfg["d"], "g": cfg["g"], "seed": cfg["seed"],
+        "dataset": cfg["dataset"], "z_d": z_d, "z_g": z_g,
+        "d_params": int(sum(p.numel() for p in D.parameters())),
+        "g_params": int(sum(p.numel() for p in G.parameters())),
+        "train_wall_time": wall_before, "device": str(device), "torch_threads": torch.get_num_threads(),
+    })
+    final = _spectra(D)
+    summary.update({f"final_{k}": v for k, v in _spectra_stats(final).items()})
+    try:
+        from .. import spectral
+
+        title = f"D {cfg['d']} (seed {cfg['seed']}, step {step})"
+        spectral.plot_spectra(final, out / "spectra_D.png", top_k=32, title=title)
+        if len(history) > 1:
+            spectral.plot_spectra([(s, snap) for s, snap in history], out / "spectra_D_history.png",
+                                  title=f"D {cfg['d']} spectra over training")
+    except Exception as e:  # plotting must never lose a finished run
+        summary["plot_error"] = repr(e)
+    from .metrics import sample_images
+
+    _save_grid(sample_images(G, 64, seed=777, device=device), out / "samples.png")
+    if cfg["metrics"]:
+        res = evaluate(G, cfg["metrics"], cfg["eval_samples"], cfg["inception_samples"])
+        summary.update(res)
+    summary["eval_wall_time"] = time.time() - t_eval
+    torch.save({"G": G.state_dict(), "config": cfg}, out / ".generator.tmp")
+    os.replace(out / ".generator.tmp", out / "generator.pt")
+    _atomic_text(summary_path, json.dumps(summary, indent=2, default=float) + "\n")
+    return summary
+
+
+SUMMARY_COLUMNS = [
+    ("z_d", "Z_D %", 1, 1.0), ("modes_classes_covered", "classes", 1, 1.0), ("modes_kl_uniform", "KL(p‖U)", 3, 1.0),
+    ("cfid", "cFID", 2, 1.0), ("ckid", "cKIDx100", 2, 100.0), ("fid", "FID", 1, 1.0), ("kid", "KIDx100", 2, 100.0),
+    ("final_d_sigma_min", "min sigma/sigma_max (D)", 3, 1.0), ("final_d_stable_rank_mean", "mean stable rank (D)", 2, 1.0),
+    ("train_wall_time", "train s", 0, 1.0),
+]
+
+
+def summarize_runs(root) -> str:
+    """Markdown table (mean +- std over seeds) of every finished run below ``root`` (``*/summary.json``).
+
+    Runs are grouped by (discriminator reduction, variant, generator variant, steps); ``n`` is the number of seeds.
+    """
+    groups: Dict[tuple, list] = {}
+    for path in sorted(Path(root).glob("*/summary.json")):
+        s = json.loads(path.read_text())
+        cfg_path = path.parent / "config.yaml"
+        reduce = 1
+        if cfg_path.is_file():
+            import yaml
+
+            reduce = int((yaml.safe_load(cfg_path.read_text()) or {}).get("d_reduce", 1))
+        key = (reduce, s.get("d"), s.get("g"), s.get("steps"))
+        groups.setdefault(key, []).append(s)
+    head = ["D", "variant", "G", "steps", "n"] + [c[1] for c in SUMMARY_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (reduce, d, g, steps), runs in sorted(groups.items(), key=lambda kv: (-kv[0][0], str(kv[0][1]))):
+        cells = [f"reduced /{reduce}" if reduce > 1 else "full", str(d).upper(), str(g), str(steps), str(len(runs))]
+        for key, _, digits, scale in SUMMARY_COLUMNS:
+            vals = [float(r[key]) * scale for r in runs if isinstance(r.get(key), (int, float))]
+            if not vals:
+                cells.append("-")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.{digits}f}")
+            else:
+                cells.append(f"{np.mean(vals):.{digits}f} ± {np.std(vals, ddof=1):.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--summarize"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m torch_sttp.experiments.gan --summarize ROOT")
+        print(summarize_runs(argv[1]))
+        return 0
+    parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.gan",
+                                     description=__doc__.split("\n\n")[0])
+    add_gan_arguments(parser)
+    parser.epilog = "Also: --summarize ROOT prints a markdown table of the finished runs below ROOT."
+    args = parser.parse_args(argv)
+    res = run_gan(args)
+    keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
+    print(json.dumps({k: res[k] for k in keys if k in res}, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
