@@ -239,8 +239,11 @@ def _worker(cfg: dict) -> dict:
 
 def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: Sequence[int] = (1, 2, 4, 8, 16, 32),
               seeds: Sequence[int] = (0, 1, 2), out="runs/sweep", dense: bool = True, jobs: int = 1,
-              progress: bool = True, plot: bool = True) -> list[dict]:
-    """Run (or resume) a sweep; returns the CSV rows. ``base``: classification settings shared by all runs."""
+              progress: bool = True, plot: bool = True, plot_interval: float = 60.0) -> list[dict]:
+    """Run (or resume) a sweep; returns the CSV rows. ``base``: classification settings shared by all runs.
+
+    The figure is redrawn as runs finish (at most every ``plot_interval`` seconds) and once at the end.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = dict(base)
@@ -281,6 +284,8 @@ def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: S
 
         bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {out.name}", unit="run")
 
+    last_plot = [-math.inf]
+
     def record(run, summary):
         if summary["status"] == "interrupted":
             raise KeyboardInterrupt("sweep interrupted; run the same command again to resume")
@@ -288,8 +293,9 @@ def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: S
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"{_run_dir(run)}: acc {100 * summary['accuracy']:.1f}% Z {summary['z']:.1f}%")
-        if plot:
+        if plot and time.monotonic() - last_plot[0] >= plot_interval:
             plot_sweep(read_results(csv_path), out / _PLOT, _title(base))
+            last_plot[0] = time.monotonic()
 
     try:
         if jobs <= 1:
