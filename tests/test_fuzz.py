@@ -600,8 +600,6 @@ def test_embedding_padding_idx_lowrank_grad_matches_dense():
         torch.testing.assert_close(g_path, g_dense, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="parametrizations.right_inverse: a zero weight gives S = 0 in the normalized "
-                                       "spectrum (σ_max = 0, ∂/∂S ~ 1/eps) instead of σ_max = 1 or a ValueError")
 def test_pretrained_zero_weight_normalized_spectrum():
     """E.g. a zero-initialised layer converted with init="pretrained": either refuse it, or keep σ_max = 1."""
     lin = nn.Linear(3, 2, dtype=torch.float64)

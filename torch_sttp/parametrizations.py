@@ -312,6 +312,9 @@ class SpectralParametrization(nn.Module):
         v_params, carry_v = self._cores_to_params(v_cores, self.v_side, exact_last=identity)
         if not identity:
             s = s * carry_v.diagonal()
+        if self.spectrum == "normalized":  # scale invariant: store S with ‖S‖∞ = 1 (a zero weight gets S = 1)
+            top = s.abs().max()
+            s = s / top if top > 0 else torch.ones_like(s)
         return self._finish(u_params, v_params, s, dtype, device)
 
     def _match_square_orientation(self, u_params: torch.Tensor, v_cores: list[torch.Tensor]) -> None:
