@@ -30,7 +30,9 @@ print(g('mnist5k', None, 32, 1, '$root/cache', 'cpu', epochs=4, progress=False)[
     DEADLINE=$deadline ROOT=$root PY=$PY xargs -P "$WORKERS" -L 1 bash -c '
         c=$0; s=$1; out=$ROOT/mnist5k-cpu-$c-s$s
         if [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "skip $c seed $s (deadline)"; exit 0; fi
-        if [ -f "$out/summary.json" ]; then echo "done already: $out"; exit 0; fi
+        # a run folder that exists belongs to a finished, running or interrupted run: never start it twice
+        # (resume an interrupted one by hand with the same command)
+        if ! mkdir "$out" 2>/dev/null; then echo "exists, skipped: $out"; exit 0; fi
         echo "$(date +%T) start $c seed $s"
         $PY -m torch_sttp.experiments.gan --config configs/gan/mnist5k-cpu-$c.yaml --seed "$s" --out "$out" \
             --cache-dir "$ROOT/cache" --no-progress > "$ROOT/logs/$c-s$s.log" 2>&1

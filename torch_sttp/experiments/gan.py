@@ -49,7 +49,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
-           "build_models", "summarize_runs", "plot_curves", "CSV_FIELDS"]
+           "build_models", "summarize_runs", "plot_curves",
+           "plot_samples_montage", "CSV_FIELDS"]
 
 D_VARIANTS = ("sn", "sr", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r", "plain")
 G_VARIANTS = ("plain", "svdp-c", "svdp-l", "svdp-r", "sttp-c", "sttp-l", "sttp-r")
@@ -902,6 +903,28 @@ def plot_curves(root, path, keys: Sequence[str] = ("d_sigma_min", "modes_classes
             ax.legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=80)
+    return str(path)
+
+
+def plot_samples_montage(run_dirs: Sequence, labels: Sequence[str], path, columns: int = 4, num: int = 16) -> str:
+    """One figure with the first ``num`` images of each run's ``samples.png`` grid, titled by ``labels``."""
+    import matplotlib.image
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = (len(run_dirs) + columns - 1) // columns
+    fig = Figure(figsize=(2.2 * columns, 2.4 * rows))
+    FigureCanvasAgg(fig)
+    for i, (d, label) in enumerate(zip(run_dirs, labels)):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        img = matplotlib.image.imread(str(Path(d) / "samples.png"))
+        side = int(round(math.sqrt(num)))
+        cell = (img.shape[1] - 2) // 8  # samples.png is an 8-wide grid with 2-pixel borders
+        ax.imshow(img[: 2 + side * cell, : 2 + side * cell])
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(str(path), dpi=80)
     return str(path)
