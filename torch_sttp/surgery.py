@@ -58,10 +58,12 @@ class FramePlanner:
     ``batching``: ``"shape"`` stacks the reflectors of all frames of one padded shape into one call; ``"padded"``
     pads every frame of the model to one shape and makes a single call; ``"none"`` computes each layer alone.
 
-    Results are reused only while valid: the parameters' version counters are unchanged, the grad mode is the same,
-    and — when gradients are being recorded — within one forward pass of the root model (a graph is never shared
-    between two forward passes, so any sequence of forward and backward passes is safe). In inference (no grad)
-    they stay cached until a parameter changes.
+    Results are reused only while valid: the parameters are the same tensors (storage, dtype, device) with unchanged
+    version counters, the grad mode is the same, and — when gradients are being recorded — within one forward pass
+    of the root model (a graph is never shared between two forward passes, so any sequence of forward and backward
+    passes is safe; a converted layer called outside a forward pass of the root model computes its own factors).
+    In inference (no grad) they stay cached until a parameter changes. Layers whose parametrization was removed
+    (``remove_parametrizations``) are ignored.
     """
 
     def __init__(self, batching: str = "shape") -> None:
@@ -72,7 +74,13 @@ class FramePlanner:
         self._cache: dict[int, tuple] | None = None
         self._key = None
         self._forward_id = 0
+        self._depth = 0
         self._groups = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"], state["_key"] = None, None  # recorded graphs cannot be copied; recomputed on demand
+        return state
 
     def add(self, module: nn.Module) -> None:
         self.layers.append(module)
@@ -90,18 +98,28 @@ class FramePlanner:
     def new_forward(self, *_args, **_kwargs) -> None:
         """Root forward pre-hook: a new pass begins (recorded graphs are never reused across passes)."""
         self._forward_id += 1
+        self._depth += 1
+
+    def end_forward(self, *_args, **_kwargs) -> None:
+        """Root forward hook (also called on errors): the pass is over."""
+        self._depth = max(self._depth - 1, 0)
+
+    def _active_layers(self) -> list[nn.Module]:
+        return [m for m in self.layers if spectral_parametrization(m) is not None]
 
     def _state_key(self):
         grad = torch.is_grad_enabled()
-        versions = tuple(t._version for m in self.layers for t in _originals(m))
-        ids = tuple(id(t) for m in self.layers for t in _originals(m))
+        tensors = [t for m in self._active_layers() for t in _originals(m)]
+        versions = tuple(t._version for t in tensors)
+        ids = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
         return (grad, self._forward_id if grad else None, versions, ids)
 
     def factors(self, module: nn.Module):
         """(U, σ, Vᵀ) of ``module``, computing (and caching) all layers' factors when needed."""
-        if torch.compiler.is_compiling():
-            p = spectral_parametrization(module)
-            return p.factors(*_originals(module))
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self._depth):
+            # traced, or a layer called outside a forward pass of the root model while recording gradients:
+            # the layer's own factors, in a graph of their own
+            return spectral_parametrization(module).factors(*_originals(module))
         key = self._state_key()
         if self._cache is None or key != self._key or id(module) not in self._cache:
             self._cache = self._compute()
@@ -109,8 +127,9 @@ class FramePlanner:
         return self._cache[id(module)]
 
     def _compute(self) -> dict[int, tuple]:
+        layers = self._active_layers()
         entries = []  # (layer index, side, params, mask)
-        for i, m in enumerate(self.layers):
+        for i, m in enumerate(layers):
             p = spectral_parametrization(m)
             originals = _originals(m)
             for side_name, params, mask, side in (("u", originals[0], p.u_mask, p.u_side),
@@ -139,7 +158,7 @@ class FramePlanner:
                     frames[(e[0], e[1])] = out[start:start + count, :rows, :cols]
                     start += count
         result = {}
-        for i, m in enumerate(self.layers):
+        for i, m in enumerate(layers):
             p = spectral_parametrization(m)
             originals = _originals(m)
             s = originals[2] if len(originals) > 2 else None
@@ -177,6 +196,7 @@ class LayerState:
     last_path: str | None = None
     last_flops_per_sample: float | None = None
     tt_cache: dict = field(default_factory=dict)
+    load_hook: object = None
 
 
 class _SpectralMixin:
@@ -222,7 +242,7 @@ class SpectralLinear(_SpectralMixin, nn.Linear):
             "dense": 2.0 * p.d_out * p.d_in * batch + self._materialize_flops(),
             "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch,
         }
-        if p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2:
+        if p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2 and self._sttp.path in ("auto", "tt"):
             costs["tt"] = self._tt_plan(p, batch)[1]
         path = self._sttp_choose(costs, batch)
         if path == "dense":
@@ -424,6 +444,8 @@ class SpectralEmbedding(_SpectralMixin, nn.Embedding):
             u, sigma, vt = self.sttp_factors()
             coeff = F.embedding(idx, u, self.padding_idx)
             rows = (coeff if sigma is None else coeff * sigma) @ vt
+            if self.padding_idx is not None:  # σ and Vᵀ are shared by all rows: cut the padding rows' gradient
+                rows = torch.where((idx == self.padding_idx).unsqueeze(-1), rows.detach(), rows)
         if self.max_norm is not None:
             norms = torch.linalg.vector_norm(rows.detach(), ord=self.norm_type, dim=-1, keepdim=True)
             scale = torch.where(norms > self.max_norm, self.max_norm / (norms + 1e-7), torch.ones_like(norms))
@@ -444,10 +466,11 @@ def _spectral_class(cls: type) -> type:
     """The spectral subclass for a layer class (exact supported types, or a dynamic subclass for subclasses)."""
     if cls in _SPECTRAL_CLASS:
         return _SPECTRAL_CLASS[cls]
-    for base, spectral in _SPECTRAL_CLASS.items():
+    for base in SUPPORTED_TYPES:
         if issubclass(cls, base):
-            mixin = spectral.__mro__[1]
-            new = type(f"Spectral{cls.__name__}", (mixin, cls), {"__module__": __name__})
+            # a subclass's own forward is kept (it sees the materialised weight); otherwise the spectral forward runs
+            bases = (_SpectralMixin, cls) if cls.forward is not base.forward else (_SPECTRAL_CLASS[base], cls)
+            new = type(f"Spectral{cls.__name__}", bases, {"__module__": __name__})
             _SPECTRAL_CLASS[cls] = new
             return new
     raise TypeError(f"{cls.__name__} is not supported")
@@ -575,18 +598,22 @@ def convert(
             skipped.append((name, type(module).__name__, reason))
             continue
         selected.append((name, module))
-    for pat in includes:
-        if isinstance(pat, str) and not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
-            raise ValueError(f"include pattern {pat!r} matches no module; names look like "
-                             f"{[n for n, _ in list(model.named_modules())[1:4]]}")
-    for pat in excludes:
-        if isinstance(pat, str) and not any(fnmatch.fnmatchcase(n, pat) for n, _ in model.named_modules()):
-            raise ValueError(f"exclude pattern {pat!r} matches no module")
+    modules = list(model.named_modules())
+    for kind, patterns in (("include", includes), ("exclude", excludes)):
+        for pat in patterns:
+            if not any(_matches(n, m, [pat]) for n, m in modules):
+                what = pat.__name__ if isinstance(pat, type) else repr(pat)
+                raise ValueError(f"{kind} pattern {what} matches no module; names look like "
+                                 f"{[n for n, _ in modules[1:4]]}")
     if rank_map is not None:
-        names = {n for n, _ in model.named_modules()}
+        names = dict(modules)
         unknown = [n for n in rank_map if n not in names]
         if unknown:
             raise ValueError(f"rank mapping names layers not in the model: {unknown}")
+        unsupported = [n for n in rank_map if not isinstance(names[n], SUPPORTED_TYPES)]
+        if unsupported:
+            raise ValueError("rank mapping names modules that are not supported layers: "
+                             + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
         for n, r in rank_map.items():
             try:
                 check_rank(r)
@@ -597,7 +624,7 @@ def convert(
                          + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
 
     planner = FramePlanner(batching)
-    done: list[tuple[nn.Module, type, torch.nn.Parameter]] = []
+    done: list[tuple[nn.Module, type, dict]] = []
     iterator = selected
     if progress:
         from tqdm.auto import tqdm
@@ -606,9 +633,9 @@ def convert(
     try:
         for name, module in iterator:
             r = rank_map[name] if rank_map is not None else rank
-            original_cls, original_weight = module.__class__, module.weight
+            original_cls, original_params = module.__class__, dict(module._parameters)
             module.__class__ = _spectral_class(original_cls)
-            done.append((module, original_cls, original_weight))
+            done.append((module, original_cls, original_params))
             weight = module.weight
             p = SpectralParametrization(tuple(weight.shape), r, method, spectrum,
                                         isinstance(module, nn.modules.conv._ConvTransposeNd))
@@ -622,24 +649,24 @@ def convert(
             module._sttp = LayerState(name=name, planner=planner, path=path)
             planner.add(module)
     except BaseException:
-        for module, cls, weight in reversed(done):
-            _restore(module, cls, weight)
+        for module, cls, params in reversed(done):
+            _restore(module, cls, params)
         raise
-    if model._forward_pre_hooks is not None:
-        handle = model.register_forward_pre_hook(planner.new_forward)
-        model._sttp_hook = handle
+    model._sttp_hook = (model.register_forward_pre_hook(planner.new_forward),
+                        model.register_forward_hook(planner.end_forward, always_call=True))
     model._sttp_planner = planner
     model._sttp_skipped = skipped
     for _, module, in selected:
-        module._register_load_state_dict_pre_hook(_load_dense_weight_hook, with_module=True)
+        module._sttp.load_hook = module._register_load_state_dict_pre_hook(_load_dense_weight_hook, with_module=True)
     return model
 
 
-def _restore(module: nn.Module, cls: type, weight: torch.nn.Parameter) -> None:
+def _restore(module: nn.Module, cls: type, params: dict[str, torch.nn.Parameter]) -> None:
+    """Undo a partial conversion: the original class and parameters (same objects, same order)."""
     if torch_parametrize.is_parametrized(module, "weight"):
         torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        del module.weight
-        module.register_parameter("weight", weight)
+    module._parameters.clear()
+    module._parameters.update(params)
     module.__class__ = cls
     module.__dict__.pop("_sttp", None)
 
@@ -668,9 +695,15 @@ def _base_class(module: nn.Module) -> type:
     return cls
 
 
+def _drop_state(module: nn.Module) -> None:
+    state = module.__dict__.pop("_sttp", None)
+    if state is not None and state.load_hook is not None:
+        state.load_hook.remove()
+
+
 def _detach_planner(model: nn.Module) -> None:
-    handle = model.__dict__.pop("_sttp_hook", None)
-    if handle is not None:
+    _unwrap_removed(model)
+    for handle in model.__dict__.pop("_sttp_hook", ()):
         handle.remove()
     model.__dict__.pop("_sttp_planner", None)
 
@@ -678,13 +711,29 @@ def _detach_planner(model: nn.Module) -> None:
 def to_dense(model: nn.Module) -> nn.Module:
     """Replace every SVDP/STTP weight by its materialised dense weight, restoring plain layer classes (in place)."""
     for _, module in converted_layers(model):
-        base = _base_class(module)
-        torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-        module.__class__ = base
-        module.__dict__.pop("_sttp", None)
-        module._load_state_dict_pre_hooks.clear()
+        _to_plain(module)
     _detach_planner(model)
     return model
+
+
+def _unwrap_removed(model: nn.Module) -> None:
+    """Plain classes for converted layers whose parametrization was removed by hand (``remove_parametrizations``)."""
+    for module in model.modules():
+        if isinstance(module, _SpectralMixin) and not torch_parametrize.is_parametrized(module):
+            module.__class__ = _base_class(module)
+            _drop_state(module)
+
+
+def _to_plain(module: nn.Module) -> None:
+    """Materialise ``module``'s weight and give it back its original class."""
+    base, cls = _base_class(module), module.__class__
+    # remove_parametrizations edits the class in place, and copy.deepcopy shares that class between a model and
+    # its copies: work on a private class so that exporting a copy leaves the original model intact
+    module.__class__ = type(cls.__name__, cls.__bases__,
+                            {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
+    torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    module.__class__ = base
+    _drop_state(module)
 
 
 def _factorized_pair(module: nn.Module) -> nn.Module | None:
@@ -743,11 +792,7 @@ def to_factorized(model: nn.Module) -> nn.Module:
         pairs.append((name, module, _factorized_pair(module)))
     for name, module, pair in pairs:
         if pair is None:
-            base = _base_class(module)
-            torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-            module.__class__ = base
-            module.__dict__.pop("_sttp", None)
-            module._load_state_dict_pre_hooks.clear()
+            _to_plain(module)
             continue
         if name == "":
             _detach_planner(model)
