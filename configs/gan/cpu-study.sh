@@ -4,8 +4,10 @@
 #   configs/gan/cpu-study.sh train ROOT DEADLINE_MIN "SEEDS"   # train every config x seed, seed-major order;
 #                                                           # no new run starts after DEADLINE_MIN minutes
 #   configs/gan/cpu-study.sh inception ROOT N               # Inception KID/FID on N samples for finished runs
+#                                                           # (SEEDS=0 limits it to the seed-0 runs)
 #   configs/gan/cpu-study.sh summarize ROOT                 # markdown tables of the finished runs
 #
+# CONFIGS overrides the list and order of configs/gan/mnist5k-cpu-<name>.yaml settings.
 # WORKERS (default 2) runs execute in parallel, each with one torch thread.  Run it niced in the background, e.g.
 #   nohup nice -n 10 configs/gan/cpu-study.sh train runs/gan-cpu 100 "0 1 2" > runs/gan-cpu-train.log 2>&1 &
 set -u
@@ -16,8 +18,8 @@ WORKERS=${WORKERS:-2}
 mode=$1
 root=$2
 mkdir -p "$root/logs" "$root/cache"
-CONFIGS="table1-sn table1-sr table1-svdp-c table1-sttp-c table2-svdp-c table2-sttp-c table2-svdp-l table2-sttp-l \
-table2-svdp-r table2-sttp-r table2-sn"
+CONFIGS=${CONFIGS:-"table1-sn table1-sr table1-svdp-c table1-sttp-c table2-svdp-c table2-sttp-c table2-svdp-l \
+table2-sttp-l table2-svdp-r table2-sttp-r table2-sn"}
 
 case "$mode" in
 train)
@@ -40,7 +42,7 @@ print(g('mnist5k', None, 32, 1, '$root/cache', 'cpu', epochs=4, progress=False)[
     ;;
 inception)
     n=${3:-100}
-    runs=$(for d in "$root"/mnist5k-cpu-*-s*; do [ -f "$d/summary.json" ] && echo "$d"; done)
+    runs=$(for d in "$root"/mnist5k-cpu-*-s${SEEDS:-*}; do [ -f "$d/summary.json" ] && echo "$d"; done)
     first=1
     for d in $runs; do
         if grep -q '"kid"' "$d/summary.json"; then continue; fi
@@ -55,7 +57,8 @@ inception)
     done | grep -v '^[0-9][0-9]:' | xargs -P "$WORKERS" -I{} bash -c '{}; echo "$(date +%T) inception done"'
     ;;
 summarize)
-    $PY -m torch_sttp.experiments.gan --summarize "$root"
+    mkdir -p "$root/figures"
+    $PY -m torch_sttp.experiments.gan --summarize "$root" --plot "$root/figures/curves.png"
     ;;
 *)
     echo "unknown mode $mode" >&2; exit 2;;
