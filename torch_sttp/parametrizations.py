@@ -36,7 +36,7 @@ from .frames import (
     householder_frame_masked,
     init_frame_params,
 )
-from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks, tt_svd
+from .tt import check_method, check_rank, check_spectrum, contract_train, split_modes, tt_ranks, tt_svd
 
 __all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "svdp", "sttp", "INITS", "FORMAT_VERSION"]
 
@@ -155,31 +155,25 @@ class SpectralParametrization(nn.Module):
                 f"modes={self.out_modes}|{self.in_modes}, ranks={self.ranks}, dof={self.dof}")
 
     # -------------------------------------------------------------------------------------------------- forward
-    def _side_matrix(self, frames: torch.Tensor | None, side: TrainSide, transpose: bool, like: torch.Tensor):
-        """U (d_out, R_mid) of the U side, or Vᵀ (R_mid, d_in) of the V side (``transpose``), from its frames."""
-        if not side.modes:
-            return torch.ones(1, 1, dtype=like.dtype, device=like.device)
-        cores = [
-            frames[k, :rows, :cols].reshape(side.ranks[k], side.modes[k], side.ranks[k + 1])
-            for k, (rows, cols) in enumerate(side.frame_shapes)
-        ]
-        if not transpose:
-            out = cores[0].reshape(-1, cores[0].shape[-1])
-            for core in cores[1:]:
-                out = (out @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
-            return out
-        # V side: contract from Σ outwards, each mirrored core read as (R_Σside, n, R_outer) ⇒ Vᵀ row-major.
-        out = None
-        for core in reversed(cores):
-            c = core.permute(2, 1, 0)
-            out = c.reshape(c.shape[0], -1) if out is None else (out @ c.reshape(c.shape[0], -1))
-            out = out.reshape(-1, c.shape[-1])
-        return out.reshape(self.r_mid, self.d_in)
+    def train_cores(self, u_frames: torch.Tensor | None, v_frames: torch.Tensor | None):
+        """Cores of U and of V in the train's own orientation (R_{k−1}, n_k, R_k), from the sides' padded frames.
+
+        U cores (outer end → Σ) are read from frames with rows (R_{k−1}, n_k); V cores (Σ → outer end) from frames
+        with rows (n_k, R_outer), so that zero parameters give the truncated identity on both sides.
+        """
+        u_side, v_side = self.u_side, self.v_side
+        cores_u = [u_frames[k, :rows, :cols].reshape(u_side.ranks[k], u_side.modes[k], u_side.ranks[k + 1])
+                   for k, (rows, cols) in enumerate(u_side.frame_shapes)]
+        cores_v = [v_frames[k, :rows, :cols].reshape(v_side.modes[k], v_side.ranks[k], v_side.ranks[k + 1])
+                   .permute(2, 0, 1) for k, (rows, cols) in enumerate(v_side.frame_shapes)]
+        return cores_u, cores_v[::-1]
 
     def factors_from_frames(self, u_frames, v_frames, u_params, s=None):
         """(U, σ, Vᵀ) from precomputed padded frames of both sides (see :meth:`factors`)."""
-        u = self._side_matrix(u_frames, self.u_side, False, u_params)
-        vt = self._side_matrix(v_frames, self.v_side, True, u_params)
+        cores_u, cores_v = self.train_cores(u_frames, v_frames)
+        one = torch.ones(1, 1, dtype=u_params.dtype, device=u_params.device)
+        u = contract_train(cores_u) if cores_u else one
+        vt = contract_train(cores_v).reshape(self.r_mid, self.d_in) if cores_v else one
         return u, self.sigma(s), vt
 
     def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
@@ -293,7 +287,7 @@ class SpectralParametrization(nn.Module):
         else:
             s = middle.reshape(1)
         u_cores = cores[:n_out]
-        v_cores = [c.permute(2, 1, 0) for c in reversed(cores[n_out:])]
+        v_cores = [c.permute(1, 2, 0) for c in reversed(cores[n_out:])]
         identity = self.spectrum == "identity"
         if identity:  # unit singular values; signs of S move into a frame
             signs = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
@@ -302,14 +296,14 @@ class SpectralParametrization(nn.Module):
             else:
                 u_cores[-1] = u_cores[-1] * signs
             s = torch.ones_like(s)
-        u_params, carry_u = self._cores_to_params(u_cores, self.u_side, exact_last=identity and not v_cores)
+        u_params, carry_u = self._cores_to_params(u_cores, self.u_side, identity and not v_cores, "ab,bic->aic")
         if identity:
             if v_cores:
                 v_cores[-1] = v_cores[-1] @ carry_u.mT
                 self._match_square_orientation(u_params, v_cores)
         else:
             s = s * carry_u.diagonal()
-        v_params, carry_v = self._cores_to_params(v_cores, self.v_side, exact_last=identity)
+        v_params, carry_v = self._cores_to_params(v_cores, self.v_side, identity, "ab,ibc->iac")
         if not identity:
             s = s * carry_v.diagonal()
         if self.spectrum == "normalized":  # scale invariant: store S with ‖S‖∞ = 1 (a zero weight gets S = 1)
@@ -350,16 +344,18 @@ class SpectralParametrization(nn.Module):
         return tuple(out)
 
     @staticmethod
-    def _cores_to_params(cores: list[torch.Tensor], side: TrainSide, exact_last: bool):
+    def _cores_to_params(cores: list[torch.Tensor], side: TrainSide, exact_last: bool, push: str):
         """Reflectors of orthonormal cores; gauges (reduced form) and column signs are pushed towards Σ.
 
-        Returns the padded parameters and the (R_Σ × R_Σ) factor C left over at Σ: side = frames · C.
+        Each core is laid out as its frame's rows then columns; ``push`` is the einsum applying a carried
+        (R × R) factor to the next core's outer rank index. Returns the padded parameters and the (R_Σ × R_Σ)
+        factor C left over at Σ: side = frames · C.
         """
         params = torch.zeros(side.padded_shape, dtype=torch.float64)
         carry = None
         for k, core in enumerate(cores):
             if carry is not None:
-                core = torch.einsum("ab,bic->aic", carry, core)
+                core = torch.einsum(push, carry, core)
             rows, cols = side.frame_shapes[k]
             frame = core.reshape(rows, cols)
             rotation = None

@@ -304,15 +304,10 @@ def _tt_einsum_spec(p: SpectralParametrization, batch: int):
 
 
 def _tt_cores(module, p: SpectralParametrization):
-    """Cores of U (original orientation), σ, and cores of V in the original orientation (R_{k−1}, n_k, R_k)."""
+    """Cores of U, σ, and cores of V, all in the train's orientation (R_{k−1}, n_k, R_k)."""
     originals = _originals(module)
-    u_frames = householder_frame_masked(originals[0], p.u_mask)
-    v_frames = householder_frame_masked(originals[1], p.v_mask)
-    cores_u = [u_frames[k, :rows, :cols].reshape(p.u_side.ranks[k], p.u_side.modes[k], p.u_side.ranks[k + 1])
-               for k, (rows, cols) in enumerate(p.u_side.frame_shapes)]
-    mirrored = [v_frames[k, :rows, :cols].reshape(p.v_side.ranks[k], p.v_side.modes[k], p.v_side.ranks[k + 1])
-                for k, (rows, cols) in enumerate(p.v_side.frame_shapes)]
-    cores_v = [c.permute(2, 1, 0) for c in reversed(mirrored)]
+    cores_u, cores_v = p.train_cores(householder_frame_masked(originals[0], p.u_mask),
+                                     householder_frame_masked(originals[1], p.v_mask))
     sigma = p.sigma(originals[2]) if p.has_spectrum else None
     return cores_u, sigma, cores_v
 
