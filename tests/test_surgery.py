@@ -905,3 +905,39 @@ def test_ddp_matches_single_process(tmp_path):
         single = worker.train_single(case)
         assert not torch.allclose(single, initial)
         assert_close(r0, single)
+
+
+# ------------------------------------------------------------------------------------------- non-finite parameters
+def test_check_finite_names_the_first_bad_layer():
+    from torch_sttp.surgery import NonFiniteParameterError
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4), nn.Linear(4, 2))
+    S.convert(model, "sttp", 3, check_finite=True)
+    x = torch.randn(5, 6)
+    model(x)  # finite: no error
+    with torch.no_grad():
+        model[2].parametrizations.weight.original1.view(-1)[0] = float("nan")
+        model[3].parametrizations.weight.original0.view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteParameterError, match=r"layer '2'.*V reflectors"):
+        model(x)
+    with pytest.raises(NonFiniteParameterError, match=r"layer '2'"):
+        model[2](torch.randn(1, 8))  # a layer called on its own is checked too
+
+
+def test_check_finite_is_off_by_default_and_costs_one_check(monkeypatch):
+    import torch_sttp.surgery as surgery
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
+    S.convert(model, "svdp", 3)
+    assert model._sttp_planner.check_finite is False
+    with torch.no_grad():
+        model[1].parametrizations.weight.original2[0] = float("nan")
+    assert torch.isnan(model(torch.randn(2, 6))).all()  # unchecked: the NaN spreads, as documented
+    model._sttp_planner.check_finite = True
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(surgery.torch, "isfinite", lambda t: calls.append(t.numel()) or real(t))
+    with torch.no_grad():
+        model[1].parametrizations.weight.original2[0] = 1.0
+    model(torch.randn(2, 6))
+    assert len(calls) == 1  # one fused test over every layer's parameters

@@ -33,6 +33,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "PATHS",
     "FramePlanner",
+    "NonFiniteParameterError",
     "convert",
     "converted_layers",
     "spectral_parametrization",
@@ -52,6 +53,10 @@ BATCHING = ("shape", "padded", "none")
 
 
 # ------------------------------------------------------------------------------------------------- frame planner
+class NonFiniteParameterError(FloatingPointError):
+    """A converted layer's parameters hold NaN or inf (raised only with ``check_finite=True``)."""
+
+
 class FramePlanner:
     """Computes the factors (U, σ, Vᵀ) of every converted layer of a model, frames batched across layers.
 
@@ -64,12 +69,18 @@ class FramePlanner:
     passes is safe; a converted layer called outside a forward pass of the root model computes its own factors).
     In inference (no grad) they stay cached until a parameter changes. Layers whose parametrization was removed
     (``remove_parametrizations``) are ignored.
+
+    ``check_finite`` (off by default) tests all parameters for NaN/inf before the frames are computed — one fused
+    test on the concatenated parameters, a single host synchronisation per computation — and raises
+    :class:`NonFiniteParameterError` naming the first bad layer, instead of letting a NaN spread through a batched
+    frame computation into every layer.
     """
 
-    def __init__(self, batching: str = "shape") -> None:
+    def __init__(self, batching: str = "shape", check_finite: bool = False) -> None:
         if batching not in BATCHING:
             raise ValueError(f"unknown batching {batching!r}; choose one of {BATCHING}")
         self.batching = batching
+        self.check_finite = check_finite
         self.layers: list[nn.Module] = []
         self._cache: dict[int, tuple] | None = None
         self._key = None
@@ -119,6 +130,8 @@ class FramePlanner:
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self._depth):
             # traced, or a layer called outside a forward pass of the root model while recording gradients:
             # the layer's own factors, in a graph of their own
+            if self.check_finite and not torch.compiler.is_compiling():
+                _raise_if_not_finite([module])
             return spectral_parametrization(module).factors(*_originals(module))
         key = self._state_key()
         if self._cache is None or key != self._key or id(module) not in self._cache:
@@ -128,6 +141,8 @@ class FramePlanner:
 
     def _compute(self) -> dict[int, tuple]:
         layers = self._active_layers()
+        if self.check_finite:
+            _raise_if_not_finite(layers)
         entries = []  # (layer index, side, params, mask)
         for i, m in enumerate(layers):
             p = spectral_parametrization(m)
@@ -164,6 +179,21 @@ class FramePlanner:
             s = originals[2] if len(originals) > 2 else None
             result[id(m)] = p.factors_from_frames(frames.get((i, "u")), frames.get((i, "v")), originals[0], s)
         return result
+
+
+def _raise_if_not_finite(layers: list[nn.Module]) -> None:
+    tensors = [t.detach().reshape(-1) for m in layers for t in _originals(m)]
+    if not tensors or bool(torch.isfinite(torch.cat([t.to(torch.float32) for t in tensors])).all()):
+        return
+    names = ("U reflectors (original0)", "V reflectors (original1)", "spectrum S (original2)")
+    for m in layers:
+        for i, t in enumerate(_originals(m)):
+            if not bool(torch.isfinite(t).all()):
+                name = m._sttp.name if "_sttp" in m.__dict__ else type(m).__name__
+                raise NonFiniteParameterError(
+                    f"layer {name!r}: {names[i]} hold NaN or inf ({int((~torch.isfinite(t)).sum())} of {t.numel()} "
+                    "entries), e.g. after an exploding loss; lower the learning rate or clip gradients, and restore "
+                    "the last good checkpoint")
 
 
 def _pad(t: torch.Tensor, n: int, r: int) -> torch.Tensor:
@@ -531,6 +561,7 @@ def convert(
     alpha: float = 1e-4,
     path: str = "auto",
     batching: str = "shape",
+    check_finite: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> nn.Module:
@@ -546,6 +577,9 @@ def convert(
             supported layer (Linear, Conv1/2/3d, ConvTranspose1/2/3d, Embedding) is included.
         path: forward path, ``"auto"`` (cheapest estimated FLOPs), ``"dense"``, ``"lowrank"`` or ``"tt"``.
         batching: how frames are batched across layers (see :class:`FramePlanner`).
+        check_finite: test the parameters for NaN/inf before each frame computation (one fused check) and raise
+            :class:`NonFiniteParameterError` naming the first bad layer. Off by default; switch it on or off later
+            with ``model._sttp_planner.check_finite = …``.
 
     Unsupported modules (tied weights, ``nn.MultiheadAttention`` projections, sparse embeddings, …) are left alone
     and listed by :func:`skipped_layers` and in the report. On any error nothing is converted.
@@ -618,7 +652,7 @@ def convert(
         raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
                          + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
 
-    planner = FramePlanner(batching)
+    planner = FramePlanner(batching, check_finite)
     done: list[tuple[nn.Module, type, dict]] = []
     iterator = selected
     if progress:
