@@ -247,3 +247,14 @@ def test_sweep_leaves_out_ranks_beyond_full_rank():
     runs, notes = sweep.plan_runs(classify.resolve_config(TINY), ("svdp",), (32, 64, 128), (0,), dense=False)
     assert [r["rank"] for r in runs] == [32]  # width 4: every layer is at full rank from r = 32 on
     assert len(notes) == 2 and "r=64" in notes[0]
+
+
+def test_compare_at_equal_z_interpolates_the_reference_in_log_z():
+    rows = [dict(method="svdp", rank=1, seed=0, z=1.0, accuracy=0.2, wall_time_s=1.0),
+            dict(method="svdp", rank=4, seed=0, z=100.0, accuracy=0.8, wall_time_s=1.0),
+            dict(method="sttp", rank=2, seed=0, z=10.0, accuracy=0.7, wall_time_s=1.0),
+            dict(method="sttp", rank=1, seed=0, z=0.5, accuracy=0.1, wall_time_s=1.0)]
+    cmp = {c["rank"]: c for c in sweep.compare_at_equal_z(rows)}
+    assert cmp[2]["ref_mean"] == pytest.approx(0.5) and cmp[2]["gap"] == pytest.approx(0.2)
+    assert cmp[2]["ref_ranks"] == (1, 4) and cmp[1]["ref_mean"] is None
+    assert "+20.0" in sweep.format_comparison(rows)

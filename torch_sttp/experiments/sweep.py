@@ -33,8 +33,8 @@ from typing import Iterable, Mapping, Sequence
 
 from . import classify
 
-__all__ = ["CSV_COLUMNS", "plan_runs", "run_sweep", "read_results", "aggregate", "plot_sweep", "format_table",
-           "main"]
+__all__ = ["CSV_COLUMNS", "plan_runs", "run_sweep", "read_results", "aggregate", "compare_at_equal_z",
+           "format_comparison", "plot_sweep", "format_table", "main"]
 
 CSV_COLUMNS = ("method", "rank", "seed", "z", "dof", "accuracy", "best_accuracy", "test_loss", "steps",
                "wall_time_s", "status", "run_dir")
@@ -172,6 +172,43 @@ def format_table(rows: Iterable[Mapping]) -> str:
         lines.append(f"| {a['method']} | {'—' if a['rank'] is None else a['rank']} | {a['z']:.2f} | {a['n']} | "
                      f"{100 * a['mean']:.2f} ± {100 * a['std']:.2f} | {100 * a['min']:.1f}–{100 * a['max']:.1f} | "
                      f"{a['wall_time_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def compare_at_equal_z(rows: Iterable[Mapping], method: str = "sttp", reference: str = "svdp") -> list[dict]:
+    """``method``'s mean accuracy at each of its ranks vs ``reference``'s at the same Z.
+
+    The reference curve (mean accuracy over seeds vs log Z) is interpolated linearly between its two neighbouring
+    ranks; points of ``method`` outside the reference's Z range get ``None``. Returns one dict per rank of
+    ``method``: rank, z, mean, std, ref_mean (interpolated), ref_ranks (the bracketing ranks), gap = mean − ref_mean.
+    """
+    agg = aggregate(rows)
+    ref = sorted((a for a in agg if a["method"] == reference), key=lambda a: a["z"])
+    out = []
+    for a in (a for a in agg if a["method"] == method):
+        ref_mean, ref_ranks = None, None
+        for lo, hi in zip(ref, ref[1:]):
+            if lo["z"] <= a["z"] <= hi["z"]:
+                t = (math.log(a["z"]) - math.log(lo["z"])) / (math.log(hi["z"]) - math.log(lo["z"]))
+                ref_mean, ref_ranks = lo["mean"] + t * (hi["mean"] - lo["mean"]), (lo["rank"], hi["rank"])
+                break
+        out.append({"rank": a["rank"], "z": a["z"], "mean": a["mean"], "std": a["std"], "ref_mean": ref_mean,
+                    "ref_ranks": ref_ranks, "gap": None if ref_mean is None else a["mean"] - ref_mean})
+    return out
+
+
+def format_comparison(rows: Iterable[Mapping], method: str = "sttp", reference: str = "svdp") -> str:
+    """A Markdown table of :func:`compare_at_equal_z` (percent)."""
+    lines = [f"| {method} rank | Z (%) | {method} acc. (%) | {reference} acc. at that Z (%) | between {reference} ranks "
+             f"| gap (points) |", "|---:|---:|---:|---:|---:|---:|"]
+    for c in compare_at_equal_z(rows, method, reference):
+        if c["ref_mean"] is None:
+            ref, between, gap = "outside range", "—", "—"
+        else:
+            ref, between, gap = (f"{100 * c['ref_mean']:.1f}", f"{c['ref_ranks'][0]}–{c['ref_ranks'][1]}",
+                                 f"{100 * c['gap']:+.1f}")
+        lines.append(f"| {c['rank']} | {c['z']:.2f} | {100 * c['mean']:.1f} ± {100 * c['std']:.1f} | {ref} | "
+                     f"{between} | {gap} |")
     return "\n".join(lines)
 
 
@@ -330,7 +367,8 @@ def main(argv=None) -> int:
     g.add_argument("--no-dense", dest="dense", action="store_false", help="leave out the dense reference runs")
     g.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes (default 1)")
     g.add_argument("--plot-only", action="store_true", help="only redraw the figure from the CSV")
-    g.add_argument("--table", action="store_true", help="print the aggregate as a Markdown table at the end")
+    g.add_argument("--table", action="store_true", help="print the aggregate as a Markdown table at the end, and "
+                   "STTP vs SVDP at equal Z (SVDP interpolated in log Z)")
     args = parser.parse_args(argv)
     sweep_keys = {"methods", "ranks", "seeds", "dense", "jobs", "plot_only", "table"}
     given = {k: v for k, v in vars(args).items() if k not in sweep_keys}
@@ -356,6 +394,9 @@ def main(argv=None) -> int:
               f"this call {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.table:
         print(format_table(rows))
+        if {"svdp", "sttp"} <= {r["method"] for r in rows}:
+            print()
+            print(format_comparison(rows))
     return 0
 
 
