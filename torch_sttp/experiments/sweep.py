@@ -245,8 +245,9 @@ def plot_sweep(rows: Sequence[Mapping], path, title: str | None = None) -> str:
         ax.fill_between(z, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color=color,
                         alpha=0.12, lw=0)
         for a, x, y in zip(pts, z, mean):
-            ax.annotate(f"r={a['rank']}", (x, y), textcoords="offset points", xytext=(4, -11 if method == "svdp" else 5),
-                        fontsize=7, color=color)
+            below = method == "svdp"  # SVDP labels below-right of their points, the others above-left
+            ax.annotate(f"r={a['rank']}", (x, y), textcoords="offset points", xytext=(5, -12) if below else (-5, 6),
+                        ha="left" if below else "right", fontsize=7, color=color)
     ax.set_xscale("log")
     ax.set_xlabel("compression Z (% of dense parameters, log scale)")
     ax.set_ylabel("test accuracy (%)")
