@@ -4,7 +4,7 @@ Trains three copies of one small CNN (dense, SVDP and STTP with a learned, norma
 of epochs on CPU and prints, for each, the number of parameters that move the weights, the compression Z (paper
 eq. 11, in percent of the dense model) and the test accuracy.
 
-    python -m torch_sttp.experiments.demo [--epochs 3] [--rank 8] [--width 16]
+    python -m torch_sttp.experiments.demo [--epochs 3] [--rank 16] [--width 16]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def _train(model, train_loader, epochs: int, lr: float, desc: str) -> float:
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=8, help="rank cap r of SVDP/STTP")
+    parser.add_argument("--rank", type=int, default=16, help="rank cap r of SVDP/STTP")
     parser.add_argument("--width", type=int, default=16, help="base width of the CNN")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
