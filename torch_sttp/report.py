@@ -26,15 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .surgery import (
-    SUPPORTED_TYPES,
-    _as_list,
-    _matches,
-    _skip_reason,
-    converted_layers,
-    skipped_layers,
-    spectral_parametrization,
-)
+from .layers import layout_shape, select_layers
+from .surgery import converted_layers, skipped_layers, spectral_parametrization
 from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks
 
 __all__ = ["LayerRow", "SkippedRow", "CompressionReport", "report", "compression", "count_model_dof"]
@@ -296,13 +289,6 @@ def compression(model: nn.Module) -> float:
     return report(model, print_table=False).z
 
 
-def _layout_shape(module: nn.Module) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in module.weight.shape)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (shape[1], shape[0], *shape[2:])
-    return shape
-
-
 def count_model_dof(
     dense_model: nn.Module,
     method: str = "sttp",
@@ -327,53 +313,12 @@ def count_model_dof(
     rank_map = dict(rank) if isinstance(rank, Mapping) else None
     if rank_map is None:
         check_rank(rank)
-    includes, excludes = _as_list(include), _as_list(exclude)
-    names = [n for n, _ in dense_model.named_modules()]
-    for pat in includes:
-        if isinstance(pat, str) and not any(_matches(n, None, [pat]) for n in names):
-            raise ValueError(f"include pattern {pat!r} matches no module; names look like {names[1:4]}")
-    for pat in excludes:
-        if isinstance(pat, str) and not any(_matches(n, None, [pat]) for n in names):
-            raise ValueError(f"exclude pattern {pat!r} matches no module")
-    if rank_map is not None:
-        unknown = [n for n in rank_map if n not in set(names)]
-        if unknown:
-            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
-        for n, r in rank_map.items():
-            try:
-                check_rank(r)
-            except ValueError as e:
-                raise ValueError(f"layer {n!r}: {e}") from None
-
-    counts: dict[int, int] = {}
-    for m in dense_model.modules():
-        for t in m.parameters(recurse=False):
-            counts[id(t)] = counts.get(id(t), 0) + 1
-    shared = {k for k, c in counts.items() if c > 1}
-    parents = {}
-    for pname, parent in dense_model.named_modules():
-        for cname, child in parent.named_children():
-            parents[f"{pname}.{cname}" if pname else cname] = parent
-
-    rows, skipped, excluded = [], [], set()
-    for name, module in dense_model.named_modules():
-        if not isinstance(module, SUPPORTED_TYPES):
-            if isinstance(module, nn.MultiheadAttention):
-                skipped.append(SkippedRow(name, type(module).__name__,
-                                          "packed in_proj_weight is not a supported layer"))
-            continue
-        if includes and not _matches(name, module, includes):
-            continue
-        if excludes and _matches(name, module, excludes):
-            continue
-        if rank_map is not None and name not in rank_map:
-            continue
-        reason = _skip_reason(name, module, shared, parents)
-        if reason:
-            skipped.append(SkippedRow(name, type(module).__name__, reason))
-            continue
+    selected, left_alone = select_layers(dense_model, include, exclude, rank_map)
+    skipped = [SkippedRow(*row) for row in left_alone]
+    rows, excluded = [], set()
+    for name, module in selected:
         r = rank_map[name] if rank_map is not None else rank
-        layout = _layout_shape(module)
+        layout = layout_shape(module)
         out_modes, in_modes = split_modes(layout, method)
         ranks = tt_ranks(out_modes + in_modes, r)
         rows.append(LayerRow(

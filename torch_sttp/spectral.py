@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .surgery import SUPPORTED_TYPES, _originals, converted_layers, spectral_parametrization
+from .layers import SUPPORTED_TYPES, as_patterns, matches, weight_matrix
+from .surgery import _originals, converted_layers, spectral_parametrization
 
 __all__ = [
     "singular_values",
@@ -48,24 +49,6 @@ PENALTIES = ("d_optimal", "divergence")
 
 
 # ------------------------------------------------------------------------------------------------ layer selection
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (str, type)):
-        return [x]
-    return list(x)
-
-
-def _matches(name: str, module: nn.Module, patterns) -> bool:
-    for pat in patterns:
-        if isinstance(pat, type):
-            if isinstance(module, pat):
-                return True
-        elif fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
-
-
 def _has_weight(module: nn.Module) -> bool:
     if torch_parametrize.is_parametrized(module, "weight"):
         return True
@@ -77,7 +60,7 @@ def _has_weight(module: nn.Module) -> bool:
 def _select(model: nn.Module, include=None, exclude=None, dense_only: bool = False) -> list[tuple[str, nn.Module]]:
     """(name, layer) of supported layers in ``named_modules`` order; ``include``/``exclude`` are names, globs or
     module types. A string pattern that matches no supported layer is an error."""
-    includes, excludes = _as_list(include), _as_list(exclude)
+    includes, excludes = as_patterns(include), as_patterns(exclude)
     candidates = []
     for name, m in model.named_modules():
         if spectral_parametrization(m) is not None:
@@ -91,19 +74,12 @@ def _select(model: nn.Module, include=None, exclude=None, dense_only: bool = Fal
                              f"{[n for n, _ in candidates[:4]]}")
     out = []
     for name, m in candidates:
-        if includes and not _matches(name, m, includes):
+        if includes and not matches(name, m, includes):
             continue
-        if excludes and _matches(name, m, excludes):
+        if excludes and matches(name, m, excludes):
             continue
         out.append((name, m))
     return out
-
-
-def _to_matrix(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """The layer's weight as W (d_out, d_in); transposed convs have their first two axes swapped."""
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        weight = weight.transpose(0, 1)
-    return weight.reshape(weight.shape[0], -1)
 
 
 def _from_matrix(module: nn.Module, matrix: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -118,7 +94,7 @@ def _layer_sigma(module: nn.Module) -> torch.Tensor:
     p = spectral_parametrization(module)
     if p is not None:
         return p.singular_values(*_originals(module))
-    return torch.linalg.svdvals(_to_matrix(module, module.weight))
+    return torch.linalg.svdvals(weight_matrix(module, module.weight))
 
 
 # ------------------------------------------------------------------------------------------------------ inspection
@@ -536,7 +512,7 @@ class SpectralRegularizer:
         compensate = self.num_steps % self.every == 0
         for name, m in self.layers:
             target = _sr_target(m)
-            mat = _to_matrix(m, target.detach())
+            mat = weight_matrix(m, target.detach())
             if compensate:
                 u, s, vh = torch.linalg.svd(mat, full_matrices=False)
             else:
@@ -737,7 +713,7 @@ def plot_spectra(
             if n not in names:
                 names.append(n)
     if layers is not None:
-        pats = _as_list(layers)
+        pats = as_patterns(layers)
         names = [n for n in names if any(isinstance(p, str) and fnmatch.fnmatchcase(n, p) for p in pats)]
     if not names:
         raise ValueError("plot_spectra: no layers to plot")

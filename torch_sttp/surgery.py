@@ -15,10 +15,9 @@ by estimated FLOPs for the input at hand.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .frames import householder_frame_masked
+from .layers import SUPPORTED_TYPES, select_layers
 from .parametrizations import INITS, SpectralParametrization
 from .tt import check_method, check_rank, check_spectrum
 
@@ -42,12 +42,6 @@ __all__ = [
     "skipped_layers",
 ]
 
-SUPPORTED_TYPES = (
-    nn.Linear,
-    nn.Conv1d, nn.Conv2d, nn.Conv3d,
-    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
-    nn.Embedding,
-)
 PATHS = ("auto", "dense", "lowrank", "tt")
 BATCHING = ("shape", "padded", "none")
 
@@ -507,44 +501,6 @@ def converted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if spectral_parametrization(m) is not None]
 
 
-def _matches(name: str, module: nn.Module, patterns) -> bool:
-    for pat in patterns:
-        if isinstance(pat, type):
-            if isinstance(module, pat):
-                return True
-        elif fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (str, type)):
-        return [x]
-    return list(x)
-
-
-def _skip_reason(name: str, module: nn.Module, shared: set[int], parents: dict[str, nn.Module]) -> str | None:
-    if spectral_parametrization(module) is not None:
-        return None
-    if torch_parametrize.is_parametrized(module, "weight"):
-        return "weight already has another parametrization"
-    parent = parents.get(name)
-    if isinstance(parent, nn.MultiheadAttention):
-        return "projection inside nn.MultiheadAttention (its packed in_proj_weight is used directly)"
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return "no weight tensor"
-    if id(weight) in shared:
-        return "weight is tied/shared with another module"
-    if not weight.is_floating_point():
-        return f"weight dtype {weight.dtype} is not floating point"
-    if isinstance(module, nn.Embedding) and module.sparse:
-        return "sparse embedding gradients are not supported"
-    return None
-
-
 def skipped_layers(model: nn.Module) -> list[tuple[str, str, str]]:
     """(name, type, reason) of modules that :func:`convert` leaves alone."""
     return list(getattr(model, "_sttp_skipped", []))
@@ -598,56 +554,7 @@ def convert(
     rank_map = dict(rank) if isinstance(rank, Mapping) else None
     if rank_map is None:
         check_rank(rank)
-    includes, excludes = _as_list(include), _as_list(exclude)
-
-    counts: dict[int, int] = {}
-    for m in model.modules():
-        for t in m.parameters(recurse=False):
-            counts[id(t)] = counts.get(id(t), 0) + 1
-    shared = {k for k, c in counts.items() if c > 1}
-    parents = {}
-    for pname, parent in model.named_modules():
-        for cname, child in parent.named_children():
-            parents[f"{pname}.{cname}" if pname else cname] = parent
-
-    selected, skipped = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_TYPES):
-            if isinstance(module, nn.MultiheadAttention):
-                skipped.append((name, type(module).__name__, "packed in_proj_weight is not a supported layer"))
-            continue
-        if includes and not _matches(name, module, includes):
-            continue
-        if excludes and _matches(name, module, excludes):
-            continue
-        if rank_map is not None and name not in rank_map:
-            continue
-        reason = _skip_reason(name, module, shared, parents)
-        if reason:
-            skipped.append((name, type(module).__name__, reason))
-            continue
-        selected.append((name, module))
-    modules = list(model.named_modules())
-    for kind, patterns in (("include", includes), ("exclude", excludes)):
-        for pat in patterns:
-            if not any(_matches(n, m, [pat]) for n, m in modules):
-                what = pat.__name__ if isinstance(pat, type) else repr(pat)
-                raise ValueError(f"{kind} pattern {what} matches no module; names look like "
-                                 f"{[n for n, _ in modules[1:4]]}")
-    if rank_map is not None:
-        names = dict(modules)
-        unknown = [n for n in rank_map if n not in names]
-        if unknown:
-            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
-        unsupported = [n for n in rank_map if not isinstance(names[n], SUPPORTED_TYPES)]
-        if unsupported:
-            raise ValueError("rank mapping names modules that are not supported layers: "
-                             + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
-        for n, r in rank_map.items():
-            try:
-                check_rank(r)
-            except ValueError as e:
-                raise ValueError(f"layer {n!r}: {e}") from None
+    selected, skipped = select_layers(model, include, exclude, rank_map)
     if not selected:
         raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
                          + ", ".join(t.__name__ for t in SUPPORTED_TYPES))

@@ -1,0 +1,136 @@
+"""Which layers can carry an SVDP/STTP weight, how their weights are viewed as matrices, and layer selection.
+
+Shared by model surgery, the compression report, the spectral tools and rank selection, so that every one of them
+selects the same layers with the same ``include``/``exclude`` patterns and skips the same ones for the same reasons.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize as torch_parametrize
+
+from .tt import check_rank
+
+__all__ = ["SUPPORTED_TYPES", "layout_shape", "weight_matrix", "as_patterns", "matches", "select_layers"]
+
+SUPPORTED_TYPES = (
+    nn.Linear,
+    nn.Conv1d, nn.Conv2d, nn.Conv3d,
+    nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+    nn.Embedding,
+)
+
+
+def layout_shape(module: nn.Module, shape=None) -> tuple[int, ...]:
+    """The weight shape in the (d_out, C_in, *kernel) layout: a transposed conv's first two axes swapped."""
+    shape = tuple(int(s) for s in (module.weight.shape if shape is None else shape))
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return (shape[1], shape[0], *shape[2:])
+    return shape
+
+
+def weight_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The layer's weight as the matrix W (d_out, d_in) of the paper (d_in = C_in·∏kernel)."""
+    weight = module.weight if weight is None else weight
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        weight = weight.transpose(0, 1)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def as_patterns(x) -> list:
+    """``include``/``exclude`` argument as a list of globs and module types."""
+    if x is None:
+        return []
+    if isinstance(x, (str, type)):
+        return [x]
+    return list(x)
+
+
+def matches(name: str, module: nn.Module | None, patterns) -> bool:
+    """Whether a qualified name matches a glob, or the module an type, of ``patterns``."""
+    for pat in patterns:
+        if isinstance(pat, type):
+            if isinstance(module, pat):
+                return True
+        elif fnmatch.fnmatchcase(name, pat):
+            return True
+    return False
+
+
+def _skip_reason(name: str, module: nn.Module, shared: set[int], parents: dict[str, nn.Module]) -> str | None:
+    if torch_parametrize.is_parametrized(module, "weight"):
+        return "weight already has another parametrization"
+    if isinstance(parents.get(name), nn.MultiheadAttention):
+        return "projection inside nn.MultiheadAttention (its packed in_proj_weight is used directly)"
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return "no weight tensor"
+    if id(weight) in shared:
+        return "weight is tied/shared with another module"
+    if not weight.is_floating_point():
+        return f"weight dtype {weight.dtype} is not floating point"
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return "sparse embedding gradients are not supported"
+    return None
+
+
+def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mapping[str, int] | None = None):
+    """Supported layers of ``model`` selected by ``include``/``exclude`` (globs or types) and, if given, the keys of
+    ``rank_map``; returns ``(selected, skipped)`` with selected = [(name, layer)] in ``named_modules`` order and
+    skipped = [(name, type name, reason)] for layers left alone (tied weights, MultiheadAttention projections, …).
+
+    Raises ValueError for a pattern that matches no module and for a rank mapping naming unknown or unsupported
+    modules or holding an invalid rank.
+    """
+    includes, excludes = as_patterns(include), as_patterns(exclude)
+    modules = list(model.named_modules())
+    for kind, patterns in (("include", includes), ("exclude", excludes)):
+        for pat in patterns:
+            if not any(matches(n, m, [pat]) for n, m in modules):
+                what = pat.__name__ if isinstance(pat, type) else repr(pat)
+                raise ValueError(f"{kind} pattern {what} matches no module; names look like "
+                                 f"{[n for n, _ in modules[1:4]]}")
+    if rank_map is not None:
+        names = dict(modules)
+        unknown = [n for n in rank_map if n not in names]
+        if unknown:
+            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
+        unsupported = [n for n in rank_map if not isinstance(names[n], SUPPORTED_TYPES)]
+        if unsupported:
+            raise ValueError("rank mapping names modules that are not supported layers: "
+                             + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
+        for n, r in rank_map.items():
+            try:
+                check_rank(r)
+            except ValueError as e:
+                raise ValueError(f"layer {n!r}: {e}") from None
+
+    counts: dict[int, int] = {}
+    for m in model.modules():
+        for t in m.parameters(recurse=False):
+            counts[id(t)] = counts.get(id(t), 0) + 1
+    shared = {k for k, c in counts.items() if c > 1}
+    parents = {f"{pname}.{cname}" if pname else cname: parent
+               for pname, parent in modules for cname, _ in parent.named_children()}
+
+    selected, skipped = [], []
+    for name, module in modules:
+        if not isinstance(module, SUPPORTED_TYPES):
+            if isinstance(module, nn.MultiheadAttention):
+                skipped.append((name, type(module).__name__, "packed in_proj_weight is not a supported layer"))
+            continue
+        if includes and not matches(name, module, includes):
+            continue
+        if excludes and matches(name, module, excludes):
+            continue
+        if rank_map is not None and name not in rank_map:
+            continue
+        reason = _skip_reason(name, module, shared, parents)
+        if reason:
+            skipped.append((name, type(module).__name__, reason))
+            continue
+        selected.append((name, module))
+    return selected, skipped
