@@ -1,7 +1,7 @@
 """Classification recipe: train a dense, SN, SR, SVDP or STTP classifier; checkpoints, exact resume, CSV/JSON logs.
 
     sttp train classify --dataset mnist1d --model cnn1d --method sttp --rank 8 --epochs 10
-    sttp train classify --config configs/classify/wrn28-10-cifar10-sttp.yaml --data-root ~/data --rank 32
+    sttp train classify --config configs/classify/wrn28-10-cifar10.yaml --data-root ~/data --rank 32
     python -m torch_sttp.experiments.classify --dataset digits8x8 --method svdp --rank 4 --steps 200
 
 Settings come from three layers, later ones winning: the built-in defaults (:data:`DEFAULTS`), a YAML or JSON file
