@@ -53,6 +53,13 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        return "unknown"
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -61,11 +68,11 @@ def synchronize(device: torch.device) -> None:
 def time_it(
     fns: dict[str, Callable[[], None]], device: torch.device, reps: int, warmup: int, budget_s: float
 ) -> dict[str, tuple[float, int]]:
-    """Median wall time (seconds) of each function over up to ``reps`` runs after ``warmup`` runs.
+    """Median and minimum wall time (seconds) of each function over up to ``reps`` runs after ``warmup`` runs.
 
     The functions are run interleaved (a, b, a, b, …) so that a change in machine load hits all of them alike.
     Timed runs stop early once ``budget_s`` seconds have been spent on them (each function is timed at least once).
-    Returns {name: (median, number of timed runs)}.
+    Returns {name: (median, minimum, number of timed runs)}.
     """
     for _ in range(warmup):
         for fn in fns.values():
@@ -84,7 +91,7 @@ def time_it(
             elapsed = time.perf_counter() - start
             times[name].append(elapsed)
             spent += elapsed
-    return {name: (statistics.median(t), len(t)) for name, t in times.items()}
+    return {name: (statistics.median(t), min(t), len(t)) for name, t in times.items()}
 
 
 def make_workloads(b: int, n: int, r: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
@@ -169,15 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         print(f"gpu:     {torch.cuda.get_device_name(device)}")
     print(f"device:  {device}   dtype: {args.dtype}   reps: {args.reps} (householder_product: {args.hprod_reps})")
+    print(f"load:    {load_average()} (1/5/15-min load average at start; other processes skew timings)")
     print()
 
     # householder_product's CPU backward grows with n far faster than the GEMMs: the tallest frame is the slow one.
     largest = max(SHAPES, key=lambda s: s[1])
     header = (
         f"{'B':>4} {'n':>6} {'r':>4} | {'ours fwd':>9} {'gemm fwd':>9} | {'ours f+b':>9} {'gemm f+b':>9} "
-        f"{'ratio':>6} | {'hprod f+b':>10} {'hprod/ours':>10} | {'max|ours-hprod|':>15}"
+        f"{'ratio':>6} {'(min)':>6} | {'hprod f+b':>10} {'hprod/ours':>10} | {'max|ours-hprod|':>15}"
     )
-    print("times in ms; ratio = ours f+b / gemm f+b; hprod = torch.linalg.householder_product")
+    print("times in ms (medians); ratio = ours f+b / gemm f+b, (min) = the same from the fastest runs;")
+    print("hprod = torch.linalg.householder_product")
     print(header)
     print("-" * len(header))
 
@@ -186,9 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         work = make_workloads(b, n, r, dtype, device)
         fwd = time_it({k: work[k][0] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
         fwd_bwd = time_it({k: work[k][1] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
-        (ours_f, _), (gemm_f, _) = fwd["ours"], fwd["gemm"]
-        (ours_fb, _), (gemm_fb, _) = fwd_bwd["ours"], fwd_bwd["gemm"]
+        (ours_f, _, _), (gemm_f, _, _) = fwd["ours"], fwd["gemm"]
+        (ours_fb, ours_fb_min, _), (gemm_fb, gemm_fb_min, _) = fwd_bwd["ours"], fwd_bwd["gemm"]
         ratio = ours_fb / gemm_fb
+        ratio_min = ours_fb_min / gemm_fb_min
 
         hprod_fb: float | None = None
         hprod_note = ""
@@ -199,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick and (b, n, r) == largest:
                 hprod_note = "skipped"
             else:
-                hprod_fb, runs = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)["hprod"]
+                timed = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)
+                hprod_fb, _, runs = timed["hprod"]
                 hprod_note = f"{runs} run{'s' if runs > 1 else ''}"
         except RuntimeError as exc:  # e.g. no householder_product kernel for this dtype/device
             hprod_note = f"unsupported ({str(exc).splitlines()[0][:60]})"
@@ -208,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
         diff = "n/a" if max_diff is None else f"{max_diff:.1e}"
         print(
             f"{b:>4} {n:>6} {r:>4} | {fmt_ms(ours_f):>9} {fmt_ms(gemm_f):>9} | {fmt_ms(ours_fb):>9} "
-            f"{fmt_ms(gemm_fb):>9} {ratio:>6.2f} | {fmt_ms(hprod_fb):>10} {hp_ratio:>10} | {diff:>15}"
+            f"{fmt_ms(gemm_fb):>9} {ratio:>6.2f} {ratio_min:>6.2f} | {fmt_ms(hprod_fb):>10} {hp_ratio:>10} | {diff:>15}"
             + (f"   hprod: {hprod_note}" if hprod_note else "")
         )
         targets.append((b, n, r, ratio))
 
+    print(f"load at end: {load_average()}")
     print()
     for b, n, r, ratio in targets:
         ratio_2 = round(ratio, 2)
