@@ -385,7 +385,6 @@ def test_padded_frames_single_flag_and_empty():
     assert padded_householder_frames([]) == []
 
 
-@pytest.mark.xfail(reason="padded_householder_frames zips params with flags and drops the unmatched inputs' masks")
 def test_padded_frames_reject_mismatched_flags():
     params = [torch.randn(5, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)]
     with pytest.raises(ValueError):

@@ -143,6 +143,9 @@ def padded_householder_frames(
     """
     if isinstance(reduced, bool):
         reduced = [reduced] * len(params)
+    if len(reduced) != len(params):
+        raise ValueError(f"padded_householder_frames: {len(params)} parameter tensors but {len(reduced)} reduced "
+                         "flags; pass one flag per tensor or a single bool")
     if len(params) == 0:
         return []
     n_max = max(p.shape[-2] for p in params)
@@ -192,7 +195,9 @@ def frame_to_params_exact(frame: torch.Tensor, reduced: bool = False) -> torch.T
 
     Each reflector maps the current column x onto +‖x‖·e_j; the first entry of y_j = x − ‖x‖e_j is formed as
     −‖x_tail‖²/(x_j + ‖x‖) when x_j > 0 (Parlett) so no cancellation occurs. Parameters grow without bound as a
-    column approaches +e_j (the one direction this chart cannot reach).
+    column approaches +e_j (the one direction this chart cannot reach). A square frame (n = r) of r reflectors has
+    determinant (−1)^r: a square orthogonal matrix of the other sign is not reachable, and its last column comes
+    back negated.
     """
     n, r = frame.shape[-2:]
     _check_shape(n, r)
