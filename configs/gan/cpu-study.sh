@@ -48,7 +48,7 @@ inception)
         if grep -q '"kid"' "$d/summary.json"; then continue; fi
         stem=$(basename "$d"); c=${stem#mnist5k-cpu-}; s=${c##*-s}; c=${c%-s*}
         cmd="$PY -m torch_sttp.experiments.gan --config configs/gan/mnist5k-cpu-$c.yaml --seed $s --out $d \
---cache-dir $root/cache --no-progress --eval-only --metrics modes,kid,fid --inception-samples $n"
+--cache-dir $root/cache --no-progress --eval-only --metrics kid,fid --inception-samples $n"
         if [ $first = 1 ]; then  # computes and caches the real features alone
             echo "$(date +%T) inception $stem"; $cmd > "$root/logs/inception-$stem.log" 2>&1; first=0
         else
