@@ -1,0 +1,316 @@
+"""Command-line handlers for compressing a trained model and exporting the result (``sttp compress``/``sttp export``).
+
+The handlers take an ``argparse.Namespace``; :func:`add_compress_arguments` / :func:`add_export_arguments` add the
+matching options to a (sub)parser.
+
+Checkpoints are written without pickled code: ``.safetensors`` (needs the ``safetensors`` package; the
+parametrizations' settings and the rank plan go into the file's metadata) or a ``torch.save`` file of plain tensors
+and JSON-like values that ``torch.load(..., weights_only=True)`` reads. A compressed checkpoint is rebuilt by
+converting a fresh copy of the model with the plan it records and loading the state into it
+(:func:`build_compressed`).
+
+Models come from ``--model minilm`` (the packaged all-MiniLM-L6-v2) or from a state_dict file plus
+``--constructor package.module:callable`` (called with ``--constructor-kwargs`` JSON to build the empty model). A file
+holding a whole pickled ``nn.Module`` is only read with ``--trust-pickle``, since unpickling runs arbitrary code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..ranks import RANK_METHODS, RankPlan, project, projection_errors, select_ranks
+from ..surgery import convert, to_dense, to_factorized
+
+__all__ = [
+    "FORMATS",
+    "parse_budget",
+    "load_model",
+    "save_compressed",
+    "load_checkpoint",
+    "build_compressed",
+    "compress",
+    "cli_compress",
+    "cli_export",
+    "add_compress_arguments",
+    "add_export_arguments",
+]
+
+FORMATS = ("spectral", "factorized", "dense")
+META_KEY = "torch_sttp"
+
+
+# --------------------------------------------------------------------------------------------------- inputs
+def parse_budget(text) -> float | int:
+    """"0.3" → 0.3 (a fraction), "150000" → 150000 (a DOF count); numbers pass through."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    s = str(text).strip()
+    try:
+        if s.isdigit():
+            return int(s)
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"budget {text!r} is neither a fraction in (0, 1] nor an integer DOF count") from None
+    if value.is_integer() and value > 1:
+        return int(value)
+    return value
+
+
+def _import_callable(spec: str):
+    if ":" not in spec:
+        raise ValueError(f"--constructor must look like package.module:callable, got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable")
+    return obj
+
+
+def _read_state(path: Path) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a safetensors or weights_only torch file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        state = {}
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+        info = json.loads(meta[META_KEY]) if META_KEY in meta else {}
+        for k, v in info.pop("extra_state", {}).items():
+            state[k] = v
+        return state, info
+    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        return dict(obj["state_dict"]), dict(obj.get(META_KEY, {}))
+    if isinstance(obj, Mapping):
+        return dict(obj), {}
+    raise ValueError(f"{path} does not hold a state_dict")
+
+
+def load_model(model: str, constructor: str | None = None, constructor_kwargs: str | None = None,
+               trust_pickle: bool = False) -> tuple[nn.Module, dict]:
+    """The dense model to work on, and a description of where it came from.
+
+    ``model`` is ``"minilm"`` or a path: with ``constructor`` the path is a state_dict (safetensors or torch) loaded
+    into ``constructor(**json.loads(constructor_kwargs))``; without, a whole pickled module, read only when
+    ``trust_pickle``.
+    """
+    if model == "minilm":
+        from .minilm import load_minilm
+
+        return load_minilm()[0], {"model": "minilm"}
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (use --model minilm or a state_dict file)")
+    kwargs = json.loads(constructor_kwargs) if constructor_kwargs else {}
+    if constructor:
+        module = _import_callable(constructor)(**kwargs)
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"{constructor} returned a {type(module).__name__}, not an nn.Module")
+        state, _ = _read_state(path)
+        module.load_state_dict(state)
+        return module, {"model": str(path), "constructor": constructor, "constructor_kwargs": kwargs}
+    if not trust_pickle:
+        raise ValueError(f"{path}: pass --constructor package.module:callable to build the model and load this "
+                         "file as a state_dict, or --trust-pickle to unpickle a whole module (runs code from the "
+                         "file: only for files you trust)")
+    module = torch.load(str(path), map_location="cpu", weights_only=False)
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{path} holds a {type(module).__name__}, not an nn.Module")
+    return module, {"model": str(path), "pickled": True}
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_compressed(model: nn.Module, path, info: Mapping) -> Path:
+    """Write ``model.state_dict()`` to ``path`` (.safetensors, otherwise a weights_only torch file) with ``info``.
+
+    Non-tensor entries of the state_dict (the parametrizations' ``_extra_state`` settings) are kept: in the
+    safetensors metadata, or as plain values in the torch file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+    info = dict(info)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        seen, out = {}, {}
+        for k, v in tensors.items():  # safetensors refuses tensors that share memory (tied weights)
+            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
+            out[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
+            seen[key] = k
+        save_file(out, str(path), metadata={META_KEY: json.dumps({**info, "extra_state": extra})})
+    else:
+        torch.save({"state_dict": state, META_KEY: info}, str(path))
+    return path
+
+
+def load_checkpoint(path) -> tuple[dict, dict]:
+    """(state_dict, info) of a file written by :func:`save_compressed`."""
+    return _read_state(Path(path))
+
+
+def build_compressed(model: nn.Module, path) -> nn.Module:
+    """Rebuild a compressed model: convert the dense ``model`` as the checkpoint records, then load its state.
+
+    Returns the model (a new object only when the whole model was one factorized layer).
+    """
+    state, info = load_checkpoint(path)
+    fmt = info.get("format")
+    if fmt not in FORMATS:
+        raise ValueError(f"{path}: not a torch-sttp compressed checkpoint (format {fmt!r})")
+    if fmt != "dense":
+        plan = info["plan"]
+        method = "svdp" if plan["method"] == "svd" else plan["method"]
+        convert(model, method, rank=dict(plan["ranks"]), spectrum=plan["spectrum"], init="identity",
+                batching=info.get("batching", "shape"))
+        if fmt == "factorized":
+            model = to_factorized(model)
+    model.load_state_dict(state)
+    return model
+
+
+# --------------------------------------------------------------------------------------------------- compress
+def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "free", strategy: str = "auto",
+             objective: str = "svd", include=None, exclude=None, randomized: bool = False,
+             progress: bool = True) -> tuple[nn.Module, RankPlan, dict]:
+    """Select ranks within ``budget``, project, and (for ``"svd"``) factorize; returns (model, plan, report)."""
+    t0 = time.perf_counter()
+    plan = select_ranks(model, budget, method, spectrum, include=include, exclude=exclude, objective=objective,
+                        strategy=strategy)
+    t1 = time.perf_counter()
+    model = project(model, "svdp" if method == "svd" else method, plan, spectrum=spectrum, progress=progress,
+                    randomized=randomized)
+    errors = projection_errors(model)
+    t2 = time.perf_counter()
+    if method == "svd":
+        model = to_factorized(model)
+    report = {
+        "plan": plan.to_dict(), "projection_errors": errors,
+        "mean_projection_error": sum(errors.values()) / len(errors) if errors else 0.0,
+        "select_seconds": t1 - t0, "project_seconds": t2 - t1,
+        "format": "factorized" if method == "svd" else "spectral",
+    }
+    return model, plan, report
+
+
+def cli_compress(args: argparse.Namespace) -> int:
+    """``sttp compress``: select ranks within a budget, project, write the compressed weights and a JSON report.
+
+    Namespace fields: model, constructor, constructor_kwargs, trust_pickle, budget, method, spectrum, strategy,
+    objective, include, exclude, randomized, output (.safetensors or .pt), report (default: output + ".json"),
+    threads, quiet.
+    """
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    model, source = load_model(args.model, getattr(args, "constructor", None),
+                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
+    include = getattr(args, "include", None) or None
+    exclude = getattr(args, "exclude", None)
+    if exclude is None and args.model == "minilm":
+        from .minilm import DEFAULT_EXCLUDE
+
+        exclude = list(DEFAULT_EXCLUDE)
+    if include is None and args.model == "minilm":
+        include = [nn.Linear]
+    model, plan, report = compress(model, parse_budget(args.budget), args.method, args.spectrum,
+                                   getattr(args, "strategy", "auto"), getattr(args, "objective", "svd"),
+                                   include, exclude or None, getattr(args, "randomized", False),
+                                   not getattr(args, "quiet", False))
+    info = {"format": report["format"], "plan": report["plan"], "source": source, "batching": "shape"}
+    out = save_compressed(model, args.output, info)
+    report.update({"source": source, "output": str(out), "output_bytes": out.stat().st_size})
+    report_path = Path(getattr(args, "report", None) or f"{out}.json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    if not getattr(args, "quiet", False):
+        print(plan.summary())
+        print(f"mean projection error {report['mean_projection_error']:.4f}; wrote {out} and {report_path}")
+    return 0
+
+
+def cli_export(args: argparse.Namespace) -> int:
+    """``sttp export``: turn a compressed checkpoint into plain layers (``--format dense`` or ``factorized``).
+
+    Namespace fields: input (a file from ``sttp compress``), model / constructor / constructor_kwargs /
+    trust_pickle (the dense skeleton, as for compress), format, output.
+    """
+    model, source = load_model(args.model, getattr(args, "constructor", None),
+                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
+    _, info = load_checkpoint(args.input)
+    model = build_compressed(model, args.input)
+    fmt = args.format
+    if fmt not in ("dense", "factorized"):
+        raise ValueError(f"--format must be 'dense' or 'factorized', got {fmt!r}")
+    if fmt == "dense":
+        if info.get("format") == "factorized":
+            raise ValueError("a factorized checkpoint has plain layers already; export it as 'factorized' or "
+                             "compress with method svdp/sttp for a dense export")
+        model = to_dense(model)
+    elif info.get("format") == "spectral":
+        model = to_factorized(model)
+    out_info = {"format": "dense" if fmt == "dense" else "factorized", "plan": info.get("plan"),
+                "source": source, "exported_from": str(args.input)}
+    out = save_compressed(model, args.output, out_info)
+    numel = sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    if not getattr(args, "quiet", False):
+        print(f"wrote {out} ({fmt}, {numel} parameters)")
+    return 0
+
+
+def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--model", required=True, help="'minilm' or a state_dict/module file")
+    parser.add_argument("--constructor", help="package.module:callable building the empty model for a state_dict")
+    parser.add_argument("--constructor-kwargs", help="JSON keyword arguments for --constructor")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow unpickling a whole nn.Module from --model (runs code from the file)")
+    parser.add_argument("--budget", required=True, help="fraction in (0, 1] of the dense parameters, or a DOF count")
+    parser.add_argument("--method", default="svdp", choices=list(RANK_METHODS))
+    parser.add_argument("--spectrum", default="free", choices=["free", "normalized", "identity"])
+    parser.add_argument("--strategy", default="auto", choices=["auto", "greedy", "uniform"])
+    parser.add_argument("--objective", default="svd", choices=["svd", "tt"])
+    parser.add_argument("--include", nargs="*", help="layer-name globs to compress")
+    parser.add_argument("--exclude", nargs="*", help="layer-name globs to leave dense")
+    parser.add_argument("--randomized", action="store_true", help="randomized SVD (svdp only)")
+    parser.add_argument("--output", required=True, help="output file: .safetensors or .pt (weights_only)")
+    parser.add_argument("--report", help="JSON report path (default: OUTPUT.json)")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--input", required=True, help="a checkpoint written by sttp compress")
+    parser.add_argument("--model", required=True, help="'minilm' or the dense model's state_dict/module file")
+    parser.add_argument("--constructor", help="package.module:callable building the empty model")
+    parser.add_argument("--constructor-kwargs", help="JSON keyword arguments for --constructor")
+    parser.add_argument("--trust-pickle", action="store_true")
+    parser.add_argument("--format", default="dense", choices=["dense", "factorized"])
+    parser.add_argument("--output", required=True, help=".safetensors or .pt (weights_only)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="compress / export with torch-sttp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compress_arguments(sub.add_parser("compress", help="select ranks, project, save"))
+    add_export_arguments(sub.add_parser("export", help="compressed checkpoint -> dense or factorized layers"))
+    args = parser.parse_args(argv)
+    return cli_compress(args) if args.command == "compress" else cli_export(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
