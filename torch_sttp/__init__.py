@@ -7,6 +7,7 @@ from .frames import (
     padded_householder_frames,
 )
 from .parametrizations import STTP, SVDP, SpectralParametrization, parametrize, sttp, svdp
+from .ranks import RankPlan, project, select_ranks
 from .report import CompressionReport, compression, count_model_dof, report
 from .spectral import (
     SpectralRegularizer,

@@ -161,11 +161,10 @@ class FramePlanner:
                 stacked = torch.cat([_pad(e[2], n, r) for e in members])
                 masks = torch.cat([_pad(e[3].to(e[2].dtype), n, r) for e in members])
                 out = householder_frame_masked(stacked, masks)
-                start = 0
-                for e in members:
-                    count, rows, cols = e[2].shape
-                    frames[(e[0], e[1])] = out[start:start + count, :rows, :cols]
-                    start += count
+                # split first: a slice of the whole batch would get a batch-sized zero gradient in backward
+                for e, piece in zip(members, out.split([e[2].shape[0] for e in members])):
+                    _, rows, cols = e[2].shape
+                    frames[(e[0], e[1])] = piece[:, :rows, :cols]
         result = {}
         for i, m in enumerate(layers):
             p = spectral_parametrization(m)
