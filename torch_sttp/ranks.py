@@ -20,7 +20,6 @@ Methods, and what their DOF count:
 """
 from __future__ import annotations
 
-import fnmatch
 import heapq
 import math
 import numbers
@@ -32,10 +31,10 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize as torch_parametrize
 
 from .frames import frame_to_params
-from .surgery import SUPPORTED_TYPES, convert, converted_layers, spectral_parametrization
+from .layers import SUPPORTED_TYPES, layout_shape, select_layers, weight_matrix
+from .surgery import convert, converted_layers, spectral_parametrization
 from .tt import check_spectrum, count_dof, split_modes
 
 __all__ = [
@@ -72,37 +71,7 @@ def method_dof(shape, method: str, rank: int, spectrum: str = "free") -> int:
     return count_dof(tuple(shape), method, rank, spectrum)
 
 
-def layer_matrix(module: nn.Module) -> torch.Tensor:
-    """The layer's weight as a (d_out, d_in) matrix in the (d_out, C_in·∏kernel) layout (a view when possible)."""
-    w = module.weight
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        w = w.transpose(0, 1)
-    return w.reshape(w.shape[0], -1)
-
-
-def _layout_shape(module: nn.Module) -> tuple[int, ...]:
-    s = tuple(module.weight.shape)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (s[1], s[0], *s[2:])
-    return s
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    if isinstance(x, (str, type)):
-        return [x]
-    return list(x)
-
-
-def _matches(name: str, module: nn.Module, patterns) -> bool:
-    for pat in patterns:
-        if isinstance(pat, type):
-            if isinstance(module, pat):
-                return True
-        elif fnmatch.fnmatchcase(name, pat):
-            return True
-    return False
+layer_matrix = weight_matrix  # the (d_out, C_in·∏kernel) matrix of a layer
 
 
 def compressible_layers(model: nn.Module, include=None, exclude=None, layers=None) -> list[tuple[str, nn.Module]]:
@@ -116,47 +85,20 @@ def compressible_layers(model: nn.Module, include=None, exclude=None, layers=Non
     if converted_layers(model):
         raise ValueError("model already has SVDP/STTP layers; plan ranks on the dense model "
                          "(torch_sttp.to_dense(model) first)")
-    includes, excludes = _as_list(include), _as_list(exclude)
     wanted = None if layers is None else list(layers)
-    names = {n for n, _ in model.named_modules()}
+    names = dict(model.named_modules())
     if wanted is not None:
         unknown = [n for n in wanted if n not in names]
         if unknown:
             raise ValueError(f"layers not in the model: {unknown}")
-    for pat in includes + excludes:
-        if isinstance(pat, str) and not any(fnmatch.fnmatchcase(n, pat) for n in names):
-            raise ValueError(f"pattern {pat!r} matches no module; names look like "
-                             f"{[n for n, _ in list(model.named_modules())[1:4]]}")
-    counts: dict[int, int] = {}
-    for m in model.modules():
-        for t in m.parameters(recurse=False):
-            counts[id(t)] = counts.get(id(t), 0) + 1
-    mha_children = set()
-    for pname, parent in model.named_modules():
-        if isinstance(parent, nn.MultiheadAttention):
-            for cname, _ in parent.named_children():
-                mha_children.add(f"{pname}.{cname}" if pname else cname)
-    out, refused = [], []
-    for name, module in model.named_modules():
-        if wanted is not None and name not in wanted:
-            continue
-        if not isinstance(module, SUPPORTED_TYPES):
-            refused.append(name)
-            continue
-        if includes and not _matches(name, module, includes):
-            continue
-        if excludes and _matches(name, module, excludes):
-            continue
-        weight = getattr(module, "weight", None)
-        if (name in mha_children or not isinstance(weight, torch.Tensor) or counts.get(id(weight), 0) > 1
-                or torch_parametrize.is_parametrized(module, "weight") or not weight.is_floating_point()
-                or (isinstance(module, nn.Embedding) and module.sparse)):
-            refused.append(name)
-            continue
-        out.append((name, module))
-    if wanted is not None and refused:
-        raise ValueError(f"layers cannot be converted (unsupported type, tied/shared weight, inside "
-                         f"nn.MultiheadAttention, or not floating point): {refused}")
+    selected, skipped = select_layers(model, include, exclude)
+    out = [(n, m) for n, m in selected if wanted is None or n in wanted]
+    if wanted is not None:
+        left_alone = {n for n, _, _ in skipped}
+        refused = [n for n in wanted if not isinstance(names[n], SUPPORTED_TYPES) or n in left_alone]
+        if refused:
+            raise ValueError(f"layers cannot be converted (unsupported type, tied/shared weight, inside "
+                             f"nn.MultiheadAttention, or not floating point): {refused}")
     if not out:
         raise ValueError("no layer selected; supported types are " + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
     return out
@@ -222,7 +164,7 @@ def layer_spectra(layers: Iterable[tuple[str, nn.Module]], unfoldings: bool = Fa
     out = []
     with torch.no_grad():
         for name, module in layers:
-            shape = _layout_shape(module)
+            shape = layout_shape(module)
             # one float64 copy per layer; the unfoldings below are views of it (a copy per unfolding, interleaved
             # with the small results, fragments the heap: hundreds of MB of RSS on MiniLM)
             w = layer_matrix(module).detach().to(torch.float64).contiguous()
