@@ -25,7 +25,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, IO, Mapping
 
 import torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "UnsafeCheckpointError",
     "TrainingState",
+    "atomic_write",
     "save_checkpoint",
     "load_checkpoint",
     "save_training_state",
@@ -144,11 +145,21 @@ def save_checkpoint(path: str | os.PathLike, **state: Any) -> None:
     for key, value in state.items():
         _check_plain(value, repr(key))
     payload = {"format": FORMAT, "version": FORMAT_VERSION, "sha256": _digest(state), "state": state}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    Readers see the previous file or the complete new one, also after a crash or a kill; on an error the temporary
+    file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _new_file_mode(path))

@@ -49,7 +49,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -61,6 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checkpoint import atomic_write
 
 __all__ = [
     "DEFAULTS",
@@ -499,26 +500,8 @@ def _model_counts(model: nn.Module, cfg: Mapping, dense_params: int) -> tuple[fl
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then ``os.replace`` it onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _rng_state() -> dict:
@@ -575,7 +558,7 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
         f.write(buf.getvalue().encode())
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -745,7 +728,7 @@ def _run(cfg: dict) -> Summary:
             "regularizer": regularizer.state_dict() if regularizer is not None else None,
             "rng": _rng_state(),
         }
-        _atomic_write(ckpt_path, lambda f: torch.save(state, f))
+        atomic_write(ckpt_path, lambda f: torch.save(state, f))
 
     last_row: dict = {}
     rows = _read_csv(csv_path) if resumed else []
