@@ -11,7 +11,7 @@ venv: $(STAMP)
 # Re-installs only when the package metadata or the constraints change.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
-	$(VPY) -m pip install -c constraints.txt -e '.[experiments,dev,transformers]'
+	$(VPY) -m pip install -c constraints.txt -e '.[experiments,dev,transformers,gan]'
 	touch $@
 
 test: venv
