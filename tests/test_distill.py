@@ -9,13 +9,7 @@ from torch_sttp.experiments.distill import distill, first_tensor
 from torch_sttp.ranks import project
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """SVDs run many times slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _teacher(seed=0):

@@ -14,13 +14,7 @@ from torch_sttp.experiments.models import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models are tiny on the test inputs; one intra-op thread avoids thread-sync overhead on busy CPUs.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -57,13 +57,7 @@ INITS = ("noisy_identity", "identity", "random", "pretrained")
 BATCHINGS = ("shape", "padded", "none")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and keeps the test from competing for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------- strategies

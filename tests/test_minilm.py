@@ -37,13 +37,7 @@ SENTENCES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The SVDs of the projections run many times slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _need_minilm():

@@ -32,13 +32,7 @@ def _id(shape_t):
     return "x".join(map(str, shape)) + ("T" if transposed else "")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the matrices here are tiny: intra-op threads only add overhead (and stall badly on a loaded machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -17,13 +17,7 @@ from torch_sttp.ranks import (
 from torch_sttp.surgery import convert, converted_layers, to_dense
 from torch_sttp.tt import count_dof
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """SVDs run many times slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # known spectra: fast decay, flat, slow decay, a few dominant directions
