@@ -48,6 +48,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import checkpoint
+
 __all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
            "build_models", "summarize_runs", "plot_curves",
            "plot_samples_montage", "CSV_FIELDS"]
@@ -459,23 +461,14 @@ def _set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+def atomic_write(path: Path, write) -> None:
+    """:func:`torch_sttp.checkpoint.atomic_write`, creating the run folder first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(path, write)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _dump_config(cfg: Mapping) -> str:
@@ -496,7 +489,7 @@ class CsvLog:
         if keep_until is not None and self.path.is_file():
             with open(self.path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= keep_until]
-        _atomic_write(self.path, lambda f: self._write_all(f, rows))
+        atomic_write(self.path, lambda f: self._write_all(f, rows))
 
     @staticmethod
     def _write_all(f, rows):
@@ -678,7 +671,7 @@ def run_gan(args=None, **overrides) -> dict:
             "source": source.state_dict(), "noise_gen": noise_gen.get_state(), "rng": _rng_state(),
             "wall_time": wall, "history": history,
         }
-        _atomic_write(ckpt_path, lambda f: torch.save(blob, f))
+        atomic_write(ckpt_path, lambda f: torch.save(blob, f))
 
     t_start = time.time()
     status = "finished"
