@@ -64,17 +64,24 @@ def _train_step_fn(model, args):
 
 
 def _weights_fn(model):
+    """Every converted weight formed from its parameters, then backpropagated from a fixed gradient ∂L/∂W.
+
+    In a training step ∂L/∂W arrives from the layer's own backward; a fixed random tensor stands in for it, so
+    the timing covers exactly the weight path (frames, contractions, U·Σ·Vᵀ) forward and backward.
+    """
     layers = [m for _, m in converted_layers(model)]
     planner = model._sttp_planner
+    generator = torch.Generator().manual_seed(0)
+    grads = [torch.randn(spectral_parametrization(m).weight_shape, generator=generator) for m in layers]
 
     def run():
         planner.invalidate()
-        total = 0.0
-        for m in layers:
-            p = spectral_parametrization(m)
-            w = p.weight_from_factors(*planner.factors(m))
-            total = total + w.square().sum()
-        total.backward()
+        planner.new_forward()  # as inside a forward pass of the model: frames batched across layers
+        try:
+            weights = [spectral_parametrization(m).weight_from_factors(*planner.factors(m)) for m in layers]
+        finally:
+            planner.end_forward()
+        torch.autograd.backward(weights, grads)
 
     return run
 

@@ -14,7 +14,10 @@ from torch_sttp.frames import (
     frame_mask,
     frame_to_params,
     frame_to_params_exact,
+    free_block_shape,
     householder_frame,
+    householder_frame_free,
+    householder_frames_grouped,
     householder_frame_masked,
     init_frame_params,
     padded_householder_frames,
@@ -502,3 +505,44 @@ def test_non_finite_matrix_raises(bad):
         frame_to_params(matrix)
     with pytest.raises(ValueError):
         frame_to_params(matrix.float(), reduced=True)
+
+
+# ----------------------------------------------------------------------------------------- free-block storage
+@pytest.mark.parametrize("reduced", BOTH_FORMS)
+@pytest.mark.parametrize("n, r", SHAPES)
+def test_free_block_frame_equals_layout_frame(n, r, reduced):
+    layout = _random_params(n, r, reduced, batch=(3,), seed=31)
+    rows, cols = free_block_shape(n, r, reduced)
+    block = layout[..., n - rows:, :]
+    assert block.shape == (3, rows, cols)
+    torch.testing.assert_close(householder_frame_free(block, n, reduced), householder_frame(layout, reduced),
+                               rtol=0, atol=1e-14)
+
+
+def test_free_block_gradients_match_layout_gradients():
+    n, r = 9, 4
+    for reduced in BOTH_FORMS:
+        layout = _random_params(n, r, reduced, seed=32).requires_grad_()
+        block = layout.detach()[r:].clone().requires_grad_() if reduced else layout.detach().clone().requires_grad_()
+        weight = torch.randn(n, r, generator=_gen(33), dtype=torch.float64)
+        (householder_frame(layout, reduced) * weight).sum().backward()
+        (householder_frame_free(block, n, reduced) * weight).sum().backward()
+        expected = layout.grad[r:] if reduced else layout.grad * frame_mask(n, r, dtype=torch.float64)
+        got = block.grad if reduced else block.grad * frame_mask(n, r, dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_frames_match_individual_frames():
+    specs = [(9, 4, False), (9, 4, True), (9, 4, False), (6, 6, True), (7, 1, False), (9, 4, True)]
+    blocks = [_random_params(n, r, red, seed=40 + i)[n - free_block_shape(n, r, red)[0]:]
+              for i, (n, r, red) in enumerate(specs)]
+    frames = householder_frames_grouped(blocks, [n for n, _, _ in specs], [red for _, _, red in specs])
+    for q, b, (n, _, red) in zip(frames, blocks, specs):
+        torch.testing.assert_close(q, householder_frame_free(b, n, red), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="one of each"):
+        householder_frames_grouped(blocks, [9], [False])
+
+
+def test_free_block_rejects_wrong_shape():
+    with pytest.raises(ValueError, match="reduced frame of shape"):
+        householder_frame_free(torch.zeros(9, 4), 9, reduced=True)

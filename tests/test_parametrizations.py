@@ -295,8 +295,8 @@ def test_right_inverse_identity_square_v_frame():
     # W = −(0.6, 0.8, 0)ᵀ is produced by SVDP (3, 1) with the identity spectrum (U reflector h = (−2, 0), V = −1);
     # loading it must give it back, not its negative
     p = SpectralParametrization((3, 1), 1, "svdp", "identity")
-    u_params = torch.tensor([[[0.0], [-2.0], [0.0]]], dtype=F64)
-    v_params = torch.zeros(1, 1, 1, dtype=F64)
+    u_params = torch.tensor([-2.0, 0.0], dtype=F64)  # rows 1…2 of the reduced (3, 1) layout
+    v_params = torch.zeros(1, dtype=F64)
     w = p(u_params, v_params)
     torch.testing.assert_close(w.flatten(), torch.tensor([-0.6, -0.8, 0.0], dtype=F64))
     with warnings.catch_warnings():
@@ -603,3 +603,42 @@ def test_bfloat16_layer(kind, method, spectrum):
         warnings.simplefilter("ignore")
         torch_sttp.parametrize(layer2, method, rank=3, spectrum=spectrum, init="pretrained")
     assert layer2.weight.dtype == torch.bfloat16 and torch.isfinite(layer2.weight.float()).all()
+
+
+# ------------------------------------------------------------------------------------------------- storage
+@pytest.mark.parametrize("spectrum", SPECTRA)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(384, 1536), (64, 32, 3, 3), (6, 10)], ids=str)
+def test_storage_follows_dof(method, spectrum, shape):
+    # stored entries = DOF + the ignored upper triangles of the full-form frames (at most two per layer)
+    p = SpectralParametrization(shape, 48, method, spectrum)
+    u, v, *s = p.initial_parameters("random", generator=torch.Generator().manual_seed(0))
+    assert u.dim() == v.dim() == 1
+    stored = u.numel() + v.numel() + sum(t.numel() for t in s)
+    triangles = sum(r * (r + 1) // 2 for side in (p.u_side, p.v_side)
+                    for (_, r), red in zip(side.frame_shapes, side.reduced) if not red)
+    assert p.dof == count_dof(p.layout_shape, method, 48, spectrum)
+    assert stored == p.dof + triangles
+
+
+def _padded_format1(p: SpectralParametrization, side, flat: torch.Tensor) -> torch.Tensor:
+    """The format-1 storage: every core's (n, r) LAPACK layout zero-padded into one (L, N, R) tensor."""
+    padded = torch.zeros(side.padded_shape, dtype=flat.dtype)
+    for k, (block, (n, r), red) in enumerate(zip(side.split(flat), side.frame_shapes, side.reduced)):
+        padded[k, n - block.shape[0]:n, :r] = block
+    return padded
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loads_format1_padded_checkpoint(method):
+    a, b = _model("conv"), _model("conv")
+    pa = torch_sttp.parametrize(a[0], method, rank=5, init="random", generator=torch.Generator().manual_seed(4))
+    torch_sttp.parametrize(b[0], method, rank=5, init="random", generator=torch.Generator().manual_seed(5))
+    sd = a.state_dict()
+    prefix = "0.parametrizations.weight."
+    sd[prefix + "original0"] = _padded_format1(pa, pa.u_side, sd[prefix + "original0"])
+    sd[prefix + "original1"] = _padded_format1(pa, pa.v_side, sd[prefix + "original1"])
+    sd[prefix + "0._extra_state"] = dict(sd[prefix + "0._extra_state"], format_version=1)
+    assert sd[prefix + "original0"].dim() == 3
+    b.load_state_dict(sd)
+    assert torch.equal(a[0].weight, b[0].weight)

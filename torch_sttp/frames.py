@@ -25,6 +25,7 @@ The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -35,6 +36,9 @@ __all__ = [
     "frame_dof",
     "householder_frame",
     "householder_frame_masked",
+    "free_block_shape",
+    "householder_frame_free",
+    "householder_frames_grouped",
     "padded_householder_frames",
     "frame_to_params",
     "frame_to_params_exact",
@@ -130,6 +134,65 @@ def householder_frame(params: torch.Tensor, reduced: bool = False) -> torch.Tens
     n, r = params.shape[-2:]
     mask = frame_mask(n, r, reduced, device=params.device, dtype=params.dtype)
     return householder_frame_masked(params, mask)
+
+
+def free_block_shape(n: int, r: int, reduced: bool = False) -> tuple[int, int]:
+    """Shape of the block of the LAPACK layout that holds a frame's free parameters: (n, r), or (n − r, r) reduced.
+
+    A reduced frame ignores rows < r of the layout, so only rows r…n−1 need storing; a full frame keeps the whole
+    (n, r) layout (its upper triangle, r(r+1)/2 entries, is ignored).
+    """
+    _check_shape(n, r)
+    return (n - r, r) if reduced else (n, r)
+
+
+def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -> torch.Tensor:
+    """Frame Q (…, n, r) from the free block of its reflectors (see :func:`free_block_shape`).
+
+    Full form: ``block`` is the (…, n, r) LAPACK layout, strictly-lower entries used. Reduced form: ``block`` is
+    (…, n − r, r), rows r…n−1 of the layout, so that Y = [I_r; block]. Equals ``householder_frame`` of the layout.
+    """
+    r = block.shape[-1]
+    if tuple(block.shape[-2:]) != free_block_shape(n, r, reduced):
+        raise ValueError(f"free reflector block of shape {tuple(block.shape)} does not fit a "
+                         f"{'reduced' if reduced else 'full'} frame of shape ({n}, {r}): expected "
+                         f"(…, {free_block_shape(n, r, reduced)[0]}, {r})")
+    out_dtype = block.dtype
+    work = _compute_dtype(out_dtype)
+    batch_shape = block.shape[:-2]
+    b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
+    if reduced:
+        eye = torch.eye(r, dtype=work, device=block.device).expand(b.shape[0], r, r)
+        y = torch.cat([eye, b], dim=-2)
+    else:
+        y = b.tril(-1) + torch.eye(n, r, dtype=work, device=block.device)
+    q = _CompactWY.apply(y)
+    return q.reshape(*batch_shape, n, r).to(out_dtype)
+
+
+def householder_frames_grouped(blocks: Sequence[torch.Tensor], rows: Sequence[int],
+                               reduced: Sequence[bool]) -> list[torch.Tensor]:
+    """Frames of many free blocks (see :func:`householder_frame_free`), one batched call per distinct shape.
+
+    ``blocks[p]`` is the free block of a frame with ``rows[p]`` rows, reduced where ``reduced[p]``. Blocks of one
+    (shape, form, dtype, device) are stacked into a single compact-WY call (paper supplement §7); returns the
+    frames (rows[p], r_p) in the input order.
+    """
+    if not len(blocks) == len(rows) == len(reduced):
+        raise ValueError(f"householder_frames_grouped: {len(blocks)} blocks, {len(rows)} row counts and "
+                         f"{len(reduced)} reduced flags; pass one of each per frame")
+    groups: dict = {}
+    for i, (b, n, red) in enumerate(zip(blocks, rows, reduced)):
+        groups.setdefault((tuple(b.shape), n, bool(red), b.dtype, b.device), []).append(i)
+    out: list = [None] * len(blocks)
+    for (_, n, red, _, _), members in groups.items():
+        if len(members) == 1:
+            out[members[0]] = householder_frame_free(blocks[members[0]], n, red)
+            continue
+        frames = householder_frame_free(torch.stack([blocks[i] for i in members]), n, red)
+        for i, q in zip(members, frames.unbind(0)):
+            out[i] = q
+    return out
 
 
 def padded_householder_frames(

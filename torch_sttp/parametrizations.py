@@ -13,12 +13,15 @@ for a learned spectrum, the vector S) to a layer's weight; it plugs into :mod:`t
   last U core is reduced too (§3.2).
 * Spectrum: ``"identity"`` Σ = I; ``"normalized"`` Σ = diag(S/‖S‖∞), so σ_max(W) = 1; ``"free"`` Σ = diag(S).
   Singular values are |Sᵢ|: S may carry signs.
-* The tensors are stored padded: each side's reflectors form one (L, N, R) tensor (L cores, padded to the largest
-  core), so a layer's frames are computed in one batched call. :attr:`SpectralParametrization.dof` counts only the
-  entries that move W.
+* Storage: each side's reflectors are one flat tensor, the free blocks of its cores one after the other (a full
+  frame's (n, r) LAPACK layout, or rows r…n−1 of a reduced one; :func:`~torch_sttp.frames.free_block_shape`), so
+  memory follows the DOF; frames of equal shape are computed in one batched call.
+  :attr:`SpectralParametrization.dof` counts only the entries that move W (the ignored upper triangles of full
+  frames are stored but inert).
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass
@@ -30,18 +33,21 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from .frames import INITS as FRAME_INITS
 from .frames import (
-    frame_mask,
+    frame_dof,
     frame_to_params,
     frame_to_params_exact,
-    householder_frame_masked,
+    free_block_shape,
+    householder_frame_free,
+    householder_frames_grouped,
     init_frame_params,
 )
 from .tt import check_method, check_rank, check_spectrum, contract_train, split_modes, tt_ranks, tt_svd
 
-__all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "svdp", "sttp", "INITS", "FORMAT_VERSION"]
+__all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "register", "svdp", "sttp", "INITS",
+           "FORMAT_VERSION"]
 
 INITS = FRAME_INITS + ("pretrained",)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: reflectors stored padded, one (L, N, R) tensor per side; 2: flat free blocks
 
 
 @dataclass(frozen=True)
@@ -61,17 +67,52 @@ class TrainSide:
         return [(self.ranks[k] * n, self.ranks[k + 1]) for k, n in enumerate(self.modes)]
 
     @property
+    def block_shapes(self) -> list[tuple[int, int]]:
+        """Shapes of the stored free blocks, one per core (see :func:`~torch_sttp.frames.free_block_shape`)."""
+        return [free_block_shape(n, r, red) for (n, r), red in zip(self.frame_shapes, self.reduced)]
+
+    @property
+    def numel(self) -> int:
+        """Length of the side's flat parameter tensor."""
+        return sum(a * b for a, b in self.block_shapes)
+
+    @property
+    def dof(self) -> int:
+        return sum(frame_dof(n, r, red) for (n, r), red in zip(self.frame_shapes, self.reduced))
+
+    @property
     def padded_shape(self) -> tuple[int, int, int]:
+        """(L, N, R) of the format-1 padded storage (read when loading old checkpoints)."""
         shapes = self.frame_shapes
         if not shapes:
             return (0, 1, 1)
         return (len(shapes), max(s[0] for s in shapes), max(s[1] for s in shapes))
 
-    def mask(self, dtype=torch.bool) -> torch.Tensor:
-        mask = torch.zeros(self.padded_shape, dtype=dtype)
-        for k, ((n, r), red) in enumerate(zip(self.frame_shapes, self.reduced)):
-            mask[k, :n, :r] = frame_mask(n, r, red, dtype=dtype)
-        return mask
+    def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the free blocks of a flat parameter tensor (numel,)."""
+        if flat.shape != (self.numel,):
+            raise ValueError(f"reflector tensor of shape {tuple(flat.shape)} does not fit this train side: "
+                             f"expected ({self.numel},) (free blocks {self.block_shapes})")
+        sizes = [a * b for a, b in self.block_shapes]
+        return [piece.view(shape) for piece, shape in zip(flat.split(sizes), self.block_shapes)]
+
+    def free_block(self, k: int, layout: torch.Tensor) -> torch.Tensor:
+        """The stored block of core k from its (n, r) LAPACK layout."""
+        return layout[self.frame_shapes[k][1]:] if self.reduced[k] else layout
+
+    def pack(self, layouts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Flat parameter tensor from the cores' (n, r) LAPACK layouts."""
+        if not layouts:
+            return torch.zeros(0)
+        return torch.cat([self.free_block(k, t).reshape(-1) for k, t in enumerate(layouts)])
+
+    def unpad(self, padded: torch.Tensor) -> torch.Tensor:
+        """Flat parameters from the format-1 padded (L, N, R) tensor."""
+        return self.pack([padded[k, :n, :r] for k, (n, r) in enumerate(self.frame_shapes)]).to(padded)
+
+    def frames(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Orthonormal frames (R_{k−1}·n_k, R_k) of the cores, equal shapes batched."""
+        return householder_frames_grouped(self.split(flat), [n for n, _ in self.frame_shapes], self.reduced)
 
 
 def _triangularizing_rotation(top: torch.Tensor) -> torch.Tensor:
@@ -127,8 +168,6 @@ class SpectralParametrization(nn.Module):
             tuple(self.out_modes), u_ranks, tuple([True] * (n_u - 1) + [spectrum == "identity"] * (n_u > 0))
         )
         self.v_side = TrainSide(tuple(reversed(self.in_modes)), v_ranks, tuple([True] * (n_v - 1) + [False] * (n_v > 0)))
-        self.register_buffer("u_mask", self.u_side.mask(torch.float32), persistent=False)
-        self.register_buffer("v_mask", self.v_side.mask(torch.float32), persistent=False)
         self._pending: tuple[torch.Tensor, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------- shapes, DOF
@@ -145,33 +184,31 @@ class SpectralParametrization(nn.Module):
     @property
     def dof(self) -> int:
         """Free parameters that move W (equals :func:`torch_sttp.tt.count_dof`)."""
-        n = int(self.u_mask.sum().item() + self.v_mask.sum().item())
-        if not (self.out_modes or self.in_modes):
-            n = 0
-        return n + (self.r_mid if self.has_spectrum else 0)
+        return self.u_side.dof + self.v_side.dof + (self.r_mid if self.has_spectrum else 0)
 
     def extra_repr(self) -> str:
         return (f"method={self.method}, rank={self.rank}, spectrum={self.spectrum}, weight_shape={self.weight_shape}, "
                 f"modes={self.out_modes}|{self.in_modes}, ranks={self.ranks}, dof={self.dof}")
 
     # -------------------------------------------------------------------------------------------------- forward
-    def train_cores(self, u_frames: torch.Tensor | None, v_frames: torch.Tensor | None):
-        """Cores of U and of V in the train's own orientation (R_{k−1}, n_k, R_k), from the sides' padded frames.
+    def train_cores(self, u_frames: Sequence[torch.Tensor], v_frames: Sequence[torch.Tensor]):
+        """Cores of U and of V in the train's own orientation (R_{k−1}, n_k, R_k), from the sides' frames.
 
         U cores (outer end → Σ) are read from frames with rows (R_{k−1}, n_k); V cores (Σ → outer end) from frames
         with rows (n_k, R_outer), so that zero parameters give the truncated identity on both sides.
         """
         u_side, v_side = self.u_side, self.v_side
-        cores_u = [u_frames[k, :rows, :cols].reshape(u_side.ranks[k], u_side.modes[k], u_side.ranks[k + 1])
-                   for k, (rows, cols) in enumerate(u_side.frame_shapes)]
-        cores_v = [v_frames[k, :rows, :cols].reshape(v_side.modes[k], v_side.ranks[k], v_side.ranks[k + 1])
-                   .permute(2, 0, 1) for k, (rows, cols) in enumerate(v_side.frame_shapes)]
+        cores_u = [u_frames[k].reshape(u_side.ranks[k], u_side.modes[k], u_side.ranks[k + 1])
+                   for k in range(len(u_side.modes))]
+        cores_v = [v_frames[k].reshape(v_side.modes[k], v_side.ranks[k], v_side.ranks[k + 1]).permute(2, 0, 1)
+                   for k in range(len(v_side.modes))]
         return cores_u, cores_v[::-1]
 
-    def factors_from_frames(self, u_frames, v_frames, u_params, s=None):
-        """(U, σ, Vᵀ) from precomputed padded frames of both sides (see :meth:`factors`)."""
+    def factors_from_frames(self, u_frames, v_frames, like: torch.Tensor, s=None):
+        """(U, σ, Vᵀ) from precomputed frames of both sides' cores (see :meth:`factors`); ``like`` gives the
+        dtype and device of a 1×1 side."""
         cores_u, cores_v = self.train_cores(u_frames, v_frames)
-        one = torch.ones(1, 1, dtype=u_params.dtype, device=u_params.device)
+        one = torch.ones(1, 1, dtype=like.dtype, device=like.device)
         u = contract_train(cores_u) if cores_u else one
         vt = contract_train(cores_v).reshape(self.r_mid, self.d_in) if cores_v else one
         return u, self.sigma(s), vt
@@ -186,9 +223,16 @@ class SpectralParametrization(nn.Module):
 
     def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):
         """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ."""
-        u_frames = householder_frame_masked(u_params, self.u_mask) if self.u_side.modes else None
-        v_frames = householder_frame_masked(v_params, self.v_mask) if self.v_side.modes else None
-        return self.factors_from_frames(u_frames, v_frames, u_params, s)
+        return self.factors_from_frames(*self.frames(u_params, v_params), u_params, s)
+
+    def frames(self, u_params: torch.Tensor, v_params: torch.Tensor) -> tuple[list, list]:
+        """Frames of every core of U and of V (lists, outer end → Σ), cores of one shape in one batched call."""
+        sides = (self.u_side, self.v_side)
+        blocks = [b for side, t in zip(sides, (u_params, v_params)) for b in side.split(t)]
+        rows = [n for side in sides for n, _ in side.frame_shapes]
+        frames = householder_frames_grouped(blocks, rows, self.u_side.reduced + self.v_side.reduced)
+        n_u = len(self.u_side.modes)
+        return frames[:n_u], frames[n_u:]
 
     def weight_from_factors(self, u, sigma, vt) -> torch.Tensor:
         """The layer's weight tensor from (U, σ, Vᵀ)."""
@@ -224,11 +268,9 @@ class SpectralParametrization(nn.Module):
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
         out = []
         for side in (self.u_side, self.v_side):
-            p = torch.zeros(side.padded_shape, dtype=dtype, device=device)
-            for k, ((n, r), red) in enumerate(zip(side.frame_shapes, side.reduced)):
-                p[k, :n, :r] = init_frame_params(n, r, init, red, alpha=alpha, generator=generator, dtype=dtype,
-                                                 device=device)
-            out.append(p)
+            layouts = [init_frame_params(n, r, init, red, alpha=alpha, generator=generator, dtype=dtype, device=device)
+                       for (n, r), red in zip(side.frame_shapes, side.reduced)]
+            out.append(side.pack(layouts).to(dtype=dtype, device=device))
         if self.has_spectrum:
             out.append(torch.ones(self.r_mid, dtype=dtype, device=device))
         return tuple(out)
@@ -264,7 +306,7 @@ class SpectralParametrization(nn.Module):
         modes = self.out_modes + self.in_modes
         if not modes:  # a 1×1 STTP weight
             s = w.reshape(1)
-            return self._finish(torch.zeros(0, 1, 1), torch.zeros(0, 1, 1), s, dtype, device)
+            return self._finish(torch.zeros(0), torch.zeros(0), s, dtype, device)
         cores = tt_svd(w.reshape(modes), self.ranks)
         n_out, n_cores = len(self.out_modes), len(modes)
         middle = None
@@ -330,11 +372,11 @@ class SpectralParametrization(nn.Module):
                           "direction negated", stacklevel=3)
             return
         k = len(self.u_side.modes) - 1
-        u_frame = householder_frame_masked(u_params[k, :u_rows, :u_cols],
-                                           frame_mask(u_rows, u_cols, True, dtype=u_params.dtype))
+        block = self.u_side.split(u_params)[k]
+        u_frame = householder_frame_free(block, u_rows, reduced=True)
         flip = torch.ones(u_cols, dtype=u_params.dtype)
         flip[int(torch.argmax(u_frame.diagonal()))] = -1.0
-        u_params[k, :u_rows, :u_cols] = frame_to_params_exact(u_frame * flip, reduced=True)
+        block.copy_(self.u_side.free_block(k, frame_to_params_exact(u_frame * flip, reduced=True)))
         v_cores[-1] = v_cores[-1] * flip
 
     def _finish(self, u_params, v_params, s, dtype, device) -> tuple[torch.Tensor, ...]:
@@ -348,10 +390,10 @@ class SpectralParametrization(nn.Module):
         """Reflectors of orthonormal cores; gauges (reduced form) and column signs are pushed towards Σ.
 
         Each core is laid out as its frame's rows then columns; ``push`` is the einsum applying a carried
-        (R × R) factor to the next core's outer rank index. Returns the padded parameters and the (R_Σ × R_Σ)
+        (R × R) factor to the next core's outer rank index. Returns the flat parameters and the (R_Σ × R_Σ)
         factor C left over at Σ: side = frames · C.
         """
-        params = torch.zeros(side.padded_shape, dtype=torch.float64)
+        layouts = []
         carry = None
         for k, core in enumerate(cores):
             if carry is not None:
@@ -366,11 +408,11 @@ class SpectralParametrization(nn.Module):
                 p, signs = frame_to_params_exact(frame, side.reduced[k]), torch.ones(cols, dtype=frame.dtype)
             else:
                 p, signs = frame_to_params(frame, side.reduced[k])
-            params[k, :rows, :cols] = p
+            layouts.append(p)
             carry = torch.diag(signs) if rotation is None else signs[:, None] * rotation.mT
         if carry is None:
             carry = torch.ones(1, 1, dtype=torch.float64)
-        return params, carry
+        return side.pack(layouts).to(torch.float64), carry
 
     # ------------------------------------------------------------------------------------ checkpoint metadata
     def config(self) -> dict:
@@ -460,8 +502,27 @@ def parametrize(
     p.to(weight.device)
     if init != "pretrained":
         p._pending = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
-    torch_parametrize.register_parametrization(module, tensor_name, p)
+    register(module, tensor_name, p)
     return p
+
+
+def register(module: nn.Module, tensor_name: str, p: SpectralParametrization) -> None:
+    """``register_parametrization(module, tensor_name, p)``, plus a load hook that reads format-1 checkpoints
+    (reflectors stored padded as one (L, N, R) tensor per side) into the flat storage."""
+    torch_parametrize.register_parametrization(module, tensor_name, p)
+    plist = module.parametrizations[tensor_name]
+    plist._register_load_state_dict_pre_hook(functools.partial(_upgrade_padded_reflectors, plist, p))
+
+
+def _upgrade_padded_reflectors(plist, p: SpectralParametrization, state_dict, prefix, *_args) -> None:
+    index = next((i for i, q in enumerate(plist) if q is p), None)
+    extra = state_dict.get(f"{prefix}{index}._extra_state")
+    if not (isinstance(extra, dict) and extra.get("format_version") == 1):
+        return
+    for name, side in (("original0", p.u_side), ("original1", p.v_side)):
+        t = state_dict.get(prefix + name)
+        if isinstance(t, torch.Tensor) and tuple(t.shape) == side.padded_shape:
+            state_dict[prefix + name] = side.unpad(t)
 
 
 def svdp(module: nn.Module, rank: int = 64, spectrum: str = "normalized", init: str = "noisy_identity",

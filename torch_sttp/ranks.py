@@ -542,10 +542,8 @@ def _set_svdp_from_svd(module: nn.Module, dense: torch.Tensor, oversample: int, 
     plist = module.parametrizations["weight"]
     with torch.no_grad():
         o0, o1 = plist.original0, plist.original1
-        o0.zero_()
-        o1.zero_()
-        o0[0, : p.d_out, :r].copy_(u_params.to(o0.dtype))
-        o1[0, : p.d_in, :r].copy_(v_params.to(o1.dtype))
+        o0.copy_(p.u_side.pack([u_params]).to(o0.dtype))
+        o1.copy_(p.v_side.pack([v_params]).to(o1.dtype))
         plist.original2.copy_((s * su * sv).to(plist.original2.dtype))
 
 

@@ -7,7 +7,7 @@
 Each converted layer keeps its class's behaviour (it becomes a subclass, e.g. ``SpectralLinear`` of ``nn.Linear``,
 then ``torch.nn.utils.parametrize`` makes it ``ParametrizedSpectralLinear``) and owns its parameters under
 ``<layer>.parametrizations.weight``. A :class:`FramePlanner` shared by the model's converted layers computes all
-orthonormal frames of one padded shape in one batched call, and hands each layer its factors (U, σ, Vᵀ).
+orthonormal frames of one shape in one batched call, and hands each layer its factors (U, σ, Vᵀ).
 The forward pass then either materialises W ("dense"), or runs the low-rank product without forming W
 ("lowrank": x ↦ Vᵀx ↦ σ ↦ U; for convs an r-filter convolution followed by a 1×1 convolution), or — for STTP
 Linear layers — contracts the input with the TT cores along an opt_einsum path ("tt"); "auto" picks the cheapest
@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .frames import householder_frame_masked
+from .frames import householder_frame_free, householder_frames_grouped, padded_householder_frames
 from .layers import SUPPORTED_TYPES, select_layers
 from .parametrizations import INITS, SpectralParametrization
+from .parametrizations import register as register_spectral
 from .tt import check_method, check_rank, check_spectrum
 
 __all__ = [
@@ -54,8 +55,8 @@ class NonFiniteParameterError(FloatingPointError):
 class FramePlanner:
     """Computes the factors (U, σ, Vᵀ) of every converted layer of a model, frames batched across layers.
 
-    ``batching``: ``"shape"`` stacks the reflectors of all frames of one padded shape into one call; ``"padded"``
-    pads every frame of the model to one shape and makes a single call; ``"none"`` computes each layer alone.
+    ``batching``: ``"shape"`` stacks the reflectors of all frames of one shape into one call; ``"padded"``
+    pads every frame of the model to one shape and makes a single call; ``"none"`` computes each frame alone.
 
     Results are reused only while valid: the parameters are the same tensors (storage, dtype, device) with unchanged
     version counters, the grad mode is the same, and — when gradients are being recorded — within one forward pass
@@ -137,40 +138,33 @@ class FramePlanner:
         layers = self._active_layers()
         if self.check_finite:
             _raise_if_not_finite(layers)
-        entries = []  # (layer index, side, params, mask)
+        blocks, rows, reduced, owners = [], [], [], []  # one entry per core of every layer: its free block
         for i, m in enumerate(layers):
             p = spectral_parametrization(m)
             originals = _originals(m)
-            for side_name, params, mask, side in (("u", originals[0], p.u_mask, p.u_side),
-                                                  ("v", originals[1], p.v_mask, p.v_side)):
-                if side.modes:
-                    entries.append((i, side_name, params, mask))
-        frames: dict[tuple[int, str], torch.Tensor] = {}
+            for side_name, params, side in (("u", originals[0], p.u_side), ("v", originals[1], p.v_side)):
+                for k, block in enumerate(side.split(params)):
+                    blocks.append(block)
+                    rows.append(side.frame_shapes[k][0])
+                    reduced.append(side.reduced[k])
+                    owners.append((i, side_name))
         if self.batching == "none":
-            for i, side_name, params, mask in entries:
-                frames[(i, side_name)] = householder_frame_masked(params, mask)
+            out = [householder_frame_free(b, n, red) for b, n, red in zip(blocks, rows, reduced)]
+        elif self.batching == "padded":
+            layouts = [torch.cat([b.new_zeros(b.shape[-1], b.shape[-1]), b]) if red else b
+                       for b, red in zip(blocks, reduced)]
+            out = padded_householder_frames(layouts, reduced)
         else:
-            groups: dict = {}
-            for e in entries:
-                params = e[2]
-                shape = (None, None) if self.batching == "padded" else tuple(params.shape[1:])
-                groups.setdefault((shape, params.dtype, params.device), []).append(e)
-            for (_, _, _), members in groups.items():
-                n = max(e[2].shape[1] for e in members)
-                r = max(e[2].shape[2] for e in members)
-                stacked = torch.cat([_pad(e[2], n, r) for e in members])
-                masks = torch.cat([_pad(e[3].to(e[2].dtype), n, r) for e in members])
-                out = householder_frame_masked(stacked, masks)
-                # split first: a slice of the whole batch would get a batch-sized zero gradient in backward
-                for e, piece in zip(members, out.split([e[2].shape[0] for e in members])):
-                    _, rows, cols = e[2].shape
-                    frames[(e[0], e[1])] = piece[:, :rows, :cols]
+            out = householder_frames_grouped(blocks, rows, reduced)
+        frames: dict[tuple[int, str], list[torch.Tensor]] = {}
+        for owner, q in zip(owners, out):
+            frames.setdefault(owner, []).append(q)
         result = {}
         for i, m in enumerate(layers):
             p = spectral_parametrization(m)
             originals = _originals(m)
             s = originals[2] if len(originals) > 2 else None
-            result[id(m)] = p.factors_from_frames(frames.get((i, "u")), frames.get((i, "v")), originals[0], s)
+            result[id(m)] = p.factors_from_frames(frames.get((i, "u"), []), frames.get((i, "v"), []), originals[0], s)
         return result
 
 
@@ -187,10 +181,6 @@ def _raise_if_not_finite(layers: list[nn.Module]) -> None:
                     f"layer {name!r}: {names[i]} hold NaN or inf ({int((~torch.isfinite(t)).sum())} of {t.numel()} "
                     "entries), e.g. after an exploding loss; lower the learning rate or clip gradients, and restore "
                     "the last good checkpoint")
-
-
-def _pad(t: torch.Tensor, n: int, r: int) -> torch.Tensor:
-    return F.pad(t, (0, r - t.shape[-1], 0, n - t.shape[-2])) if t.shape[-2:] != (n, r) else t
 
 
 def _originals(module: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -329,8 +319,7 @@ def _tt_einsum_spec(p: SpectralParametrization, batch: int):
 def _tt_cores(module, p: SpectralParametrization):
     """Cores of U, σ, and cores of V, all in the train's orientation (R_{k−1}, n_k, R_k)."""
     originals = _originals(module)
-    cores_u, cores_v = p.train_cores(householder_frame_masked(originals[0], p.u_mask),
-                                     householder_frame_masked(originals[1], p.v_mask))
+    cores_u, cores_v = p.train_cores(*p.frames(originals[0], originals[1]))
     sigma = p.sigma(originals[2]) if p.has_spectrum else None
     return cores_u, sigma, cores_v
 
@@ -578,7 +567,7 @@ def convert(
             if init != "pretrained":
                 p._pending = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
             try:
-                torch_parametrize.register_parametrization(module, "weight", p)
+                register_spectral(module, "weight", p)
             except ValueError as e:
                 raise ValueError(f"layer {name!r} ({original_cls.__name__}): {e}") from None
             module._sttp = LayerState(name=name, planner=planner, path=path)
