@@ -8,6 +8,7 @@ from torch_sttp.tt import (
     METHODS,
     SPECTRA,
     contract_train,
+    contract_train_from_right,
     count_dof,
     matrix_shape,
     prime_factors,
@@ -393,3 +394,12 @@ def test_contract_train_row_major():
     out = contract_train([c1, c2, c3])
     ref = torch.einsum("aib,bjc,ckd->aijkd", c1, c2, c3).reshape(-1, 1)
     torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("modes, rank", [([2, 3, 4], 3), ([5], 2), ([2, 2, 2, 2, 3], 4), ([7, 1, 3], 5)])
+def test_contract_train_from_right_equals_left_to_right(modes, rank):
+    ranks = [rank] + tt_ranks(modes, rank)[1:]  # an outer rank > 1 on the left, as for the V side of a train
+    g = torch.Generator().manual_seed(3)
+    cores = [torch.randn(ranks[k], n, ranks[k + 1], generator=g, dtype=torch.float64) for k, n in enumerate(modes)]
+    left = contract_train(cores).reshape(ranks[0], -1)
+    torch.testing.assert_close(contract_train_from_right(cores), left, rtol=1e-12, atol=1e-12)

@@ -104,8 +104,10 @@ class _CompactWY(torch.autograd.Function):
         grad_t_inv = -(grad_b @ x.mT)
         grad_gram = grad_t_inv.triu(1) + torch.diag_embed(0.5 * grad_t_inv.diagonal(dim1=-2, dim2=-1))
         grad_y = torch.baddbmm(y @ (grad_gram + grad_gram.mT), grad_q, x.mT, alpha=-1)
-        top = grad_y[..., :r, :] + grad_b.mT
-        return torch.cat([top, grad_y[..., r:, :]], dim=-2)
+        if torch.is_grad_enabled():
+            return torch.cat([grad_y[..., :r, :] + grad_b.mT, grad_y[..., r:, :]], dim=-2)
+        grad_y[..., :r, :] += grad_b.mT  # a fresh tensor: no copy of the whole gradient
+        return grad_y
 
 
 def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,7 +167,8 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
         eye = torch.eye(r, dtype=work, device=block.device).expand(b.shape[0], r, r)
         y = torch.cat([eye, b], dim=-2)
     else:
-        y = b.tril(-1) + torch.eye(n, r, dtype=work, device=block.device)
+        y = b.tril(-1)
+        y.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # unit diagonal, in place: tril's backward does not need y
     q = _CompactWY.apply(y)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 

@@ -41,7 +41,16 @@ from .frames import (
     householder_frames_grouped,
     init_frame_params,
 )
-from .tt import check_method, check_rank, check_spectrum, contract_train, split_modes, tt_ranks, tt_svd
+from .tt import (
+    check_method,
+    check_rank,
+    check_spectrum,
+    contract_train,
+    contract_train_from_right,
+    split_modes,
+    tt_ranks,
+    tt_svd,
+)
 
 __all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "register", "svdp", "sttp", "INITS",
            "FORMAT_VERSION"]
@@ -210,7 +219,10 @@ class SpectralParametrization(nn.Module):
         cores_u, cores_v = self.train_cores(u_frames, v_frames)
         one = torch.ones(1, 1, dtype=like.dtype, device=like.device)
         u = contract_train(cores_u) if cores_u else one
-        vt = contract_train(cores_v).reshape(self.r_mid, self.d_in) if cores_v else one
+        if len(v_frames) == 1:  # one V core (SVDP): Vᵀ as a view, no transposed copy
+            vt = v_frames[0].mT
+        else:  # from the outer end, where the ranks are small (R_Σ is not carried through every step)
+            vt = contract_train_from_right(cores_v) if cores_v else one
         return u, self.sigma(s), vt
 
     def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
