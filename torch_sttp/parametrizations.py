@@ -201,23 +201,28 @@ class SpectralParametrization(nn.Module):
 
     # -------------------------------------------------------------------------------------------------- forward
     def train_cores(self, u_frames: Sequence[torch.Tensor], v_frames: Sequence[torch.Tensor]):
-        """Cores of U and of V in the train's own orientation (R_{k−1}, n_k, R_k), from the sides' frames.
+        """Cores of U and of V in the train's own orientation (…, R_{k−1}, n_k, R_k), from the sides' frames.
 
         U cores (outer end → Σ) are read from frames with rows (R_{k−1}, n_k); V cores (Σ → outer end) from frames
-        with rows (n_k, R_outer), so that zero parameters give the truncated identity on both sides.
+        with rows (n_k, R_outer), so that zero parameters give the truncated identity on both sides. Frames may
+        carry leading batch dimensions (…), one train per batch entry.
         """
         u_side, v_side = self.u_side, self.v_side
-        cores_u = [u_frames[k].reshape(u_side.ranks[k], u_side.modes[k], u_side.ranks[k + 1])
-                   for k in range(len(u_side.modes))]
-        cores_v = [v_frames[k].reshape(v_side.modes[k], v_side.ranks[k], v_side.ranks[k + 1]).permute(2, 0, 1)
-                   for k in range(len(v_side.modes))]
+        cores_u = [f.reshape(*f.shape[:-2], u_side.ranks[k], u_side.modes[k], u_side.ranks[k + 1])
+                   for k, f in enumerate(u_frames)]
+        cores_v = [f.reshape(*f.shape[:-2], v_side.modes[k], v_side.ranks[k], v_side.ranks[k + 1]).movedim(-1, -3)
+                   for k, f in enumerate(v_frames)]
         return cores_u, cores_v[::-1]
 
-    def factors_from_frames(self, u_frames, v_frames, like: torch.Tensor, s=None):
-        """(U, σ, Vᵀ) from precomputed frames of both sides' cores (see :meth:`factors`); ``like`` gives the
-        dtype and device of a 1×1 side."""
+    def factors_from_frames(self, u_frames, v_frames, like: torch.Tensor, s=None, batch: Sequence[int] = ()):
+        """(U, σ, Vᵀ) from precomputed frames of both sides' cores (see :meth:`factors`).
+
+        With ``batch`` = (B,), the frames are (B, rows, cols), S is (B, R) and the factors come batched: U
+        (B, d_out, R), σ (B, R), Vᵀ (B, R, d_in) — B layers of one structure. ``like`` gives the dtype and device
+        of a side without cores (a dimension of 1).
+        """
         cores_u, cores_v = self.train_cores(u_frames, v_frames)
-        one = torch.ones(1, 1, dtype=like.dtype, device=like.device)
+        one = torch.ones(*batch, 1, 1, dtype=like.dtype, device=like.device)
         u = contract_train(cores_u) if cores_u else one
         if len(v_frames) == 1:  # one V core (SVDP): Vᵀ as a view, no transposed copy
             vt = v_frames[0].mT
@@ -226,11 +231,11 @@ class SpectralParametrization(nn.Module):
         return u, self.sigma(s), vt
 
     def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
-        """Σ's diagonal from S (None for the identity spectrum)."""
+        """Σ's diagonal from S (…, R) (None for the identity spectrum)."""
         if s is None:
             return None
         if self.spectrum == "normalized":
-            return s / s.abs().amax().clamp_min(self.eps)
+            return s / s.abs().amax(-1, keepdim=True).clamp_min(self.eps)
         return s
 
     def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):

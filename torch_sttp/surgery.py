@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .frames import householder_frame_free, householder_frames_grouped, padded_householder_frames
+from .frames import householder_frame_free, padded_householder_frames
 from .layers import SUPPORTED_TYPES, select_layers
 from .parametrizations import INITS, SpectralParametrization
 from .parametrizations import register as register_spectral
@@ -138,34 +138,60 @@ class FramePlanner:
         layers = self._active_layers()
         if self.check_finite:
             _raise_if_not_finite(layers)
-        blocks, rows, reduced, owners = [], [], [], []  # one entry per core of every layer: its free block
+        # layers of one structure (and dtype, device) form a group whose trains are contracted as one batch
+        groups: dict = {}
         for i, m in enumerate(layers):
             p = spectral_parametrization(m)
-            originals = _originals(m)
-            for side_name, params, side in (("u", originals[0], p.u_side), ("v", originals[1], p.v_side)):
-                for k, block in enumerate(side.split(params)):
-                    blocks.append(block)
-                    rows.append(side.frame_shapes[k][0])
-                    reduced.append(side.reduced[k])
-                    owners.append((i, side_name))
-        if self.batching == "none":
-            out = [householder_frame_free(b, n, red) for b, n, red in zip(blocks, rows, reduced)]
-        elif self.batching == "padded":
-            layouts = [torch.cat([b.new_zeros(b.shape[-1], b.shape[-1]), b]) if red else b
-                       for b, red in zip(blocks, reduced)]
-            out = padded_householder_frames(layouts, reduced)
-        else:
-            out = householder_frames_grouped(blocks, rows, reduced)
-        frames: dict[tuple[int, str], list[torch.Tensor]] = {}
-        for owner, q in zip(owners, out):
-            frames.setdefault(owner, []).append(q)
+            t = _originals(m)[0]
+            key = (i,) if self.batching != "shape" else (p.u_side, p.v_side, p.d_out, p.d_in, p.spectrum, p.eps,
+                                                          t.dtype, t.device)
+            groups.setdefault(key, []).append(i)
+        # one core batch (B, free rows, cols) per group, side and core: (group, side, k, member blocks, rows, reduced)
+        core_batches = []
+        for g, members in enumerate(groups.values()):
+            p = spectral_parametrization(layers[members[0]])
+            for side_index, side in enumerate((p.u_side, p.v_side)):
+                member_blocks = [side.split(_originals(layers[i])[side_index]) for i in members]
+                for k, (rows, _) in enumerate(side.frame_shapes):
+                    core_batches.append((g, side_index, [b[k] for b in member_blocks], rows, side.reduced[k]))
+        frames = self._frames(core_batches)
+        group_frames: dict = {}
+        for (g, side_index, *_), q in zip(core_batches, frames):
+            group_frames.setdefault((g, side_index), []).append(q)
         result = {}
-        for i, m in enumerate(layers):
-            p = spectral_parametrization(m)
-            originals = _originals(m)
-            s = originals[2] if len(originals) > 2 else None
-            result[id(m)] = p.factors_from_frames(frames.get((i, "u"), []), frames.get((i, "v"), []), originals[0], s)
+        for g, members in enumerate(groups.values()):
+            p = spectral_parametrization(layers[members[0]])
+            originals = [_originals(layers[i]) for i in members]
+            s = torch.stack([o[2] for o in originals]) if len(originals[0]) > 2 else None
+            u, sigma, vt = p.factors_from_frames(group_frames.get((g, 0), []), group_frames.get((g, 1), []),
+                                                 originals[0][0], s, batch=(len(members),))
+            sigmas = sigma.unbind(0) if sigma is not None else [None] * len(members)
+            for i, ui, si, vti in zip(members, u.unbind(0), sigmas, vt.unbind(0)):
+                result[id(layers[i])] = (ui, si, vti)
         return result
+
+    def _frames(self, core_batches) -> list[torch.Tensor]:
+        """Frames (B, rows, cols) of every core batch, computed as ``batching`` says."""
+        if self.batching == "none":
+            return [torch.stack([householder_frame_free(b, n, red) for b in blocks])
+                    for _, _, blocks, n, red in core_batches]
+        if self.batching == "padded":
+            flat = [(b, red) for _, _, blocks, _, red in core_batches for b in blocks]
+            layouts = [torch.cat([b.new_zeros(b.shape[-1], b.shape[-1]), b]) if red else b for b, red in flat]
+            out = iter(padded_householder_frames(layouts, [red for _, red in flat]))
+            return [torch.stack([next(out) for _ in blocks]) for _, _, blocks, _, _ in core_batches]
+        # "shape": all core batches of one frame shape stacked into a single compact-WY call
+        by_shape: dict = {}
+        for j, (_, _, blocks, n, red) in enumerate(core_batches):
+            b = blocks[0]
+            by_shape.setdefault((tuple(b.shape), n, red, b.dtype, b.device), []).append(j)
+        out: list = [None] * len(core_batches)
+        for (_, n, red, _, _), js in by_shape.items():
+            stacked = torch.stack([b for j in js for b in core_batches[j][2]])
+            pieces = householder_frame_free(stacked, n, red).split([len(core_batches[j][2]) for j in js])
+            for j, q in zip(js, pieces):
+                out[j] = q
+        return out
 
 
 def _raise_if_not_finite(layers: list[nn.Module]) -> None:

@@ -147,21 +147,23 @@ def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
 
 
 def contract_train(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract cores (R_{k−1}, n_k, R_k) into a matrix (R_0·n_1⋯n_D, R_D), row index row-major over the modes."""
-    out = cores[0].reshape(-1, cores[0].shape[-1])
+    """Contract cores (…, R_{k−1}, n_k, R_k) into a matrix (…, R_0·n_1⋯n_D, R_D), row index row-major over the
+    modes. Leading dimensions (…) are a batch of trains of one structure."""
+    lead = cores[0].shape[:-3]
+    out = cores[0].reshape(*lead, -1, cores[0].shape[-1])
     for core in cores[1:]:
-        out = (out @ core.reshape(core.shape[0], -1)).reshape(-1, core.shape[-1])
+        out = (out @ core.reshape(*lead, core.shape[-3], -1)).reshape(*lead, -1, core.shape[-1])
     return out
 
 
 def contract_train_from_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Contract cores (R_{k−1}, n_k, R_k) into a matrix (R_0, n_1⋯n_D·R_D), starting at the right end.
+    """Contract cores (…, R_{k−1}, n_k, R_k) into a matrix (…, R_0, n_1⋯n_D·R_D), starting at the right end.
 
     Same tensor as :func:`contract_train` (reshaped), cheaper when R_0 is large and the ranks shrink to the right:
     step k costs 2·R_{k−1}·n_k·R_k·(n_{k+1}⋯n_D·R_D) instead of carrying R_0 through every step.
     """
-    out = cores[-1].reshape(cores[-1].shape[0], -1)
+    lead = cores[-1].shape[:-3]
+    out = cores[-1].reshape(*lead, cores[-1].shape[-3], -1)
     for core in reversed(cores[:-1]):
-        out = (core.reshape(-1, core.shape[-1]) @ out).reshape(core.shape[0], -1)
+        out = (core.reshape(*lead, -1, core.shape[-1]) @ out).reshape(*lead, core.shape[-3], -1)
     return out
-
