@@ -159,8 +159,8 @@ def main(argv=None) -> None:
 
     for variant in ("svdp", "sttp"):
         model = _model(args, variant)
-        weights = _median_time(_weights_fn(model), args.reps)
-        floor = _median_time(_gemm_floor_fn(model), args.reps)
+        weights = _median_time(_weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
+        floor = _median_time(_gemm_floor_fn(model), max(args.reps, 11))
         step = _median_time(_train_step_fn(model, args), args.reps)
         model.eval()
         with torch.no_grad():

@@ -403,3 +403,24 @@ def test_contract_train_from_right_equals_left_to_right(modes, rank):
     cores = [torch.randn(ranks[k], n, ranks[k + 1], generator=g, dtype=torch.float64) for k, n in enumerate(modes)]
     left = contract_train(cores).reshape(ranks[0], -1)
     torch.testing.assert_close(contract_train_from_right(cores), left, rtol=1e-12, atol=1e-12)
+
+
+def test_tt_svd_exact_leading_bonds_get_identity_cores():
+    # bonds whose Holtz rank equals the left product cannot truncate: their cores are identities (no SVD of the
+    # very wide unfolding), and the train still meets the TT-SVD error bound
+    modes, rank = [2, 2, 2, 3, 2, 2], 6
+    ranks = tt_ranks(modes, rank)
+    t = torch.randn(modes, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    cores = tt_svd(t, ranks)
+    assert ranks[:3] == [1, 2, 4]
+    for k in (0, 1):
+        torch.testing.assert_close(cores[k].reshape(-1, ranks[k + 1]), torch.eye(ranks[k + 1], dtype=t.dtype))
+    for core in cores[:-1]:
+        mat = core.reshape(-1, core.shape[-1])
+        torch.testing.assert_close(mat.mT @ mat, torch.eye(mat.shape[1], dtype=t.dtype), rtol=0, atol=1e-12)
+    bound = 0.0
+    for k in range(1, len(modes)):
+        s = torch.linalg.svdvals(t.reshape(math.prod(modes[:k]), -1))
+        bound += (s[ranks[k]:] ** 2).sum().item()
+    err = (contract_train(cores).reshape(modes) - t).pow(2).sum().item()
+    assert err <= bound * (1 + 1e-9) + 1e-20

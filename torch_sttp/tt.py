@@ -138,8 +138,14 @@ def tt_svd(tensor: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
     rest = tensor.reshape(1, -1)
     for k, n in enumerate(modes[:-1]):
         mat = rest.reshape(ranks[k] * n, -1)
-        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         rk = ranks[k + 1]
+        if rk == mat.shape[0] <= mat.shape[1]:
+            # nothing to truncate: an identity core, the rest is the matrix itself (skips SVDs of very wide
+            # unfoldings, which cost time and numel-sized temporaries)
+            cores.append(torch.eye(rk, dtype=mat.dtype, device=mat.device).reshape(ranks[k], n, rk))
+            rest = mat
+            continue
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         cores.append(u[:, :rk].reshape(ranks[k], n, rk))
         rest = s[:rk, None] * vh[:rk]
     cores.append(rest.reshape(ranks[-2], modes[-1], 1))
