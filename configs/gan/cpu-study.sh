@@ -4,7 +4,7 @@
 #   configs/gan/cpu-study.sh train ROOT DEADLINE_MIN "SEEDS"   # train every config x seed, seed-major order;
 #                                                           # no new run starts after DEADLINE_MIN minutes
 #   configs/gan/cpu-study.sh inception ROOT N               # Inception KID/FID on N samples for finished runs
-#                                                           # (SEEDS=0 limits it to the seed-0 runs)
+#                                                           # not yet evaluated on N (SEEDS=0: seed-0 runs only)
 #   configs/gan/cpu-study.sh summarize ROOT                 # markdown tables of the finished runs
 #
 # CONFIGS overrides the list and order of configs/gan/mnist5k-cpu-<name>.yaml settings.
@@ -45,7 +45,8 @@ inception)
     runs=$(for d in "$root"/mnist5k-cpu-*-s${SEEDS:-*}; do [ -f "$d/summary.json" ] && echo "$d"; done)
     first=1
     for d in $runs; do
-        if grep -q '"kid"' "$d/summary.json"; then continue; fi
+        # done already at this sample count (a run evaluated on fewer samples is evaluated again)
+        if grep -q "\"inception_samples\": $n," "$d/summary.json"; then continue; fi
         stem=$(basename "$d"); c=${stem#mnist5k-cpu-}; s=${c##*-s}; c=${c%-s*}
         cmd="$PY -m torch_sttp.experiments.gan --config configs/gan/mnist5k-cpu-$c.yaml --seed $s --out $d \
 --cache-dir $root/cache --no-progress --eval-only --metrics kid,fid --inception-samples $n"
