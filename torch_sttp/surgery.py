@@ -102,9 +102,19 @@ class FramePlanner:
         self._cache, self._key = None, None
 
     def new_forward(self, *_args, **_kwargs) -> None:
-        """Root forward pre-hook: a new pass begins (recorded graphs are never reused across passes)."""
+        """Root forward pre-hook: a new pass begins (recorded graphs are never reused across passes).
+
+        When recording gradients, every layer's factors are computed here, before the model's own code runs, so
+        that they lie outside any activation-checkpointing segment of the model.
+        """
         self._forward_id += 1
         self._depth += 1
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.layers:
+            try:
+                self._cache, self._key = self._compute(), self._state_key()
+            except BaseException:
+                self._depth -= 1
+                raise
 
     def end_forward(self, *_args, **_kwargs) -> None:
         """Root forward hook (also called on errors): the pass is over."""
@@ -127,6 +137,12 @@ class FramePlanner:
             # the layer's own factors, in a graph of their own
             if self.check_finite and not torch.compiler.is_compiling():
                 _raise_if_not_finite([module])
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                # inside a backward pass: the recomputation of an activation-checkpointing segment. These factors
+                # stand in for the ones computed before the segment; saving their tensors through the checkpoint's
+                # hooks would add entries that the original forward never saved.
+                with torch.autograd.graph.saved_tensors_hooks(_detached, _same):
+                    return spectral_parametrization(module).factors(*_originals(module))
             return spectral_parametrization(module).factors(*_originals(module))
         key = self._state_key()
         if self._cache is None or key != self._key or id(module) not in self._cache:
@@ -192,6 +208,14 @@ class FramePlanner:
             for j, q in zip(js, pieces):
                 out[j] = q
         return out
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _raise_if_not_finite(layers: list[nn.Module]) -> None:
