@@ -988,3 +988,21 @@ def test_activation_checkpointing_matches_plain_training(method, mode):
             opt.step()
         for a, b in zip(*grads):
             assert_close(b, a)
+
+
+@pytest.mark.parametrize("path", ["auto", "tt", "lowrank", "dense"])
+def test_torch_compile_fullgraph_without_graph_breaks(path):
+    # a fresh STTP model (no eager call first, so no cached contraction plan) compiles into one graph; the TT path
+    # runs opt_einsum's order as plain torch.einsum steps
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 32)).double()
+    S.convert(model, method="sttp", rank=8, path=path, init="random", generator=gen(2))
+    x = torch.randn(3, 64, dtype=F64, generator=gen(3))
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)  # raises on any graph break
+    finally:
+        torch._dynamo.reset()
+    assert_close(out, model(x))
+    if path == "tt":
+        assert {m._sttp.last_path for _, m in S.converted_layers(model)} == {"tt"}

@@ -10,11 +10,12 @@ then ``torch.nn.utils.parametrize`` makes it ``ParametrizedSpectralLinear``) and
 orthonormal frames of one shape in one batched call, and hands each layer its factors (U, σ, Vᵀ).
 The forward pass then either materialises W ("dense"), or runs the low-rank product without forming W
 ("lowrank": x ↦ Vᵀx ↦ σ ↦ U; for convs an r-filter convolution followed by a 1×1 convolution), or — for STTP
-Linear layers — contracts the input with the TT cores along an opt_einsum path ("tt"); "auto" picks the cheapest
-by estimated FLOPs for the input at hand.
+Linear layers — contracts the input with the TT cores along an opt_einsum path, run as pairwise torch.einsum steps
+("tt"); "auto" picks the cheapest by estimated FLOPs for the input at hand.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
@@ -132,23 +133,35 @@ class FramePlanner:
 
     def factors(self, module: nn.Module):
         """(U, σ, Vᵀ) of ``module``, computing (and caching) all layers' factors when needed."""
+        return self._lookup(module, frames=False)
+
+    def frames(self, module: nn.Module) -> tuple[list, list]:
+        """The frames of ``module``'s U and V cores (lists, outer end → Σ), from the same cache as :meth:`factors`."""
+        return self._lookup(module, frames=True)
+
+    def _lookup(self, module: nn.Module, frames: bool):
         if torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self._depth):
             # traced, or a layer called outside a forward pass of the root model while recording gradients:
             # the layer's own factors, in a graph of their own
             if self.check_finite and not torch.compiler.is_compiling():
                 _raise_if_not_finite([module])
+            p, originals = spectral_parametrization(module), _originals(module)
+            compute = (lambda: p.frames(*originals[:2])) if frames else (lambda: p.factors(*originals))
             if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
                 # inside a backward pass: the recomputation of an activation-checkpointing segment. These factors
                 # stand in for the ones computed before the segment; saving their tensors through the checkpoint's
                 # hooks would add entries that the original forward never saved.
                 with torch.autograd.graph.saved_tensors_hooks(_detached, _same):
-                    return spectral_parametrization(module).factors(*_originals(module))
-            return spectral_parametrization(module).factors(*_originals(module))
+                    return compute()
+            return compute()
         key = self._state_key()
         if self._cache is None or key != self._key or id(module) not in self._cache:
             self._cache = self._compute()
             self._key = key
-        return self._cache[id(module)]
+        factors, (group_frames, j) = self._cache[id(module)]
+        if not frames:
+            return factors
+        return [q[j] for q in group_frames[0]], [q[j] for q in group_frames[1]]
 
     def _compute(self) -> dict[int, tuple]:
         layers = self._active_layers()
@@ -182,8 +195,9 @@ class FramePlanner:
             u, sigma, vt = p.factors_from_frames(group_frames.get((g, 0), []), group_frames.get((g, 1), []),
                                                  originals[0][0], s, batch=(len(members),))
             sigmas = sigma.unbind(0) if sigma is not None else [None] * len(members)
-            for i, ui, si, vti in zip(members, u.unbind(0), sigmas, vt.unbind(0)):
-                result[id(layers[i])] = (ui, si, vti)
+            frames_of_group = (group_frames.get((g, 0), []), group_frames.get((g, 1), []))
+            for j, (i, ui, si, vti) in enumerate(zip(members, u.unbind(0), sigmas, vt.unbind(0))):
+                result[id(layers[i])] = ((ui, si, vti), (frames_of_group, j))
         return result
 
     def _frames(self, core_batches) -> list[torch.Tensor]:
@@ -258,7 +272,6 @@ class LayerState:
     path: str = "auto"
     last_path: str | None = None
     last_flops_per_sample: float | None = None
-    tt_cache: dict = field(default_factory=dict)
     load_hook: object = None
 
 
@@ -301,12 +314,14 @@ class SpectralLinear(_SpectralMixin, nn.Linear):
         p = spectral_parametrization(self)
         batch = x.numel() // max(x.shape[-1], 1)
         r = p.r_mid
+        overhead = _op_overhead_flops(x.device)
         costs = {
-            "dense": 2.0 * p.d_out * p.d_in * batch + self._materialize_flops(),
-            "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch,
+            "dense": 2.0 * p.d_out * p.d_in * batch + self._materialize_flops() + overhead,
+            "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch + 3 * overhead,
         }
         if p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2 and self._sttp.path in ("auto", "tt"):
-            costs["tt"] = self._tt_plan(p, batch)[1]
+            steps, flops = self._tt_plan(p, batch)
+            costs["tt"] = flops + len(steps) * overhead
         path = self._sttp_choose(costs, batch)
         if path == "dense":
             return F.linear(x, self._sttp_dense_weight(), self.bias)
@@ -320,46 +335,72 @@ class SpectralLinear(_SpectralMixin, nn.Linear):
 
     # ---- TT path: y = contraction of the tensorised input with the cores of V, Σ and U (supplement §6, Fig. 8)
     def _tt_plan(self, p: SpectralParametrization, batch: int):
-        key = batch
-        cache = self._sttp.tt_cache
-        if key not in cache:
-            import opt_einsum
-
-            cores_shapes, subscripts = _tt_einsum_spec(p, batch)
-            path, info = opt_einsum.contract_path(subscripts, *cores_shapes, shapes=True, optimize="auto")
-            expr = opt_einsum.contract_expression(subscripts, *cores_shapes, optimize=path)
-            if len(cache) > 16:
-                cache.clear()
-            cache[key] = (expr, float(info.opt_cost))
-        return cache[key]
+        """(contraction steps, estimated FLOPs) of the TT path for ``batch`` inputs (cached per structure)."""
+        return _tt_contraction(tuple(p.in_modes), tuple(p.out_modes), tuple(p.ranks), p.has_spectrum, int(batch))
 
     def _tt_forward(self, p: SpectralParametrization, x: torch.Tensor, batch: int) -> torch.Tensor:
-        expr, _ = self._tt_plan(p, batch)
+        steps, _ = self._tt_plan(p, batch)
         cores_u, sigma, cores_v = _tt_cores(self, p)
         xt = x.reshape(batch, *p.in_modes)
         operands = [xt] + cores_v + ([sigma] if sigma is not None else []) + cores_u
-        y = expr(*operands, backend="torch").reshape(*x.shape[:-1], p.d_out)
+        for positions, equation in steps:  # pairwise einsums along the opt_einsum path: plain torch ops
+            picked = [operands.pop(i) for i in positions]
+            operands.append(torch.einsum(equation, *picked))
+        y = operands[0].reshape(*x.shape[:-1], p.d_out)
         return y if self.bias is None else y + self.bias
 
 
-def _tt_einsum_spec(p: SpectralParametrization, batch: int):
+def _op_overhead_flops(device: torch.device) -> float:
+    """The fixed cost of one more kernel call, in FLOPs of work it could have done instead (about 20 µs at
+    ~50 GFLOP/s on a CPU core; about 10 µs at tens of TFLOP/s on an accelerator). Keeps "auto" from choosing a
+    path of many tiny contractions, such as the TT path at batch 1, when one small GEMM is faster."""
+    return 1e6 if device.type == "cpu" else 1e8
+
+
+def _constant_result(fn):
+    """Mark ``fn`` as returning a constant under torch.compile (evaluated while tracing, not traced)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_result
+def _tt_contraction(in_modes: tuple, out_modes: tuple, ranks: tuple, has_spectrum: bool, batch: int):
+    """opt_einsum's contraction order for the TT path as ((operand positions, pairwise equation), …), and its cost.
+
+    Positions index the current operand list; each step pops those operands in order and appends its result
+    (opt_einsum's own convention), so the steps run with ``torch.einsum`` alone — no opt_einsum at run time,
+    and nothing that torch.compile cannot trace.
+    """
+    return _tt_contraction_cached(in_modes, out_modes, ranks, has_spectrum, batch)
+
+
+@functools.lru_cache(maxsize=512)
+def _tt_contraction_cached(in_modes: tuple, out_modes: tuple, ranks: tuple, has_spectrum: bool, batch: int):
+    import opt_einsum
+
+    shapes, subscripts = _tt_einsum_spec(in_modes, out_modes, ranks, has_spectrum, batch)
+    _, info = opt_einsum.contract_path(subscripts, *shapes, shapes=True, optimize="auto")
+    steps = tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
+    return steps, float(info.opt_cost)
+
+
+def _tt_einsum_spec(in_modes, out_modes, ranks, has_spectrum: bool, batch: int):
     """Operand shapes and einsum subscripts of y[b, out…] = x[b, in…]·V cores·σ·U cores."""
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     b = next(letters)
-    in_idx = [next(letters) for _ in p.in_modes]
-    out_idx = [next(letters) for _ in p.out_modes]
-    ranks = p.ranks
+    in_idx = [next(letters) for _ in in_modes]
+    out_idx = [next(letters) for _ in out_modes]
     bond = [next(letters) for _ in ranks]
-    n_out = len(p.out_modes)
-    shapes, terms = [(batch, *p.in_modes)], [b + "".join(in_idx)]
-    for j, n in enumerate(p.in_modes):  # V core for mode n_out + j in the original orientation
+    n_out = len(out_modes)
+    shapes, terms = [(batch, *in_modes)], [b + "".join(in_idx)]
+    for j, n in enumerate(in_modes):  # V core for mode n_out + j in the original orientation
         k = n_out + j
         shapes.append((ranks[k], n, ranks[k + 1]))
         terms.append(bond[k] + in_idx[j] + bond[k + 1])
-    if p.has_spectrum:
-        shapes.append((p.r_mid,))
+    if has_spectrum:
+        shapes.append((ranks[n_out],))
         terms.append(bond[n_out])
-    for k, n in enumerate(p.out_modes):
+    for k, n in enumerate(out_modes):
         shapes.append((ranks[k], n, ranks[k + 1]))
         terms.append(bond[k] + out_idx[k] + bond[k + 1])
     # the outer bonds have size 1; they are summed away
@@ -369,7 +410,7 @@ def _tt_einsum_spec(p: SpectralParametrization, batch: int):
 def _tt_cores(module, p: SpectralParametrization):
     """Cores of U, σ, and cores of V, all in the train's orientation (R_{k−1}, n_k, R_k)."""
     originals = _originals(module)
-    cores_u, cores_v = p.train_cores(*p.frames(originals[0], originals[1]))
+    cores_u, cores_v = p.train_cores(*module._sttp.planner.frames(module))
     sigma = p.sigma(originals[2]) if p.has_spectrum else None
     return cores_u, sigma, cores_v
 
