@@ -264,3 +264,24 @@ def test_is_needs_matching_fidelity_weights(tmp_path):
     ext = M.InceptionFeatures(progress=False, inception_weights=good)
     logits = ext.logits(np.ones((3, 2048), np.float32))
     assert logits.shape == (3, 1008) and np.allclose(logits, np.ones((3, 2048)) @ fc.numpy().T, rtol=1e-4, atol=1e-3)
+
+
+def test_summarize_never_mixes_inception_sample_counts(tmp_path):
+    from torch_sttp.experiments.gan import summarize_runs
+
+    runs = [(0, 1000, 100.0, 0.10), (1, 1000, 120.0, 0.20), (2, 100, 300.0, 0.90)]
+    for seed, n, fid, kid in runs:
+        d = tmp_path / f"run-s{seed}"
+        d.mkdir()
+        (d / "config.yaml").write_text("d_reduce: 4\n")
+        (d / "summary.json").write_text(json.dumps({"d": "sn", "g": "plain", "steps": 300, "seed": seed, "z_d": 100.0,
+                                                    "inception_samples": n, "fid": fid, "kid": kid}))
+    row = summarize_runs(tmp_path, inception_samples=1000).splitlines()[2].split(" | ")
+    head = summarize_runs(tmp_path, inception_samples=1000).splitlines()[0].split(" | ")
+    cell = dict(zip(head, row))
+    assert cell["n"] == "3" and cell["n (Inception, 1000 samples)"] == "2"
+    assert cell["FID"] == "110.0 ± 14.1"
+    assert cell["KIDx100"] == "15.00 ± 7.07"
+    mixed = dict(zip(summarize_runs(tmp_path).splitlines()[0].split(" | "),
+                     summarize_runs(tmp_path).splitlines()[2].split(" | ")))
+    assert mixed["FID"] == "173.3 ± 110.2"  # without the filter all three are averaged (what the filter prevents)

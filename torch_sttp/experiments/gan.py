@@ -819,10 +819,15 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summarize_runs(root) -> str:
+INCEPTION_KEYS = ("fid", "kid", "is")
+
+
+def summarize_runs(root, inception_samples: Optional[int] = None) -> str:
     """Markdown table (mean +- std over seeds) of every finished run below ``root`` (``*/summary.json``).
 
     Runs are grouped by (discriminator reduction, variant, generator variant, steps); ``n`` is the number of seeds.
+    With ``inception_samples``, Inception metrics (FID, KID, IS) come only from runs evaluated on that many samples,
+    and the column ``n (Inception)`` counts them; values on other sample counts are never averaged in.
     """
     groups: Dict[tuple, list] = {}
     for path in sorted(Path(root).glob("*/summary.json")):
@@ -836,11 +841,19 @@ def summarize_runs(root) -> str:
         key = (reduce, s.get("d"), s.get("g"), s.get("steps"))
         groups.setdefault(key, []).append(s)
     head = ["D", "variant", "G", "steps", "n"] + [c[1] for c in SUMMARY_COLUMNS]
+    if inception_samples is not None:
+        head.insert(5, f"n (Inception, {inception_samples} samples)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (reduce, d, g, steps), runs in sorted(groups.items(), key=lambda kv: (-kv[0][0], str(kv[0][1]))):
         cells = [f"reduced /{reduce}" if reduce > 1 else "full", str(d).upper(), str(g), str(steps), str(len(runs))]
+        scored = runs
+        if inception_samples is not None:
+            scored = [r for r in runs if r.get("inception_samples") == inception_samples
+                      and isinstance(r.get("kid", r.get("fid")), (int, float))]
+            cells.append(str(len(scored)))
         for key, _, digits, scale in SUMMARY_COLUMNS:
-            vals = [float(r[key]) * scale for r in runs if isinstance(r.get(key), (int, float))]
+            source = scored if key in INCEPTION_KEYS else runs
+            vals = [float(r[key]) * scale for r in source if isinstance(r.get(key), (int, float))]
             if not vals:
                 cells.append("-")
             elif len(vals) == 1:
@@ -926,17 +939,22 @@ def plot_samples_montage(run_dirs: Sequence, labels: Sequence[str], path, column
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--summarize"]:
-        if len(argv) not in (2, 4) or (len(argv) == 4 and argv[2] != "--plot"):
-            raise SystemExit("usage: python -m torch_sttp.experiments.gan --summarize ROOT [--plot CURVES.png]")
-        print(summarize_runs(argv[1]))
-        if len(argv) == 4:
-            plot_curves(argv[1], argv[3])
+        summary = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.gan --summarize",
+                                          description="markdown tables of the finished runs below ROOT")
+        summary.add_argument("root")
+        summary.add_argument("--plot", default=None, help="also plot the training curves to this PNG")
+        summary.add_argument("--inception-samples", type=int, default=None,
+                             help="take FID/KID/IS only from runs evaluated on this many samples")
+        opts = summary.parse_args(argv[1:])
+        print(summarize_runs(opts.root, opts.inception_samples))
+        if opts.plot:
+            plot_curves(opts.root, opts.plot)
         return 0
     parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.gan",
                                      description=__doc__.split("\n\n")[0])
     add_gan_arguments(parser)
-    parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] prints a markdown table of the finished runs below "
-                     "ROOT (and plots their training curves).")
+    parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] [--inception-samples N] prints a markdown table of "
+                     "the finished runs below ROOT (and plots their training curves).")
     args = parser.parse_args(argv)
     res = run_gan(args)
     keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
