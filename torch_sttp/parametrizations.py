@@ -119,10 +119,6 @@ class TrainSide:
         """Flat parameters from the format-1 padded (L, N, R) tensor."""
         return self.pack([padded[k, :n, :r] for k, (n, r) in enumerate(self.frame_shapes)]).to(padded)
 
-    def frames(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """Orthonormal frames (R_{k−1}·n_k, R_k) of the cores, equal shapes batched."""
-        return householder_frames_grouped(self.split(flat), [n for n, _ in self.frame_shapes], self.reduced)
-
 
 def _triangularizing_rotation(top: torch.Tensor) -> torch.Tensor:
     """Orthogonal G (r×r) with top·G upper triangular (an RQ decomposition of the r×r block ``top``)."""
