@@ -17,6 +17,7 @@ from torch_sttp.frames import (
     free_block_shape,
     householder_frame,
     householder_frame_free,
+    householder_frame_batches,
     householder_frames_grouped,
     householder_frame_masked,
     init_frame_params,
@@ -541,6 +542,21 @@ def test_grouped_frames_match_individual_frames():
         torch.testing.assert_close(q, householder_frame_free(b, n, red), rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="one of each"):
         householder_frames_grouped(blocks, [9], [False])
+
+
+def test_frame_batches_match_individual_frames():
+    specs = [(9, 4, False, 3), (9, 4, True, 1), (9, 4, False, 2), (6, 6, True, 1), (7, 1, False, 4)]
+    batches = [[_random_params(n, r, red, seed=60 + 10 * i + j)[n - free_block_shape(n, r, red)[0]:]
+                for j in range(b)] for i, (n, r, red, b) in enumerate(specs)]
+    frames = householder_frame_batches(batches, [n for n, *_ in specs], [red for _, _, red, _ in specs])
+    for q, blocks, (n, r, red, b) in zip(frames, batches, specs):
+        assert q.shape == (b, n, r)
+        for qi, block in zip(q, blocks):
+            torch.testing.assert_close(qi, householder_frame_free(block, n, red), rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="mixes block shapes"):
+        householder_frame_batches([[batches[0][0], batches[3][0]]], [9], [False])
+    with pytest.raises(ValueError, match="one of each"):
+        householder_frame_batches(batches, [9], [False])
 
 
 def test_free_block_rejects_wrong_shape():

@@ -38,6 +38,7 @@ __all__ = [
     "householder_frame_masked",
     "free_block_shape",
     "householder_frame_free",
+    "householder_frame_batches",
     "householder_frames_grouped",
     "padded_householder_frames",
     "frame_to_params",
@@ -173,29 +174,46 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 
+def householder_frame_batches(block_batches: Sequence[Sequence[torch.Tensor]], rows: Sequence[int],
+                              reduced: Sequence[bool]) -> list[torch.Tensor]:
+    """Frames of batches of free blocks (see :func:`householder_frame_free`), one compact-WY call per distinct shape.
+
+    ``block_batches[p]`` holds B_p free blocks of one shape, each the free block of a frame with ``rows[p]`` rows,
+    reduced where ``reduced[p]``. All blocks of one (shape, form, dtype, device) are stacked into a single batched
+    call (paper supplement §7); returns one (B_p, rows[p], r_p) tensor per batch, in the input order.
+    """
+    if not len(block_batches) == len(rows) == len(reduced):
+        raise ValueError(f"householder_frame_batches: {len(block_batches)} block batches, {len(rows)} row counts and "
+                         f"{len(reduced)} reduced flags; pass one of each per batch")
+    groups: dict = {}
+    for i, (blocks, n, red) in enumerate(zip(block_batches, rows, reduced)):
+        b = blocks[0]
+        if any(x.shape != b.shape for x in blocks):
+            raise ValueError(f"householder_frame_batches: batch {i} mixes block shapes "
+                             f"{sorted({tuple(x.shape) for x in blocks})}; a batch holds blocks of one shape")
+        groups.setdefault((tuple(b.shape), n, bool(red), b.dtype, b.device), []).append(i)
+    out: list = [None] * len(block_batches)
+    for (_, n, red, _, _), members in groups.items():
+        if len(members) == 1 and len(block_batches[members[0]]) == 1:
+            out[members[0]] = householder_frame_free(block_batches[members[0]][0], n, red).unsqueeze(0)
+            continue
+        stacked = torch.stack([b for i in members for b in block_batches[i]])
+        pieces = householder_frame_free(stacked, n, red).split([len(block_batches[i]) for i in members])
+        for i, q in zip(members, pieces):
+            out[i] = q
+    return out
+
+
 def householder_frames_grouped(blocks: Sequence[torch.Tensor], rows: Sequence[int],
                                reduced: Sequence[bool]) -> list[torch.Tensor]:
-    """Frames of many free blocks (see :func:`householder_frame_free`), one batched call per distinct shape.
+    """Frames (rows[p], r_p) of many free blocks, blocks of one shape in one batched call.
 
-    ``blocks[p]`` is the free block of a frame with ``rows[p]`` rows, reduced where ``reduced[p]``. Blocks of one
-    (shape, form, dtype, device) are stacked into a single compact-WY call (paper supplement §7); returns the
-    frames (rows[p], r_p) in the input order.
+    The one-block-per-frame form of :func:`householder_frame_batches`.
     """
     if not len(blocks) == len(rows) == len(reduced):
         raise ValueError(f"householder_frames_grouped: {len(blocks)} blocks, {len(rows)} row counts and "
                          f"{len(reduced)} reduced flags; pass one of each per frame")
-    groups: dict = {}
-    for i, (b, n, red) in enumerate(zip(blocks, rows, reduced)):
-        groups.setdefault((tuple(b.shape), n, bool(red), b.dtype, b.device), []).append(i)
-    out: list = [None] * len(blocks)
-    for (_, n, red, _, _), members in groups.items():
-        if len(members) == 1:
-            out[members[0]] = householder_frame_free(blocks[members[0]], n, red)
-            continue
-        frames = householder_frame_free(torch.stack([blocks[i] for i in members]), n, red)
-        for i, q in zip(members, frames.unbind(0)):
-            out[i] = q
-    return out
+    return [q[0] for q in householder_frame_batches([[b] for b in blocks], rows, reduced)]
 
 
 def padded_householder_frames(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .frames import householder_frame_free, padded_householder_frames
+from .frames import householder_frame_batches, householder_frame_free, padded_householder_frames
 from .layers import SUPPORTED_TYPES, select_layers
 from .parametrizations import INITS, SpectralParametrization
 from .parametrizations import register as register_spectral
@@ -211,17 +211,9 @@ class FramePlanner:
             out = iter(padded_householder_frames(layouts, [red for _, red in flat]))
             return [torch.stack([next(out) for _ in blocks]) for _, _, blocks, _, _ in core_batches]
         # "shape": all core batches of one frame shape stacked into a single compact-WY call
-        by_shape: dict = {}
-        for j, (_, _, blocks, n, red) in enumerate(core_batches):
-            b = blocks[0]
-            by_shape.setdefault((tuple(b.shape), n, red, b.dtype, b.device), []).append(j)
-        out: list = [None] * len(core_batches)
-        for (_, n, red, _, _), js in by_shape.items():
-            stacked = torch.stack([b for j in js for b in core_batches[j][2]])
-            pieces = householder_frame_free(stacked, n, red).split([len(core_batches[j][2]) for j in js])
-            for j, q in zip(js, pieces):
-                out[j] = q
-        return out
+        return householder_frame_batches([blocks for _, _, blocks, _, _ in core_batches],
+                                         [n for _, _, _, n, _ in core_batches],
+                                         [red for *_, red in core_batches])
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:

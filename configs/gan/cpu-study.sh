@@ -8,6 +8,8 @@
 #   configs/gan/cpu-study.sh summarize ROOT                 # markdown tables of the finished runs
 #
 # CONFIGS overrides the list and order of configs/gan/mnist5k-cpu-<name>.yaml settings.
+# STEPS overrides the configs' generator steps; INCEPTION=N scores each run on N samples right after it trains
+# (the real features must be cached in ROOT/cache already, e.g. copied from an earlier study root).
 # WORKERS (default 2) runs execute in parallel, each with one torch thread.  Run it niced in the background, e.g.
 #   nohup nice -n 10 configs/gan/cpu-study.sh train runs/gan-cpu 100 "0 1 2" > runs/gan-cpu-train.log 2>&1 &
 set -u
@@ -29,16 +31,21 @@ train)
     $PY -c "from torch_sttp.experiments.metrics import get_classifier as g; import torch; torch.set_num_threads(1); \
 print(g('mnist5k', None, 32, 1, '$root/cache', 'cpu', epochs=4, progress=False)[1])"
     for s in $seeds; do for c in $CONFIGS; do echo "$c $s"; done; done |
-    DEADLINE=$deadline ROOT=$root PY=$PY xargs -P "$WORKERS" -L 1 bash -c '
+    DEADLINE=$deadline ROOT=$root PY=$PY STEPS=${STEPS:-} INCEPTION=${INCEPTION:-} xargs -P "$WORKERS" -L 1 bash -c '
         c=$0; s=$1; out=$ROOT/mnist5k-cpu-$c-s$s
         if [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "skip $c seed $s (deadline)"; exit 0; fi
         # a run folder that exists belongs to a finished, running or interrupted run: never start it twice
         # (resume an interrupted one by hand with the same command)
         if ! mkdir "$out" 2>/dev/null; then echo "exists, skipped: $out"; exit 0; fi
         echo "$(date +%T) start $c seed $s"
-        $PY -m torch_sttp.experiments.gan --config configs/gan/mnist5k-cpu-$c.yaml --seed "$s" --out "$out" \
-            --cache-dir "$ROOT/cache" --no-progress > "$ROOT/logs/$c-s$s.log" 2>&1
-        echo "$(date +%T) end $c seed $s rc=$?"'
+        common="--config configs/gan/mnist5k-cpu-$c.yaml --seed $s --out $out --cache-dir $ROOT/cache --no-progress"
+        $PY -m torch_sttp.experiments.gan $common ${STEPS:+--steps $STEPS} > "$ROOT/logs/$c-s$s.log" 2>&1
+        echo "$(date +%T) end $c seed $s rc=$?"
+        if [ -n "$INCEPTION" ]; then
+            $PY -m torch_sttp.experiments.gan $common ${STEPS:+--steps $STEPS} --eval-only --metrics kid,fid \
+                --inception-samples "$INCEPTION" > "$ROOT/logs/inception-$c-s$s.log" 2>&1
+            echo "$(date +%T) inception $c seed $s rc=$?"
+        fi'
     ;;
 inception)
     n=${3:-100}
