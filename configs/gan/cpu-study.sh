@@ -38,11 +38,12 @@ print(g('mnist5k', None, 32, 1, '$root/cache', 'cpu', epochs=4, progress=False)[
         # (resume an interrupted one by hand with the same command)
         if ! mkdir "$out" 2>/dev/null; then echo "exists, skipped: $out"; exit 0; fi
         echo "$(date +%T) start $c seed $s"
-        common="--config configs/gan/mnist5k-cpu-$c.yaml --seed $s --out $out --cache-dir $ROOT/cache --no-progress"
-        $PY -m torch_sttp.experiments.gan $common ${STEPS:+--steps $STEPS} > "$ROOT/logs/$c-s$s.log" 2>&1
+        common="--config configs/gan/mnist5k-cpu-$c.yaml --seed $s --out $out --cache-dir $ROOT/cache --no-progress \
+${STEPS:+--steps $STEPS}"
+        $PY -m torch_sttp.experiments.gan $common > "$ROOT/logs/$c-s$s.log" 2>&1
         echo "$(date +%T) end $c seed $s rc=$?"
         if [ -n "$INCEPTION" ]; then
-            $PY -m torch_sttp.experiments.gan $common ${STEPS:+--steps $STEPS} --eval-only --metrics kid,fid \
+            $PY -m torch_sttp.experiments.gan $common --eval-only --metrics kid,fid \
                 --inception-samples "$INCEPTION" > "$ROOT/logs/inception-$c-s$s.log" 2>&1
             echo "$(date +%T) inception $c seed $s rc=$?"
         fi'

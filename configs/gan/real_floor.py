@@ -1,26 +1,24 @@
 """Real-vs-real Inception floor of the CPU GAN study (docs/results-gan.md).
 
-The cached reference set (the first N images of the training split's seed-0 permutation, what the recipe's FID/KID
-compare against) against the next N images of the same permutation: disjoint, same class balance.
+The recipe's FID/KID reference set (``ImageSource.fixed(N)``, its cached features) against the next N images of the
+same fixed permutation: disjoint, same class balance.
 
-    PYTHONPATH=. python configs/gan/real_floor.py runs/gan-cpu/cache 1000
+    PYTHONPATH=. python configs/gan/real_floor.py configs/gan/mnist5k-cpu-table1-sn.yaml runs/gan-cpu/cache 1000
 """
-import glob
 import sys
 
-import numpy as np
 import torch
 
-from torch_sttp.experiments.data import load_mnist5k
-from torch_sttp.experiments.metrics import InceptionFeatures, fid_from_features, kid_from_features
+from torch_sttp.experiments.gan import ImageSource, reference_data_key, resolve_config
+from torch_sttp.experiments.metrics import InceptionFeatures, cached_real_features, fid_from_features, kid_from_features
 
-cache, n = sys.argv[1], int(sys.argv[2])
+config, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.set_num_threads(2)
-reference = np.load(glob.glob(f"{cache}/real-features-inception-2015-12-05-pool3_mnist5k_{n}-*.npz")[0])["features"]
-images, labels = load_mnist5k(image_size=32, split="train").tensors
-order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-other = order[n:2 * n]
-print("classes of the second set", torch.bincount(labels[other]).tolist(), flush=True)
-features = InceptionFeatures(progress=False)(images[other])
+cfg = resolve_config(config=config)
+source = ImageSource(cfg, seed=0)
+inception = InceptionFeatures(progress=False)
+key = dict(reference_data_key(cfg), extractor=inception.name, n=n)
+reference = cached_real_features(key, lambda: source.fixed(n), inception, cache)
+features = inception(source.fixed(2 * n)[n:])
 kid, _ = kid_from_features(reference, features)
 print(f"real vs real, {n} vs {n}: FID {fid_from_features(reference, features):.2f}, KIDx100 {100 * kid:.3f}")

@@ -563,12 +563,17 @@ def _make_optimizers(cfg: Mapping, G: nn.Module, D: nn.Module, start_factor_step
     return opt_g, opt_d, sch_g, sch_d
 
 
+def reference_data_key(cfg: Mapping) -> dict:
+    """Cache key of the real images that FID/KID compare against: ``ImageSource.fixed(n)`` of this dataset."""
+    return dict(dataset=cfg["dataset"], split=cfg["data_split"], size=cfg["image_size"], seed=0)
+
+
 def _evaluator(cfg: Mapping, source: ImageSource, device, channels: int):
     """A callable ``(G, metrics, num, n_inception) -> dict`` with the classifier/Inception loaded lazily."""
     from . import metrics as M
 
     state: dict = {}
-    data_key = dict(dataset=cfg["dataset"], split=cfg["data_split"], size=cfg["image_size"], seed=0)
+    data_key = reference_data_key(cfg)
 
     def classifier():
         if "clf" not in state:
