@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from torch_sttp.experiments.models import WideResNet
-from torch_sttp.surgery import convert, converted_layers, spectral_parametrization
+from torch_sttp.modules import layer_state
+from torch_sttp.surgery import convert, converted_layers, forward_pass, spectral_parametrization
 
 
 def _median_time(fn, reps: int, warmup: int = 1) -> float:
@@ -70,17 +71,12 @@ def _weights_fn(model):
     the timing covers exactly the weight path (frames, contractions, U·Σ·Vᵀ) forward and backward.
     """
     layers = [m for _, m in converted_layers(model)]
-    planner = model._sttp_planner
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn(spectral_parametrization(m).weight_shape, generator=generator) for m in layers]
 
     def run():
-        planner.invalidate()
-        planner.new_forward()  # as inside a forward pass of the model: frames batched across layers
-        try:
-            weights = [spectral_parametrization(m).weight_from_factors(*planner.factors(m)) for m in layers]
-        finally:
-            planner.end_forward()
+        with forward_pass(model):  # as inside a forward pass of the model: frames batched across layers
+            weights = [m.spectral_weight() for m in layers]
         torch.autograd.backward(weights, grads)
 
     return run
@@ -167,7 +163,8 @@ def main(argv=None) -> None:
             evalt = _median_time(lambda: model(x_eval), args.reps)
         paths = {}
         for _, m in converted_layers(model):
-            paths[m._sttp.last_path] = paths.get(m._sttp.last_path, 0) + 1
+            path = layer_state(m).last_path
+            paths[path] = paths.get(path, 0) + 1
         print(f"{variant}: weights fwd+bwd {weights:.3f} s (their three GEMMs alone {floor:.3f} s), "
               f"train step {step:.3f} s, eval (cached) {evalt:.3f} s, "
               f"paths {paths}")

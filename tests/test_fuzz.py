@@ -30,6 +30,7 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 from torch.func import functional_call
 
+from torch_sttp.modules import layer_state
 from torch_sttp.surgery import (
     convert,
     converted_layers,
@@ -375,7 +376,7 @@ def check_case(case: dict) -> None:
         # --- forward and backward against the plain layer with the materialised weight
         y = call(x, **kwargs)
         assert torch.isfinite(y).all(), "output has NaN or inf"
-        path_taken = layer._sttp.last_path
+        path_taken = layer_state(layer).last_path
         _event(f"{case['kind']}{case.get('nd', '')}: path {path_taken}")
         assert path_taken in ("dense", "lowrank", "tt")
         if case["path"] in ("dense", "lowrank", "tt") and path_taken != case["path"]:
@@ -588,7 +589,7 @@ def test_embedding_padding_idx_lowrank_grad_matches_dense():
         emb = nn.Embedding(7, 5, padding_idx=2, dtype=torch.float64)
         model = convert(nn.Sequential(emb), "svdp", 3, "free", "random", path=p)
         model(torch.tensor([[2, 2, 1, 3]])).sum().backward()
-        assert emb._sttp.last_path == p
+        assert layer_state(emb).last_path == p
         grads[p] = [t.grad.clone() for t in originals(emb)]
     for g_dense, g_path in zip(grads["dense"], grads[path]):
         torch.testing.assert_close(g_path, g_dense, rtol=1e-12, atol=1e-12)

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 import torch_sttp
-from torch_sttp.parametrizations import SpectralParametrization
+from torch_sttp.parametrizations import SpectralParametrization, spectrum_warnings
 from torch_sttp.tt import METHODS, SPECTRA, count_dof
 
 F64 = torch.float64
@@ -37,9 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _clear_warned():
-    SpectralParametrization._warned.clear()
+    spectrum_warnings.reset()
     yield
-    SpectralParametrization._warned.clear()
+    spectrum_warnings.reset()
 
 
 def random_point(p, seed=0, dtype=F64, noise=0.3):
@@ -332,7 +332,7 @@ def test_right_inverse_free_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         p.right_inverse(torch.randn(6, 10, dtype=F64))
-    assert "free" not in SpectralParametrization._warned
+    assert "free" not in spectrum_warnings.given
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from torch_sttp.modules import layer_state
 from torch_sttp.experiments.models import build_model, state_dict_numel
 from torch_sttp.experiments.paper import PAPER_SETTINGS, reproduce_compression
 from torch_sttp.report import CompressionReport, compression, count_model_dof, report
@@ -227,8 +228,8 @@ def test_example_input_records_paths_and_restores_modes():
         assert row.path in ("dense", "lowrank", "tt")
         assert row.flops_per_sample is not None and row.flops_per_sample >= 0
         layer = dict(converted_layers(model))[row.name]
-        assert row.path == layer._sttp.last_path
-        assert row.flops_per_sample == layer._sttp.last_flops_per_sample
+        assert row.path == layer_state(layer).last_path
+        assert row.flops_per_sample == layer_state(layer).last_flops_per_sample
     assert rep.flops_per_sample == pytest.approx(sum(r.flops_per_sample for r in rep.layers))
     assert "FLOPs/sample" in rep.summary()
     # keyword inputs are passed through

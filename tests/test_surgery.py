@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from torch_sttp.modules import layer_state, original_class
+import torch_sttp
 from torch_sttp import parametrizations as P
 from torch_sttp import surgery as S
 
@@ -159,7 +161,7 @@ def check_layer(factory, shape, fwd_kwargs, method, path, spectrum, dtype):
     assert S.spectral_parametrization(layer) is not None
     torch.manual_seed(0)
     ref = factory().to(dtype)  # the plain layer, same type and options
-    assert type(ref) is S._base_class(layer)
+    assert type(ref) is original_class(layer)
     with torch.no_grad():
         ref.weight.copy_(layer.weight)
         if getattr(ref, "bias", None) is not None:
@@ -207,7 +209,7 @@ def test_layer_matches_original_float64(case, method, path, spectrum):
     if path == "lowrank" and not isinstance(layer, ScaledConv1d):
         grouped = getattr(layer, "groups", 1) != 1
         expected = "dense" if grouped or getattr(layer, "scale_grad_by_freq", False) else "lowrank"
-        assert layer._sttp.last_path == expected
+        assert layer_state(layer).last_path == expected
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
@@ -226,7 +228,7 @@ def test_sttp_linear_tt_path(shape, spectrum, dtype):
     d_in, d_out = shape
     layer = check_layer(lambda: nn.Linear(d_in, d_out), (2, 3, d_in), {}, "sttp", "tt", spectrum, dtype)
     p = S.spectral_parametrization(layer)
-    assert layer._sttp.last_path == ("tt" if len(p.out_modes) + len(p.in_modes) > 2 else "dense")
+    assert layer_state(layer).last_path == ("tt" if len(p.out_modes) + len(p.in_modes) > 2 else "dense")
 
 
 def test_embedding_padding_rows_get_no_gradient():
@@ -241,7 +243,7 @@ def test_embedding_padding_rows_get_no_gradient():
                 w[INDICES == 2] = weight
                 (y * w).sum().backward()
                 result.append(grads(layer))
-            assert layer._sttp.last_path == path
+            assert layer_state(layer).last_path == path
             for a, b in zip(*result):
                 torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
@@ -517,35 +519,28 @@ def test_in_place_parameter_edits_are_seen():
             assert torch.equal(a, b)
 
 
-def test_planner_reuses_cache_in_eval_no_grad(monkeypatch):
+def test_planner_reuses_cache_in_eval_no_grad():
     model = cache_model().eval()
-    planner = model._sttp_planner
-    calls = []
-    original = planner._compute
-
-    def counting():
-        calls.append(1)
-        return original()
-
-    monkeypatch.setattr(planner, "_compute", counting)
+    planner = torch_sttp.conversion(model).planner
+    start = planner.computations
     x = net_input(1)
     with torch.no_grad():
         y0 = model(x)
         model(x)
         model(net_input(2))
-        assert len(calls) == 1  # all four layers in one computation, reused afterwards
+        assert planner.computations - start == 1  # all four layers in one computation, reused afterwards
         with torch.no_grad():
             model.head.parametrizations.weight.original1.add_(0.1)
         y1 = model(x)
-        assert len(calls) == 2
+        assert planner.computations - start == 2
         model(x)
-        assert len(calls) == 2
+        assert planner.computations - start == 2
     assert not torch.allclose(y0[0], y1[0])
     assert torch.equal(y0[1], y1[1])
     model(x)  # with grad: a new computation for every forward pass
-    assert len(calls) == 3
+    assert planner.computations - start == 3
     model(x)
-    assert len(calls) == 4
+    assert planner.computations - start == 4
 
 
 def test_dtype_change_and_removed_parametrization():
@@ -635,7 +630,7 @@ IDX4 = torch.tensor([[1, 0, 3, 4], [5, 11, 0, 2]])
 def test_to_dense_and_remove_parametrizations(method):
     model = mixed(method)
     expected = model(IDX4).detach()
-    originals = {n: S._base_class(m) for n, m in S.converted_layers(model)}
+    originals = {n: original_class(m) for n, m in S.converted_layers(model)}
     dense = S.to_dense(copy.deepcopy(model))
     for name, cls in originals.items():
         assert type(dense.get_submodule(name)) is cls
@@ -932,11 +927,11 @@ def test_check_finite_is_off_by_default_and_costs_one_check(monkeypatch):
 
     model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 4))
     S.convert(model, "svdp", 3)
-    assert model._sttp_planner.check_finite is False
+    assert torch_sttp.conversion(model).planner.check_finite is False
     with torch.no_grad():
         model[1].parametrizations.weight.original2[0] = float("nan")
     assert torch.isnan(model(torch.randn(2, 6))).all()  # unchecked: the NaN spreads, as documented
-    model._sttp_planner.check_finite = True
+    torch_sttp.set_check_finite(model, True)
     calls = []
     real = torch.isfinite
     monkeypatch.setattr(surgery.torch, "isfinite", lambda t: calls.append(t.numel()) or real(t))
@@ -1005,4 +1000,44 @@ def test_torch_compile_fullgraph_without_graph_breaks(path):
         torch._dynamo.reset()
     assert_close(out, model(x))
     if path == "tt":
-        assert {m._sttp.last_path for _, m in S.converted_layers(model)} == {"tt"}
+        assert {layer_state(m).last_path for _, m in S.converted_layers(model)} == {"tt"}
+
+
+# ================================================================================= conversion record
+def test_conversion_record_is_public_and_deepcopy_gets_its_own():
+    import copy
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.MultiheadAttention(4, 2))
+    S.convert(model, "sttp", 3, include=nn.Linear)
+    record = torch_sttp.conversion(model)
+    assert record.options["method"] == "sttp" and record.options["rank"] == 3
+    assert [m for m in record.planner.layers] == [model[0], model[2]]
+    twin = copy.deepcopy(model)
+    twin_record = torch_sttp.conversion(twin)
+    assert twin_record is not record and twin_record.planner is not record.planner
+    assert twin_record.planner.layers == [twin[0], twin[2]]
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(twin[:3](x), model[:3](x))
+    with torch.no_grad():  # an EMA-style in-place change of the copy does not touch the original
+        for p in twin.parameters():
+            p.mul_(0.5)
+    y_model = model[:3](x)
+    assert not torch.allclose(twin[:3](x), y_model)
+    torch.testing.assert_close(model[:3](x), y_model)
+    S.to_dense(twin)
+    assert torch_sttp.conversion(twin) is None and torch_sttp.conversion(model) is record
+
+
+def test_forward_pass_context_computes_all_frames_once():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    S.convert(model, "svdp", 3)
+    planner = torch_sttp.conversion(model).planner
+    start = planner.computations
+    with torch_sttp.forward_pass(model):
+        weights = [m.spectral_weight() for m in model]
+    assert planner.computations - start == 1
+    for m, w in zip(model, weights):
+        torch.testing.assert_close(w, m.weight)
+    with pytest.raises(ValueError, match="not converted"):
+        with torch_sttp.forward_pass(nn.Linear(2, 2)):
+            pass

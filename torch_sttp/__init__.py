@@ -6,7 +6,16 @@ from .frames import (
     init_frame_params,
     padded_householder_frames,
 )
-from .parametrizations import STTP, SVDP, SpectralParametrization, parametrize, sttp, svdp
+from .parametrizations import (
+    STTP,
+    SVDP,
+    SpectralParametrization,
+    parametrization_tensors,
+    parametrize,
+    spectral_parametrization,
+    sttp,
+    svdp,
+)
 from .ranks import RankPlan, project, select_ranks
 from .report import CompressionReport, compression, count_model_dof, report
 from .spectral import (
@@ -23,7 +32,8 @@ from .spectral import (
     snapshot_spectra,
     spectral_stats,
 )
-from .surgery import convert, converted_layers, skipped_layers, to_dense, to_factorized
+from .export import to_dense, to_factorized
+from .surgery import conversion, convert, converted_layers, forward_pass, set_check_finite, skipped_layers
 from .tt import count_dof
 
 __version__ = "0.1.0"

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import torch
 
+from .options import FRAME_INITS as INITS
+
 __all__ = [
     "INITS",
     "frame_mask",
@@ -45,9 +47,6 @@ __all__ = [
     "frame_to_params_exact",
     "init_frame_params",
 ]
-
-INITS = ("identity", "random", "noisy_identity")
-
 
 def _check_shape(n: int, r: int) -> None:
     if not (isinstance(n, int) and isinstance(r, int)) or n < 1 or r < 1 or r > n:

@@ -12,9 +12,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .tt import check_rank
+from .tt import check_rank, layout_view, transposed_layout_shape
 
-__all__ = ["SUPPORTED_TYPES", "layout_shape", "weight_matrix", "as_patterns", "matches", "select_layers"]
+__all__ = ["SUPPORTED_TYPES", "layout_shape", "weight_matrix", "matrix_to_weight", "is_transposed_conv", "as_patterns",
+           "matches", "select_layers"]
 
 SUPPORTED_TYPES = (
     nn.Linear,
@@ -26,18 +27,24 @@ SUPPORTED_TYPES = (
 
 def layout_shape(module: nn.Module, shape=None) -> tuple[int, ...]:
     """The weight shape in the (d_out, C_in, *kernel) layout: a transposed conv's first two axes swapped."""
-    shape = tuple(int(s) for s in (module.weight.shape if shape is None else shape))
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (shape[1], shape[0], *shape[2:])
-    return shape
+    return transposed_layout_shape(module.weight.shape if shape is None else shape, is_transposed_conv(module))
 
 
 def weight_matrix(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's weight as the matrix W (d_out, d_in) of the paper (d_in = C_in·∏kernel)."""
-    weight = module.weight if weight is None else weight
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        weight = weight.transpose(0, 1)
+    weight = layout_view(module.weight if weight is None else weight, is_transposed_conv(module))
     return weight.reshape(weight.shape[0], -1)
+
+
+def matrix_to_weight(module: nn.Module, matrix: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`weight_matrix`: the weight tensor of ``shape`` (the layer's own weight shape)."""
+    transposed = is_transposed_conv(module)
+    return layout_view(matrix.reshape(transposed_layout_shape(shape, transposed)), transposed)
+
+
+def is_transposed_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is a transposed convolution (its weight is (C_in, C_out, *kernel))."""
+    return isinstance(module, nn.modules.conv._ConvTransposeNd)
 
 
 def as_patterns(x) -> list:

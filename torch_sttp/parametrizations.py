@@ -21,6 +21,7 @@ for a learned spectrum, the vector S) to a layer's weight; it plugs into :mod:`t
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -31,7 +32,6 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .frames import INITS as FRAME_INITS
 from .frames import (
     frame_dof,
     frame_to_params,
@@ -41,21 +41,20 @@ from .frames import (
     householder_frames_grouped,
     init_frame_params,
 )
+from .options import FRAME_INITS, INITS, check_init, check_method, check_rank, check_spectrum
 from .tt import (
-    check_method,
-    check_rank,
-    check_spectrum,
     contract_train,
     contract_train_from_right,
+    layout_view,
     split_modes,
+    transposed_layout_shape,
     tt_ranks,
     tt_svd,
 )
 
 __all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "register", "svdp", "sttp", "INITS",
-           "FORMAT_VERSION"]
+           "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors"]
 
-INITS = FRAME_INITS + ("pretrained",)
 FORMAT_VERSION = 2  # 1: reflectors stored padded, one (L, N, R) tensor per side; 2: flat free blocks
 
 
@@ -120,6 +119,24 @@ class TrainSide:
         return self.pack([padded[k, :n, :r] for k, (n, r) in enumerate(self.frame_shapes)]).to(padded)
 
 
+class WarnOnce:
+    """Warnings given once per process and key (e.g. once per spectrum for lossy loads); ``reset()`` forgets."""
+
+    def __init__(self) -> None:
+        self.given: set = set()
+
+    def warn(self, key, message: str, stacklevel: int = 4) -> None:
+        if key not in self.given:
+            self.given.add(key)
+            warnings.warn(message, stacklevel=stacklevel)
+
+    def reset(self) -> None:
+        self.given.clear()
+
+
+spectrum_warnings = WarnOnce()  # dense weights loaded into a non-free spectrum lose their scale or spectrum
+
+
 def _triangularizing_rotation(top: torch.Tensor) -> torch.Tensor:
     """Orthogonal G (r×r) with top·G upper triangular (an RQ decomposition of the r×r block ``top``)."""
     r = top.shape[-1]
@@ -173,14 +190,13 @@ class SpectralParametrization(nn.Module):
             tuple(self.out_modes), u_ranks, tuple([True] * (n_u - 1) + [spectrum == "identity"] * (n_u > 0))
         )
         self.v_side = TrainSide(tuple(reversed(self.in_modes)), v_ranks, tuple([True] * (n_v - 1) + [False] * (n_v > 0)))
-        self._pending: tuple[torch.Tensor, ...] | None = None
+        self._initial: tuple[torch.Tensor, ...] | None = None
 
     # ----------------------------------------------------------------------------------------------- shapes, DOF
     @property
     def layout_shape(self) -> tuple[int, ...]:
         """The weight in the (d_out, C_in, *kernel) layout (a transposed conv's first two axes swapped)."""
-        s = self.weight_shape
-        return (s[1], s[0], *s[2:]) if self.transposed else s
+        return transposed_layout_shape(self.weight_shape, self.transposed)
 
     @property
     def has_spectrum(self) -> bool:
@@ -249,8 +265,7 @@ class SpectralParametrization(nn.Module):
 
     def weight_from_factors(self, u, sigma, vt) -> torch.Tensor:
         """The layer's weight tensor from (U, σ, Vᵀ)."""
-        w = ((u if sigma is None else u * sigma) @ vt).reshape(self.layout_shape)
-        return w.transpose(0, 1) if self.transposed else w
+        return layout_view(((u if sigma is None else u * sigma) @ vt).reshape(self.layout_shape), self.transposed)
 
     def matrix(self, u_params, v_params, s=None) -> torch.Tensor:
         """W as a (d_out, d_in) matrix."""
@@ -289,7 +304,15 @@ class SpectralParametrization(nn.Module):
         return tuple(out)
 
     # ------------------------------------------------------------------------------------------- right inverse
-    _warned: set = set()
+    @contextlib.contextmanager
+    def initial_values(self, tensors: tuple[torch.Tensor, ...] | None):
+        """Within this context, the first :meth:`right_inverse` call (the one ``register_parametrization`` makes)
+        returns ``tensors`` instead of projecting the current weight; None projects it (``init="pretrained"``)."""
+        self._initial = tensors
+        try:
+            yield self
+        finally:
+            self._initial = None
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Parameters whose W is the best approximation of ``weight`` in this parametrization.
@@ -298,29 +321,36 @@ class SpectralParametrization(nn.Module):
         paper's form (orthonormal cores on both sides of Σ). Exact for ``"free"``; with ``"normalized"`` the loaded
         weight comes back scaled by 1/σ_max, and with ``"identity"`` its singular values become 1.
         """
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            return pending
+        if self._initial is not None:
+            initial, self._initial = self._initial, None
+            return initial
+        self._check_weight(weight)
+        if self.spectrum != "free":
+            what = "scaled by 1/σ_max" if self.spectrum == "normalized" else "given unit singular values"
+            spectrum_warnings.warn(self.spectrum, f"loading a dense weight into the {self.spectrum!r} spectrum: the "
+                                   f"weight is {what}; use spectrum='free' to keep its scale")
+        dtype, device = weight.dtype, weight.device
+        w = layout_view(weight.detach().to(torch.float64), self.transposed)
+        modes = self.out_modes + self.in_modes
+        if not modes:  # a 1×1 STTP weight
+            return self._finish(torch.zeros(0), torch.zeros(0), w.reshape(1), dtype, device)
+        u_cores, s, v_cores = self._paper_form(w.reshape(modes))
+        return self._finish(*self._params_from_cores(u_cores, s, v_cores), dtype, device)
+
+    def _check_weight(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != self.weight_shape:
             raise ValueError(f"right_inverse: weight of shape {tuple(weight.shape)} does not match this "
                              f"parametrization's weight shape {self.weight_shape}")
         if not torch.isfinite(weight).all():
             raise ValueError(f"right_inverse: weight of shape {self.weight_shape} has NaN or inf entries; "
                              "fix the weight before loading it")
-        if self.spectrum != "free" and self.spectrum not in SpectralParametrization._warned:
-            SpectralParametrization._warned.add(self.spectrum)
-            what = "scaled by 1/σ_max" if self.spectrum == "normalized" else "given unit singular values"
-            warnings.warn(f"loading a dense weight into the {self.spectrum!r} spectrum: the weight is {what}; "
-                          "use spectrum='free' to keep its scale", stacklevel=2)
-        dtype, device = weight.dtype, weight.device
-        w = weight.detach().to(torch.float64)
-        if self.transposed:
-            w = w.transpose(0, 1)
+
+    def _paper_form(self, tensor: torch.Tensor):
+        """TT-SVD of the weight tensor (modes …), brought to U cores · diag(s) · V cores with every core orthonormal:
+        V cores right-orthonormalised towards Σ, then an SVD of the last U core. Returns (U cores in the train's
+        orientation, s, V cores as (n, R_outer, R_inner), listed from the outer end)."""
         modes = self.out_modes + self.in_modes
-        if not modes:  # a 1×1 STTP weight
-            s = w.reshape(1)
-            return self._finish(torch.zeros(0), torch.zeros(0), s, dtype, device)
-        cores = tt_svd(w.reshape(modes), self.ranks)
+        cores = tt_svd(tensor, self.ranks)
         n_out, n_cores = len(self.out_modes), len(modes)
         middle = None
         for k in range(n_cores - 1, n_out - 1, -1):  # right-orthonormalise the V cores
@@ -341,8 +371,11 @@ class SpectralParametrization(nn.Module):
                 s = s * qh.reshape(-1)
         else:
             s = middle.reshape(1)
-        u_cores = cores[:n_out]
-        v_cores = [c.permute(1, 2, 0) for c in reversed(cores[n_out:])]
+        return cores[:n_out], s, [c.permute(1, 2, 0) for c in reversed(cores[n_out:])]
+
+    def _params_from_cores(self, u_cores: list, s: torch.Tensor, v_cores: list):
+        """(U reflectors, V reflectors, S) of orthonormal cores around s; signs and gauges are absorbed into S (or,
+        for the identity spectrum, into the frames next to Σ)."""
         identity = self.spectrum == "identity"
         if identity:  # unit singular values; signs of S move into a frame
             signs = torch.where(s < 0, -1.0, 1.0).to(s.dtype)
@@ -364,7 +397,7 @@ class SpectralParametrization(nn.Module):
         if self.spectrum == "normalized":  # scale invariant: store S with ‖S‖∞ = 1 (a zero weight gets S = 1)
             top = s.abs().max()
             s = s / top if top > 0 else torch.ones_like(s)
-        return self._finish(u_params, v_params, s, dtype, device)
+        return u_params, v_params, s
 
     def _match_square_orientation(self, u_params: torch.Tensor, v_cores: list[torch.Tensor]) -> None:
         """Make the V frame next to Σ reachable when it is square (identity spectrum only, in place).
@@ -482,6 +515,26 @@ class STTP(SpectralParametrization):
         super().__init__(weight_shape, rank, "sttp", spectrum, transposed, eps)
 
 
+def spectral_parametrization(module: nn.Module, tensor_name: str = "weight") -> SpectralParametrization | None:
+    """The :class:`SpectralParametrization` on ``module.<tensor_name>``, or None."""
+    if not torch_parametrize.is_parametrized(module, tensor_name):
+        return None
+    for p in module.parametrizations[tensor_name]:
+        if isinstance(p, SpectralParametrization):
+            return p
+    return None
+
+
+def parametrization_tensors(module: nn.Module, tensor_name: str = "weight") -> tuple[torch.Tensor, ...]:
+    """The tensors a parametrized ``module.<tensor_name>`` is computed from: (U reflectors, V reflectors[, S]).
+
+    They are ``module.parametrizations.<tensor_name>.original0, original1[, original2]`` (flat free blocks of
+    each side, see :class:`TrainSide`; S for learned spectra only), the layer's trainable parameters.
+    """
+    plist = module.parametrizations[tensor_name]
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
 def _is_transposed(module: nn.Module, tensor_name: str) -> bool:
     return tensor_name == "weight" and isinstance(module, nn.modules.conv._ConvTransposeNd)
 
@@ -501,10 +554,10 @@ def parametrize(
     ``init="pretrained"`` projects the current weight (:meth:`SpectralParametrization.right_inverse`); the other
     inits ("identity", "random", "noisy_identity" with noise scale ``alpha``) start the frames afresh with S = 1.
     The parameters appear as ``module.parametrizations.<tensor_name>.original0`` (U reflectors), ``original1``
-    (V reflectors) and ``original2`` (S, learned spectra only).
+    (V reflectors) and ``original2`` (S, learned spectra only). :func:`torch_sttp.convert` builds every layer's
+    parametrization through this function.
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+    check_init(init)
     if torch_parametrize.is_parametrized(module, tensor_name):
         raise ValueError(f"{type(module).__name__}.{tensor_name} is already parametrized; remove it first with "
                          f"torch.nn.utils.parametrize.remove_parametrizations(module, {tensor_name!r})")
@@ -513,9 +566,11 @@ def parametrize(
         raise ValueError(f"{type(module).__name__} has no tensor {tensor_name!r} to parametrize")
     p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, _is_transposed(module, tensor_name))
     p.to(weight.device)
+    initial = None
     if init != "pretrained":
-        p._pending = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
-    register(module, tensor_name, p)
+        initial = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
+    with p.initial_values(initial):
+        register(module, tensor_name, p)
     return p
 
 

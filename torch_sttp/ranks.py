@@ -34,7 +34,7 @@ from torch import nn
 
 from .frames import frame_to_params
 from .layers import SUPPORTED_TYPES, layout_shape, select_layers, weight_matrix
-from .surgery import convert, converted_layers, spectral_parametrization
+from .surgery import conversion, convert, converted_layers, spectral_parametrization
 from .tt import check_spectrum, count_dof, split_modes
 
 __all__ = [
@@ -517,8 +517,7 @@ def project(
         for name, module in converted_layers(model):
             errors[name] = _relative_error(originals.pop(name), module.weight)
     originals.clear()
-    model._sttp_projection_errors = errors
-    model._sttp_projection_seconds = seconds
+    conversion(model).record_projection(errors, seconds)
     return model
 
 
@@ -555,7 +554,8 @@ def projection_errors(model: nn.Module, originals: Mapping[str, torch.Tensor] | 
     :func:`project` are returned.
     """
     if originals is None:
-        errors = model.__dict__.get("_sttp_projection_errors")
+        record = conversion(model)
+        errors = record.projection_errors if record is not None and record.projection_seconds is not None else None
         if errors is None:
             raise ValueError("no projection errors recorded on this model: convert it with torch_sttp.ranks.project, "
                              "or pass the dense weights (originals={name: weight} or a dense state_dict)")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .layers import layout_shape, select_layers
+from .modules import layer_state, original_class
 from .surgery import converted_layers, skipped_layers, spectral_parametrization
 from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks
 
@@ -200,10 +201,7 @@ def _fmt_flops(x: float) -> str:
 # -------------------------------------------------------------------------------------------------- helpers
 def _base_type_name(module: nn.Module) -> str:
     """The user-facing class name of a layer (``Conv2d`` for a converted ``ParametrizedSpectralConv2d``)."""
-    for cls in type(module).__mro__:
-        if cls.__module__ not in ("torch.nn.utils.parametrize", "torch_sttp.surgery"):
-            return cls.__name__
-    return type(module).__name__
+    return original_class(module).__name__
 
 
 def _prefix(name: str) -> str:
@@ -260,7 +258,7 @@ def report(model: nn.Module, example_input=None, print_table: bool = True) -> Co
         p = spectral_parametrization(module)
         head = _prefix(name) + _PARAM_KEY
         excluded.update(k for k in keys if k.startswith(head) and k[len(head):].isdigit())
-        state = module.__dict__.get("_sttp")
+        state = layer_state(module)
         rows.append(LayerRow(
             name=name,
             type=_base_type_name(module),

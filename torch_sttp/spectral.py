@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .layers import SUPPORTED_TYPES, as_patterns, matches, weight_matrix
-from .surgery import _originals, converted_layers, spectral_parametrization
+from .parametrizations import parametrization_tensors as _originals
+from .surgery import converted_layers, spectral_parametrization
 
 __all__ = [
     "singular_values",

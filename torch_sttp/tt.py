@@ -14,11 +14,15 @@ from typing import Sequence
 
 import torch
 
+from .options import METHODS, SPECTRA, check_method, check_rank, check_spectrum
+
 __all__ = [
     "METHODS",
     "SPECTRA",
     "prime_factors",
     "matrix_shape",
+    "layout_view",
+    "transposed_layout_shape",
     "split_modes",
     "tt_ranks",
     "count_dof",
@@ -27,10 +31,6 @@ __all__ = [
     "contract_train_from_right",
 ]
 
-METHODS = ("svdp", "sttp")
-SPECTRA = ("identity", "normalized", "free")
-
-
 def _check_weight_shape(shape: Sequence[int]) -> tuple[int, ...]:
     shape = tuple(shape)
     if len(shape) < 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
@@ -38,25 +38,6 @@ def _check_weight_shape(shape: Sequence[int]) -> tuple[int, ...]:
     if any(s < 1 for s in shape):
         raise ValueError(f"weight shape {shape} has an empty dimension; every dimension must be ≥ 1")
     return shape
-
-
-def check_rank(rank) -> int:
-    """Validate a rank hyperparameter: a positive integer."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}; pass e.g. rank=64")
-    return rank
-
-
-def check_spectrum(spectrum: str) -> str:
-    if spectrum not in SPECTRA:
-        raise ValueError(f"unknown spectrum {spectrum!r}; choose one of {SPECTRA}")
-    return spectrum
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    return method
 
 
 def prime_factors(n: int) -> list[int]:
@@ -78,6 +59,19 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
     """(d_out, d_in) of a weight in the (d_out, C_in, *kernel) layout."""
     shape = _check_weight_shape(shape)
     return shape[0], math.prod(shape[1:])
+
+
+def transposed_layout_shape(shape: Sequence[int], transposed: bool) -> tuple[int, ...]:
+    """A weight shape in the (d_out, C_in, *kernel) layout: a transposed conv's (C_in, C_out, *kernel) has its
+    first two axes swapped; any other shape is returned as it is."""
+    shape = tuple(int(s) for s in shape)
+    return (shape[1], shape[0], *shape[2:]) if transposed else shape
+
+
+def layout_view(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``weight`` in the (d_out, C_in, *kernel) layout (a view); its own inverse: applied to a layout tensor it
+    gives back a transposed conv's weight."""
+    return weight.transpose(0, 1) if transposed else weight
 
 
 def split_modes(shape: Sequence[int], method: str) -> tuple[list[int], list[int]]:

@@ -215,7 +215,8 @@ def embedding_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
 def compress_minilm(model: nn.Module, method: str, budget, strategy: str = "auto", spectrum: str = "free",
                     exclude=DEFAULT_EXCLUDE, spectra=None, factorize_svd: bool = True, progress: bool = False,
                     batching: str = "shape"):
-    """Compress the Linear layers of ``model`` (in place) within ``budget``; returns (model, plan).
+    """Compress the Linear layers of ``model`` (in place) within ``budget``; returns (model, plan, errors) with the
+    per-layer relative projection errors.
 
     ``method`` "svd" projects with SVDP and, with ``factorize_svd``, replaces each layer by two plain Linear
     factors (:func:`torch_sttp.surgery.to_factorized`).
@@ -227,8 +228,7 @@ def compress_minilm(model: nn.Module, method: str, budget, strategy: str = "auto
     errors = projection_errors(model)
     if method == "svd" and factorize_svd:
         to_factorized(model)
-        model._sttp_projection_errors = errors
-    return model, plan
+    return model, plan, errors
 
 
 def _batches(tokenizer, sentences: Sequence[str], batch_size: int) -> list[dict]:
@@ -298,10 +298,10 @@ def run_study(
         for p in student_bert.parameters():
             p.requires_grad_(True)
         t0 = time.perf_counter()
-        _, plan = compress_minilm(student_bert, method, fraction, "uniform" if strategy == "uniform" else "auto",
-                                  spectra=spectra, batching=batching)
+        _, plan, errors = compress_minilm(student_bert, method, fraction,
+                                          "uniform" if strategy == "uniform" else "auto", spectra=spectra,
+                                          batching=batching)
         project_seconds = time.perf_counter() - t0
-        errors = projection_errors(student_bert)
         student = SentenceEncoder(student_bert)
         before = embedding_agreement(reference, encode(student, tokenizer, eval_set))
         tuned = [p for name in plan for p in student_bert.get_submodule(name).parameters()]

@@ -1,0 +1,158 @@
+"""The FLOP model of the forward paths of a converted layer, the choice among them, and the TT path's contraction
+order.
+
+A converted layer can run "dense" (materialise W, then the layer's own op), "lowrank" (x ↦ Vᵀx ↦ σ ↦ U without
+forming W) or, for an STTP Linear, "tt" (contract the tensorised input with the cores). Each path's cost is its
+estimated FLOPs for the input at hand plus a fixed per-call overhead (:func:`op_overhead_flops`); "auto" takes the
+cheapest (:func:`choose_path`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Sequence
+
+import torch
+
+from .parametrizations import SpectralParametrization
+
+__all__ = [
+    "op_overhead_flops",
+    "choose_path",
+    "materialize_flops",
+    "linear_costs",
+    "conv_costs",
+    "embedding_costs",
+    "conv_output_size",
+    "conv_transpose_output_size",
+    "tt_contraction",
+    "tt_einsum_spec",
+]
+
+
+def op_overhead_flops(device: torch.device) -> float:
+    """The fixed cost of one more kernel call, in FLOPs of work it could have done instead (about 20 µs at
+    ~50 GFLOP/s on a CPU core; about 10 µs at tens of TFLOP/s on an accelerator). Keeps "auto" from choosing a
+    path of many tiny contractions, such as the TT path at batch 1, when one small GEMM is faster."""
+    return 1e6 if device.type == "cpu" else 1e8
+
+
+def choose_path(requested: str, costs: Mapping[str, float]) -> str:
+    """The path to run: ``requested`` when it is available for this layer and input, the cheapest for "auto",
+    and "dense" (always available) otherwise."""
+    path = requested if requested in costs else ("dense" if requested != "auto" else "auto")
+    return min(costs, key=costs.get) if path == "auto" else path
+
+
+def materialize_flops(p: SpectralParametrization) -> float:
+    """FLOPs of forming W = (U·Σ)·Vᵀ: 2·R·d_out·d_in."""
+    return 2.0 * p.r_mid * p.d_out * p.d_in
+
+
+def linear_costs(p: SpectralParametrization, batch: int, weight_flops: float, device: torch.device,
+                 tt: bool) -> dict[str, float]:
+    """Costs of y = x·Wᵀ for ``batch`` rows: dense (W formed at ``weight_flops``), low-rank and, if ``tt``, the
+    TT path. Dense: 2·d_out·d_in·B; low-rank: 2·R·(d_in + d_out)·B + R·B."""
+    overhead = op_overhead_flops(device)
+    r = p.r_mid
+    costs = {
+        "dense": 2.0 * p.d_out * p.d_in * batch + weight_flops + overhead,
+        "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch + 3 * overhead,
+    }
+    if tt:
+        steps, flops = tt_contraction(tuple(p.in_modes), tuple(p.out_modes), tuple(p.ranks), p.has_spectrum,
+                                      int(batch))
+        costs["tt"] = flops + len(steps) * overhead
+    return costs
+
+
+def conv_costs(p: SpectralParametrization, weight_flops: float, batch: int, in_spatial: int, out_spatial: int,
+               transposed: bool, groups: int) -> dict[str, float]:
+    """Costs of a (transposed) convolution: dense 2·d_out·d_in·positions·B, where positions are the output
+    positions of a convolution and the input positions of a transposed one; low-rank (ungrouped only) an r-filter
+    convolution followed by a 1×1 one."""
+    positions = in_spatial if transposed else out_spatial
+    costs = {"dense": 2.0 * p.d_out * p.d_in * positions * batch + weight_flops}
+    if groups == 1:
+        costs["lowrank"] = 2.0 * p.r_mid * (p.d_in * positions + p.d_out * out_spatial) * batch
+    return costs
+
+
+def embedding_costs(p: SpectralParametrization, weight_flops: float, lookups: int,
+                    lowrank: bool = True) -> dict[str, float]:
+    """Costs of looking up ``lookups`` rows: dense (W formed) or low-rank (2·R·dim per row)."""
+    costs = {"dense": weight_flops}
+    if lowrank:
+        costs["lowrank"] = 2.0 * p.r_mid * p.d_in * lookups
+    return costs
+
+
+def conv_output_size(spatial: Sequence[int], conv) -> list[int]:
+    """Output spatial size of ``conv`` (an ``nn.ConvNd``) for an input of spatial size ``spatial``."""
+    out = []
+    for i, n in enumerate(spatial):
+        if isinstance(conv.padding, str):
+            if conv.padding == "same":
+                out.append(n)
+                continue
+            pad = 0
+        else:
+            pad = conv.padding[i]
+        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
+        out.append((n + 2 * pad - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+def conv_transpose_output_size(spatial: Sequence[int], conv, output_padding: Sequence[int]) -> list[int]:
+    """Output spatial size of ``conv`` (an ``nn.ConvTransposeNd``) for an input of spatial size ``spatial``."""
+    return [(n - 1) * conv.stride[i] - 2 * conv.padding[i] + conv.dilation[i] * (conv.kernel_size[i] - 1)
+            + output_padding[i] + 1 for i, n in enumerate(spatial)]
+
+
+def _constant_result(fn):
+    """Mark ``fn`` as returning a constant under torch.compile (evaluated while tracing, not traced)."""
+    mark = getattr(torch.compiler, "assume_constant_result", None)
+    return mark(fn) if mark is not None else fn
+
+
+@_constant_result
+def tt_contraction(in_modes: tuple, out_modes: tuple, ranks: tuple, has_spectrum: bool, batch: int):
+    """opt_einsum's contraction order for the TT path as ((operand positions, pairwise equation), …), and its cost.
+
+    Positions index the current operand list; each step pops those operands in order and appends its result
+    (opt_einsum's own convention), so the steps run with ``torch.einsum`` alone — no opt_einsum at run time,
+    and nothing that torch.compile cannot trace.
+    """
+    return _tt_contraction_cached(in_modes, out_modes, ranks, has_spectrum, batch)
+
+
+@functools.lru_cache(maxsize=512)
+def _tt_contraction_cached(in_modes: tuple, out_modes: tuple, ranks: tuple, has_spectrum: bool, batch: int):
+    import opt_einsum
+
+    shapes, subscripts = tt_einsum_spec(in_modes, out_modes, ranks, has_spectrum, batch)
+    _, info = opt_einsum.contract_path(subscripts, *shapes, shapes=True, optimize="auto")
+    steps = tuple((tuple(step[0]), step[2]) for step in info.contraction_list)
+    return steps, float(info.opt_cost)
+
+
+def tt_einsum_spec(in_modes, out_modes, ranks, has_spectrum: bool, batch: int):
+    """Operand shapes and einsum subscripts of y[b, out…] = x[b, in…]·V cores·σ·U cores."""
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    b = next(letters)
+    in_idx = [next(letters) for _ in in_modes]
+    out_idx = [next(letters) for _ in out_modes]
+    bond = [next(letters) for _ in ranks]
+    n_out = len(out_modes)
+    shapes, terms = [(batch, *in_modes)], [b + "".join(in_idx)]
+    for j, n in enumerate(in_modes):  # V core for mode n_out + j in the original orientation
+        k = n_out + j
+        shapes.append((ranks[k], n, ranks[k + 1]))
+        terms.append(bond[k] + in_idx[j] + bond[k + 1])
+    if has_spectrum:
+        shapes.append((ranks[n_out],))
+        terms.append(bond[n_out])
+    for k, n in enumerate(out_modes):
+        shapes.append((ranks[k], n, ranks[k + 1]))
+        terms.append(bond[k] + out_idx[k] + bond[k + 1])
+    # the outer bonds have size 1; they are summed away
+    return shapes, ",".join(terms) + "->" + b + "".join(out_idx)

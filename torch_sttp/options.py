@@ -1,0 +1,60 @@
+"""The option vocabulary of torch-sttp and its validation, in one place.
+
+Every public entry point (``parametrize``, ``convert``, ``count_dof``, rank selection, the recipes and the CLI)
+checks its options with these functions, so a bad value gets the same message wherever it is passed:
+
+    >>> check_option("spectrum", "normalised")
+    ValueError: unknown spectrum 'normalised'; choose one of ('identity', 'normalized', 'free')
+"""
+from __future__ import annotations
+
+__all__ = [
+    "METHODS",
+    "SPECTRA",
+    "FRAME_INITS",
+    "INITS",
+    "PATHS",
+    "BATCHING",
+    "CHOICES",
+    "check_option",
+    "check_method",
+    "check_spectrum",
+    "check_init",
+    "check_rank",
+]
+
+METHODS = ("svdp", "sttp")
+SPECTRA = ("identity", "normalized", "free")
+FRAME_INITS = ("identity", "random", "noisy_identity")
+INITS = FRAME_INITS + ("pretrained",)
+PATHS = ("auto", "dense", "lowrank", "tt")
+BATCHING = ("shape", "padded", "none")
+
+CHOICES = {"method": METHODS, "spectrum": SPECTRA, "init": INITS, "path": PATHS, "batching": BATCHING}
+
+
+def check_option(name: str, value):
+    """``value`` if it is one of ``CHOICES[name]``, else a ValueError listing the choices."""
+    choices = CHOICES[name]
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+    return value
+
+
+def check_method(method: str) -> str:
+    return check_option("method", method)
+
+
+def check_spectrum(spectrum: str) -> str:
+    return check_option("spectrum", spectrum)
+
+
+def check_init(init: str) -> str:
+    return check_option("init", init)
+
+
+def check_rank(rank) -> int:
+    """Validate a rank hyperparameter: a positive integer."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}; pass e.g. rank=64")
+    return rank
