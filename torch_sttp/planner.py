@@ -19,7 +19,22 @@ from .frames import householder_frame_batches, householder_frame_free, padded_ho
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
 
-__all__ = ["BATCHING", "Factors", "FramePlanner", "NonFiniteParameterError", "check_finite_parameters"]
+__all__ = ["BATCHING", "Factors", "FramePlanner", "NonFiniteParameterError", "check_finite_parameters",
+           "member_parametrization", "member_tensors"]
+
+
+def member_parametrization(module: nn.Module) -> SpectralParametrization | None:
+    """The parametrization whose factors the planner computes for ``module``: the one on its weight, or what the
+    module's own ``planner_parametrization()`` returns (modules that hold an SVDP/STTP factor elsewhere, such as
+    adapters); None when the module has none (any more)."""
+    own = getattr(module, "planner_parametrization", None)
+    return own() if own is not None else spectral_parametrization(module)
+
+
+def member_tensors(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The tensors (U reflectors, V reflectors[, S]) of :func:`member_parametrization`."""
+    own = getattr(module, "planner_tensors", None)
+    return own() if own is not None else parametrization_tensors(module)
 
 
 class NonFiniteParameterError(FloatingPointError):
@@ -131,7 +146,7 @@ class FramePlanner:
         return self._computations
 
     def _active_layers(self) -> list[nn.Module]:
-        return [m for m in self.layers if spectral_parametrization(m) is not None]
+        return [m for m in self.layers if member_parametrization(m) is not None]
 
     # ----------------------------------------------------------------------------------------- forward passes
     def begin_forward(self, *_args, **_kwargs) -> None:
@@ -186,7 +201,7 @@ class FramePlanner:
         """The layer's own factors (or frames), in a graph of their own."""
         if self.check_finite and not torch.compiler.is_compiling():
             check_finite_parameters([module], self.names)
-        p, tensors = spectral_parametrization(module), parametrization_tensors(module)
+        p, tensors = member_parametrization(module), member_tensors(module)
         compute = (lambda: p.frames(*tensors[:2])) if frames else (lambda: Factors(*p.factors(*tensors)))
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             # inside a backward pass: the recomputation of an activation-checkpointing segment. These factors
@@ -204,7 +219,7 @@ class FramePlanner:
 
     def _state_key(self) -> tuple:
         grad = torch.is_grad_enabled()
-        tensors = [t for m in self._active_layers() for t in parametrization_tensors(m)]
+        tensors = [t for m in self._active_layers() for t in member_tensors(m)]
         versions = tuple(t._version for t in tensors)
         ids = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
         return (grad, self._forward_id if grad else None, versions, ids)
@@ -232,8 +247,8 @@ class FramePlanner:
         """Layers of one structure (and dtype, device) form a group whose trains are contracted as one batch."""
         groups: dict = {}
         for i, m in enumerate(layers):
-            p = spectral_parametrization(m)
-            t = parametrization_tensors(m)[0]
+            p = member_parametrization(m)
+            t = member_tensors(m)[0]
             key = (i,) if self.batching != "shape" else (p.u_side, p.v_side, p.d_out, p.d_in, p.spectrum, p.eps,
                                                           t.dtype, t.device)
             groups.setdefault(key, []).append(m)
@@ -244,9 +259,9 @@ class FramePlanner:
         """One batch of free blocks per group, side and core."""
         batches = []
         for g, members in enumerate(groups):
-            p = spectral_parametrization(members[0])
+            p = member_parametrization(members[0])
             for side_index, side in enumerate((p.u_side, p.v_side)):
-                member_blocks = [side.split(parametrization_tensors(m)[side_index]) for m in members]
+                member_blocks = [side.split(member_tensors(m)[side_index]) for m in members]
                 for k, (rows, _) in enumerate(side.frame_shapes):
                     batches.append(_CoreBatch(g, side_index, [b[k] for b in member_blocks], rows, side.reduced[k]))
         return batches
@@ -266,8 +281,8 @@ class FramePlanner:
 
 def _group_factors(members: list[nn.Module], u_frames: list, v_frames: list) -> list[Factors]:
     """Factors of the layers of one group from the group's batched frames (one batched contraction per side)."""
-    p: SpectralParametrization = spectral_parametrization(members[0])
-    tensors = [parametrization_tensors(m) for m in members]
+    p: SpectralParametrization = member_parametrization(members[0])
+    tensors = [member_tensors(m) for m in members]
     s = torch.stack([t[2] for t in tensors]) if len(tensors[0]) > 2 else None
     u, sigma, vt = p.factors_from_frames(u_frames, v_frames, tensors[0][0], s, batch=(len(members),))
     sigmas = sigma.unbind(0) if sigma is not None else [None] * len(members)
@@ -290,11 +305,11 @@ def check_finite_parameters(layers: list[nn.Module], names: dict[int, str] | Non
 
     One fused test on all parameters (a single host synchronisation); the per-layer search runs only on failure.
     """
-    tensors = [t.detach().reshape(-1) for m in layers for t in parametrization_tensors(m)]
+    tensors = [t.detach().reshape(-1) for m in layers for t in member_tensors(m)]
     if not tensors or bool(torch.isfinite(torch.cat([t.to(torch.float32) for t in tensors])).all()):
         return
     for m in layers:
-        for i, t in enumerate(parametrization_tensors(m)):
+        for i, t in enumerate(member_tensors(m)):
             if not bool(torch.isfinite(t).all()):
                 name = (names or {}).get(id(m), type(m).__name__)
                 raise NonFiniteParameterError(
