@@ -22,9 +22,17 @@ LR = 0.2
 BATCH = 8
 
 
-def build_model() -> nn.Module:
-    """A small float64 model without BatchNorm or dropout, converted with STTP (deterministic init)."""
+def build_model(case: str = "one_forward") -> nn.Module:
+    """A small float64 model without BatchNorm or dropout, converted with STTP (deterministic init); for the
+    "sngan_d_reduced" case the reduced SNGAN-32 discriminator (its last layer, Linear(32, 1), has d_out = 1)."""
     torch.manual_seed(0)
+    if case == "sngan_d_reduced":
+        from torch_sttp.experiments.models import build_model as build_registered
+
+        model = build_registered("sngan32-d-reduced").double()
+        convert(model, method="sttp", rank=8, spectrum="normalized", init="random",
+                generator=torch.Generator().manual_seed(1))
+        return model
     model = nn.Sequential(
         nn.Conv1d(2, 4, 3, padding=1),
         nn.Tanh(),
@@ -41,8 +49,11 @@ def build_model() -> nn.Module:
     return model
 
 
-def data():
+def data(case: str = "one_forward"):
     g = torch.Generator().manual_seed(3)
+    if case == "sngan_d_reduced":
+        return (torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64),
+                torch.randn(BATCH, generator=g, dtype=torch.float64), None, None)
     x1 = torch.randn(BATCH, 2, 6, generator=g, dtype=torch.float64)
     y1 = torch.randn(BATCH, 3, generator=g, dtype=torch.float64)
     x2 = torch.randn(BATCH, 2, 6, generator=g, dtype=torch.float64)
@@ -60,10 +71,11 @@ def loss_fn(model, case: str, x1, y1, x2, y2) -> torch.Tensor:
 
 def train(model, case: str, part: slice) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    x1, y1, x2, y2 = data()
+    x1, y1, x2, y2 = data(case)
     for _ in range(STEPS):
         opt.zero_grad()
-        loss_fn(model, case, x1[part], y1[part], x2[part], y2[part]).backward()
+        x2p, y2p = (x2[part], y2[part]) if x2 is not None else (None, None)
+        loss_fn(model, case, x1[part], y1[part], x2p, y2p).backward()
         opt.step()
 
 
@@ -73,7 +85,7 @@ def flat_params(model: nn.Module) -> torch.Tensor:
 
 def train_single(case: str) -> torch.Tensor:
     """Single-process reference: the same steps on the concatenated batch."""
-    model = build_model()
+    model = build_model(case)
     train(model, case, slice(None))
     return flat_params(model)
 
@@ -88,8 +100,9 @@ def main(outfile: str) -> None:
     half = BATCH // world
     part = slice(rank * half, (rank + 1) * half)
     results = {}
-    for case, kwargs in (("one_forward", {}), ("two_forwards", {"static_graph": True})):
-        model = build_model()
+    # plain DDP (no find_unused_parameters): every parameter of a converted layer must take part in the graph
+    for case, kwargs in (("one_forward", {}), ("two_forwards", {"static_graph": True}), ("sngan_d_reduced", {})):
+        model = build_model(case)
         ddp = DDP(model, **kwargs)
         train(ddp, case, part)
         vec = flat_params(model)

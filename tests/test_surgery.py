@@ -519,12 +519,17 @@ def test_in_place_parameter_edits_are_seen():
             assert torch.equal(a, b)
 
 
-def test_planner_reuses_cache_in_eval_no_grad():
+def test_planner_reuses_factors_in_eval_only_inside_cached():
     model = cache_model().eval()
     planner = torch_sttp.conversion(model).planner
     start = planner.computations
     x = net_input(1)
     with torch.no_grad():
+        model(x)
+        model(x)
+        assert planner.computations - start == 2  # outside cached(): one computation per forward pass
+    start = planner.computations
+    with torch_sttp.cached(model), torch.no_grad():
         y0 = model(x)
         model(x)
         model(net_input(2))
@@ -535,12 +540,69 @@ def test_planner_reuses_cache_in_eval_no_grad():
         assert planner.computations - start == 2
         model(x)
         assert planner.computations - start == 2
-    assert not torch.allclose(y0[0], y1[0])
-    assert torch.equal(y0[1], y1[1])
-    model(x)  # with grad: a new computation for every forward pass
-    assert planner.computations - start == 3
-    model(x)
-    assert planner.computations - start == 4
+        assert not torch.allclose(y0[0], y1[0])
+        assert torch.equal(y0[1], y1[1])
+        with torch.enable_grad():
+            model(x)  # with grad: a new computation for every forward pass, cached() or not
+            assert planner.computations - start == 3
+            model(x)
+            assert planner.computations - start == 4
+
+
+def _changes(model, other):
+    """Ways users change parameters in place (each multiplies or replaces every parameter)."""
+    params = list(model.parameters())
+    yield "data", lambda: [p.data.mul_(3) for p in params]
+    yield "no_grad in-place", lambda: [p.mul_(0.5) for p in params]
+    yield "foreach", lambda: torch._foreach_mul_(params, 1.5)
+    yield "copy_", lambda: [p.copy_(q) for p, q in zip(params, other.parameters())]
+    yield "ema through .data", lambda: [p.data.mul_(0.9).add_(q.data, alpha=0.1)
+                                        for p, q in zip(params, other.parameters())]
+    yield "load_state_dict", lambda: model.load_state_dict(cache_model(seed=3).state_dict())
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+def test_outputs_follow_parameters_however_they_change(mode):
+    model = cache_model().eval()
+    twin = plain_twin(model)
+    other = cache_model(seed=2)
+    x = net_input(1)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode, "grad": torch.enable_grad}[mode]
+    for what, change in _changes(model, other):
+        with ctx():
+            model(x)  # would fill a cache
+        with torch.no_grad():
+            change()
+        with ctx():
+            out = model(x)
+            layer_out = model.head(torch.randn(2, 64, generator=gen(0), dtype=F64))
+        with torch.no_grad():
+            fresh = reference_call(model, twin, x)
+            head_ref = torch.nn.functional.linear(torch.randn(2, 64, generator=gen(0), dtype=F64),
+                                                  model.head.weight, model.head.bias)
+        for a, b in zip(out, fresh):
+            assert_close(a, b), what
+        assert_close(layer_out, head_ref), what
+
+
+def test_averaged_model_and_optimizer_follow_parameters():
+    from torch.optim.swa_utils import AveragedModel
+
+    model = cache_model().eval()
+    swa = AveragedModel(model)
+    x = net_input(1)
+    twin = plain_twin(model)
+    for _ in range(2):
+        with torch.no_grad():
+            swa(x)
+            for p in model.parameters():
+                p.add_(0.05)
+        swa.update_parameters(model)
+    with torch.no_grad():
+        out = swa.module(x)
+        fresh = reference_call(swa.module, twin, x)
+    for a, b in zip(out, fresh):
+        assert_close(a, b)
 
 
 def test_dtype_change_and_removed_parametrization():
@@ -896,8 +958,8 @@ def test_ddp_matches_single_process(tmp_path):
     spec = importlib.util.spec_from_file_location("ddp_worker", ROOT / "tests" / "ddp_worker.py")
     worker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(worker)
-    initial = worker.flat_params(worker.build_model())
-    for case in ("one_forward", "two_forwards"):
+    for case in ("one_forward", "two_forwards", "sngan_d_reduced"):
+        initial = worker.flat_params(worker.build_model(case))
         r0, r1 = results[f"{case}/rank0"], results[f"{case}/rank1"]
         assert torch.equal(r0, r1), case
         single = worker.train_single(case)
@@ -1041,3 +1103,18 @@ def test_forward_pass_context_computes_all_frames_once():
     with pytest.raises(ValueError, match="not converted"):
         with torch_sttp.forward_pass(nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("batching", ["shape", "padded", "none"])
+@pytest.mark.parametrize("spectrum", ["identity", "normalized"])
+def test_every_parameter_takes_part_in_the_graph(batching, spectrum):
+    """Layers with d_out = 1 or d_in = 1 have an empty STTP side; its (empty) tensor still gets a gradient."""
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1), nn.Conv1d(1, 1, 1))
+    S.convert(model, "sttp", 4, spectrum=spectrum, batching=batching)
+    assert any(p.numel() == 0 for p in model.parameters())
+    # a root pass, and layers called on their own
+    for call, used in ((lambda x: model(x), ("0", "2", "3")), (lambda x: model[2](model[0](x)), ("0", "2"))):
+        model.zero_grad(set_to_none=True)
+        call(torch.randn(3, 1, 1)).sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None and n.split(".")[0] in used]
+        assert not missing

@@ -38,6 +38,7 @@ __all__ = [
     "frame_dof",
     "householder_frame",
     "householder_frame_masked",
+    "compact_wy",
     "free_block_shape",
     "householder_frame_free",
     "householder_frame_batches",
@@ -84,17 +85,28 @@ def _wy_factors(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _CompactWY(torch.autograd.Function):
-    """Q = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r), with a hand-written backward."""
+    """Q = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r), with a hand-written backward.
+
+    Written in the ``setup_context`` form with a generated vmap rule, so that it composes with ``torch.func``
+    (grad, vmap, jacrev). The outputs T⁻¹ and X are saved for the backward; callers use the first output only.
+    """
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+    def forward(y: torch.Tensor):
         t_inv, x = _wy_factors(y)
         eye = torch.eye(y.shape[-2], y.shape[-1], dtype=y.dtype, device=y.device)
-        ctx.save_for_backward(y, t_inv, x)
-        return torch.baddbmm(eye.expand_as(y), y, x, alpha=-1)
+        return torch.baddbmm(eye.expand_as(y), y, x, alpha=-1), t_inv, x
 
     @staticmethod
-    def backward(ctx, grad_q: torch.Tensor) -> torch.Tensor:
+    def setup_context(ctx, inputs, output) -> None:
+        (y,), (_, t_inv, x) = inputs, output
+        ctx.mark_non_differentiable(t_inv, x)
+        ctx.save_for_backward(y, t_inv, x)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, _grad_t_inv=None, _grad_x=None) -> torch.Tensor:
         y, t_inv, x = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: rebuild the factors inside the graph
             t_inv, x = _wy_factors(y)
@@ -108,6 +120,11 @@ class _CompactWY(torch.autograd.Function):
             return torch.cat([grad_y[..., :r, :] + grad_b.mT, grad_y[..., r:, :]], dim=-2)
         grad_y[..., :r, :] += grad_b.mT  # a fresh tensor: no copy of the whole gradient
         return grad_y
+
+
+def compact_wy(y: torch.Tensor) -> torch.Tensor:
+    """Q = H₁…H_r I_{n×r} = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r) → (B, n, r)."""
+    return _CompactWY.apply(y)[0]
 
 
 def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -124,7 +141,7 @@ def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.
     work = _compute_dtype(out_dtype)
     batch_shape = params.shape[:-2]
     y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
-    q = _CompactWY.apply(y.reshape(-1, n, r))
+    q = compact_wy(y.reshape(-1, n, r))
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 
@@ -169,7 +186,7 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
     else:
         y = b.tril(-1)
         y.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # unit diagonal, in place: tril's backward does not need y
-    q = _CompactWY.apply(y)
+    q = compact_wy(y)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 

@@ -104,9 +104,9 @@ class SpectralLayer:
         return path
 
     def _weight_flops(self) -> float:
-        """FLOPs of materialising W in this forward (none when the planner holds the factors for inference)."""
-        cached = not torch.is_grad_enabled() and self._sttp.planner.cached
-        return 0.0 if cached else cost.materialize_flops(spectral_parametrization(self))
+        """FLOPs of materialising W in this forward (none when the planner reuses held factors for inference)."""
+        reused = self._sttp.planner.holds_reusable_factors
+        return 0.0 if reused else cost.materialize_flops(spectral_parametrization(self))
 
 
 class SpectralLinear(SpectralLayer, nn.Linear):

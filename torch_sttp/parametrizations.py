@@ -119,6 +119,12 @@ class TrainSide:
         return self.pack([padded[k, :n, :r] for k, (n, r) in enumerate(self.frame_shapes)]).to(padded)
 
 
+def _unit_factor(empty_params: torch.Tensor) -> torch.Tensor:
+    """The (…, 1, 1) factor of a side without cores: 1 + Σ(its reflectors, an empty tensor), so that the empty
+    parameter is part of the graph and receives its (empty) gradient."""
+    return (empty_params.sum(-1) + 1.0)[..., None, None]
+
+
 class WarnOnce:
     """Warnings given once per process and key (e.g. once per spectrum for lossy loads); ``reset()`` forgets."""
 
@@ -226,20 +232,20 @@ class SpectralParametrization(nn.Module):
                    for k, f in enumerate(v_frames)]
         return cores_u, cores_v[::-1]
 
-    def factors_from_frames(self, u_frames, v_frames, like: torch.Tensor, s=None, batch: Sequence[int] = ()):
+    def factors_from_frames(self, u_frames, v_frames, side_params: Sequence[torch.Tensor], s=None):
         """(U, σ, Vᵀ) from precomputed frames of both sides' cores (see :meth:`factors`).
 
-        With ``batch`` = (B,), the frames are (B, rows, cols), S is (B, R) and the factors come batched: U
-        (B, d_out, R), σ (B, R), Vᵀ (B, R, d_in) — B layers of one structure. ``like`` gives the dtype and device
-        of a side without cores (a dimension of 1).
+        ``side_params`` are the sides' flat reflector tensors (U, V; only a side without cores reads its). With a leading batch dimension B on the frames
+        (B, rows, cols), the reflectors (B, numel) and S (B, R), the factors come batched: U (B, d_out, R), σ (B, R),
+        Vᵀ (B, R, d_in) — B layers of one structure. A side without cores (a dimension of 1) is the constant 1,
+        tied to its (empty) reflector tensor so that every parameter takes part in the graph (DDP needs that).
         """
         cores_u, cores_v = self.train_cores(u_frames, v_frames)
-        one = torch.ones(*batch, 1, 1, dtype=like.dtype, device=like.device)
-        u = contract_train(cores_u) if cores_u else one
+        u = contract_train(cores_u) if cores_u else _unit_factor(side_params[0])
         if len(v_frames) == 1:  # one V core (SVDP): Vᵀ as a view, no transposed copy
             vt = v_frames[0].mT
         else:  # from the outer end, where the ranks are small (R_Σ is not carried through every step)
-            vt = contract_train_from_right(cores_v) if cores_v else one
+            vt = contract_train_from_right(cores_v) if cores_v else _unit_factor(side_params[1])
         return u, self.sigma(s), vt
 
     def sigma(self, s: torch.Tensor | None) -> torch.Tensor | None:
@@ -252,7 +258,7 @@ class SpectralParametrization(nn.Module):
 
     def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):
         """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ."""
-        return self.factors_from_frames(*self.frames(u_params, v_params), u_params, s)
+        return self.factors_from_frames(*self.frames(u_params, v_params), (u_params, v_params), s)
 
     def frames(self, u_params: torch.Tensor, v_params: torch.Tensor) -> tuple[list, list]:
         """Frames of every core of U and of V (lists, outer end → Σ), cores of one shape in one batched call."""

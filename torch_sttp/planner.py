@@ -20,7 +20,13 @@ from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
 
 __all__ = ["BATCHING", "Factors", "FramePlanner", "NonFiniteParameterError", "check_finite_parameters",
-           "member_parametrization", "member_tensors"]
+           "functorch_active", "member_parametrization", "member_tensors"]
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, …) is running: its tensors are wrappers without storage
+    or version counters, so the planner's batched cache is bypassed."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def member_parametrization(module: nn.Module) -> SpectralParametrization | None:
@@ -79,12 +85,11 @@ class FramePlanner:
     ``batching``: ``"shape"`` stacks the reflectors of all frames of one shape into one call; ``"padded"``
     pads every frame of the model to one shape and makes a single call; ``"none"`` computes each frame alone.
 
-    Results are reused only while valid: the parameters are the same tensors (storage, dtype, device) with unchanged
-    version counters, the grad mode is the same, and — when gradients are being recorded — within one forward pass
-    of the root model (a graph is never shared between two forward passes, so any sequence of forward and backward
-    passes is safe; a converted layer called outside a forward pass of the root model computes its own factors).
-    In inference (no grad) they stay cached until a parameter changes. Layers whose parametrization was removed
-    (``remove_parametrizations``) are ignored.
+    Results are reused only within one forward pass of the root model (a graph is never shared between two passes,
+    and parameters changed between passes in any way — optimizer steps, ``.data``, ``copy_``, ``load_state_dict``,
+    ``torch._foreach_*`` — are always seen); a converted layer called outside a forward pass of the root model
+    computes its own factors. Reuse across inference passes is opt-in (:meth:`reuse_in_inference`, public as
+    :func:`torch_sttp.cached`). Layers whose parametrization was removed (``remove_parametrizations``) are ignored.
 
     ``check_finite`` (off by default) tests all parameters for NaN/inf before the frames are computed — one fused
     test on the concatenated parameters, a single host synchronisation per computation — and raises
@@ -101,6 +106,7 @@ class FramePlanner:
         self._forward_id = 0
         self._depth = 0
         self._computations = 0
+        self._reuse = 0  # depth of reuse_in_inference() contexts
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -136,9 +142,9 @@ class FramePlanner:
         self._cache = None
 
     @property
-    def cached(self) -> bool:
-        """Whether factors are held from an earlier computation (they are reused only while still valid)."""
-        return self._cache is not None
+    def holds_reusable_factors(self) -> bool:
+        """Whether the next inference lookup can reuse held factors (inside :meth:`reuse_in_inference`)."""
+        return self._reuse > 0 and self._cache is not None and not torch.is_grad_enabled()
 
     @property
     def computations(self) -> int:
@@ -157,7 +163,7 @@ class FramePlanner:
         """
         self._forward_id += 1
         self._depth += 1
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and self.layers:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not functorch_active() and self.layers:
             try:
                 self._cache = _Cache(self._compute(), self._state_key())
             except BaseException:
@@ -167,6 +173,20 @@ class FramePlanner:
     def end_forward(self, *_args, **_kwargs) -> None:
         """Root forward hook (also called on errors): the pass is over."""
         self._depth = max(self._depth - 1, 0)
+
+    @contextlib.contextmanager
+    def reuse_in_inference(self):
+        """Within this context, factors computed without gradients are reused across forward passes until a
+        parameter is replaced or changed in place through autograd-visible ops (its version counter). Changes
+        through ``.data`` are invisible to it: leave the context (or call :meth:`invalidate`) after them. Outside
+        this context factors are reused only within one forward pass of the root model."""
+        self._reuse += 1
+        self.invalidate()
+        try:
+            yield self
+        finally:
+            self._reuse -= 1
+            self.invalidate()
 
     @contextlib.contextmanager
     def forward_pass(self):
@@ -194,8 +214,11 @@ class FramePlanner:
         return [q[entry.index] for q in entry.u_frames], [q[entry.index] for q in entry.v_frames]
 
     def _own_graph(self) -> bool:
-        """Traced, or a layer called outside a forward pass of the root model while recording gradients."""
-        return torch.compiler.is_compiling() or (torch.is_grad_enabled() and not self._depth)
+        """Whether a layer computes its own factors: when traced (torch.compile) or transformed (torch.func), and
+        when called outside a forward pass of the root model (unless inference reuse is on)."""
+        if torch.compiler.is_compiling() or functorch_active():
+            return True
+        return not self._depth and not (self._reuse and not torch.is_grad_enabled())
 
     def _standalone(self, module: nn.Module, frames: bool):
         """The layer's own factors (or frames), in a graph of their own."""
@@ -218,11 +241,15 @@ class FramePlanner:
         return self._cache.entries[id(module)]
 
     def _state_key(self) -> tuple:
+        """What the held factors must have been computed for: this forward pass, or — reusing in inference — the
+        same parameter tensors (identity, storage, dtype, device) at the same versions."""
         grad = torch.is_grad_enabled()
+        if grad or not self._reuse:
+            return ("pass", self._forward_id, grad)
         tensors = [t for m in self._active_layers() for t in member_tensors(m)]
         versions = tuple(t._version for t in tensors)
         ids = tuple((id(t), t.data_ptr(), t.dtype, t.device) for t in tensors)
-        return (grad, self._forward_id if grad else None, versions, ids)
+        return ("reuse", versions, ids)
 
     # ------------------------------------------------------------------------------------------- computation
     def _compute(self) -> dict[int, _Entry]:
@@ -284,7 +311,10 @@ def _group_factors(members: list[nn.Module], u_frames: list, v_frames: list) -> 
     p: SpectralParametrization = member_parametrization(members[0])
     tensors = [member_tensors(m) for m in members]
     s = torch.stack([t[2] for t in tensors]) if len(tensors[0]) > 2 else None
-    u, sigma, vt = p.factors_from_frames(u_frames, v_frames, tensors[0][0], s, batch=(len(members),))
+    # reflectors are needed only for a side without cores (its constant factor is tied to the empty tensor)
+    sides = [None if side.modes else torch.stack([t[i] for t in tensors])
+             for i, side in enumerate((p.u_side, p.v_side))]
+    u, sigma, vt = p.factors_from_frames(u_frames, v_frames, sides, s)
     sigmas = sigma.unbind(0) if sigma is not None else [None] * len(members)
     return [Factors(ui, si, vti) for ui, si, vti in zip(u.unbind(0), sigmas, vt.unbind(0))]
 

@@ -33,6 +33,7 @@ __all__ = [
     "PATHS",
     "BATCHING",
     "Conversion",
+    "cached",
     "FramePlanner",
     "NonFiniteParameterError",
     "convert",
@@ -86,6 +87,17 @@ def set_check_finite(model: nn.Module, enabled: bool = True) -> None:
     """Test (or stop testing) a converted model's parameters for NaN/inf before each frame computation; a bad
     value raises :class:`NonFiniteParameterError` naming the layer. The test synchronises with the device."""
     _require_conversion(model, "set_check_finite").planner.check_finite = bool(enabled)
+
+
+@contextlib.contextmanager
+def cached(model: nn.Module):
+    """Reuse the factors of a converted model across inference forward passes (the counterpart of
+    ``torch.nn.utils.parametrize.cached()``): inside the context, passes without gradients compute the frames once
+    and reuse them while the parameters are the same tensors at the same version counters. In-place changes
+    through ``.data`` are not seen inside it; outside it, every forward pass follows the current parameter values,
+    however they were changed. Passes with gradients are not affected."""
+    with _require_conversion(model, "cached").planner.reuse_in_inference():
+        yield
 
 
 @contextlib.contextmanager
