@@ -28,8 +28,10 @@ from torch import nn
 
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
-from .surgery import converted_layers, skipped_layers, spectral_parametrization
-from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks
+from .options import check_method, check_rank, check_spectrum
+from .parametrizations import spectral_parametrization
+from .surgery import converted_layers, skipped_layers
+from .tt import count_dof, split_modes, tt_ranks
 
 __all__ = ["LayerRow", "SkippedRow", "CompressionReport", "report", "compression", "count_model_dof"]
 
@@ -199,11 +201,6 @@ def _fmt_flops(x: float) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _base_type_name(module: nn.Module) -> str:
-    """The user-facing class name of a layer (``Conv2d`` for a converted ``ParametrizedSpectralConv2d``)."""
-    return original_class(module).__name__
-
-
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
@@ -261,7 +258,7 @@ def report(model: nn.Module, example_input=None, print_table: bool = True) -> Co
         state = layer_state(module)
         rows.append(LayerRow(
             name=name,
-            type=_base_type_name(module),
+            type=original_class(module).__name__,
             method=p.method,
             spectrum=p.spectrum,
             weight_shape=tuple(p.weight_shape),
