@@ -1,7 +1,8 @@
 """Compression report of a model: per-layer DOF, ranks, modes, paths and FLOPs, and the paper's ratio Z (eq. 11).
 
     >>> torch_sttp.convert(model, "sttp", rank=64)
-    >>> rep = torch_sttp.report(model, example_input=x)       # prints a table; rep.z is Z in percent
+    >>> rep = torch_sttp.report(model, example_input=x)       # rep.z is Z in percent
+    >>> print(rep)                                            # the per-layer table
     >>> torch_sttp.compression(model)                         # Z only
     >>> torch_sttp.count_model_dof(dense_model, "sttp", 64, "identity").z    # Z without converting anything
 
@@ -236,7 +237,7 @@ def _run_example(model: nn.Module, example_input) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def report(model: nn.Module, example_input=None, print_table: bool = True) -> CompressionReport:
+def report(model: nn.Module, example_input=None, print_table: bool = False) -> CompressionReport:
     """Per-layer compression report of a converted model and its Z (paper eq. 11).
 
     Args:
@@ -245,7 +246,8 @@ def report(model: nn.Module, example_input=None, print_table: bool = True) -> Co
         example_input: optional input (a tensor, a tuple of positional arguments or a dict of keyword arguments);
             one forward pass is run under ``torch.no_grad()`` in eval mode so that each layer records its chosen
             path and FLOPs per sample. The training flags of all modules are restored afterwards.
-        print_table: print the table (``str(report)``).
+        print_table: also print the table (``str(report)``); off by default — the report is returned, and
+            ``print(report(model))`` prints it once.
     """
     if example_input is not None:
         _run_example(model, example_input)
