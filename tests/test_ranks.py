@@ -307,3 +307,59 @@ def test_randomized_projection_of_a_big_layer_uses_the_low_rank_route():
     project(model, "svdp", {"0": 20}, progress=False, randomized=True, niter=3)
     exact = float((sigma[20:] ** 2).sum().sqrt() / sigma.norm())
     assert projection_errors(model)["0"] == pytest.approx(exact, abs=1e-3)
+
+
+def test_layer_matrix_is_a_deprecated_alias_of_weight_matrix():
+    import torch_sttp.ranks as ranks
+    from torch_sttp.layers import weight_matrix
+
+    assert "layer_matrix" not in ranks.__all__
+    with pytest.warns(DeprecationWarning, match="torch_sttp.layers.weight_matrix"):
+        alias = ranks.layer_matrix
+    assert alias is weight_matrix
+    with pytest.warns(DeprecationWarning):
+        from torch_sttp.ranks import layer_matrix  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute"):
+        ranks.no_such_name
+
+
+def test_unfolding_bonds_follow_the_holtz_bound():
+    from torch_sttp.tt import split_modes, tt_ranks
+
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.ConvTranspose2d(6, 12, 3), nn.Linear(20, 12))
+    with torch.no_grad():
+        for m in model:
+            m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+    for spec, (_, layer) in zip(layer_spectra(compressible_layers(model), unfoldings=True), model.named_children()):
+        out_modes, in_modes = split_modes(spec.shape, "sttp")
+        modes = out_modes + in_modes
+        w = (layer.weight.detach().transpose(0, 1) if isinstance(layer, nn.ConvTranspose2d)
+             else layer.weight.detach()).reshape(spec.d_out, -1).double()
+        expected = [(min(math.prod(modes[:k]), math.prod(modes[k:])), math.prod(modes[:k]))
+                    for k in range(1, len(modes))]
+        expected = [(cap, left) for cap, left in expected if cap > 1]
+        assert [cap for cap, _ in spec.unfolding_sv] == [cap for cap, _ in expected]
+        assert [cap for cap, _ in spec.unfolding_sv] == [c for c in tt_ranks(modes, 10 ** 9)[1:-1] if c > 1]
+        for (_, sv), (_, left) in zip(spec.unfolding_sv, expected):
+            ref = torch.linalg.svdvals(w.reshape(left, -1))
+            assert torch.allclose(torch.tensor(sv), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_randomized_projection_of_a_transposed_conv_and_the_recorded_errors():
+    from torch_sttp.surgery import conversion
+
+    gen = torch.Generator().manual_seed(5)
+    exact, rand = (nn.Sequential(nn.ConvTranspose2d(8, 6, 3)) for _ in range(2))
+    w = torch.randn(exact[0].weight.shape, generator=gen)
+    with torch.no_grad():
+        exact[0].weight.copy_(w)
+        rand[0].weight.copy_(w)
+    project(exact, "svdp", 4, progress=False)
+    project(rand, "svdp", 4, progress=False, randomized=True, niter=6)
+    sigma = torch.linalg.svdvals(w.transpose(0, 1).reshape(6, -1).double())
+    truncated = float((sigma[4:] ** 2).sum().sqrt() / sigma.norm())
+    assert projection_errors(exact)["0"] == pytest.approx(truncated, abs=1e-5)
+    assert projection_errors(rand)["0"] == pytest.approx(truncated, abs=1e-4)
+    record = conversion(rand)
+    assert projection_errors(rand) == record.projection_errors and record.projection_seconds > 0

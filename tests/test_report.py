@@ -237,9 +237,24 @@ def test_example_input_records_paths_and_restores_modes():
     assert all(r.path is not None for r in rep2.layers)
 
 
-def test_printed_table_lists_every_layer(capsys):
+def test_report_returns_and_prints_only_when_asked(capsys):
     model = convert(build_model("sngan32-d", ndf=16), "sttp", rank=8, spectrum="identity")
     rep = report(model)
+    assert capsys.readouterr().out == ""                    # a library function returns; it does not print
+    print(report(model))                                    # the README's line: the table once
+    out = capsys.readouterr().out
+    assert out == str(rep) + "\n" and out.count("Z = ") == 1
+    assert sum(line.split()[:2] == ["layer", "type"] for line in out.splitlines()) == 1
+    compression(model)
+    count_model_dof(build_model("sngan32-d", ndf=16), "sttp", 8)
+    assert capsys.readouterr().out == ""
+    report(model, print_table=True)
+    assert capsys.readouterr().out == str(rep) + "\n"
+
+
+def test_printed_table_lists_every_layer(capsys):
+    model = convert(build_model("sngan32-d", ndf=16), "sttp", rank=8, spectrum="identity")
+    rep = report(model, print_table=True)
     out = capsys.readouterr().out
     assert out.strip() == str(rep).strip()
     names = [n for n, _ in converted_layers(model)]

@@ -1,4 +1,5 @@
-"""Spectral inspection, regularizers, optimizer groups, SN/SR baselines and plots (:mod:`torch_sttp.spectral`)."""
+"""Spectral inspection, regularizers, optimizer groups, SN/SR baselines and plots (:mod:`torch_sttp.spectral` and the
+modules it re-exports: inspection, penalties, baselines, plots)."""
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from torch_sttp import spectral
+from torch_sttp import baselines, inspection, penalties, plots, spectral
+from torch_sttp.layers import select_layers, weight_matrix
 from torch_sttp.surgery import convert, converted_layers
 
 DTYPES = [torch.float32, torch.float64]
@@ -229,6 +231,59 @@ def test_dense_singular_values_and_order():
     assert grad["0"].requires_grad
 
 
+class _Zoo(nn.Module):
+    """Every kind of supported layer the spectral tools read: converted, tied, inside MultiheadAttention, under
+    spectral_norm, uninitialized (lazy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+        self.att = nn.MultiheadAttention(8, 2)
+        self.sn = torch.nn.utils.parametrizations.spectral_norm(nn.Linear(8, 5))
+        self.lazy = nn.LazyLinear(3)
+        self.head = nn.Linear(5, 2)
+        convert(self, "svdp", rank=2, include="conv")
+
+
+def test_spectral_tools_select_through_layers_select_layers():
+    model = _Zoo()
+    selected, skipped = select_layers(model, inspect=True)
+    names = [n for n, _ in selected]
+    assert names == ["conv", "a", "b", "att.out_proj", "sn", "head"]
+    assert [(n, t) for n, t, _ in skipped] == [("lazy", "LazyLinear")]
+    # convert's selection of the same model leaves the converted, tied, MHA and spectral_norm layers out
+    convertible = [n for n, _ in select_layers(model)[0]]
+    assert "head" in convertible and not (set(names) - {"head"}) & set(convertible)
+    assert list(spectral.singular_values(model)) == names
+    assert [n for n, _ in baselines.dense_layers(model)] == names[1:]
+    assert list(spectral.singular_values(model, layers=nn.Linear)) == names[1:]
+    assert list(spectral.singular_values(model, layers="a")) == ["a"]
+    # one message for a pattern that matches nothing, the same as convert's
+    for bad in ("nope.*", nn.LSTM):
+        with pytest.raises(ValueError) as spectral_error:
+            spectral.singular_values(model, layers=bad)
+        with pytest.raises(ValueError) as convert_error:
+            convert(nn.Sequential(nn.Linear(3, 3)), "svdp", rank=2, include=bad)
+        assert "matches no module" in str(spectral_error.value)
+        assert str(spectral_error.value).split(";")[0] == str(convert_error.value).split(";")[0]
+    with pytest.raises(ValueError, match="exclude pattern 'zzz' matches no module"):
+        spectral.apply_spectral_norm(model, exclude="zzz")
+
+
+def test_layer_singular_values_is_sigma_of_the_weight_matrix():
+    torch.manual_seed(17)
+    model = _converted(nn.ConvTranspose2d(4, 6, 3), nn.Linear(12, 5), spectrum="free", init="random")
+    dense = nn.ConvTranspose2d(5, 3, 2).double()
+    for layer in (model[0], model[1], dense):
+        ref = torch.linalg.svdvals(weight_matrix(layer).detach())
+        s = inspection.layer_singular_values(layer).detach()
+        assert torch.allclose(s, ref[: s.numel()], atol=1e-12, rtol=0)
+    assert weight_matrix(dense).shape == (3, 5 * 2 * 2)
+
+
 def test_spectral_stats_stable_rank_and_lipschitz_proxy():
     a, b = nn.Linear(3, 3, bias=False).double(), nn.Linear(3, 2, bias=False).double()
     with torch.no_grad():
@@ -351,7 +406,7 @@ def _collapse_step(model, gen, shrink=0.7):
     """A fake training update: noise, and the lower half of each spectrum shrinks (spectral collapse)."""
     with torch.no_grad():
         for m in (mod for mod in model.modules() if isinstance(mod, (nn.Linear, nn.Conv2d))):
-            w = spectral._sr_target(m)
+            w = spectral.sr_target(m)
             mat = w.reshape(w.shape[0], -1)
             u, s, vh = torch.linalg.svd(mat, full_matrices=False)
             s = s.clone()
@@ -370,11 +425,11 @@ def test_spectral_regularization_compensates_and_leaves_weights_alone_otherwise(
     changed = 0
     for it in range(12):
         _collapse_step(model, gen)
-        before = {n: spectral._sr_target(m).detach().clone() for n, m in reg.layers}
+        before = {n: spectral.sr_target(m).detach().clone() for n, m in reg.layers}
         compensated = reg.step()
         assert compensated == ((it + 1) % 3 == 0)
         for name, m in reg.layers:
-            after = spectral._sr_target(m).detach()
+            after = spectral.sr_target(m).detach()
             if not compensated:
                 assert torch.equal(after, before[name])  # bit-identical between compensation steps
                 continue
@@ -405,6 +460,25 @@ def test_spectral_regularization_attaches_to_optimizer():
     assert reg.num_steps == 4
     with pytest.raises(ValueError):
         spectral.SpectralRegularizer(model, every=0)
+
+
+def test_spectral_regularization_of_a_transposed_conv_keeps_its_layout():
+    torch.manual_seed(18)
+    layer = nn.ConvTranspose2d(6, 4, 3).double()            # W = (C_out, C_in·∏kernel) = (4, 54)
+    reg = spectral.SpectralRegularizer(nn.Sequential(layer))
+    reg.step()
+    u, s, vh = torch.linalg.svd(weight_matrix(layer).detach(), full_matrices=False)
+    shrink = torch.tensor([1.0, 0.5, 0.1, 0.01], dtype=s.dtype)
+    collapsed = (u * (s * shrink)) @ vh                     # the spectrum collapsed in the matrix view
+    with torch.no_grad():                                   # written back in the layer's own (C_in, C_out, k, k)
+        layer.weight.copy_(collapsed.reshape(4, 6, 3, 3).transpose(0, 1))
+    assert torch.allclose(torch.linalg.svdvals(weight_matrix(layer).detach()), s * shrink)
+    assert reg.step()
+    after = torch.linalg.svdvals(weight_matrix(layer).detach())
+    assert torch.allclose(after, s, rtol=1e-10)             # lifted back to the running maximum
+    u2, _, vh2 = torch.linalg.svd(weight_matrix(layer).detach(), full_matrices=False)
+    assert torch.allclose((u2.T @ u).abs(), torch.eye(4, dtype=s.dtype), atol=1e-8)  # same singular vectors
+    assert baselines.sr_target(layer) is layer.weight
 
 
 # --------------------------------------------------------------------------------------------------------- plots
@@ -453,6 +527,54 @@ def test_plot_spectra_over_training(tmp_path):
     assert by_step.steps == [0, 10, 20, 30, 40] and (tmp_path / "by_step.png").exists()
     pairs = spectral.plot_spectra([(7, snapshots[0]), (9, snapshots[1])], tmp_path / "pairs.png", layers=["2"])
     assert pairs.matrix.shape == (1, 2) and pairs.layers == ["2"]
+
+
+def test_figure_functions_return_what_they_drew(tmp_path):
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4))
+    fig = plots.plot_layer_spectra(model, tmp_path / "spectra.png", top_k=5)
+    assert isinstance(fig, plots.SpectraFigure) and not isinstance(fig, str)
+    assert fig.path == str(tmp_path / "spectra.png") and fig.steps is None and fig.layers == ["0", "2"]
+    _read_png(fig.path)
+    s = spectral.singular_values(model)
+    assert fig.matrix[:, 0].tolist() == pytest.approx((s["0"][:5] / s["0"][0]).tolist(), rel=1e-6)
+    assert fig.matrix[:4, 1].tolist() == pytest.approx((s["2"] / s["2"][0]).tolist(), rel=1e-6)
+    assert math.isnan(fig.matrix[4, 1])
+    snapshots = {3: spectral.snapshot_spectra(model), 1: spectral.snapshot_spectra(model)}
+    hist = plots.plot_spectra_history(snapshots, tmp_path / "history.png", layers="2")
+    assert hist.steps == [1, 3] and hist.layers == ["2"] and hist.matrix.shape == (1, 2)
+    assert hist.matrix[0, 0] == pytest.approx((s["2"].min() / s["2"].max()).item(), rel=1e-6)
+    _read_png(hist.path)
+    with pytest.raises(ValueError, match="no layers to plot"):
+        plots.plot_spectra_history(snapshots, tmp_path / "none.png", layers="nope")
+    with pytest.raises(TypeError, match="mappings"):
+        plots.plot_spectra_history({0: s["0"]}, tmp_path / "bad.png")
+
+
+def test_plot_spectra_wraps_the_figure_functions_with_the_same_files(tmp_path):
+    torch.manual_seed(20)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Linear(6, 4))
+    snapshots = [spectral.snapshot_spectra(model) for _ in range(3)]
+    for name, arg, figure in (("spectra", model, plots.plot_layer_spectra),
+                              ("history", snapshots, plots.plot_spectra_history)):
+        old = spectral.plot_spectra(arg, tmp_path / f"old_{name}.png", title="t")
+        new = figure(arg, tmp_path / f"new_{name}.png", title="t")
+        assert isinstance(old, spectral.SpectraPlot) and old == str(tmp_path / f"old_{name}.png")
+        assert old.kind == name and old.layers == new.layers and old.steps == new.steps
+        assert np.array_equal(old.matrix, new.matrix, equal_nan=True)
+        assert (tmp_path / f"old_{name}.png").read_bytes() == (tmp_path / f"new_{name}.png").read_bytes()
+
+
+def test_every_public_name_is_still_importable_from_spectral():
+    for module in (inspection, penalties, baselines, plots):
+        for name in module.__all__:
+            assert getattr(spectral, name) is getattr(module, name), name
+    import torch_sttp
+
+    for name in ("SpectralRegularizer", "apply_spectral_norm", "apply_spectral_regularization", "check_optimizer",
+                 "conv_operator_norm", "param_groups", "penalty", "plot_spectra", "sigma_l2_penalty",
+                 "singular_values", "snapshot_spectra", "spectral_stats"):
+        assert getattr(torch_sttp, name) is getattr(spectral, name)
 
 
 # ------------------------------------------------------------------------------------------------------ devices

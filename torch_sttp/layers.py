@@ -84,37 +84,48 @@ def _skip_reason(name: str, module: nn.Module, shared: set[int], parents: dict[s
     return None
 
 
-def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mapping[str, int] | None = None):
-    """Supported layers of ``model`` selected by ``include``/``exclude`` (globs or types) and, if given, the keys of
-    ``rank_map``; returns ``(selected, skipped)`` with selected = [(name, layer)] in ``named_modules`` order and
-    skipped = [(name, type name, reason)] for layers left alone (tied weights, MultiheadAttention projections, …).
+def _readable_weight_reason(module: nn.Module) -> str | None:
+    """Why a supported layer's weight cannot be read as a matrix W (None if it can): parametrized weights (an
+    SVDP/STTP weight, ``spectral_norm``) are read through ``module.weight``."""
+    if torch_parametrize.is_parametrized(module, "weight"):
+        return None
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
+        return "no initialized weight tensor"
+    if not weight.is_floating_point() or weight.dim() < 2:
+        return f"weight ({weight.dtype}, {weight.dim()}-d) is not a floating-point matrix"
+    return None
 
-    Raises ValueError for a pattern that matches no module and for a rank mapping naming unknown or unsupported
-    modules or holding an invalid rank.
-    """
-    includes, excludes = as_patterns(include), as_patterns(exclude)
-    modules = list(model.named_modules())
+
+def _check_patterns(modules: list[tuple[str, nn.Module]], includes: list, excludes: list) -> None:
+    """Every include/exclude pattern must match at least one module of the model."""
     for kind, patterns in (("include", includes), ("exclude", excludes)):
         for pat in patterns:
             if not any(matches(n, m, [pat]) for n, m in modules):
                 what = pat.__name__ if isinstance(pat, type) else repr(pat)
                 raise ValueError(f"{kind} pattern {what} matches no module; names look like "
                                  f"{[n for n, _ in modules[1:4]]}")
-    if rank_map is not None:
-        names = dict(modules)
-        unknown = [n for n in rank_map if n not in names]
-        if unknown:
-            raise ValueError(f"rank mapping names layers not in the model: {unknown}")
-        unsupported = [n for n in rank_map if not isinstance(names[n], SUPPORTED_TYPES)]
-        if unsupported:
-            raise ValueError("rank mapping names modules that are not supported layers: "
-                             + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
-        for n, r in rank_map.items():
-            try:
-                check_rank(r)
-            except ValueError as e:
-                raise ValueError(f"layer {n!r}: {e}") from None
 
+
+def _check_rank_map(modules: list[tuple[str, nn.Module]], rank_map: Mapping[str, int]) -> None:
+    """A rank mapping names supported layers of the model, each with a valid rank."""
+    names = dict(modules)
+    unknown = [n for n in rank_map if n not in names]
+    if unknown:
+        raise ValueError(f"rank mapping names layers not in the model: {unknown}")
+    unsupported = [n for n in rank_map if not isinstance(names[n], SUPPORTED_TYPES)]
+    if unsupported:
+        raise ValueError("rank mapping names modules that are not supported layers: "
+                         + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
+    for n, r in rank_map.items():
+        try:
+            check_rank(r)
+        except ValueError as e:
+            raise ValueError(f"layer {n!r}: {e}") from None
+
+
+def _conversion_skip_reasons(model: nn.Module, modules: list[tuple[str, nn.Module]]):
+    """``reason(name, module)``: why :func:`torch_sttp.convert` leaves a supported layer alone (None: it converts)."""
     counts: dict[int, int] = {}
     for m in model.modules():
         for t in m.parameters(recurse=False):
@@ -122,11 +133,35 @@ def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mappin
     shared = {k for k, c in counts.items() if c > 1}
     parents = {f"{pname}.{cname}" if pname else cname: parent
                for pname, parent in modules for cname, _ in parent.named_children()}
+    return lambda name, module: _skip_reason(name, module, shared, parents)
 
+
+def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mapping[str, int] | None = None,
+                  inspect: bool = False):
+    """Supported layers of ``model`` selected by ``include``/``exclude`` (globs or types) and, if given, the keys of
+    ``rank_map``; returns ``(selected, skipped)`` with selected = [(name, layer)] in ``named_modules`` order and
+    skipped = [(name, type name, reason)] for supported layers left out.
+
+    By default (``inspect=False``) the layers :func:`torch_sttp.convert` reparameterizes: tied weights,
+    MultiheadAttention projections, already-parametrized weights, … are skipped. With ``inspect=True`` (the spectral
+    tools) every supported layer whose weight reads as a matrix W: dense layers (tied, inside MultiheadAttention or
+    under another parametrization such as ``spectral_norm`` included) and SVDP/STTP layers; only layers without an
+    initialized floating-point weight matrix are skipped.
+
+    Raises ValueError for a pattern that matches no module and for a rank mapping naming unknown or unsupported
+    modules or holding an invalid rank.
+    """
+    includes, excludes = as_patterns(include), as_patterns(exclude)
+    modules = list(model.named_modules())
+    _check_patterns(modules, includes, excludes)
+    if rank_map is not None:
+        _check_rank_map(modules, rank_map)
+    reason_of = ((lambda name, module: _readable_weight_reason(module)) if inspect
+                 else _conversion_skip_reasons(model, modules))
     selected, skipped = [], []
     for name, module in modules:
         if not isinstance(module, SUPPORTED_TYPES):
-            if isinstance(module, nn.MultiheadAttention):
+            if isinstance(module, nn.MultiheadAttention) and not inspect:
                 skipped.append((name, type(module).__name__, "packed in_proj_weight is not a supported layer"))
             continue
         if includes and not matches(name, module, includes):
@@ -135,7 +170,7 @@ def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mappin
             continue
         if rank_map is not None and name not in rank_map:
             continue
-        reason = _skip_reason(name, module, shared, parents)
+        reason = reason_of(name, module)
         if reason:
             skipped.append((name, type(module).__name__, reason))
             continue

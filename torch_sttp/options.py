@@ -16,6 +16,10 @@ __all__ = [
     "PATHS",
     "BATCHING",
     "CHOICES",
+    "RANK_METHODS",
+    "OBJECTIVES",
+    "STRATEGIES",
+    "PENALTIES",
     "check_option",
     "check_method",
     "check_spectrum",
@@ -32,10 +36,18 @@ BATCHING = ("shape", "padded", "none")
 
 CHOICES = {"method": METHODS, "spectrum": SPECTRA, "init": INITS, "path": PATHS, "batching": BATCHING}
 
+# the tools' vocabulary: rank selection (``"svd"`` plans two dense factors) and the spectral penalties
+RANK_METHODS = ("svd",) + METHODS
+OBJECTIVES = ("svd", "tt")
+STRATEGIES = ("auto", "greedy", "uniform")
+PENALTIES = ("d_optimal", "divergence")
+CHOICES.update({"objective": OBJECTIVES, "strategy": STRATEGIES, "penalty kind": PENALTIES})
 
-def check_option(name: str, value):
-    """``value`` if it is one of ``CHOICES[name]``, else a ValueError listing the choices."""
-    choices = CHOICES[name]
+
+def check_option(name: str, value, choices=None):
+    """``value`` if it is one of ``CHOICES[name]`` (or of ``choices``, a vocabulary of this module such as
+    ``RANK_METHODS``, reported under ``name``), else a ValueError listing the choices."""
+    choices = CHOICES[name] if choices is None else choices
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
     return value

@@ -26,7 +26,7 @@ import numbers
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -34,8 +34,10 @@ from torch import nn
 
 from .frames import frame_to_params
 from .layers import SUPPORTED_TYPES, layout_shape, select_layers, weight_matrix
-from .surgery import conversion, convert, converted_layers, spectral_parametrization
-from .tt import check_spectrum, count_dof, split_modes
+from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_spectrum
+from .parametrizations import parametrization_tensors, spectral_parametrization
+from .surgery import conversion, convert, converted_layers
+from .tt import count_dof, split_modes, tt_ranks
 
 __all__ = [
     "RANK_METHODS",
@@ -43,7 +45,6 @@ __all__ = [
     "RankPlan",
     "LayerSpectrum",
     "compressible_layers",
-    "layer_matrix",
     "layer_spectra",
     "method_dof",
     "select_ranks",
@@ -51,9 +52,6 @@ __all__ = [
     "projection_errors",
 ]
 
-RANK_METHODS = ("svd", "svdp", "sttp")
-OBJECTIVES = ("svd", "tt")
-STRATEGIES = ("auto", "greedy", "uniform")
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -63,15 +61,19 @@ def method_dof(shape, method: str, rank: int, spectrum: str = "free") -> int:
     ``"svd"`` counts two dense factors, r·(d_out + d_in) with r = min(rank, d_out, d_in); ``"svdp"``/``"sttp"`` use
     :func:`torch_sttp.tt.count_dof`.
     """
-    if method not in RANK_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {RANK_METHODS}")
+    check_option("method", method, RANK_METHODS)
     if method == "svd":
         d_out, d_in = shape[0], math.prod(shape[1:])
         return min(rank, d_out, d_in) * (d_out + d_in)
     return count_dof(tuple(shape), method, rank, spectrum)
 
 
-layer_matrix = weight_matrix  # the (d_out, C_in·∏kernel) matrix of a layer
+def __getattr__(name: str):
+    if name == "layer_matrix":  # the name torch_sttp.layers.weight_matrix had here
+        warnings.warn("torch_sttp.ranks.layer_matrix is deprecated; use torch_sttp.layers.weight_matrix",
+                      DeprecationWarning, stacklevel=2)
+        return weight_matrix
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def compressible_layers(model: nn.Module, include=None, exclude=None, layers=None) -> list[tuple[str, nn.Module]]:
@@ -158,32 +160,35 @@ def _svdvals(mat: torch.Tensor) -> np.ndarray:
     return np.array(torch.linalg.svdvals(mat).tolist(), dtype=np.float64)
 
 
+def _unfolding_spectra(w: torch.Tensor, shape: tuple[int, ...], sv: np.ndarray) -> list:
+    """[(bond cap, σ of the unfolding at that bond)] for the inner STTP bonds that can be truncated (cap > 1); the
+    caps are the Holtz bound without a rank cap (:func:`torch_sttp.tt.tt_ranks`). ``w`` is the (d_out, d_in) matrix,
+    ``sv`` its singular values (those of the d_out | d_in bond)."""
+    out_modes, in_modes = split_modes(shape, "sttp")
+    modes = out_modes + in_modes
+    caps = tt_ranks(modes, math.prod(modes))
+    unf, left = [], 1
+    for k in range(1, len(modes)):
+        left *= modes[k - 1]
+        if caps[k] <= 1:
+            continue  # a bond of size 1 is never truncated below its bound
+        # the d_out | d_in bond is the matrix itself; the others are views of the same float64 copy
+        unf.append((caps[k], sv if k == len(out_modes) else _svdvals(w.reshape(left, -1))))
+    return unf
+
+
 def layer_spectra(layers: Iterable[tuple[str, nn.Module]], unfoldings: bool = False) -> list[LayerSpectrum]:
-    """Thin singular values (``torch.linalg.svdvals``, float64) of each layer; with ``unfoldings`` also those of
-    the STTP unfoldings whose bond can be truncated (needed for the TT-SVD bound)."""
+    """Thin singular values (``torch.linalg.svdvals``, float64) of each layer's matrix W (d_out, d_in); with
+    ``unfoldings`` also those of the STTP unfoldings whose bond can be truncated (needed for the TT-SVD bound)."""
     out = []
     with torch.no_grad():
         for name, module in layers:
             shape = layout_shape(module)
-            # one float64 copy per layer; the unfoldings below are views of it (a copy per unfolding, interleaved
-            # with the small results, fragments the heap: hundreds of MB of RSS on MiniLM)
-            w = layer_matrix(module).detach().to(torch.float64).contiguous()
+            # one float64 copy per layer; the unfoldings are views of it (a copy per unfolding, interleaved with
+            # the small results, fragments the heap: hundreds of MB of RSS on MiniLM)
+            w = weight_matrix(module).detach().to(torch.float64).contiguous()
             sv = _svdvals(w)
-            unf = None
-            if unfoldings:
-                out_modes, in_modes = split_modes(shape, "sttp")
-                modes = out_modes + in_modes
-                total, left, unf = math.prod(modes), 1, []
-                for k in range(len(modes) - 1):
-                    left *= modes[k]
-                    cap = min(left, total // left)
-                    if cap <= 1:
-                        continue  # a bond of size 1 is never truncated below its bound
-                    if left == shape[0]:
-                        unf.append((cap, sv))  # the d_out | d_in bond: the matrix itself
-                    else:
-                        unf.append((cap, _svdvals(w.reshape(left, total // left))))
-            out.append(LayerSpectrum(name, shape, sv, unf))
+            out.append(LayerSpectrum(name, shape, sv, _unfolding_spectra(w, shape, sv) if unfoldings else None))
             del w
     return out
 
@@ -336,110 +341,131 @@ def select_ranks(
     lot, and SVDP's marginal DOF shrinks with r). The best uniform plan is the largest common rank cap that fits.
     Raises ``ValueError`` when the budget is below the all-rank-1 DOF (the message names that minimum).
     """
-    if method not in RANK_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {RANK_METHODS}")
-    check_spectrum(spectrum)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    if objective == "tt" and method != "sttp":
-        raise ValueError("objective='tt' (the TT-SVD bound) only applies to method='sttp'")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
+    _check_plan_options(method, spectrum, objective, strategy)
     selected = compressible_layers(model, include, exclude, layers)
-    need_unf = method == "sttp"
-    if spectra is None:
-        spectra = layer_spectra(selected, unfoldings=need_unf)
-    else:
-        by_name = {s.name: s for s in spectra}
-        missing = [n for n, _ in selected if n not in by_name]
-        if missing:
-            raise ValueError(f"spectra do not cover the selected layers {missing[:3]}…")
-        spectra = [by_name[n] for n, _ in selected]
-        if need_unf and any(s.unfolding_sv is None for s in spectra):
-            raise ValueError("method='sttp' needs spectra computed with unfoldings=True")
+    spectra = _planned_spectra(selected, spectra, unfoldings=method == "sttp")
     dense = sum(s.dense for s in spectra)
     bdof = _budget_dof(budget, dense)
-
-    # per layer: usable ranks 1…R, DOF and objective energy indexed by rank
-    tables = []
-    for s in spectra:
-        if objective == "tt":
-            modes = sum(split_modes(s.shape, "sttp"), [])
-            total, left, full = math.prod(modes), 1, 1
-            for n in modes[:-1]:
-                left *= n
-                full = max(full, min(left, total // left))
-            rmax = full
-            ranks = np.arange(0, rmax + 1)
-            gain = s.total - s.tt_tails(ranks)
-            gain[0] = -np.inf
-        else:
-            rmax = s.full_rank
-            gain = s.energy[: rmax + 1].copy()
-        dof = np.zeros(rmax + 1, dtype=np.int64)
-        for r in range(1, rmax + 1):
-            dof[r] = method_dof(s.shape, method, r, spectrum)
-        tables.append((rmax, gain, dof))
-
-    minimum = int(sum(t[2][1] for t in tables))
+    tables = [_rank_table(s, method, spectrum, objective) for s in spectra]
+    minimum = int(sum(t.dof[1] for t in tables))
     if bdof < minimum:
         raise ValueError(f"budget of {bdof} DOF is below the minimum {minimum} (every selected layer at rank 1, "
                          f"{minimum / dense:.4%} of {dense} dense parameters) for method={method!r}")
-
-    def energy_of(ranks: list[int]) -> float:
-        return float(sum(t[1][r] for t, r in zip(tables, ranks)))
-
     candidates = []
     if strategy in ("auto", "greedy"):
-        ranks = [1] * len(tables)
-        remaining = bdof - minimum
-        heap = []
-        for i, (rmax, gain, dof) in enumerate(tables):
-            jump = _best_jump(gain, dof, 1, remaining)
-            if jump is not None:
-                heapq.heappush(heap, (-jump[0], i, 1, jump[1], jump[2]))
-        while heap:
-            neg, i, r_at, target, cost = heapq.heappop(heap)
-            if r_at != ranks[i] or cost > remaining:  # stale, or no longer affordable: recompute
-                jump = _best_jump(tables[i][1], tables[i][2], ranks[i], remaining)
-                if jump is not None:
-                    heapq.heappush(heap, (-jump[0], i, ranks[i], jump[1], jump[2]))
-                continue
-            ranks[i] = target
-            remaining -= cost
-            jump = _best_jump(tables[i][1], tables[i][2], ranks[i], remaining)
-            if jump is not None:
-                heapq.heappush(heap, (-jump[0], i, ranks[i], jump[1], jump[2]))
-        candidates.append(("greedy", ranks))
+        candidates.append(("greedy", _greedy_ranks(tables, bdof - minimum)))
     if strategy in ("auto", "uniform"):
-        top = max(t[0] for t in tables)
-        caps = np.arange(1, top + 1)
-        totals = sum(t[2][np.minimum(caps, t[0])] for t in tables)  # DOF of each common cap (not always monotone)
-        fits = np.flatnonzero(totals <= bdof)
-        best = int(caps[fits[-1]]) if len(fits) else 1
-        candidates.append(("uniform", [min(best, t[0]) for t in tables]))
+        candidates.append(("uniform", _uniform_ranks(tables, bdof)))
     # the better by retained energy; on a tie the uniform plan (listed last) is kept only if strictly better
     name, ranks = candidates[0]
     for cand_name, cand_ranks in candidates[1:]:
-        if energy_of(cand_ranks) > energy_of(ranks):
+        if _energy_of(tables, cand_ranks) > _energy_of(tables, ranks):
             name, ranks = cand_name, cand_ranks
+    return _make_plan(spectra, tables, ranks, bdof, dense, method=method, spectrum=spectrum, objective=objective,
+                      strategy=name)
 
-    layer_dof = {s.name: int(t[2][r]) for s, t, r in zip(spectra, tables, ranks)}
+
+class _RankTable(NamedTuple):
+    """One layer's usable ranks 1…rmax, with its objective energy ``gain`` and DOF ``dof`` indexed by rank."""
+
+    rmax: int
+    gain: np.ndarray
+    dof: np.ndarray
+
+
+def _check_plan_options(method: str, spectrum: str, objective: str, strategy: str) -> None:
+    check_option("method", method, RANK_METHODS)
+    check_spectrum(spectrum)
+    check_option("objective", objective)
+    if objective == "tt" and method != "sttp":
+        raise ValueError("objective='tt' (the TT-SVD bound) only applies to method='sttp'")
+    check_option("strategy", strategy)
+
+
+def _planned_spectra(selected, spectra: list[LayerSpectrum] | None, unfoldings: bool) -> list[LayerSpectrum]:
+    """The spectra of the selected layers, in their order: computed now, or picked from precomputed ones."""
+    if spectra is None:
+        return layer_spectra(selected, unfoldings=unfoldings)
+    by_name = {s.name: s for s in spectra}
+    missing = [n for n, _ in selected if n not in by_name]
+    if missing:
+        raise ValueError(f"spectra do not cover the selected layers {missing[:3]}…")
+    spectra = [by_name[n] for n, _ in selected]
+    if unfoldings and any(s.unfolding_sv is None for s in spectra):
+        raise ValueError("method='sttp' needs spectra computed with unfoldings=True")
+    return spectra
+
+
+def _rank_table(s: LayerSpectrum, method: str, spectrum: str, objective: str) -> _RankTable:
+    """Objective energy and DOF of one layer at every usable rank. ``"svd"``: ranks up to min(d_out, d_in), energy
+    the top-r squared singular values; ``"tt"``: ranks up to the largest Holtz bound of the train, energy ‖W‖²
+    minus the squared TT-SVD error bound."""
+    if objective == "tt":
+        modes = sum(split_modes(s.shape, "sttp"), [])
+        rmax = max(tt_ranks(modes, math.prod(modes)))
+        gain = s.total - s.tt_tails(np.arange(0, rmax + 1))
+        gain[0] = -np.inf
+    else:
+        rmax = s.full_rank
+        gain = s.energy[: rmax + 1].copy()
+    dof = np.zeros(rmax + 1, dtype=np.int64)
+    for r in range(1, rmax + 1):
+        dof[r] = method_dof(s.shape, method, r, spectrum)
+    return _RankTable(rmax, gain, dof)
+
+
+def _energy_of(tables: list[_RankTable], ranks: list[int]) -> float:
+    return float(sum(t.gain[r] for t, r in zip(tables, ranks)))
+
+
+def _greedy_ranks(tables: list[_RankTable], remaining: int) -> list[int]:
+    """From rank 1 everywhere, repeatedly the jump with the best energy per DOF that fits in ``remaining`` DOF."""
+    ranks = [1] * len(tables)
+    heap: list = []
+
+    def push(i: int) -> None:  # layer i's best jump from its current rank, if one fits
+        jump = _best_jump(tables[i].gain, tables[i].dof, ranks[i], remaining)
+        if jump is not None:
+            heapq.heappush(heap, (-jump[0], i, ranks[i], jump[1], jump[2]))
+
+    for i in range(len(tables)):
+        push(i)
+    while heap:
+        _, i, r_at, target, cost = heapq.heappop(heap)
+        if r_at != ranks[i] or cost > remaining:  # stale, or no longer affordable: recompute
+            push(i)
+            continue
+        ranks[i] = target
+        remaining -= cost
+        push(i)
+    return ranks
+
+
+def _uniform_ranks(tables: list[_RankTable], bdof: int) -> list[int]:
+    """The largest common rank cap whose total DOF fits in ``bdof`` (totals are not always monotone in the cap)."""
+    caps = np.arange(1, max(t.rmax for t in tables) + 1)
+    totals = sum(t.dof[np.minimum(caps, t.rmax)] for t in tables)
+    fits = np.flatnonzero(totals <= bdof)
+    best = int(caps[fits[-1]]) if len(fits) else 1
+    return [min(best, t.rmax) for t in tables]
+
+
+def _make_plan(spectra: list[LayerSpectrum], tables: list[_RankTable], ranks: list[int], bdof: int, dense: int,
+               **how) -> RankPlan:
+    """The :class:`RankPlan` of ``ranks``: DOF, retained energy, predicted and truncated-SVD errors per layer."""
+    layer_dof = {s.name: int(t.dof[r]) for s, t, r in zip(spectra, tables, ranks)}
     total_dof = sum(layer_dof.values())
     assert total_dof <= bdof, (total_dof, bdof)
     svd_err = {s.name: s.svd_error(min(r, s.full_rank)) for s, r in zip(spectra, ranks)}
-    if method == "sttp":
+    if how["method"] == "sttp":
         pred = {s.name: s.tt_error(r) for s, r in zip(spectra, ranks)}
     else:
         pred = dict(svd_err)
     total_energy = sum(s.total for s in spectra)
     kept = sum(float(s.energy[min(r, s.full_rank)]) for s, r in zip(spectra, ranks))
-    return RankPlan(
-        {s.name: r for s, r in zip(spectra, ranks)}, method=method, spectrum=spectrum, objective=objective,
-        strategy=name, dof=total_dof, budget=bdof, dense=dense,
-        energy_retained=kept / total_energy if total_energy > 0 else 1.0,
-        layer_dof=layer_dof, predicted_error=pred, svd_error=svd_err,
-    )
+    return RankPlan({s.name: r for s, r in zip(spectra, ranks)}, dof=total_dof, budget=bdof, dense=dense,
+                    energy_retained=kept / total_energy if total_energy > 0 else 1.0, layer_dof=layer_dof,
+                    predicted_error=pred, svd_error=svd_err, **how)
 
 
 # ------------------------------------------------------------------------------------------------- projection
@@ -466,10 +492,10 @@ def project(
 ) -> nn.Module:
     """Convert ``model`` with projected pretrained weights and record each layer's approximation error.
 
-    Runs :func:`torch_sttp.surgery.convert` with ``init="pretrained"`` (truncated SVD / TT-SVD) and stores
-    ``{layer: ‖W − Ŵ‖_F / ‖W‖_F}`` — W the dense weight before conversion, Ŵ the converted layer's weight — in
-    ``model._sttp_projection_errors`` (read it with :func:`projection_errors`). Returns ``model`` (converted in
-    place). ``rank_or_plan`` is an int rank cap or a mapping such as a :class:`RankPlan` (a plan made for
+    Runs :func:`torch_sttp.surgery.convert` with ``init="pretrained"`` (truncated SVD / TT-SVD) and records
+    ``{layer: ‖W − Ŵ‖_F / ‖W‖_F}`` — W the dense weight before conversion, Ŵ the converted layer's weight — and the
+    time taken in the model's conversion record (``torch_sttp.conversion(model).record_projection``; read the errors
+    with :func:`projection_errors`). Returns ``model`` (converted in place). ``rank_or_plan`` is an int rank cap or a mapping such as a :class:`RankPlan` (a plan made for
     ``"svd"`` is projected with ``method="svdp"``: same weights).
 
     ``randomized=True`` (SVDP with the "free" or "normalized" spectrum) replaces the exact SVD by
@@ -479,20 +505,7 @@ def project(
     With a non-"free" spectrum the recorded error includes the change of scale (normalized) or of singular values
     (identity) that the projection makes.
     """
-    if isinstance(rank_or_plan, RankPlan):
-        if rank_or_plan.method not in (method, "svd") or (rank_or_plan.method == "svd" and method != "svdp"):
-            raise ValueError(f"the plan was made for method={rank_or_plan.method!r}; project it with "
-                             f"method={'svdp' if rank_or_plan.method == 'svd' else rank_or_plan.method!r}")
-        if rank_or_plan.spectrum != spectrum:
-            warnings.warn(f"the plan counted DOF for spectrum={rank_or_plan.spectrum!r}, projecting with "
-                          f"spectrum={spectrum!r}", stacklevel=2)
-    if randomized:
-        if method != "svdp":
-            raise ValueError("randomized=True is implemented for method='svdp' only")
-        if spectrum == "identity":
-            raise ValueError("randomized=True needs spectrum 'free' or 'normalized'")
-    if "init" in convert_kwargs:
-        raise ValueError("project always converts with init='pretrained' (or its randomized equivalent)")
+    _check_projection(method, rank_or_plan, spectrum, randomized, convert_kwargs)
     originals = {name: m.weight for name, m in model.named_modules()
                  if isinstance(m, SUPPORTED_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     rank = dict(rank_or_plan) if isinstance(rank_or_plan, Mapping) else rank_or_plan
@@ -500,14 +513,7 @@ def project(
     if randomized:
         convert(model, method, rank, spectrum, init="identity", include=include, exclude=exclude,
                 progress=False, **convert_kwargs)
-        layers = converted_layers(model)
-        iterator = layers
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(layers, desc="project (randomized)", unit="layer")
-        for name, module in iterator:
-            _set_svdp_from_svd(module, originals[name], oversample, niter)
+        _project_randomized(model, originals, oversample, niter, progress)
     else:
         convert(model, method, rank, spectrum, init="pretrained", include=include, exclude=exclude,
                 progress=progress, **convert_kwargs)
@@ -521,13 +527,40 @@ def project(
     return model
 
 
+def _check_projection(method: str, rank_or_plan, spectrum: str, randomized: bool, convert_kwargs: Mapping) -> None:
+    """The arguments of :func:`project` that ``convert`` does not check itself."""
+    if isinstance(rank_or_plan, RankPlan):
+        if rank_or_plan.method not in (method, "svd") or (rank_or_plan.method == "svd" and method != "svdp"):
+            raise ValueError(f"the plan was made for method={rank_or_plan.method!r}; project it with "
+                             f"method={'svdp' if rank_or_plan.method == 'svd' else rank_or_plan.method!r}")
+        if rank_or_plan.spectrum != spectrum:
+            warnings.warn(f"the plan counted DOF for spectrum={rank_or_plan.spectrum!r}, projecting with "
+                          f"spectrum={spectrum!r}", stacklevel=3)
+    if randomized:
+        if method != "svdp":
+            raise ValueError("randomized=True is implemented for method='svdp' only")
+        if spectrum == "identity":
+            raise ValueError("randomized=True needs spectrum 'free' or 'normalized'")
+    if "init" in convert_kwargs:
+        raise ValueError("project always converts with init='pretrained' (or its randomized equivalent)")
+
+
+def _project_randomized(model: nn.Module, originals: Mapping[str, torch.Tensor], oversample: int, niter: int,
+                        progress: bool) -> None:
+    """Set every converted SVDP layer of ``model`` from a (randomized) truncated SVD of its dense weight."""
+    layers = converted_layers(model)
+    if progress:
+        from tqdm.auto import tqdm
+
+        layers = tqdm(layers, desc="project (randomized)", unit="layer")
+    for name, module in layers:
+        _set_svdp_from_svd(module, originals[name], oversample, niter)
+
+
 def _set_svdp_from_svd(module: nn.Module, dense: torch.Tensor, oversample: int, niter: int) -> None:
     """Reflectors and S of an SVDP layer from a (randomized) truncated SVD of its dense weight ``dense``."""
     p = spectral_parametrization(module)
-    w = dense.detach()
-    if p.transposed:
-        w = w.transpose(0, 1)
-    w = w.reshape(p.d_out, p.d_in).to(torch.float32)
+    w = weight_matrix(module, dense.detach()).to(torch.float32)
     r = p.r_mid
     q = r + oversample
     if q < min(p.d_out, p.d_in) // 2:
@@ -538,12 +571,11 @@ def _set_svdp_from_svd(module: nn.Module, dense: torch.Tensor, oversample: int, 
     u, s, v = u[:, :r], s[:r], v[:, :r]
     u_params, su = frame_to_params(u)
     v_params, sv = frame_to_params(v)
-    plist = module.parametrizations["weight"]
+    o0, o1, o2 = parametrization_tensors(module)
     with torch.no_grad():
-        o0, o1 = plist.original0, plist.original1
         o0.copy_(p.u_side.pack([u_params]).to(o0.dtype))
         o1.copy_(p.v_side.pack([v_params]).to(o1.dtype))
-        plist.original2.copy_((s * su * sv).to(plist.original2.dtype))
+        o2.copy_((s * su * sv).to(o2.dtype))
 
 
 def projection_errors(model: nn.Module, originals: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:

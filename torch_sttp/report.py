@@ -1,7 +1,8 @@
 """Compression report of a model: per-layer DOF, ranks, modes, paths and FLOPs, and the paper's ratio Z (eq. 11).
 
     >>> torch_sttp.convert(model, "sttp", rank=64)
-    >>> rep = torch_sttp.report(model, example_input=x)       # prints a table; rep.z is Z in percent
+    >>> rep = torch_sttp.report(model, example_input=x)       # rep.z is Z in percent
+    >>> print(rep)                                            # the per-layer table
     >>> torch_sttp.compression(model)                         # Z only
     >>> torch_sttp.count_model_dof(dense_model, "sttp", 64, "identity").z    # Z without converting anything
 
@@ -28,8 +29,10 @@ from torch import nn
 
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
-from .surgery import converted_layers, skipped_layers, spectral_parametrization
-from .tt import check_method, check_rank, check_spectrum, count_dof, split_modes, tt_ranks
+from .options import check_method, check_rank, check_spectrum
+from .parametrizations import spectral_parametrization
+from .surgery import converted_layers, skipped_layers
+from .tt import count_dof, split_modes, tt_ranks
 
 __all__ = ["LayerRow", "SkippedRow", "CompressionReport", "report", "compression", "count_model_dof"]
 
@@ -199,11 +202,6 @@ def _fmt_flops(x: float) -> str:
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-def _base_type_name(module: nn.Module) -> str:
-    """The user-facing class name of a layer (``Conv2d`` for a converted ``ParametrizedSpectralConv2d``)."""
-    return original_class(module).__name__
-
-
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
@@ -239,7 +237,7 @@ def _run_example(model: nn.Module, example_input) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- API
-def report(model: nn.Module, example_input=None, print_table: bool = True) -> CompressionReport:
+def report(model: nn.Module, example_input=None, print_table: bool = False) -> CompressionReport:
     """Per-layer compression report of a converted model and its Z (paper eq. 11).
 
     Args:
@@ -248,7 +246,8 @@ def report(model: nn.Module, example_input=None, print_table: bool = True) -> Co
         example_input: optional input (a tensor, a tuple of positional arguments or a dict of keyword arguments);
             one forward pass is run under ``torch.no_grad()`` in eval mode so that each layer records its chosen
             path and FLOPs per sample. The training flags of all modules are restored afterwards.
-        print_table: print the table (``str(report)``).
+        print_table: also print the table (``str(report)``); off by default — the report is returned, and
+            ``print(report(model))`` prints it once.
     """
     if example_input is not None:
         _run_example(model, example_input)
@@ -261,7 +260,7 @@ def report(model: nn.Module, example_input=None, print_table: bool = True) -> Co
         state = layer_state(module)
         rows.append(LayerRow(
             name=name,
-            type=_base_type_name(module),
+            type=original_class(module).__name__,
             method=p.method,
             spectrum=p.spectrum,
             weight_shape=tuple(p.weight_shape),
