@@ -57,3 +57,46 @@ def test_func_vmap_of_frames_equals_loop():
     batched = vmap(lambda b: householder_frame_free(b, 7))(blocks)
     for b, q in zip(blocks, batched):
         torch.testing.assert_close(q, householder_frame_free(b, 7), rtol=1e-14, atol=1e-14)
+
+
+# ========================================================================================================= autocast
+def _autocast_case(method, path, device="cpu"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10)).to(device)
+    torch_sttp.convert(model, method, 4, spectrum="free", init="random", path=path,
+                       generator=torch.Generator().manual_seed(0))
+    twin = torch_sttp.to_dense(copy.deepcopy(model))
+    return model, twin, torch.randn(4, 3, 6, 6, device=device)
+
+
+def _check_autocast(model, twin, x, device, dtype):
+    with torch.autocast(device, dtype=dtype):
+        y = model(x)
+        y_ref = twin(x)  # the same weights in plain layers under the same autocast rules
+    assert y.dtype == y_ref.dtype == dtype
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=3e-2, atol=3e-2 * y_ref.float().abs().max().item())
+    y.float().square().sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("path", ["dense", "lowrank"])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_autocast_cpu(method, path, dtype):
+    model, twin, x = _autocast_case(method, path)
+    _check_autocast(model, twin, x, "cpu", dtype)
+    with torch.autocast("cpu", dtype=dtype):  # factors stay in the parameters' precision
+        p = torch_sttp.spectral_parametrization(model[2])
+        u, _, vt = p.factors(*torch_sttp.parametrization_tensors(model[2]))
+    assert u.dtype == vt.dtype == torch.float32
+    torch.testing.assert_close(u.mT @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_autocast_cuda(method, dtype):
+    model, twin, x = _autocast_case(method, "auto", "cuda")
+    _check_autocast(model, twin, x, "cuda", dtype)

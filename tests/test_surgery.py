@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -1118,3 +1119,78 @@ def test_every_parameter_takes_part_in_the_graph(batching, spectrum):
         call(torch.randn(3, 1, 1)).sum().backward()
         missing = [n for n, p in model.named_parameters() if p.grad is None and n.split(".")[0] in used]
         assert not missing
+
+
+# ================================================================================= layers convert leaves alone
+def _awkward_model():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation, zero-element init
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(4, 5)), nn.utils.weight_norm(nn.Linear(5, 5)),
+                             nn.Linear(5, 0), nn.LazyLinear(3), nn.LSTM(3, 4), nn.GRU(3, 4), nn.RNN(3, 4),
+                             nn.Linear(3, 3))
+
+
+def test_unconvertible_layers_are_skipped_with_their_reason():
+    model = _awkward_model()
+    S.convert(model, "sttp", 2)
+    assert [n for n, _ in S.converted_layers(model)] == ["7"]
+    reasons = {name: reason for name, _, reason in S.skipped_layers(model)}
+    assert "remove_spectral_norm" in reasons["0"] and "remove_weight_norm" in reasons["1"]
+    assert "(0, 5) is empty" in reasons["2"]
+    assert "lazy" in reasons["3"] and "forward pass" in reasons["3"]
+    assert all("recurrent" in reasons[n] for n in ("4", "5", "6"))
+    model[0](torch.randn(2, 4))  # the hooked layers still work as before
+    model[3](torch.randn(1, 3))  # initialise the lazy layer so that Z can count it
+    rep = str(torch_sttp.report(model))
+    assert "LSTM" in rep and "remove_spectral_norm" in rep
+
+
+@pytest.mark.parametrize("name, reason", [("0", "remove_spectral_norm"), ("2", "empty"), ("3", "lazy"),
+                                          ("4", "recurrent")])
+def test_layer_named_exactly_is_an_error_not_a_skip(name, reason):
+    model = _awkward_model()
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=rf"layer '{name}' .*{reason}"):
+        S.convert(model, "sttp", 2, include=[name, "7"])
+    with pytest.raises(ValueError, match=rf"'{name}'"):
+        S.convert(model, "sttp", {name: 2, "7": 2})
+    assert [type(m) for m in model.modules()] == before and torch_sttp.conversion(model) is None
+
+
+def test_report_refuses_uninitialized_lazy_layers():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 3))
+    S.convert(model, "svdp", 2)
+    with pytest.raises(ValueError, match="'0.weight' is not initialized"):
+        torch_sttp.report(model)
+
+
+# ================================================================================= rank values
+@pytest.mark.parametrize("rank", [4, np.int64(4), np.int32(4), torch.tensor(4), torch.tensor(4, dtype=torch.int16)])
+def test_any_integer_scalar_is_a_rank(rank):
+    model = nn.Sequential(nn.Linear(12, 10), nn.Conv2d(3, 6, 3))
+    S.convert(model, "sttp", rank)
+    plain = S.convert(nn.Sequential(nn.Linear(12, 10), nn.Conv2d(3, 6, 3)), "sttp", 4)
+    assert [P.spectral_parametrization(m).ranks for m in model] == [P.spectral_parametrization(m).ranks
+                                                                    for m in plain]
+    assert type(torch_sttp.conversion(model).options["rank"]) is int
+    assert torch_sttp.count_dof((10, 12), "sttp", rank) == torch_sttp.count_dof((10, 12), "sttp", 4)
+    by_name = S.convert(nn.Sequential(nn.Linear(12, 10)), "svdp", {"0": rank})
+    assert P.spectral_parametrization(by_name[0]).r_mid == 4
+    assert torch_sttp.count_model_dof(nn.Sequential(nn.Linear(12, 10)), "svdp", rank).z > 0
+
+
+@pytest.mark.parametrize("rank", [2.5, 4.0, np.float64(4.0), torch.tensor(4.0), True, "4", 0, -3, None])
+def test_non_integer_ranks_are_refused_with_one_message(rank):
+    message = r"rank must be a positive integer, got .*; pass e.g. rank=64"
+    with pytest.raises(ValueError, match=message):
+        S.convert(nn.Sequential(nn.Linear(12, 10)), "sttp", rank)
+    with pytest.raises(ValueError, match="layer '0': " + message):
+        S.convert(nn.Sequential(nn.Linear(12, 10)), "sttp", {"0": rank})
+    with pytest.raises(ValueError, match=message):
+        torch_sttp.parametrize(nn.Linear(12, 10), "svdp", rank)
+    with pytest.raises(ValueError, match=message):
+        torch_sttp.count_dof((10, 12), "sttp", rank)
+    with pytest.raises(ValueError, match=message):
+        torch_sttp.count_model_dof(nn.Sequential(nn.Linear(12, 10)), "svdp", rank)

@@ -25,6 +25,7 @@ The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Sequence
 
@@ -39,6 +40,7 @@ __all__ = [
     "householder_frame",
     "householder_frame_masked",
     "compact_wy",
+    "without_autocast",
     "free_block_shape",
     "householder_frame_free",
     "householder_frame_batches",
@@ -69,6 +71,17 @@ def frame_dof(n: int, r: int, reduced: bool = False) -> int:
     """Degrees of freedom of a frame: n·r − r(r+1)/2 (full) or n·r − r² (reduced)."""
     _check_shape(n, r)
     return n * r - (r * r if reduced else r * (r + 1) // 2)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def without_autocast(device: torch.device):
+    """A context in which autocast is off on ``device``: frames and factors are computed in their own precision
+    (float32 or float64) whatever autocast region encloses them; the layer's own ops then follow autocast."""
+    if device.type not in _AUTOCAST_DEVICES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -140,8 +153,9 @@ def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.
     out_dtype = params.dtype
     work = _compute_dtype(out_dtype)
     batch_shape = params.shape[:-2]
-    y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
-    q = compact_wy(y.reshape(-1, n, r))
+    with without_autocast(params.device):
+        y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
+        q = compact_wy(y.reshape(-1, n, r))
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 
@@ -179,14 +193,15 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
     out_dtype = block.dtype
     work = _compute_dtype(out_dtype)
     batch_shape = block.shape[:-2]
-    b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
-    if reduced:
-        eye = torch.eye(r, dtype=work, device=block.device).expand(b.shape[0], r, r)
-        y = torch.cat([eye, b], dim=-2)
-    else:
-        y = b.tril(-1)
-        y.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # unit diagonal, in place: tril's backward does not need y
-    q = compact_wy(y)
+    with without_autocast(block.device):
+        b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
+        if reduced:
+            eye = torch.eye(r, dtype=work, device=block.device).expand(b.shape[0], r, r)
+            y = torch.cat([eye, b], dim=-2)
+        else:
+            y = b.tril(-1)
+            y.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # unit diagonal, in place: tril's backward does not need y
+        q = compact_wy(y)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .tt import check_rank, layout_view, transposed_layout_shape
+from .options import check_ranks
+from .tt import layout_view, transposed_layout_shape
 
 __all__ = ["SUPPORTED_TYPES", "layout_shape", "weight_matrix", "matrix_to_weight", "is_transposed_conv", "as_patterns",
            "matches", "select_layers"]
@@ -67,14 +68,42 @@ def matches(name: str, module: nn.Module | None, patterns) -> bool:
     return False
 
 
+_WEIGHT_HOOKS = {
+    "SpectralNorm": "torch.nn.utils.remove_spectral_norm(layer)",
+    "WeightNorm": "torch.nn.utils.remove_weight_norm(layer)",
+}
+
+_UNSUPPORTED_TYPES = {
+    nn.MultiheadAttention: "packed in_proj_weight is not a supported layer",
+    nn.RNNBase: "recurrent layer (LSTM / GRU / RNN): its gate weights are not a supported layer",
+}
+
+
+def _weight_hook_reason(module: nn.Module) -> str | None:
+    """Why a weight recomputed by an old-style hook (``nn.utils.spectral_norm`` / ``weight_norm``) is left alone."""
+    for hook in module._forward_pre_hooks.values():
+        fix = _WEIGHT_HOOKS.get(type(hook).__name__)
+        if fix is not None:
+            return (f"weight is recomputed by the hook-based {type(hook).__name__} on every forward; remove it first "
+                    f"with {fix}")
+    return None
+
+
 def _skip_reason(name: str, module: nn.Module, shared: set[int], parents: dict[str, nn.Module]) -> str | None:
     if torch_parametrize.is_parametrized(module, "weight"):
         return "weight already has another parametrization"
     if isinstance(parents.get(name), nn.MultiheadAttention):
         return "projection inside nn.MultiheadAttention (its packed in_proj_weight is used directly)"
+    hooked = _weight_hook_reason(module)
+    if hooked:
+        return hooked
     weight = getattr(module, "weight", None)
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "weight is not initialized yet (a lazy layer): run one forward pass before converting"
     if not isinstance(weight, torch.Tensor):
         return "no weight tensor"
+    if weight.numel() == 0:
+        return f"weight of shape {tuple(weight.shape)} is empty"
     if id(weight) in shared:
         return "weight is tied/shared with another module"
     if not weight.is_floating_point():
@@ -92,6 +121,8 @@ def _readable_weight_reason(module: nn.Module) -> str | None:
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or isinstance(weight, nn.parameter.UninitializedParameter):
         return "no initialized weight tensor"
+    if weight.numel() == 0:
+        return f"weight of shape {tuple(weight.shape)} is empty"
     if not weight.is_floating_point() or weight.dim() < 2:
         return f"weight ({weight.dtype}, {weight.dim()}-d) is not a floating-point matrix"
     return None
@@ -117,11 +148,7 @@ def _check_rank_map(modules: list[tuple[str, nn.Module]], rank_map: Mapping[str,
     if unsupported:
         raise ValueError("rank mapping names modules that are not supported layers: "
                          + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
-    for n, r in rank_map.items():
-        try:
-            check_rank(r)
-        except ValueError as e:
-            raise ValueError(f"layer {n!r}: {e}") from None
+    check_ranks(rank_map)
 
 
 def _conversion_skip_reasons(model: nn.Module, modules: list[tuple[str, nn.Module]]):
@@ -161,8 +188,10 @@ def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mappin
     selected, skipped = [], []
     for name, module in modules:
         if not isinstance(module, SUPPORTED_TYPES):
-            if isinstance(module, nn.MultiheadAttention) and not inspect:
-                skipped.append((name, type(module).__name__, "packed in_proj_weight is not a supported layer"))
+            reason = None if inspect else _unsupported_reason(module)
+            if reason and not (excludes and matches(name, module, excludes)):
+                _refuse_if_named(name, module, reason, includes, rank_map)
+                skipped.append((name, type(module).__name__, reason))
             continue
         if includes and not matches(name, module, includes):
             continue
@@ -172,7 +201,23 @@ def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mappin
             continue
         reason = reason_of(name, module)
         if reason:
+            _refuse_if_named(name, module, reason, includes, rank_map)
             skipped.append((name, type(module).__name__, reason))
             continue
         selected.append((name, module))
     return selected, skipped
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module with weights of its own that is not a supported layer is listed as skipped (None: not listed)."""
+    for kind, reason in _UNSUPPORTED_TYPES.items():
+        if isinstance(module, kind):
+            return reason
+    return None
+
+
+def _refuse_if_named(name: str, module: nn.Module, reason: str, includes: list, rank_map) -> None:
+    """A layer that ``include`` names exactly (no glob) or that a rank mapping lists cannot be skipped silently."""
+    if name in [p for p in includes if isinstance(p, str)] or (rank_map is not None and name in rank_map):
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) was named for conversion but cannot be "
+                         f"converted: {reason}")

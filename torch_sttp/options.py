@@ -8,6 +8,9 @@ checks its options with these functions, so a bad value gets the same message wh
 """
 from __future__ import annotations
 
+import operator
+from collections.abc import Mapping
+
 __all__ = [
     "METHODS",
     "SPECTRA",
@@ -25,6 +28,7 @@ __all__ = [
     "check_spectrum",
     "check_init",
     "check_rank",
+    "check_ranks",
 ]
 
 METHODS = ("svdp", "sttp")
@@ -66,7 +70,26 @@ def check_init(init: str) -> str:
 
 
 def check_rank(rank) -> int:
-    """Validate a rank hyperparameter: a positive integer."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    """A rank hyperparameter as a Python int: any positive integer scalar (``int``, ``numpy.int64``, a 0-d integer
+    tensor — whatever ``operator.index`` accepts); floats are refused, 4.0 included, as are booleans."""
+    try:
+        value = operator.index(rank) if not isinstance(rank, bool) else None
+    except TypeError:
+        value = None
+    if value is None or value < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}; pass e.g. rank=64")
-    return rank
+    return value
+
+
+def check_ranks(rank):
+    """``rank`` as :func:`convert` takes it: one cap (an int, see :func:`check_rank`) or a mapping from layer name
+    to rank, each checked (the error names the layer)."""
+    if not isinstance(rank, Mapping):
+        return check_rank(rank)
+    out = {}
+    for name, r in rank.items():
+        try:
+            out[name] = check_rank(r)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: {e}") from None
+    return out

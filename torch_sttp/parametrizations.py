@@ -40,6 +40,7 @@ from .frames import (
     householder_frame_free,
     householder_frames_grouped,
     init_frame_params,
+    without_autocast,
 )
 from .options import FRAME_INITS, INITS, check_init, check_method, check_rank, check_spectrum
 from .tt import (
@@ -257,8 +258,10 @@ class SpectralParametrization(nn.Module):
         return s
 
     def factors(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None):
-        """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ."""
-        return self.factors_from_frames(*self.frames(u_params, v_params), (u_params, v_params), s)
+        """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) with W = U·diag(σ)·Vᵀ, computed in the parameters' own
+        precision even inside an autocast region."""
+        with without_autocast(u_params.device):
+            return self.factors_from_frames(*self.frames(u_params, v_params), (u_params, v_params), s)
 
     def frames(self, u_params: torch.Tensor, v_params: torch.Tensor) -> tuple[list, list]:
         """Frames of every core of U and of V (lists, outer end → Σ), cores of one shape in one batched call."""

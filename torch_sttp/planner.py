@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .frames import householder_frame_batches, householder_frame_free, padded_householder_frames
+from .frames import householder_frame_batches, householder_frame_free, padded_householder_frames, without_autocast
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
 
@@ -260,14 +260,17 @@ class FramePlanner:
             check_finite_parameters(layers, self.names)
         groups = self._groups(layers)
         batches = self._core_batches(groups)
-        frames_by_side: dict[tuple[int, int], list] = {}
-        for batch, q in zip(batches, self._frames(batches)):
-            frames_by_side.setdefault((batch.group, batch.side), []).append(q)
         entries = {}
-        for g, members in enumerate(groups):
-            u_frames, v_frames = frames_by_side.get((g, 0), []), frames_by_side.get((g, 1), [])
-            for j, (m, f) in enumerate(zip(members, _group_factors(members, u_frames, v_frames))):
-                entries[id(m)] = _Entry(f, u_frames, v_frames, j)
+        with contextlib.ExitStack() as stack:  # factors in the parameters' precision, even under autocast
+            for device in {member_tensors(m)[0].device for m in layers}:
+                stack.enter_context(without_autocast(device))
+            frames_by_side: dict[tuple[int, int], list] = {}
+            for batch, q in zip(batches, self._frames(batches)):
+                frames_by_side.setdefault((batch.group, batch.side), []).append(q)
+            for g, members in enumerate(groups):
+                u_frames, v_frames = frames_by_side.get((g, 0), []), frames_by_side.get((g, 1), [])
+                for j, (m, f) in enumerate(zip(members, _group_factors(members, u_frames, v_frames))):
+                    entries[id(m)] = _Entry(f, u_frames, v_frames, j)
         return entries
 
     def _groups(self, layers: list[nn.Module]) -> list[list[nn.Module]]:

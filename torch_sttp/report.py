@@ -29,7 +29,7 @@ from torch import nn
 
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
-from .options import check_method, check_rank, check_spectrum
+from .options import check_method, check_ranks, check_spectrum
 from .parametrizations import spectral_parametrization
 from .surgery import converted_layers, skipped_layers
 from .tt import count_dof, split_modes, tt_ranks
@@ -215,6 +215,9 @@ def _count_other(model: nn.Module, excluded: set[str]) -> int:
             continue
         if id(value) in seen:
             continue
+        if isinstance(value, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"{key!r} is not initialized yet (a lazy layer), so Z cannot count it; run one forward "
+                             "pass of the model first")
         seen.add(id(value))
         total += value.numel()
     return total
@@ -307,9 +310,8 @@ def count_model_dof(
     if converted_layers(dense_model):
         raise ValueError("count_model_dof needs a dense model, this one is already converted; use "
                          "torch_sttp.report(model) for it")
-    rank_map = dict(rank) if isinstance(rank, Mapping) else None
-    if rank_map is None:
-        check_rank(rank)
+    rank = check_ranks(rank)
+    rank_map = rank if isinstance(rank, dict) else None
     selected, left_alone = select_layers(dense_model, include, exclude, rank_map)
     skipped = [SkippedRow(*row) for row in left_alone]
     rows, excluded = [], set()

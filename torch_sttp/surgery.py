@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from .layers import SUPPORTED_TYPES, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
-from .options import PATHS, check_init, check_method, check_option, check_rank, check_spectrum
+from .options import PATHS, check_init, check_method, check_option, check_ranks, check_spectrum
 from .parametrizations import parametrization_tensors, parametrize, spectral_parametrization
 from .planner import BATCHING, FramePlanner, NonFiniteParameterError
 
@@ -155,7 +155,7 @@ def convert(
     and listed by :func:`skipped_layers` and in the report. On any error nothing is converted.
     """
     options = _check_options(model, method, rank, spectrum, init, path, batching)
-    rank_map = dict(rank) if isinstance(rank, Mapping) else None
+    rank_map = options["rank"] if isinstance(options["rank"], dict) else None
     selected, skipped = select_layers(model, include, exclude, rank_map)
     if not selected:
         raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
@@ -179,10 +179,8 @@ def _check_options(model, method, rank, spectrum, init, path, batching) -> dict:
     if converted_layers(model):
         names = ", ".join(n or "<root>" for n, _ in converted_layers(model)[:3])
         raise ValueError(f"model is already converted (e.g. {names}); call torch_sttp.to_dense(model) first")
-    if not isinstance(rank, Mapping):
-        check_rank(rank)
-    return {"method": method, "rank": dict(rank) if isinstance(rank, Mapping) else rank, "spectrum": spectrum,
-            "init": init, "path": path, "batching": batching}
+    return {"method": method, "rank": check_ranks(rank), "spectrum": spectrum, "init": init, "path": path,
+            "batching": batching}
 
 
 def _convert_layers(selected, planner: FramePlanner, options: dict, rank_map, alpha, generator, progress) -> None:

@@ -106,7 +106,7 @@ def count_dof(shape: Sequence[int], method: str = "sttp", rank: int = 64, spectr
     is r(d_out + d_in) − r² (learned) or r(d_out + d_in) − r(3r+1)/2 (identity). ``"free"`` counts as
     ``"normalized"`` (the latter has one direction, the common scale of S, that does not move W).
     """
-    check_rank(rank)
+    rank = check_rank(rank)
     check_spectrum(spectrum)
     out_modes, in_modes = split_modes(shape, method)
     modes = out_modes + in_modes
