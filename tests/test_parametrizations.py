@@ -8,6 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 import torch_sttp
+from torch_sttp import parametrizations as P
 from torch_sttp.parametrizations import SpectralParametrization, spectrum_warnings
 from torch_sttp.tt import METHODS, SPECTRA, count_dof
 
@@ -638,7 +639,7 @@ def test_loads_format1_padded_checkpoint(method):
     prefix = "0.parametrizations.weight."
     sd[prefix + "original0"] = _padded_format1(pa, pa.u_side, sd[prefix + "original0"])
     sd[prefix + "original1"] = _padded_format1(pa, pa.v_side, sd[prefix + "original1"])
-    sd[prefix + "0._extra_state"] = dict(sd[prefix + "0._extra_state"], format_version=1)
+    sd[prefix + "0._extra_state"] = dict(P.decode_config(sd[prefix + "0._extra_state"]), format_version=1)
     assert sd[prefix + "original0"].dim() == 3
     b.load_state_dict(sd)
     assert torch.equal(a[0].weight, b[0].weight)

@@ -35,7 +35,16 @@ from .spectral import (
     spectral_stats,
 )
 from .export import to_dense, to_factorized
-from .surgery import cached, conversion, convert, converted_layers, forward_pass, set_check_finite, skipped_layers
+from .surgery import (
+    cached,
+    conversion,
+    convert,
+    converted_layers,
+    forward_pass,
+    load_converted,
+    set_check_finite,
+    skipped_layers,
+)
 from .tt import count_dof
 
 __version__ = "0.1.0"

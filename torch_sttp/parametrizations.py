@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from .tt import (
 )
 
 __all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "register", "svdp", "sttp", "INITS",
-           "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors"]
+           "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors", "encode_config", "decode_config"]
 
 FORMAT_VERSION = 2  # 1: reflectors stored padded, one (L, N, R) tensor per side; 2: flat free blocks
 
@@ -481,8 +482,10 @@ class SpectralParametrization(nn.Module):
             "modes": [list(self.out_modes), list(self.in_modes)],
         }
 
-    def get_extra_state(self) -> dict:
-        return self.config()
+    def get_extra_state(self) -> torch.Tensor:
+        """The configuration as a uint8 tensor of its JSON text (see :func:`encode_config`), so that state_dicts
+        hold tensors only (safetensors, ``save_pretrained``)."""
+        return encode_config(self.config())
 
     def set_extra_state(self, state) -> None:
         pass  # checked in _load_from_state_dict, where the layer's name is known
@@ -491,7 +494,7 @@ class SpectralParametrization(nn.Module):
                               error_msgs):
         key = prefix + "_extra_state"
         if key in state_dict:
-            theirs, ours = state_dict[key], self.config()
+            theirs, ours = decode_config(state_dict[key]), self.config()
             if not isinstance(theirs, dict) or theirs.get("format_version", 0) > FORMAT_VERSION:
                 raise ValueError(f"{_layer_name(prefix)}: checkpoint written by a newer torch-sttp "
                                  f"(format {theirs!r}); upgrade torch-sttp to load it")
@@ -503,6 +506,22 @@ class SpectralParametrization(nn.Module):
                                  f"or load a dense checkpoint instead")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+
+def encode_config(config: dict) -> torch.Tensor:
+    """A configuration dict as a 1-D uint8 tensor holding its JSON text (what ``_extra_state`` stores)."""
+    return torch.tensor(list(json.dumps(config, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode_config(state) -> dict | object:
+    """The configuration stored as ``_extra_state``: a uint8 JSON tensor, or the plain dict of checkpoints written
+    before torch-sttp stored it as a tensor; anything else is returned as it is."""
+    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            return json.loads(bytes(state.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return state
+    return state
 
 
 def _layer_name(prefix: str) -> str:
@@ -593,7 +612,7 @@ def register(module: nn.Module, tensor_name: str, p: SpectralParametrization) ->
 
 def _upgrade_padded_reflectors(plist, p: SpectralParametrization, state_dict, prefix, *_args) -> None:
     index = next((i for i, q in enumerate(plist) if q is p), None)
-    extra = state_dict.get(f"{prefix}{index}._extra_state")
+    extra = decode_config(state_dict.get(f"{prefix}{index}._extra_state"))
     if not (isinstance(extra, dict) and extra.get("format_version") == 1):
         return
     for name, side in (("original0", p.u_side), ("original1", p.v_side)):

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 from .layers import SUPPORTED_TYPES, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
 from .options import PATHS, check_init, check_method, check_option, check_ranks, check_spectrum
-from .parametrizations import parametrization_tensors, parametrize, spectral_parametrization
+from .parametrizations import decode_config, parametrization_tensors, parametrize, spectral_parametrization
 from .planner import BATCHING, FramePlanner, NonFiniteParameterError
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "conversion",
     "converted_layers",
     "forward_pass",
+    "load_converted",
     "set_check_finite",
     "skipped_layers",
     "spectral_parametrization",
@@ -166,6 +167,33 @@ def convert(
              model.register_forward_hook(planner.end_forward, always_call=True))
     options.update(include=include, exclude=exclude, alpha=alpha)
     model.__dict__[_RECORD] = Conversion(planner, options, skipped, hooks)
+    return model
+
+
+def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                   **convert_kwargs) -> nn.Module:
+    """Load a converted model's ``state_dict`` (e.g. ``safetensors.torch.load_file(path)``) into the dense ``model``
+    it was made from: the layers are converted with the settings recorded in the state_dict (method, spectrum and
+    each layer's rank), then the tensors are loaded. Returns ``model``; its outputs equal the saved model's.
+
+    ``convert_kwargs`` go to :func:`convert` (``path``, ``batching``, ``check_finite``).
+    """
+    configs = {}
+    suffix = ".parametrizations.weight.0._extra_state"
+    for key, value in state_dict.items():
+        if key.endswith(suffix) or key == suffix[1:]:
+            configs[key[: -len(suffix)] if key != suffix[1:] else ""] = decode_config(value)
+    if not configs:
+        raise ValueError("load_converted: the state_dict holds no SVDP/STTP layer; load it with "
+                         "model.load_state_dict instead")
+    settings = {(c["method"], c["spectrum"]) for c in configs.values()}
+    if len(settings) > 1:
+        raise ValueError(f"load_converted: the state_dict mixes methods/spectra {sorted(settings)}; convert the "
+                         "model layer group by layer group with torch_sttp.convert, then load_state_dict")
+    (method, spectrum), = settings
+    convert(model, method, {name: c["rank"] for name, c in configs.items()}, spectrum, init="identity",
+            **convert_kwargs)
+    model.load_state_dict(state_dict, strict=strict)
     return model
 
 
