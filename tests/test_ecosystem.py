@@ -157,3 +157,39 @@ def test_minilm_save_pretrained_and_reload(tmp_path):
     torch_sttp.load_converted(fresh, load_file(tmp_path / "model.safetensors"))
     with torch.no_grad():
         assert torch.equal(fresh(**batch).last_hidden_state, expected)
+
+
+# ===================================================================================================== meta device
+def _meta_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10), nn.Tanh(),
+                         nn.Linear(10, 1)).double()
+
+
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_meta_model_converts_without_values_then_loads(method, assign):
+    torch.manual_seed(0)
+    real = torch_sttp.convert(_meta_net(), method, 4, init="random", generator=torch.Generator().manual_seed(2))
+    with torch.device("meta"):
+        meta = _meta_net()
+    torch_sttp.convert(meta, method, 4)
+    shapes = {n: p.shape for n, p in real.named_parameters()}
+    assert {n: p.shape for n, p in meta.named_parameters()} == shapes
+    assert all(p.is_meta for p in meta.parameters())
+    if assign:
+        meta.load_state_dict(real.state_dict(), assign=True)
+    else:
+        meta.to_empty(device="cpu")
+        meta.load_state_dict(real.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    assert torch.equal(meta(x), real(x))
+    meta(x).sum().backward()
+    assert all(p.grad is not None for p in meta.parameters())
+
+
+def test_meta_model_refuses_pretrained_init():
+    with torch.device("meta"):
+        meta = _meta_net()
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv2d\): init='pretrained' .* meta device"):
+        torch_sttp.convert(meta, "sttp", 4, init="pretrained")
+    assert torch_sttp.conversion(meta) is None and all(p.is_meta for p in meta.parameters())

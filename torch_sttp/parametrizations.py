@@ -301,9 +301,15 @@ class SpectralParametrization(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
     ) -> tuple[torch.Tensor, ...]:
-        """Fresh (U reflectors, V reflectors[, S]) for ``init`` in ("identity", "random", "noisy_identity")."""
+        """Fresh (U reflectors, V reflectors[, S]) for ``init`` in ("identity", "random", "noisy_identity").
+
+        On the ``meta`` device nothing is computed: the tensors have the right shapes and no values (fill them with
+        ``to_empty`` and ``load_state_dict``)."""
         if init not in FRAME_INITS:
             raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
+        if torch.device(device or "cpu").type == "meta":
+            sizes = [self.u_side.numel, self.v_side.numel] + ([self.r_mid] if self.has_spectrum else [])
+            return tuple(torch.empty(n, dtype=dtype, device="meta") for n in sizes)
         out = []
         for side in (self.u_side, self.v_side):
             layouts = [init_frame_params(n, r, init, red, alpha=alpha, generator=generator, dtype=dtype, device=device)
@@ -597,6 +603,11 @@ def parametrize(
     initial = None
     if init != "pretrained":
         initial = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
+    elif weight.is_meta:
+        raise ValueError(f"init='pretrained' projects the current weight of {type(module).__name__}.{tensor_name}, "
+                         "but it is on the meta device and has no values; load the pretrained weights first "
+                         "(model.to_empty(device=...) and load_state_dict), or convert with another init and load a "
+                         "converted state_dict")
     with p.initial_values(initial):
         register(module, tensor_name, p)
     return p
