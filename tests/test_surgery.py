@@ -1194,3 +1194,46 @@ def test_non_integer_ranks_are_refused_with_one_message(rank):
         torch_sttp.count_dof((10, 12), "sttp", rank)
     with pytest.raises(ValueError, match=message):
         torch_sttp.count_model_dof(nn.Sequential(nn.Linear(12, 10)), "svdp", rank)
+
+
+# ================================================================================= embedding padding rows
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+@pytest.mark.parametrize("init", ["noisy_identity", "random", "pretrained"])
+def test_embedding_padding_row_is_kept_and_never_changes(method, init):
+    torch.manual_seed(0)
+    emb = nn.Embedding(12, 6, padding_idx=3, dtype=F64)
+    with torch.no_grad():
+        emb.weight[3] = torch.arange(6, dtype=F64) if init == "pretrained" else 0.0
+    expected_row = emb.weight.detach()[3].clone()
+    model = nn.Sequential(emb)
+    twin_dof = torch_sttp.count_model_dof(nn.Sequential(nn.Embedding(12, 6, padding_idx=3)), method, 4, "free")
+    S.convert(model, method, 4, spectrum="free", init=init, generator=gen(1))
+    assert torch_sttp.report(model).z == pytest.approx(twin_dof.z)
+    assert torch.equal(emb.weight.detach()[3], expected_row)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for path in ("dense", "lowrank", "auto"):
+        torch_sttp.modules.layer_state(emb).path = path
+        for _ in range(2):  # the padding token is never seen; the row must not move anyway
+            opt.zero_grad()
+            model(torch.tensor([[0, 1, 2, 4, 5, 11]])).square().sum().backward()
+            opt.step()
+        out = model(torch.tensor([[3, 3, 0]]))
+        assert torch.equal(out[0, 0], expected_row) and torch.equal(out[0, 1], expected_row)
+        assert torch.equal(emb.weight.detach()[3], expected_row)
+    x = torch.tensor([[3, 1, 7]])
+    y = model(x).detach()
+    factorized = S.to_factorized(copy.deepcopy(model))
+    torch.testing.assert_close(factorized(x), y, rtol=1e-12, atol=1e-12)
+    dense = S.to_dense(model)[0]
+    assert type(dense) is nn.Embedding and dense.padding_idx == 3
+    assert torch.equal(dense.weight.detach()[3], expected_row)
+    torch.testing.assert_close(dense(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_dense_checkpoint_sets_the_padding_row():
+    source = nn.Sequential(nn.Embedding(8, 4, padding_idx=0))
+    with torch.no_grad():
+        source[0].weight[0] = 1.5
+    model = S.convert(nn.Sequential(nn.Embedding(8, 4, padding_idx=0)), "svdp", 4, spectrum="free")
+    model.load_state_dict(source.state_dict())
+    torch.testing.assert_close(model(torch.tensor([0, 5])), source(torch.tensor([0, 5])))

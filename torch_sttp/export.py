@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .modules import SpectralLayer, original_class
-from .parametrizations import parametrization_tensors, spectral_parametrization
+from .parametrizations import FixedRow, parametrization_tensors, spectral_parametrization
 from .surgery import converted_layers, detach_conversion
 
 __all__ = ["to_dense", "to_factorized", "factorized_pair"]
@@ -80,11 +80,19 @@ def _linear_pair(module: nn.Linear, r: int, us, vt, kw) -> nn.Sequential:
 
 
 def _embedding_pair(module: nn.Embedding, r: int, us, vt, kw) -> nn.Sequential | None:
+    """Embedding(·, r) · Linear(r → dim); with ``padding_idx`` only when the fixed padding row is zero (a zero row of
+    the first factor keeps it so, and receives no gradient), else None (the layer is exported dense)."""
     if module.max_norm is not None or module.scale_grad_by_freq:
         return None
+    if module.padding_idx is not None:
+        fixed = next(q.row for q in module.parametrizations["weight"] if isinstance(q, FixedRow))
+        if bool(fixed.any()):
+            return None
     first = nn.Embedding(module.num_embeddings, r, padding_idx=module.padding_idx, **kw)
     second = nn.Linear(r, module.embedding_dim, bias=False, **kw)
     first.weight.data.copy_(us)
+    if module.padding_idx is not None:
+        first.weight.data[module.padding_idx] = 0
     second.weight.data.copy_(vt.mT)
     return nn.Sequential(first, second)
 
@@ -111,8 +119,8 @@ def to_factorized(model: nn.Module) -> nn.Module:
     """Replace each converted layer by two plain low-rank layers (in place where possible; returns the model).
 
     Linear → Linear(d_in→r) · Linear(r→d_out); Conv → r-filter conv · 1×1 conv; ConvTranspose → r-channel
-    transposed conv · 1×1 conv; Embedding → Embedding(·, r) · Linear(r→dim). Grouped convs and max_norm embeddings
-    become dense layers. The result holds only plain modules (``torch.export``-able).
+    transposed conv · 1×1 conv; Embedding → Embedding(·, r) · Linear(r→dim). Grouped convs, max_norm embeddings and
+    embeddings whose fixed padding row is not zero become dense layers. The result holds only plain modules (``torch.export``-able).
     """
     pairs = [(name, module, factorized_pair(module)) for name, module in converted_layers(model)]
     for name, module, pair in pairs:

@@ -21,7 +21,7 @@ from torch import nn
 from . import cost
 from .layers import SUPPORTED_TYPES
 from .planner import Factors, FramePlanner
-from .parametrizations import parametrization_tensors, spectral_parametrization
+from .parametrizations import FixedRow, parametrization_tensors, spectral_parametrization
 
 __all__ = [
     "LayerState",
@@ -93,8 +93,14 @@ class SpectralLayer:
     sttp_factors = spectral_factors
 
     def spectral_weight(self) -> torch.Tensor:
-        """This layer's weight tensor, formed from :meth:`spectral_factors`."""
-        return spectral_parametrization(self).weight_from_factors(*self.spectral_factors())
+        """This layer's weight tensor, formed from :meth:`spectral_factors` (and any parametrization registered
+        after the spectral one, such as an embedding's fixed padding row)."""
+        p = spectral_parametrization(self)
+        w = p.weight_from_factors(*self.spectral_factors())
+        chain = list(self.parametrizations["weight"])
+        for later in chain[chain.index(p) + 1:]:
+            w = later(w)
+        return w
 
     def _choose(self, costs: dict[str, float], batch: int) -> str:
         state = self._sttp
@@ -218,8 +224,9 @@ class SpectralConvTranspose3d(_SpectralConvTransposeNd, nn.ConvTranspose3d):
 class SpectralEmbedding(SpectralLayer, nn.Embedding):
     """``nn.Embedding`` with an SVDP/STTP weight; rows are looked up without forming W ("lowrank").
 
-    ``padding_idx`` rows receive no gradient; ``max_norm`` rescales the looked-up rows out of place (the
-    parameters are never modified), with the rescaling factor treated as a constant.
+    The ``padding_idx`` row is the fixed row stored at conversion (:class:`~torch_sttp.parametrizations.FixedRow`)
+    and receives no gradient; ``max_norm`` rescales the looked-up rows out of place (the parameters are never
+    modified), with the rescaling factor treated as a constant.
     """
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -239,8 +246,9 @@ class SpectralEmbedding(SpectralLayer, nn.Embedding):
         u, sigma, vt = self.spectral_factors()
         coeff = F.embedding(idx, u, self.padding_idx)
         rows = (coeff if sigma is None else coeff * sigma) @ vt
-        if self.padding_idx is not None:  # σ and Vᵀ are shared by all rows: cut the padding rows' gradient
-            rows = torch.where((idx == self.padding_idx).unsqueeze(-1), rows.detach(), rows)
+        if self.padding_idx is not None:  # the fixed padding row; σ and Vᵀ get no gradient from it
+            fixed = next(q.row for q in self.parametrizations["weight"] if isinstance(q, FixedRow))
+            rows = torch.where((idx == self.padding_idx).unsqueeze(-1), fixed.to(rows.dtype), rows)
         return rows
 
     def _renormed(self, rows: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ from .tt import (
     tt_svd,
 )
 
-__all__ = ["SpectralParametrization", "SVDP", "STTP", "parametrize", "register", "svdp", "sttp", "INITS",
+__all__ = ["SpectralParametrization", "SVDP", "STTP", "FixedRow", "parametrize", "register", "svdp", "sttp", "INITS",
            "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors", "encode_config", "decode_config"]
 
 FORMAT_VERSION = 2  # 1: reflectors stored padded, one (L, N, R) tensor per side; 2: flat free blocks
@@ -610,7 +610,39 @@ def parametrize(
                          "converted state_dict")
     with p.initial_values(initial):
         register(module, tensor_name, p)
+    if tensor_name == "weight" and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        row = weight.detach()[module.padding_idx].clone() if init == "pretrained" else weight.new_zeros(weight.shape[1])
+        torch_parametrize.register_parametrization(module, tensor_name, FixedRow(module.padding_idx, row))
     return p
+
+
+class FixedRow(nn.Module):
+    """Parametrization W ↦ W with row ``index`` replaced by the buffer ``row`` (an embedding's padding row).
+
+    ``nn.Embedding`` keeps its ``padding_idx`` row fixed: it never receives a gradient. In W = U·Σ·Vᵀ that row moves
+    with Σ and V, so a converted embedding stores the row it had at conversion (zeros for a fresh init, the
+    pretrained row for ``init="pretrained"``) and puts it back after the spectral parametrization.
+    """
+
+    def __init__(self, index: int, row: torch.Tensor) -> None:
+        super().__init__()
+        self.index = int(index)
+        self.register_buffer("row", row)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        mask[self.index] = True
+        return torch.where(mask, self.row.to(weight.dtype), weight)
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        """Setting a dense weight takes its padding row as the fixed row."""
+        with torch.no_grad():
+            self.row.copy_(weight[self.index])
+        return weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        state_dict.setdefault(prefix + "row", self.row)  # checkpoints of 1637de1 had no fixed row: keep this one
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
 
 def register(module: nn.Module, tensor_name: str, p: SpectralParametrization) -> None:

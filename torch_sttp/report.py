@@ -260,6 +260,8 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
         p = spectral_parametrization(module)
         head = _prefix(name) + _PARAM_KEY
         excluded.update(k for k in keys if k.startswith(head) and k[len(head):].isdigit())
+        excluded.update(k for k in keys if k.startswith(_prefix(name) + "parametrizations.weight.")
+                        and k.endswith("._extra_state"))  # the configuration (a uint8 JSON tensor), not numbers
         state = layer_state(module)
         rows.append(LayerRow(
             name=name,
@@ -335,4 +337,6 @@ def count_model_dof(
             numel=module.weight.numel(),
         ))
         excluded.add(_prefix(name) + "weight")
-    return CompressionReport(rows, skipped, _count_other(dense_model, excluded), source="arithmetic")
+    # a converted embedding with padding_idx stores its fixed padding row (FixedRow): dim numbers
+    fixed_rows = sum(m.embedding_dim for _, m in selected if isinstance(m, nn.Embedding) and m.padding_idx is not None)
+    return CompressionReport(rows, skipped, _count_other(dense_model, excluded) + fixed_rows, source="arithmetic")

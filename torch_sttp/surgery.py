@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 from .layers import SUPPORTED_TYPES, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
 from .options import PATHS, check_init, check_method, check_option, check_ranks, check_spectrum
-from .parametrizations import decode_config, parametrization_tensors, parametrize, spectral_parametrization
+from .parametrizations import FixedRow, decode_config, parametrization_tensors, parametrize, spectral_parametrization
 from .planner import BATCHING, FramePlanner, NonFiniteParameterError
 
 __all__ = [
@@ -263,6 +263,9 @@ def _load_dense_weight_hook(module, state_dict, prefix, *args) -> None:
     for i, t in enumerate(tensors):
         state_dict[f"{prefix}parametrizations.weight.original{i}"] = t
     state_dict[f"{prefix}parametrizations.weight.0._extra_state"] = p.get_extra_state()
+    for i, later in enumerate(module.parametrizations["weight"]):
+        if isinstance(later, FixedRow):  # a dense embedding's padding row becomes the fixed row
+            state_dict[f"{prefix}parametrizations.weight.{i}.row"] = dense[later.index].to(later.row.dtype)
 
 
 def detach_conversion(model: nn.Module) -> None:
