@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+
+from ..checkpoint import atomic_write
 
 __all__ = [
     "DatasetFilesNotFoundError",
@@ -214,14 +215,7 @@ def _mnist1d_arrays(seed: int) -> Dict[str, np.ndarray]:
     arrays = _generate_mnist1d(seed)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
     except OSError:
         pass  # caching is only an optimisation
     return arrays
