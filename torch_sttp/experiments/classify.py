@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -59,8 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import set_rng_state
-from .runner import (MetricsLog, StopRequest, check_resumable, jsonable, load_state, num_threads, progress_bar,
-                     read_config_file, resolve_settings, save_state, select_device, write_text)
+from ..options import INITS, SPECTRA
+from .runner import (USER_ERRORS, MetricsLog, RunSummary, StopRequest, check_bool, check_choice, check_device,
+                     check_integer, check_number, check_rank_setting, check_resumable, explain_missing_data, jsonable,
+                     load_state, num_threads, one_line, progress_bar, rank_literal, read_config_file,
+                     resolve_settings, save_state, select_device, write_text)
 
 __all__ = [
     "DEFAULTS",
@@ -81,6 +83,7 @@ __all__ = [
     "excluded_layers",
     "evaluate",
     "run_classify",
+    "summary_line",
     "main",
 ]
 
@@ -151,11 +154,8 @@ _SUMMARY = "summary.json"
 _CONFIG = "config.json"
 
 
-class Summary(dict):
+class Summary(RunSummary):
     """The summary of a run (a dict, also written to ``summary.json``); ``int(summary)`` is the exit status."""
-
-    def __int__(self) -> int:
-        return int(self.get("exit_code", 0))
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -187,7 +187,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=S, help=_help("layer treatment", "method"))
-    g.add_argument("--rank", type=int, default=S, help=_help("rank cap r of SVDP/STTP", "rank"))
+    g.add_argument("--rank", type=rank_literal, default=S, help=_help("rank cap r of SVDP/STTP", "rank"))
     g.add_argument("--spectrum", choices=("identity", "normalized", "free"), default=S,
                    help=_help("SVDP/STTP spectrum", "spectrum"))
     g.add_argument("--init", choices=("noisy_identity", "identity", "random", "pretrained"), default=S,
@@ -254,27 +254,37 @@ def resolve_config(args=None, **overrides) -> dict:
 
 
 def _validate(cfg: dict) -> dict:
+    """Check every setting before any work starts (names, types, ranges); ``wrn28-10`` is read as ``wrn``."""
     if cfg["model"] == "wrn28-10":
         cfg["model"] = "wrn"
-    for key, allowed in (("method", METHODS), ("model", MODELS), ("dataset", DATASETS), ("penalty", PENALTIES),
-                         ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
-                         ("spectrum", ("identity", "normalized", "free"))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
     if cfg["penalty"] is None:
         cfg["penalty"] = "none"
+    for key, allowed in (("method", METHODS), ("model", MODELS), ("dataset", DATASETS), ("penalty", PENALTIES),
+                         ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("spectrum", SPECTRA),
+                         ("init", INITS)):
+        check_choice(cfg, key, allowed)
     if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ValueError("give steps or epochs")
-    if cfg["steps"] is not None and int(cfg["steps"]) < 1:
-        raise ValueError(f"steps must be ≥ 1, got {cfg['steps']}")
-    if cfg["epochs"] is not None and float(cfg["epochs"]) <= 0:
-        raise ValueError(f"epochs must be > 0, got {cfg['epochs']}")
-    if int(cfg["rank"]) < 1:
-        raise ValueError(f"rank must be ≥ 1, got {cfg['rank']}")
-    if int(cfg["batch"]) < 1:
-        raise ValueError(f"batch must be ≥ 1, got {cfg['batch']}")
+        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
+    check_integer(cfg, "steps", 1, optional=True)
+    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+    check_rank_setting(cfg, "rank")
+    for key, minimum, optional in (("batch", 1, False), ("eval_batch", 1, False), ("sr_every", 1, False),
+                                   ("warmup", 0, False), ("seed", 0, False), ("data_seed", 0, False),
+                                   ("depth", 4, False), ("widen", 1, False), ("width", 1, True),
+                                   ("image_size", 1, True), ("threads", 1, True), ("eval_every", 1, True),
+                                   ("checkpoint_every", 1, True), ("stop_at", 0, True)):
+        check_integer(cfg, key, minimum, optional)
+    check_number(cfg, "lr", 0, low_open=True)
+    for key in ("momentum", "weight_decay", "penalty_weight"):
+        check_number(cfg, key, 0)
+    check_number(cfg, "dropout", 0, 1, high_open=True)
+    for key in ("augment", "nesterov", "deterministic", "resume", "progress"):
+        check_bool(cfg, key)
+    check_device(cfg)
     if isinstance(cfg["exclude"], str):
         cfg["exclude"] = [cfg["exclude"]]
+    if cfg["exclude"] is not None and not all(isinstance(e, str) for e in cfg["exclude"]):
+        raise ValueError(f"exclude must be a list of layer-name globs, got {cfg['exclude']!r}")
     return cfg
 
 
@@ -321,7 +331,7 @@ class ArrayData:
 def load_data(cfg: Mapping) -> tuple[ArrayData, ArrayData]:
     """The (train, test) sets of ``cfg["dataset"]``; a data set whose files are missing raises
     :class:`~torch_sttp.experiments.data.DatasetFilesNotFoundError` saying where to put them."""
-    from .data import DatasetFilesNotFoundError, get_dataset
+    from .data import get_dataset
 
     name = cfg["dataset"]
     kw: dict[str, Any] = {}
@@ -329,15 +339,9 @@ def load_data(cfg: Mapping) -> tuple[ArrayData, ArrayData]:
         kw["seed"] = int(cfg["data_seed"])
     if name == "mnist5k" and cfg["image_size"] is not None:
         kw["image_size"] = int(cfg["image_size"])
-    try:
+    with explain_missing_data(name, cfg["data_root"]):
         train = get_dataset(name, "train", root=cfg["data_root"], **kw)
         test = get_dataset(name, "test", root=cfg["data_root"], **kw)
-    except DatasetFilesNotFoundError as e:
-        where = cfg["data_root"] or os.environ.get("TORCH_STTP_DATA") or "./data"
-        raise DatasetFilesNotFoundError(
-            f"dataset {name!r} is not available locally (looked under {str(where)!r}). Put the files there, or "
-            f"point --data-root (config key data_root, or $TORCH_STTP_DATA) at the folder that holds them. "
-            f"Details: {e}", getattr(e, "filename", None)) from None
     return ArrayData(train), ArrayData(test)
 
 
@@ -374,18 +378,16 @@ def build_model(cfg: Mapping, sample_x: torch.Tensor) -> nn.Module:
     """The dense model ``cfg["model"]`` sized for inputs like ``sample_x`` (10 classes)."""
     from .models import build_model as build
 
-    name, width = cfg["model"], cfg["width"]
-    if name == "small-cnn":
-        if sample_x.dim() != 3:
-            raise ValueError(f"small-cnn needs images (C, H, W), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
-        return build("small-cnn", num_classes=10, in_channels=int(sample_x.shape[0]),
-                     **({"width": int(width)} if width else {}))
+    name, shape = cfg["model"], tuple(sample_x.shape)
+    width = {"width": int(cfg["width"])} if cfg["width"] else {}
     if name == "cnn1d":
-        if sample_x.dim() not in (1, 2) or (sample_x.dim() == 2 and sample_x.shape[0] != 1):
-            raise ValueError(f"cnn1d needs sequences (1, L), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
-        return build("cnn1d", num_classes=10, length=int(sample_x.shape[-1]), **({"width": int(width)} if width else {}))
+        if sample_x.dim() not in (1, 2) or (sample_x.dim() == 2 and shape[0] != 1):
+            raise ValueError(f"cnn1d needs sequences (1, L), dataset {cfg['dataset']} gives {shape}")
+        return build("cnn1d", num_classes=10, length=int(shape[-1]), **width)
     if sample_x.dim() != 3:
-        raise ValueError(f"wrn needs images (C, H, W), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
+        raise ValueError(f"{name} needs images (C, H, W), dataset {cfg['dataset']} gives {shape}")
+    if name == "small-cnn":
+        return build("small-cnn", num_classes=10, in_channels=int(shape[0]), **width)
     return build("wrn28-10", depth=int(cfg["depth"]), widen=int(cfg["widen"]), num_classes=10,
                  in_channels=int(sample_x.shape[0]), dropout=float(cfg["dropout"]))
 
@@ -402,7 +404,7 @@ def _apply_method(model: nn.Module, cfg: Mapping):
         from ..surgery import convert
 
         gen = torch.Generator().manual_seed(_mix(cfg["seed"], 2))
-        convert(model, method=method, rank=int(cfg["rank"]), spectrum=cfg["spectrum"], init=cfg["init"],
+        convert(model, method=method, rank=cfg["rank"], spectrum=cfg["spectrum"], init=cfg["init"],
                 exclude=exclude, generator=gen)
     elif method == "sn":
         from ..spectral import apply_spectral_norm
@@ -514,10 +516,9 @@ class _Run:
             torch.use_deterministic_algorithms(True)
         self.out = Path(cfg["out"] or Path("runs") / "classify" / run_name(cfg)).expanduser()
         cfg["out"] = str(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.ckpt_path, self.summary_path = self.out / _CKPT, self.out / _SUMMARY
         self.log = MetricsLog(self.out / _CSV, METRIC_COLUMNS)
-        self.train_data, self.test_data = load_data(cfg)
+        self.train_data, self.test_data = load_data(cfg)  # data and model first: their errors leave no folder
         self._plan_steps()
         self._build()
         self.step, self.elapsed, self.best_acc = 0, 0.0, None
@@ -558,6 +559,7 @@ class _Run:
         if self.cfg["resume"] and self.ckpt_path.is_file():
             self._restore(load_state(self.ckpt_path))
         else:
+            self.out.mkdir(parents=True, exist_ok=True)
             self.log.start(keep_until=None)
             if self.summary_path.exists():
                 self.summary_path.unlink()
@@ -730,8 +732,25 @@ def run_classify(args=None, **overrides) -> Summary:
     with num_threads(cfg["threads"]):
         run = _Run(cfg)
         run.start()
+        first = run.step
         status, signal_name = _train(run)
-        return _summarize(run, status, signal_name)
+        summary = _summarize(run, status, signal_name)
+    summary.trained_steps, summary.total_steps = run.step - first, run.total
+    return summary
+
+
+def summary_line(summary: Summary) -> str:
+    """One line closing a run: its status, steps, final test metrics and compression, and its folder."""
+    steps = f"{summary['steps']}/{summary.total_steps} steps"
+    if summary["status"] == "complete" and summary.trained_steps == 0:
+        head = f"already complete ({steps}; nothing left to train)"
+    elif summary["status"] == "interrupted":
+        head = f"interrupted after {steps} (checkpointed; run the same command again to resume)"
+    else:
+        head = f"{summary['status']} after {steps}"
+    return (f"classify {summary['method']}: {head}: test accuracy {summary['accuracy']:.4f}, test loss "
+            f"{summary['test_loss']:.4f}, Z {summary['z']:.2f} % ({summary['dof']} of {summary['dense_params']} "
+            f"parameters); run folder {summary['out']}")
 
 
 # ------------------------------------------------------------------------------------------------------------- main
@@ -743,8 +762,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = run_classify(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     brief = {k: summary[k] for k in ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy",
                                      "z", "dof", "wall_time_s", "out")}

@@ -50,10 +50,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import atomic_write, set_rng_state
-from .runner import (MetricsLog, check_resumable, load_state, num_threads, progress_bar, read_config_file,
-                     resolve_settings, save_state, select_device, write_text)
+from ..options import INITS
+from .runner import (USER_ERRORS, MetricsLog, RunSummary, check_bool, check_choice, check_device, check_integer,
+                     check_number, check_rank_setting, check_resumable, explain_missing_data, load_state, num_threads,
+                     one_line, progress_bar, rank_literal, read_config_file, resolve_settings, save_state,
+                     select_device, write_text)
 
-__all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
+__all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "summary_line",
+           "main",
            "build_models", "summarize_runs", "plot_curves",
            "plot_samples_montage", "CSV_FIELDS"]
 
@@ -167,8 +171,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                    help=_h("divide every D width by this (Table 1: 4 for preset 32, 16 for preset 48)", "d_reduce"))
     g.add_argument("--d", choices=D_VARIANTS, default=S, help=_h("discriminator variant", "d"))
     g.add_argument("--g", choices=G_VARIANTS, default=S, help=_h("generator variant (noise_to_conv stays dense)", "g"))
-    g.add_argument("--d-rank", type=int, default=S, help=_h("rank cap r of SVDP/STTP in D", "d_rank"))
-    g.add_argument("--g-rank", type=int, default=S, help=_h("rank cap r of SVDP/STTP in G", "g_rank"))
+    g.add_argument("--d-rank", type=rank_literal, default=S, help=_h("rank cap r of SVDP/STTP in D", "d_rank"))
+    g.add_argument("--g-rank", type=rank_literal, default=S, help=_h("rank cap r of SVDP/STTP in G", "g_rank"))
     g.add_argument("--init", default=S, help=_h("frame initialization of SVDP/STTP", "init"))
     g.add_argument("--penalty-weight", type=float, default=S,
                    help=_h("weight of the -R spectral penalty", "penalty_weight"))
@@ -252,45 +256,74 @@ def resolve_config(args=None, **overrides) -> dict:
     return _validate(cfg)
 
 
+#: The splits each dataset offers.
+DATA_SPLITS = {"mnist5k": ("train", "test"), "cifar10": ("train", "test"), "stl10": ("train", "test", "unlabeled")}
+
+
 def _validate(cfg: dict) -> dict:
+    """Check every setting before any work starts (names, types, ranges) and fill the derived ones."""
+    check_choice(cfg, "dataset", DATASETS)
     ds = cfg["dataset"]
-    if ds not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}")
-    if cfg["preset"] is None:
-        cfg["preset"] = 48 if ds == "stl10" else 32
-    if cfg["image_size"] is None:
-        cfg["image_size"] = 48 if ds == "stl10" else 32
-    if cfg["data_split"] is None:
-        cfg["data_split"] = "unlabeled" if ds == "stl10" else "train"
+    for key, default in (("preset", 48 if ds == "stl10" else 32), ("image_size", 48 if ds == "stl10" else 32),
+                         ("data_split", "unlabeled" if ds == "stl10" else "train")):
+        if cfg[key] is None:
+            cfg[key] = default
+    check_choice(cfg, "data_split", DATA_SPLITS[ds])
     for key, choices in (("d", D_VARIANTS), ("g", G_VARIANTS)):
         cfg[key] = str(cfg[key]).lower()
-        if cfg[key] not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {cfg[key]!r}")
-    for key in ("steps", "n_dis", "batch_size", "d_reduce", "d_rank", "g_rank", "sr_every", "log_every", "nz"):
-        cfg[key] = int(cfg[key])
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1")
-    cfg["ckpt_every"] = int(cfg["ckpt_every"])
+        check_choice(cfg, key, choices)
+    for key, choices in (("preset", (32, 48)), ("init", INITS), ("penalty_kind", ("d_optimal", "divergence")),
+                         ("lr_decay", ("linear", "none"))):
+        check_choice(cfg, key, choices)
+    for key in ("d_rank", "g_rank"):
+        check_rank_setting(cfg, key)
+    for key, minimum, optional in (
+            ("steps", 1, False), ("n_dis", 1, False), ("batch_size", 1, False), ("d_reduce", 1, False),
+            ("sr_every", 1, False), ("log_every", 1, False), ("nz", 1, False), ("image_size", 1, False),
+            ("ngf", 1, True), ("ndf", 1, True), ("seed", 0, False), ("threads", 1, True), ("ckpt_every", 0, False),
+            ("spectra_every", 1, True), ("eval_every", 0, False), ("eval_every_samples", 1, False),
+            ("stop_after", 0, True), ("eval_samples", 1, False), ("inception_samples", 1, True),
+            ("inception_batch", 1, False), ("classifier_epochs", 1, False)):
+        check_integer(cfg, key, minimum, optional)
+    check_number(cfg, "lr", 0, low_open=True)
+    for key in ("beta1", "beta2"):
+        check_number(cfg, key, 0, 1, high_open=True)
+    check_number(cfg, "penalty_weight", 0)
+    check_number(cfg, "min_share", 0, 1)
+    for key in ("resume", "progress", "eval_only"):
+        try:
+            cfg[key] = _bool(cfg[key])
+        except argparse.ArgumentTypeError:
+            check_bool(cfg, key)
+    check_device(cfg)
+    cfg["metrics"] = _metrics(cfg["metrics"])
+    return _fill_derived(cfg)
+
+
+def _metrics(value) -> list:
+    """The final metrics: a comma-separated string or a list, from modes, kid, fid, is ('none': no metric)."""
+    if isinstance(value, str):
+        value = [m.strip().lower() for m in value.split(",") if m.strip() and m.strip() != "none"]
+    value = [str(m).lower() for m in (value or [])]
+    bad = sorted(set(value) - {"modes", "kid", "fid", "is"})
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; choose from modes, kid, fid, is, or none (flag --metrics)")
+    return value
+
+
+def _fill_derived(cfg: dict) -> dict:
+    """The settings whose default depends on others: spectra_every, out, cache_dir, inception_samples."""
     if cfg["spectra_every"] is None:
         cfg["spectra_every"] = cfg["log_every"]
-    if isinstance(cfg["metrics"], str):
-        cfg["metrics"] = [m.strip().lower() for m in cfg["metrics"].split(",") if m.strip() and m.strip() != "none"]
-    cfg["metrics"] = [str(m).lower() for m in (cfg["metrics"] or [])]
-    bad = sorted(set(cfg["metrics"]) - {"modes", "kid", "fid", "is"})
-    if bad:
-        raise ValueError(f"unknown metrics {bad}; choose from modes, kid, fid, is")
-    for key in ("resume", "progress", "eval_only"):
-        cfg[key] = _bool(cfg[key])
     if cfg["out"] is None:
-        name = f"{ds}-p{cfg['preset']}-d{cfg['d']}" + (f"-r{cfg['d_reduce']}" if cfg["d_reduce"] > 1 else "")
+        name = f"{cfg['dataset']}-p{cfg['preset']}-d{cfg['d']}" + \
+            (f"-r{cfg['d_reduce']}" if cfg["d_reduce"] > 1 else "")
         name += (f"-g{cfg['g']}" if cfg["g"] != "plain" else "") + f"-s{cfg['seed']}"
         cfg["out"] = str(Path("runs") / "gan" / name)
     if cfg["cache_dir"] is None:
         cfg["cache_dir"] = str(Path(cfg["out"]) / "cache")
     if cfg["inception_samples"] is None:
         cfg["inception_samples"] = cfg["eval_samples"]
-    for key in ("lr", "beta1", "beta2", "penalty_weight", "min_share"):
-        cfg[key] = float(cfg[key])
     return cfg
 
 
@@ -310,12 +343,13 @@ class ImageSource:
         from .data import get_dataset, load_mnist5k
 
         ds, size = cfg["dataset"], cfg["image_size"]
-        if ds == "mnist5k":
-            self.dataset = load_mnist5k(image_size=size, split=cfg["data_split"])
-        elif ds == "stl10":
-            self.dataset = get_dataset("stl10", cfg["data_split"], cfg["data_root"], image_size=size)
-        else:
-            self.dataset = get_dataset(ds, cfg["data_split"], cfg["data_root"])
+        with explain_missing_data(ds, cfg["data_root"]):
+            if ds == "mnist5k":
+                self.dataset = load_mnist5k(image_size=size, split=cfg["data_split"])
+            elif ds == "stl10":
+                self.dataset = get_dataset("stl10", cfg["data_split"], cfg["data_root"], image_size=size)
+            else:
+                self.dataset = get_dataset(ds, cfg["data_split"], cfg["data_root"])
         self.n = len(self.dataset)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.perm = torch.randperm(self.n, generator=self.generator)
@@ -559,11 +593,11 @@ class _GanRun:
     def __init__(self, cfg: dict) -> None:
         self.cfg = cfg
         self.out = Path(cfg["out"])
-        self.out.mkdir(parents=True, exist_ok=True)
         self.device = select_device(cfg["device"])
         self.ckpt_path = self.out / "checkpoint.pt"
         saved = self._read_checkpoint()
-        self._build()
+        self._build()  # data and models before the folder: their errors leave nothing behind
+        self.out.mkdir(parents=True, exist_ok=True)
         self.step, self.wall_before, self.history = 0, 0.0, []
         self.resumed = saved is not None
         if saved is not None:
@@ -764,7 +798,7 @@ class _GanRun:
             "d": cfg["d"], "g": cfg["g"], "seed": cfg["seed"], "dataset": cfg["dataset"], "z_d": self.z_d,
             "z_g": self.z_g, "d_params": int(sum(p.numel() for p in D.parameters())),
             "g_params": int(sum(p.numel() for p in G.parameters())), "train_wall_time": self.wall_before,
-            "device": str(self.device), "torch_threads": torch.get_num_threads(),
+            "device": str(self.device), "torch_threads": torch.get_num_threads(), "out": str(self.out),
         })
         final = _spectra(D)
         summary.update({f"final_{k}": v for k, v in _spectra_stats(final).items()})
@@ -787,12 +821,38 @@ def run_gan(args=None, **overrides) -> dict:
     cfg = resolve_config(args, **overrides)
     with num_threads(cfg["threads"]):
         run = _GanRun(cfg)
-        status = "finished"
+        first, status = run.step, "finished"
         if not cfg["eval_only"] and run.step < cfg["steps"]:
             status = run.train()
         if status == "stopped":
-            return {"status": "stopped", "step": run.step, "out": str(run.out)}
-        return run.finish(status)
+            summary = RunSummary(status="stopped", step=run.step, out=str(run.out))
+        else:
+            summary = RunSummary(run.finish(status))
+    summary.trained_steps, summary.total_steps = run.step - first, cfg["steps"]
+    return summary
+
+
+#: Final metrics named in the summary line, when the run computed them.
+_LINE_METRICS = (("modes_classes_covered", "classes covered", "{:g}"), ("cfid", "cFID", "{:.2f}"),
+                 ("kid", "KID", "{:.4f}"), ("fid", "FID", "{:.2f}"), ("is", "IS", "{:.2f}"))
+
+
+def summary_line(summary: Mapping) -> str:
+    """One line closing a run: its status and steps, the final metrics it has, and its folder."""
+    steps = f"{summary['step']}/{getattr(summary, 'total_steps', summary.get('steps'))} generator steps"
+    if summary["status"] == "stopped":
+        return (f"gan: stopped after {steps} (resumes from the last checkpoint when run again); run folder "
+                f"{summary['out']}")
+    if summary["status"] == "finished" and getattr(summary, "trained_steps", 1) == 0:
+        head = f"already complete ({steps}; nothing left to train, evaluated again)"
+    else:
+        head = f"{summary['status']} after {steps}"
+    parts = [f"Z_D {summary['z_d']:.1f} %"]
+    if isinstance(summary.get("final_d_sigma_min"), float):
+        parts.append(f"min sigma/sigma_max of D {summary['final_d_sigma_min']:.3f}")
+    parts += [f"{label} {fmt.format(summary[key])}" for key, label, fmt in _LINE_METRICS
+              if isinstance(summary.get(key), (int, float))]
+    return f"gan {summary['d']}: {head}: {', '.join(parts)}; run folder {summary['out']}"
 
 
 SUMMARY_COLUMNS = [
@@ -940,7 +1000,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] [--inception-samples N] prints a markdown table of "
                      "the finished runs below ROOT (and plots their training curves).")
     args = parser.parse_args(argv)
-    res = run_gan(args)
+    try:
+        res = run_gan(args)
+    except USER_ERRORS as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
     print(json.dumps({k: res[k] for k in keys if k in res}, default=float))
     return 0

@@ -4,8 +4,10 @@ A recipe is a sequence of named steps (build, restore, train steps, evaluation, 
 folder. This module owns everything in it that is not particular to one recipe:
 
 * **settings** — :func:`resolve_settings`: the recipe's defaults < a YAML/JSON file (``--config``) < flags or keyword
-  arguments, unknown names refused (the keys the ``sttp`` CLI adds to its namespace are not settings);
-  :func:`check_resumable` compares the settings of a run with those its checkpoint was written with;
+  arguments, unknown names refused (the keys the ``sttp`` CLI adds to its namespace are not settings); the
+  ``check_*`` functions validate one setting each before any work starts, with a message naming the flag and the
+  config key (ranks with :func:`torch_sttp.options.check_rank`, the API's message); :func:`check_resumable`
+  compares the settings of a run with those its checkpoint was written with;
 * **the run folder** — :class:`MetricsLog` (``metrics.csv``: a fixed header, rows appended as the run goes, rows
   logged after the last checkpoint dropped on resume) and :func:`write_text` (atomic, folder created);
 * **checkpoints** — :func:`save_state` / :func:`load_state` through :mod:`torch_sttp.checkpoint`: written atomically
@@ -13,9 +15,10 @@ folder. This module owns everything in it that is not particular to one recipe:
   :func:`torch_sttp.checkpoint.rng_state` and restored by :func:`torch_sttp.checkpoint.set_rng_state`. Files that the
   recipes wrote before this format (no header) are read as well, by the same weights-only unpickler, so a planted
   file with pickled code is refused without running it;
-* **the machine** — :func:`select_device` and :func:`num_threads`;
-* **the loop's edges** — :class:`StopRequest` (SIGINT/SIGTERM become "stop after this step") and
-  :func:`progress_bar`.
+* **the machine** — :func:`select_device` and :func:`num_threads`; :func:`explain_missing_data` turns a data set whose
+  files are missing into one message saying where to put them;
+* **the loop's edges** — :class:`StopRequest` (SIGINT/SIGTERM become "stop after this step"),
+  :func:`progress_bar`, and :class:`RunSummary`, what a recipe returns.
 """
 from __future__ import annotations
 
@@ -23,6 +26,10 @@ import argparse
 import csv
 import io
 import json
+import math
+import operator
+import os
+import re
 import signal
 import sys
 import threading
@@ -33,9 +40,21 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .. import checkpoint
+from ..options import check_rank
 
 __all__ = [
     "CLI_KEYS",
+    "USER_ERRORS",
+    "one_line",
+    "RunSummary",
+    "rank_literal",
+    "check_integer",
+    "check_number",
+    "check_rank_setting",
+    "check_choice",
+    "check_bool",
+    "check_device",
+    "explain_missing_data",
     "read_config_file",
     "given_settings",
     "check_known",
@@ -52,8 +71,17 @@ __all__ = [
     "progress_bar",
 ]
 
-#: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler): not settings.
-CLI_KEYS = ("func", "command", "recipe", "cmd", "subcommand")
+#: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler, --debug): not settings.
+CLI_KEYS = ("func", "command", "recipe", "cmd", "subcommand", "debug")
+
+#: Exceptions that mean "the arguments are wrong" (a bad value, a missing file, settings that do not fit, a refused
+#: checkpoint, a missing optional package): a command line reports them in one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, ImportError)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------- settings
@@ -67,15 +95,23 @@ def read_config_file(path, known: Iterable[str] | None = None) -> dict:
     With ``known``, names outside it (other than ``_``-prefixed ones) raise ValueError naming them.
     """
     path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; check the path given to --config")
     text = path.read_text()
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError as e:  # pragma: no cover - pyyaml is in the experiments extra
             raise ImportError("reading a YAML config needs pyyaml (pip install pyyaml), or use a .json file") from e
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -121,6 +157,92 @@ def resolve_settings(defaults: Mapping, args=None, overrides: Mapping | None = N
         apply(cfg, read_config_file(path, known=defaults))
     apply(cfg, given)
     return cfg, (str(path) if path else None)
+
+
+def _names(key: str) -> str:
+    return f"(flag --{key.replace('_', '-')}, config key {key})"
+
+
+def rank_literal(text: str):
+    """A command-line rank: an integer literal as an int, anything else as it is written (a float for ``2.5``,
+    ``4.0``), for :func:`torch_sttp.options.check_rank` to accept or refuse with the API's message."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def check_integer(cfg: dict, key: str, minimum: int | None = None, optional: bool = False) -> None:
+    """``cfg[key]`` must be an integer (``operator.index``: 2.5 and 4.0 are refused, never truncated) ≥ ``minimum``
+    (None allowed when ``optional``)."""
+    value = cfg[key]
+    if value is None and optional:
+        return
+    bound = f" ≥ {minimum}" if minimum is not None else ""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{key} must be an integer{bound}, got {value!r} {_names(key)}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{key} must be an integer{bound}, got {value!r} {_names(key)}")
+    cfg[key] = number
+
+
+def check_number(cfg: dict, key: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """``cfg[key]`` must be a finite number in the interval from ``low`` to ``high`` (open ends where asked); a
+    numeric string (YAML reads ``1e-4`` as one) is read as a float."""
+    value = cfg[key]
+    if value is None and optional:
+        return
+    if high is None:
+        interval = "" if low is None else f"{'>' if low_open else '≥'} {low:g}"
+    else:
+        interval = (f"in {'(' if low_open else '['}{'-inf' if low is None else f'{low:g}'}, {high:g}"
+                    f"{')' if high_open else ']'}")
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{key} must be a number {interval}, got {value!r} {_names(key)}") from None
+    inside = math.isfinite(number) and (low is None or (number > low if low_open else number >= low)) \
+        and (high is None or (number < high if high_open else number <= high))
+    if not inside:
+        raise ValueError(f"{key} must be a number {interval}, got {value!r} {_names(key)}")
+    cfg[key] = number
+
+
+def check_rank_setting(cfg: dict, key: str) -> None:
+    """``cfg[key]`` must be a rank: :func:`torch_sttp.options.check_rank`, with its message."""
+    try:
+        cfg[key] = check_rank(cfg[key])
+    except ValueError as e:
+        raise ValueError(str(e) if key == "rank" else f"{key}: {e} {_names(key)}") from None
+
+
+def check_choice(cfg: dict, key: str, choices: Sequence) -> None:
+    """``cfg[key]`` must be one of ``choices``."""
+    if cfg[key] not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {cfg[key]!r} {_names(key)}")
+
+
+def check_bool(cfg: dict, key: str) -> None:
+    """``cfg[key]`` must be true or false."""
+    if not isinstance(cfg[key], bool):
+        raise ValueError(f"{key} must be true or false, got {cfg[key]!r} (config key {key})")
+
+
+def check_device(cfg: dict, key: str = "device") -> None:
+    """``cfg[key]`` must name a device this machine has (:func:`select_device`)."""
+    if not isinstance(cfg[key], str):
+        raise ValueError(f"{key} must be cpu, cuda, cuda:N or auto, got {cfg[key]!r} {_names(key)}")
+    select_device(cfg[key])
 
 
 def jsonable(cfg: Mapping) -> dict:
@@ -211,13 +333,33 @@ def load_state(path, restore_rng: bool = False) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------ machine
 def select_device(name: str) -> torch.device:
-    """``torch.device(name)``; ``"auto"`` is CUDA when available, else the CPU. A CUDA device without CUDA raises."""
+    """``torch.device(name)``; ``"auto"`` is CUDA when available, else the CPU. An unknown device, or a CUDA device
+    without CUDA, raises ValueError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use --device cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+@contextmanager
+def explain_missing_data(name: str, root):
+    """Re-raise a :class:`~torch_sttp.experiments.data.DatasetFilesNotFoundError` of data set ``name`` as one that
+    says where the files were looked for and how to point the recipe at them."""
+    from .data import DatasetFilesNotFoundError
+
+    try:
+        yield
+    except DatasetFilesNotFoundError as e:
+        where = root or os.environ.get("TORCH_STTP_DATA") or "./data"
+        raise DatasetFilesNotFoundError(
+            f"dataset {name!r} is not available locally (looked under {str(where)!r}). Put the files there, or "
+            f"point --data-root (config key data_root, or $TORCH_STTP_DATA) at the folder that holds them. "
+            f"Details: {e}", getattr(e, "filename", None)) from None
 
 
 @contextmanager
@@ -271,3 +413,15 @@ def progress_bar(enabled: bool, total: int, initial: int, desc: str, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, **kwargs)
+
+
+class RunSummary(dict):
+    """What a recipe returns: its summary as a dict (also written to ``summary.json``); ``int(summary)`` is the
+    exit status. ``trained_steps`` (steps trained by this call: 0 for a run that was already complete) and
+    ``total_steps`` are attributes, not items, so they stay out of ``summary.json``."""
+
+    trained_steps: int = 0
+    total_steps: int = 0
+
+    def __int__(self) -> int:
+        return int(self.get("exit_code", 0))
