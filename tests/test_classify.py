@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from torch_sttp.checkpoint import load_checkpoint
 from torch_sttp.experiments import classify, sweep
 from torch_sttp.experiments.data import DatasetFilesNotFoundError
 
@@ -45,7 +46,7 @@ def test_smoke_each_method_writes_csv_and_json(tmp_path, method):
     assert saved["accuracy"] == s["accuracy"] and saved["z"] == s["z"] and saved["dof"] == s["dof"]
     assert json.loads((tmp_path / "config.json").read_text())["method"] == method
 
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 3 and {"model", "optimizer", "scheduler", "rng", "config"} <= set(state)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
@@ -73,7 +74,7 @@ def test_wrn_on_cifar_files_from_data_root(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------ resume
 def _state(out):
-    return torch.load(out / "checkpoint.pt", weights_only=True)
+    return load_checkpoint(out / "checkpoint.pt")
 
 
 def _assert_same_run(a, b):
@@ -137,7 +138,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes(tmp_path, mo
 
     cfg = dict(TINY, method="sttp", rank=2, steps=6, eval_every=2, checkpoint_every=100)
     classify.run_classify(cfg, out=str(tmp_path / "straight"))
-    evaluate, calls = classify._evaluate, []
+    evaluate, calls = classify.evaluate, []
 
     def evaluate_then_signal(*a, **k):  # SIGTERM arrives during the evaluation after step 2
         calls.append(1)
@@ -145,11 +146,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes(tmp_path, mo
             os.kill(os.getpid(), signal.SIGTERM)
         return evaluate(*a, **k)
 
-    monkeypatch.setattr(classify, "_evaluate", evaluate_then_signal)
+    monkeypatch.setattr(classify, "evaluate", evaluate_then_signal)
     s = classify.run_classify(cfg, out=str(tmp_path / "resumed"))
     assert s["status"] == "interrupted" and s["steps"] == 3 and int(s) == 130  # the step after the signal
     assert signal.getsignal(signal.SIGTERM) is not None and _state(tmp_path / "resumed")["step"] == 3
-    monkeypatch.setattr(classify, "_evaluate", evaluate)
+    monkeypatch.setattr(classify, "evaluate", evaluate)
     assert classify.run_classify(cfg, out=str(tmp_path / "resumed"))["status"] == "complete"
     _assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 

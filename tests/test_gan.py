@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from torch_sttp.checkpoint import load_checkpoint
 from torch_sttp.experiments import gan
 from torch_sttp.experiments import metrics as M
 
@@ -78,11 +79,11 @@ def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, variant):
     part = tmp_path / "part"
     stopped = gan.run_gan(dict(common, out=str(part), stop_after=3))  # step 3 is lost (last checkpoint: step 2)
     assert stopped == {"status": "stopped", "step": 3, "out": str(part)}
-    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert load_checkpoint(part / "checkpoint.pt")["step"] == 2
     resumed = gan.run_gan(dict(common, out=str(part)))
     assert resumed["status"] == "finished"
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(part / "checkpoint.pt", weights_only=False)
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(part / "checkpoint.pt")
     for key in ("G", "D"):
         assert a[key].keys() == b[key].keys()
         for name in a[key]:

@@ -13,6 +13,11 @@ then renamed over the destination (``os.replace``), so a crash or a kill during 
 intact. Each file carries a SHA-256 digest of its contents, because a ``torch.save`` archive is not checked on
 reading (a flipped byte in a tensor would otherwise load silently); a truncated or corrupted file raises
 :class:`CheckpointError`.
+
+``load_checkpoint(path, legacy=True)`` also reads the files the recipes wrote before this format (a plain
+``torch.save`` of plain data, without the header and its digest), under the same weights-only unpickler; the only
+extra types it admits are numeric numpy arrays (numpy's RNG state was saved as one). :func:`set_rng_state` restores
+the RNG states of those files too.
 """
 from __future__ import annotations
 
@@ -182,36 +187,48 @@ def _damaged(path: str, detail: str) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any]:
-    """The state saved by :func:`save_checkpoint` at ``path`` (a dict of the keyword arguments it was given).
+def _numeric_numpy_globals() -> list:
+    """The pickle globals of a numeric numpy array (no object arrays), for reading legacy files."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        return []
+    core = getattr(np, "_core", None) or np.core
+    reconstruct = core.multiarray._reconstruct
+    kinds = ("Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Long", "ULong",
+             "LongLong", "ULongLong", "Float16", "Float32", "Float64", "Complex64", "Complex128")
+    dtypes = getattr(np, "dtypes", None)
+    classes = [getattr(dtypes, f"{k}DType") for k in kinds if dtypes is not None and hasattr(dtypes, f"{k}DType")]
+    return [(reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, *classes]
 
-    Reads with ``torch.load(..., weights_only=True)``: nothing in the file is executed. Raises
-    :class:`UnsafeCheckpointError` for a file with pickled objects other than plain data (refused unread),
-    :class:`CheckpointError` for a truncated or corrupted file (its integrity digest does not match), and
-    FileNotFoundError for a missing one.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+
+def _unsafe(path: str, error: Exception) -> UnsafeCheckpointError:
+    first = str(error).strip().splitlines()
+    detail = next((line for line in first if "global" in line.lower() or "build" in line.lower()),
+                  first[0] if first else "")
+    return UnsafeCheckpointError(
+        f"refusing to load checkpoint {path!r}: it contains pickled objects that are not plain data "
+        f"({detail.strip()[:300]}). Such a file can run arbitrary code when unpickled, so nothing in it "
+        "was executed. It was not written by torch_sttp.checkpoint.save_checkpoint — or it is corrupted; "
+        "if you keep rotating checkpoints, load the previous one instead."
+    )
+
+
+def _read(path: str, map_location, legacy: bool) -> Any:
+    """``torch.load(path, weights_only=True)`` (numeric numpy arrays admitted when ``legacy``), errors classified."""
     if os.path.isfile(path):
         with open(path, "rb") as f:
             head = f.read(len(_ZIP_MAGIC))
         if head != _ZIP_MAGIC and _ZIP_MAGIC.startswith(head):  # save_checkpoint writes zip archives
             raise _damaged(path, f"the file is only {len(head)} bytes long")
     try:
-        with warnings.catch_warnings():  # a damaged protocol byte makes torch warn before it fails
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numeric_numpy_globals() if legacy else []):
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # a damaged protocol byte warns first
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e).lower() or "weights only" in str(e).lower():
-            first = str(e).strip().splitlines()
-            detail = next((line for line in first if "global" in line.lower()), first[0] if first else "")
-            raise UnsafeCheckpointError(
-                f"refusing to load checkpoint {path!r}: it contains pickled objects that are not plain data "
-                f"({detail.strip()[:300]}). Such a file can run arbitrary code when unpickled, so nothing in it "
-                "was executed. It was not written by torch_sttp.checkpoint.save_checkpoint — or it is corrupted; "
-                "if you keep rotating checkpoints, load the previous one instead."
-            ) from None
+            raise _unsafe(path, e) from None
         raise _damaged(path, f"{type(e).__name__}: {e}") from None
     except (OSError, MemoryError) as e:
         if isinstance(e, (PermissionError, IsADirectoryError)):
@@ -219,6 +236,24 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
         raise _damaged(path, f"{type(e).__name__}: {e}") from None
     except Exception as e:  # zip reader errors, EOFError, UnicodeDecodeError, ValueError, … from a damaged archive
         raise _damaged(path, f"{type(e).__name__}: {str(e).strip()[:300]}") from None
+
+
+def load_checkpoint(path: str | os.PathLike, map_location=None, legacy: bool = False) -> dict[str, Any]:
+    """The state saved by :func:`save_checkpoint` at ``path`` (a dict of the keyword arguments it was given).
+
+    Reads with ``torch.load(..., weights_only=True)``: nothing in the file is executed. Raises
+    :class:`UnsafeCheckpointError` for a file with pickled objects other than plain data (refused unread),
+    :class:`CheckpointError` for a truncated or corrupted file (its integrity digest does not match), and
+    FileNotFoundError for a missing one. With ``legacy``, a file without the header (a plain ``torch.save`` of a
+    dict of plain data and numeric numpy arrays, as the recipes wrote before this format) is returned as it is:
+    it was read by the same weights-only unpickler, but it carries no digest to verify.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    payload = _read(path, map_location, legacy)
+    if legacy and isinstance(payload, dict) and "format" not in payload:
+        return payload
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise _damaged(path, "no torch_sttp checkpoint header; a file not written by save_checkpoint, or a "
                              "damaged header")
@@ -251,21 +286,44 @@ def rng_state() -> dict[str, Any]:
     return out
 
 
+def _python_state(py) -> tuple:
+    """``random.setstate``'s argument from :func:`rng_state`'s entry, or from ``random.getstate()`` itself."""
+    if isinstance(py, Mapping):
+        return int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]
+    version, mt, gauss_next = py
+    return int(version), tuple(int(v) for v in mt), gauss_next
+
+
+def _numpy_state(st) -> tuple:
+    """``np.random.set_state``'s argument from :func:`rng_state`'s entry, the ``{"key", "state", …}`` form of the
+    classification recipe's old checkpoints, or ``np.random.get_state()`` itself (the GAN recipe's)."""
+    import numpy as np
+
+    if isinstance(st, Mapping):
+        kind, keys = (st["kind"], st["keys"]) if "kind" in st else (st["key"], st["state"])
+        pos, has_gauss, cached = st["pos"], st["has_gauss"], st["cached_gaussian"]
+    else:
+        kind, keys, pos, has_gauss, cached = st
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    return str(kind), keys.astype(np.uint32), int(pos), int(has_gauss), float(cached)
+
+
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore generator states captured by :func:`rng_state` (entries that are absent are left alone)."""
+    """Restore generator states captured by :func:`rng_state` (entries that are absent are left alone).
+
+    The entries of older recipe checkpoints (python's and numpy's states as their own ``getstate`` tuples) are
+    accepted too.
+    """
     if "torch" in state:
         torch.set_rng_state(state["torch"].cpu().to(torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([t.cpu().to(torch.uint8) for t in state["cuda"]])
     if "python" in state:
-        py = state["python"]
-        random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()), py["gauss_next"]))
+        random.setstate(_python_state(state["python"]))
     if "numpy" in state:
         import numpy as np
 
-        st = state["numpy"]
-        np.random.set_state((st["kind"], st["keys"].numpy().astype(np.uint32), int(st["pos"]), int(st["has_gauss"]),
-                             float(st["cached_gaussian"])))
+        np.random.set_state(_numpy_state(state["numpy"]))
 
 
 # --------------------------------------------------------------------------------------------- training state

@@ -7,12 +7,27 @@
 
 Every subcommand has ``--help``. Experiment subcommands import their recipes lazily, so ``sttp report`` works with
 the core installation alone.
+
+A mistake in the arguments (a bad value, a missing file, settings that do not fit) ends with one line
+``sttp: error: …`` that names the fix, and exit status 2, before any work starts; ``--debug`` (anywhere on the
+command line) shows the traceback instead. Other errors are internal and keep their traceback. Training ends with
+one summary line (final metrics, run folder).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from .experiments.runner import USER_ERRORS, one_line, rank_literal
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line ``sttp: error: …`` (exit status 2)."""
+
+    def error(self, message: str):
+        print(f"sttp: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _cmd_reproduce_compression(args) -> int:
@@ -45,8 +60,7 @@ def _cmd_report(args) -> int:
     from .surgery import convert
 
     if args.model not in MODELS:
-        print(f"unknown model {args.model!r}; choose one of {sorted(MODELS)}", file=sys.stderr)
-        return 2
+        raise ValueError(f"unknown model {args.model!r}; choose one of {sorted(MODELS)}")
     model = build_model(args.model)
     convert(model, method=args.method, rank=args.rank, spectrum=args.spectrum, init="identity",
             exclude=args.exclude or None)
@@ -55,25 +69,34 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _train_with(recipe):
+    """The handler of ``sttp train <recipe>``: run it, print its summary line, return its exit status."""
+    def handler(args) -> int:
+        summary = recipe.run_classify(args) if hasattr(recipe, "run_classify") else recipe.run_gan(args)
+        print(recipe.summary_line(summary))
+        return int(summary)
+    return handler
+
+
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a model with a recipe (classify, gan)")
     recipes = train.add_subparsers(dest="recipe", required=True)
     try:
-        from .experiments.classify import add_classify_arguments, run_classify
+        from .experiments import classify
     except ImportError:
         pass
     else:
         p = recipes.add_parser("classify", help="image/sequence classification: dense, SN, SR, SVDP or STTP")
-        add_classify_arguments(p)
-        p.set_defaults(func=run_classify)
+        classify.add_classify_arguments(p)
+        p.set_defaults(func=_train_with(classify))
     try:
-        from .experiments.gan import add_gan_arguments, run_gan
+        from .experiments import gan
     except ImportError:
         pass
     else:
         p = recipes.add_parser("gan", help="SNGAN training with an SN, SR, SVDP or STTP discriminator")
-        add_gan_arguments(p)
-        p.set_defaults(func=run_gan)
+        gan.add_gan_arguments(p)
+        p.set_defaults(func=_train_with(gan))
 
 
 def _add_compress(sub) -> None:
@@ -90,7 +113,9 @@ def _add_compress(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sttp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="sttp", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also accepted after "
+                        "the subcommand)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     rep = sub.add_parser("reproduce", help="reproduce the paper's published numbers")
@@ -102,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="per-layer table of a named architecture after conversion")
     r.add_argument("model", help="architecture name, e.g. wrn28-10, sngan32-d, sngan32-g")
     r.add_argument("--method", default="sttp", choices=["sttp", "svdp"])
-    r.add_argument("--rank", type=int, default=64)
+    r.add_argument("--rank", type=rank_literal, default=64, help="rank cap r (default: 64)")
     r.add_argument("--spectrum", default="normalized", choices=["identity", "normalized", "free"])
     r.add_argument("--exclude", action="append", help="qualified-name glob of layers kept dense (repeatable)")
     r.add_argument("--json", action="store_true")
@@ -114,8 +139,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    result = args.func(args)
+    """Run the ``sttp`` command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error already reported in one line (2)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        result = args.func(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"sttp: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("sttp: interrupted", file=sys.stderr)
+        return 130
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

@@ -28,7 +28,8 @@ Training
 Outputs under ``out`` (default ``runs/classify/<dataset>-<model>-<method>[-r<rank>]-s<seed>``)
     ``config.json``; ``metrics.csv`` (one row every ``eval_every`` steps and at the end: :data:`METRIC_COLUMNS`);
     ``checkpoint.pt`` every ``checkpoint_every`` steps and at the end (model, optimizer, scheduler, SR state, RNG
-    states, counters; written to a temporary file then ``os.replace``-d, read with ``torch.load(weights_only=True)``);
+    states, counters; written atomically and checksummed by :mod:`torch_sttp.checkpoint`, read with
+    ``weights_only=True``, through :mod:`torch_sttp.experiments.runner`);
     ``summary.json`` at the end (:data:`SUMMARY_KEYS`).
 
 Resuming
@@ -42,17 +43,12 @@ Resuming
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import random
-import signal
 import sys
-import threading
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,7 +57,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import atomic_write
+from ..checkpoint import set_rng_state
+from ..options import INITS, SPECTRA
+from .runner import (USER_ERRORS, MetricsLog, RunSummary, StopRequest, check_bool, check_choice, check_device,
+                     check_integer, check_number, check_rank_setting, check_resumable, explain_missing_data, jsonable,
+                     load_state, num_threads, one_line, progress_bar, rank_literal, read_config_file,
+                     resolve_settings, save_state, select_device, write_text)
 
 __all__ = [
     "DEFAULTS",
@@ -70,11 +71,19 @@ __all__ = [
     "DATASETS",
     "METRIC_COLUMNS",
     "SUMMARY_KEYS",
+    "RESUMABLE_CHANGES",
     "Summary",
+    "ArrayData",
     "add_classify_arguments",
     "resolve_config",
     "load_config_file",
+    "run_name",
+    "load_data",
+    "build_model",
+    "excluded_layers",
+    "evaluate",
     "run_classify",
+    "summary_line",
     "main",
 ]
 
@@ -131,7 +140,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 #: Keys that may differ between a checkpoint and the run resuming it.
-_RESUMABLE_CHANGES = {"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
+RESUMABLE_CHANGES = {"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
                       "stop_at", "progress", "data_root", "eval_batch"}
 
 METRIC_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_acc", "penalty", "test_loss", "test_acc", "elapsed_s")
@@ -145,11 +154,8 @@ _SUMMARY = "summary.json"
 _CONFIG = "config.json"
 
 
-class Summary(dict):
+class Summary(RunSummary):
     """The summary of a run (a dict, also written to ``summary.json``); ``int(summary)`` is the exit status."""
-
-    def __int__(self) -> int:
-        return int(self.get("exit_code", 0))
 
 
 # ------------------------------------------------------------------------------------------------------------ config
@@ -181,7 +187,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=S, help=_help("layer treatment", "method"))
-    g.add_argument("--rank", type=int, default=S, help=_help("rank cap r of SVDP/STTP", "rank"))
+    g.add_argument("--rank", type=rank_literal, default=S, help=_help("rank cap r of SVDP/STTP", "rank"))
     g.add_argument("--spectrum", choices=("identity", "normalized", "free"), default=S,
                    help=_help("SVDP/STTP spectrum", "spectrum"))
     g.add_argument("--init", choices=("noisy_identity", "identity", "random", "pretrained"), default=S,
@@ -222,29 +228,8 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def load_config_file(path) -> dict:
-    """Settings from a ``.yaml``/``.yml`` or ``.json`` file (a mapping; ``-`` in keys read as ``_``)."""
-    path = Path(path).expanduser()
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError as e:  # pragma: no cover - pyyaml is in the experiments extra
-            raise ImportError("reading a YAML config needs pyyaml (pip install pyyaml), or use a .json file") from e
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _check_keys(settings: Mapping, where: str) -> None:
-    unknown = sorted(k for k in set(settings) - set(DEFAULTS) if not str(k).startswith("_"))
-    if unknown:
-        raise ValueError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(DEFAULTS)}")
+#: Settings from a YAML/JSON file (see :func:`torch_sttp.experiments.runner.read_config_file`).
+load_config_file = read_config_file
 
 
 def _layer(cfg: dict, settings: Mapping) -> None:
@@ -262,58 +247,49 @@ def _layer(cfg: dict, settings: Mapping) -> None:
 def resolve_config(args=None, **overrides) -> dict:
     """The full settings of a run: :data:`DEFAULTS` < ``config`` file < ``args`` (a namespace from
     :func:`add_classify_arguments` or a mapping) < ``overrides``. Unknown keys raise ``ValueError``."""
-    if args is None:
-        given = {}
-    elif isinstance(args, argparse.Namespace):
-        given = dict(vars(args))
-    else:
-        given = dict(args)
-    given = {str(k).replace("-", "_"): v for k, v in given.items()}
-    given.update({k.replace("-", "_"): v for k, v in overrides.items()})
-    config_path = given.pop("config", None)
-    # keys the CLI adds around the recipe (subcommand names, the handler) are not settings
-    for k in ("func", "command", "recipe"):
-        given.pop(k, None)
-    if not isinstance(args, argparse.Namespace):
-        _check_keys(given, "run_classify")
-    else:
-        given = {k: v for k, v in given.items() if k in DEFAULTS}
-    cfg = dict(DEFAULTS)
-    if config_path:
-        file_settings = load_config_file(config_path)
-        _check_keys(file_settings, f"config file {config_path}")
-        _layer(cfg, file_settings)
-        cfg["_config_file"] = str(config_path)
-    _layer(cfg, given)
+    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_classify", apply=_layer)
+    if config_file:
+        cfg["_config_file"] = config_file
     return _validate(cfg)
 
 
 def _validate(cfg: dict) -> dict:
+    """Check every setting before any work starts (names, types, ranges); ``wrn28-10`` is read as ``wrn``."""
     if cfg["model"] == "wrn28-10":
         cfg["model"] = "wrn"
-    for key, allowed in (("method", METHODS), ("model", MODELS), ("dataset", DATASETS), ("penalty", PENALTIES),
-                         ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS),
-                         ("spectrum", ("identity", "normalized", "free"))):
-        if cfg[key] not in allowed:
-            raise ValueError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
     if cfg["penalty"] is None:
         cfg["penalty"] = "none"
+    for key, allowed in (("method", METHODS), ("model", MODELS), ("dataset", DATASETS), ("penalty", PENALTIES),
+                         ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("spectrum", SPECTRA),
+                         ("init", INITS)):
+        check_choice(cfg, key, allowed)
     if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ValueError("give steps or epochs")
-    if cfg["steps"] is not None and int(cfg["steps"]) < 1:
-        raise ValueError(f"steps must be ≥ 1, got {cfg['steps']}")
-    if cfg["epochs"] is not None and float(cfg["epochs"]) <= 0:
-        raise ValueError(f"epochs must be > 0, got {cfg['epochs']}")
-    if int(cfg["rank"]) < 1:
-        raise ValueError(f"rank must be ≥ 1, got {cfg['rank']}")
-    if int(cfg["batch"]) < 1:
-        raise ValueError(f"batch must be ≥ 1, got {cfg['batch']}")
+        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
+    check_integer(cfg, "steps", 1, optional=True)
+    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+    check_rank_setting(cfg, "rank")
+    for key, minimum, optional in (("batch", 1, False), ("eval_batch", 1, False), ("sr_every", 1, False),
+                                   ("warmup", 0, False), ("seed", 0, False), ("data_seed", 0, False),
+                                   ("depth", 4, False), ("widen", 1, False), ("width", 1, True),
+                                   ("image_size", 1, True), ("threads", 1, True), ("eval_every", 1, True),
+                                   ("checkpoint_every", 1, True), ("stop_at", 0, True)):
+        check_integer(cfg, key, minimum, optional)
+    check_number(cfg, "lr", 0, low_open=True)
+    for key in ("momentum", "weight_decay", "penalty_weight"):
+        check_number(cfg, key, 0)
+    check_number(cfg, "dropout", 0, 1, high_open=True)
+    for key in ("augment", "nesterov", "deterministic", "resume", "progress"):
+        check_bool(cfg, key)
+    check_device(cfg)
     if isinstance(cfg["exclude"], str):
         cfg["exclude"] = [cfg["exclude"]]
+    if cfg["exclude"] is not None and not all(isinstance(e, str) for e in cfg["exclude"]):
+        raise ValueError(f"exclude must be a list of layer-name globs, got {cfg['exclude']!r}")
     return cfg
 
 
-def _run_name(cfg: Mapping) -> str:
+def run_name(cfg: Mapping) -> str:
+    """``<dataset>-<model>-<method>[-r<rank>]-s<seed>``: the default run folder's name."""
     name = f"{cfg['dataset']}-{cfg['model']}-{cfg['method']}"
     if cfg["method"] in ("svdp", "sttp"):
         name += f"-r{cfg['rank']}"
@@ -321,8 +297,8 @@ def _run_name(cfg: Mapping) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------- data
-class _Data:
-    """A data set held as tensors: ``x`` (float32, or uint8 images scaled on access) and ``y`` (int64)."""
+class ArrayData:
+    """A data set held as tensors: ``x`` (float32, or uint8 images scaled to [-1, 1] on access) and ``y`` (int64)."""
 
     def __init__(self, dataset) -> None:
         if hasattr(dataset, "tensors"):
@@ -340,15 +316,22 @@ class _Data:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def example(self) -> torch.Tensor:
+        """The first input (float), to size a model: ``(C, H, W)`` images or ``(1, L)`` sequences."""
+        return self.x[0].float() if self.uint8 else self.x[0]
+
     def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x[idx], y[idx])`` on ``device``."""
         x = self.x[idx]
         if self.uint8:
             x = x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
         return x.to(device), self.y[idx].to(device)
 
 
-def _load_data(cfg: Mapping) -> tuple[_Data, _Data]:
-    from .data import DatasetFilesNotFoundError, get_dataset
+def load_data(cfg: Mapping) -> tuple[ArrayData, ArrayData]:
+    """The (train, test) sets of ``cfg["dataset"]``; a data set whose files are missing raises
+    :class:`~torch_sttp.experiments.data.DatasetFilesNotFoundError` saying where to put them."""
+    from .data import get_dataset
 
     name = cfg["dataset"]
     kw: dict[str, Any] = {}
@@ -356,16 +339,10 @@ def _load_data(cfg: Mapping) -> tuple[_Data, _Data]:
         kw["seed"] = int(cfg["data_seed"])
     if name == "mnist5k" and cfg["image_size"] is not None:
         kw["image_size"] = int(cfg["image_size"])
-    try:
+    with explain_missing_data(name, cfg["data_root"]):
         train = get_dataset(name, "train", root=cfg["data_root"], **kw)
         test = get_dataset(name, "test", root=cfg["data_root"], **kw)
-    except DatasetFilesNotFoundError as e:
-        where = cfg["data_root"] or os.environ.get("TORCH_STTP_DATA") or "./data"
-        raise DatasetFilesNotFoundError(
-            f"dataset {name!r} is not available locally (looked under {str(where)!r}). Put the files there, or "
-            f"point --data-root (config key data_root, or $TORCH_STTP_DATA) at the folder that holds them. "
-            f"Details: {e}", getattr(e, "filename", None)) from None
-    return _Data(train), _Data(test)
+    return ArrayData(train), ArrayData(test)
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -397,42 +374,37 @@ def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------- model
-def _build_model(cfg: Mapping, sample_x: torch.Tensor) -> nn.Module:
-    from .models import build_model
+def build_model(cfg: Mapping, sample_x: torch.Tensor) -> nn.Module:
+    """The dense model ``cfg["model"]`` sized for inputs like ``sample_x`` (10 classes)."""
+    from .models import build_model as build
 
-    name = cfg["model"]
-    if name == "small-cnn":
-        if sample_x.dim() != 3:
-            raise ValueError(f"small-cnn needs images (C, H, W), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
-        kw = {"in_channels": int(sample_x.shape[0])}
-        if cfg["width"]:
-            kw["width"] = int(cfg["width"])
-        return build_model("small-cnn", num_classes=10, **kw)
+    name, shape = cfg["model"], tuple(sample_x.shape)
+    width = {"width": int(cfg["width"])} if cfg["width"] else {}
     if name == "cnn1d":
-        if sample_x.dim() not in (1, 2) or (sample_x.dim() == 2 and sample_x.shape[0] != 1):
-            raise ValueError(f"cnn1d needs sequences (1, L), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
-        kw = {"length": int(sample_x.shape[-1])}
-        if cfg["width"]:
-            kw["width"] = int(cfg["width"])
-        return build_model("cnn1d", num_classes=10, **kw)
+        if sample_x.dim() not in (1, 2) or (sample_x.dim() == 2 and shape[0] != 1):
+            raise ValueError(f"cnn1d needs sequences (1, L), dataset {cfg['dataset']} gives {shape}")
+        return build("cnn1d", num_classes=10, length=int(shape[-1]), **width)
     if sample_x.dim() != 3:
-        raise ValueError(f"wrn needs images (C, H, W), dataset {cfg['dataset']} gives {tuple(sample_x.shape)}")
-    return build_model("wrn28-10", depth=int(cfg["depth"]), widen=int(cfg["widen"]), num_classes=10,
-                       in_channels=int(sample_x.shape[0]), dropout=float(cfg["dropout"]))
+        raise ValueError(f"{name} needs images (C, H, W), dataset {cfg['dataset']} gives {shape}")
+    if name == "small-cnn":
+        return build("small-cnn", num_classes=10, in_channels=int(shape[0]), **width)
+    return build("wrn28-10", depth=int(cfg["depth"]), widen=int(cfg["widen"]), num_classes=10,
+                 in_channels=int(sample_x.shape[0]), dropout=float(cfg["dropout"]))
 
 
-def _exclude(cfg: Mapping) -> list:
+def excluded_layers(cfg: Mapping) -> list:
+    """The qualified-name globs kept dense: ``cfg["exclude"]``, by default the model's first convolution."""
     return list(cfg["exclude"]) if cfg["exclude"] is not None else [FIRST_LAYER[cfg["model"]]]
 
 
 def _apply_method(model: nn.Module, cfg: Mapping):
     """Reparameterize / normalize ``model`` in place; returns the SR regularizer or None."""
-    method, exclude = cfg["method"], _exclude(cfg) or None
+    method, exclude = cfg["method"], excluded_layers(cfg) or None
     if method in ("svdp", "sttp"):
         from ..surgery import convert
 
         gen = torch.Generator().manual_seed(_mix(cfg["seed"], 2))
-        convert(model, method=method, rank=int(cfg["rank"]), spectrum=cfg["spectrum"], init=cfg["init"],
+        convert(model, method=method, rank=cfg["rank"], spectrum=cfg["spectrum"], init=cfg["init"],
                 exclude=exclude, generator=gen)
     elif method == "sn":
         from ..spectral import apply_spectral_norm
@@ -445,32 +417,12 @@ def _apply_method(model: nn.Module, cfg: Mapping):
     return None
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on reflectors nor on a normalized/identity spectrum; ``weight_decay`` on everything else."""
-    from ..surgery import converted_layers, spectral_parametrization
-
-    spectral_ids, free_ids = set(), set()
-    for _, m in converted_layers(model):
-        plist = m.parametrizations["weight"]
-        p = spectral_parametrization(m)
-        for pname, t in plist.named_parameters(recurse=False):
-            spectral_ids.add(id(t))
-            if pname == "original2" and getattr(p, "spectrum", None) == "free":
-                free_ids.add(id(t))
-    decay, no_decay, seen = [], [], set()
-    for t in model.parameters():
-        if id(t) in seen or not t.requires_grad:
-            continue
-        seen.add(id(t))
-        (no_decay if id(t) in spectral_ids and id(t) not in free_ids else decay).append(t)
-    groups = [{"params": decay, "weight_decay": float(weight_decay)}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
 def _make_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
-    groups = _param_groups(model, float(cfg["weight_decay"]))
+    """SGD or Adam over :func:`torch_sttp.spectral.param_groups`: ``weight_decay`` on everything but the reflectors
+    and a normalized spectrum."""
+    from ..spectral import param_groups
+
+    groups = param_groups(model, weight_decay=float(cfg["weight_decay"]))
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                nesterov=bool(cfg["nesterov"]) and float(cfg["momentum"]) > 0)
@@ -499,131 +451,43 @@ def _model_counts(model: nn.Module, cfg: Mapping, dense_params: int) -> tuple[fl
     return 100.0, dense_params
 
 
-# ----------------------------------------------------------------------------------------------------- checkpoints
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+# ------------------------------------------------------------------------------------------ checkpoints of 1637de1
+_LEGACY_UNDECAYED = ("reflectors", "spectrum_normalized")
 
 
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"key": np_state[0], "state": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _upgrade_legacy_groups(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Re-index the optimizer and scheduler states of a checkpoint written before the recipe used
+    :func:`torch_sttp.spectral.param_groups`, in place.
 
-
-def _set_rng_state(state: Mapping) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["key"], n["state"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _jsonable(cfg: Mapping) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
-
-
-def _check_resume(saved: Mapping, cfg: Mapping, path: Path) -> None:
-    diffs = [k for k in DEFAULTS if k not in _RESUMABLE_CHANGES and saved.get(k) != _jsonable(cfg).get(k)]
-    if diffs:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} → {cfg.get(k)!r}" for k in diffs)
-        raise ValueError(f"{path} was written by a run with other settings ({detail}); use another --out, "
-                         "--no-resume to start over, or the checkpoint's settings")
-
-
-# --------------------------------------------------------------------------------------------------- CSV / signals
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    def write(f):
-        import io
-
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in METRIC_COLUMNS})
-        f.write(buf.getvalue().encode())
-    atomic_write(path, write)
-
-
-def _append_csv(path: Path, row: dict) -> None:
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
-        f.flush()
-
-
-class _StopFlag:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (main thread only)."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                try:
-                    self._old[sig] = signal.signal(sig, self._handle)
-                except (ValueError, OSError):  # pragma: no cover - e.g. embedded interpreters
-                    pass
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        print(f"\n{self.requested}: stopping after this step with a checkpoint (SIGINT again aborts)", file=sys.stderr)
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        return False
-
-
-@contextmanager
-def _num_threads(n):
-    if not n:
-        yield
+    Those checkpoints have two unnamed groups: the decayed parameters, then the reflectors and normalized spectra,
+    each in ``model.parameters()`` order. Each parameter's state moves to its index in ``optimizer``'s groups."""
+    saved = state["optimizer"]
+    if all("name" in g for g in saved["param_groups"]):
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return dev
+    undecayed = {id(p) for g in optimizer.param_groups if g["name"] in _LEGACY_UNDECAYED for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    old = [p for p in params if id(p) not in undecayed] + [p for p in params if id(p) in undecayed]
+    new_index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    to_new = {i: new_index[id(p)] for i, p in enumerate(old)}
+    old_group = {to_new[i]: k for k, g in enumerate(saved["param_groups"]) for i in g["params"]}
+    groups, sources = [], []
+    for g in optimizer.param_groups:
+        indices = [new_index[id(p)] for p in g["params"]]
+        sources.append(old_group[indices[0]])
+        groups.append({**saved["param_groups"][sources[-1]], "params": indices, "weight_decay": g["weight_decay"],
+                       "name": g["name"]})
+    state["optimizer"] = {"state": {to_new[i]: v for i, v in saved["state"].items()}, "param_groups": groups}
+    sched = dict(state["scheduler"])
+    for key in ("base_lrs", "_last_lr"):
+        sched[key] = [sched[key][k] for k in sources]
+    sched["lr_lambdas"] = [None] * len(groups)
+    state["scheduler"] = sched
 
 
 # ----------------------------------------------------------------------------------------------------------- train
 @torch.no_grad()
-def _evaluate(model: nn.Module, data: _Data, batch: int, device) -> tuple[float, float]:
+def evaluate(model: nn.Module, data: ArrayData, batch: int, device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``data`` in eval mode, ``batch`` samples at a time."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -638,6 +502,226 @@ def _evaluate(model: nn.Module, data: _Data, batch: int, device) -> tuple[float,
     return loss_sum / n, correct / n
 
 
+def _empty_window() -> dict:
+    return {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0, "batches": 0}
+
+
+class _Run:
+    """One classification run: its settings, data, model, optimizer and schedule, counters and run folder."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.device = select_device(cfg["device"])
+        if cfg["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+        self.out = Path(cfg["out"] or Path("runs") / "classify" / run_name(cfg)).expanduser()
+        cfg["out"] = str(self.out)
+        self.ckpt_path, self.summary_path = self.out / _CKPT, self.out / _SUMMARY
+        self.log = MetricsLog(self.out / _CSV, METRIC_COLUMNS)
+        self.train_data, self.test_data = load_data(cfg)  # data and model first: their errors leave no folder
+        self._plan_steps()
+        self._build()
+        self.step, self.elapsed, self.best_acc = 0, 0.0, None
+        self.window, self.last_row = _empty_window(), {}
+        self._t0 = time.perf_counter()
+
+    def _plan_steps(self) -> None:
+        cfg, n_train = self.cfg, len(self.train_data)
+        self.batch = min(int(cfg["batch"]), n_train)
+        self.steps_per_epoch = max(1, n_train // self.batch)
+        self.total = int(cfg["steps"]) if cfg["steps"] is not None else \
+            max(1, round(float(cfg["epochs"]) * self.steps_per_epoch))
+        self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
+        self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
+        self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+
+    def _build(self) -> None:
+        """Seed, then build the model, its method, the optimizer and the schedule (in this order: the numbers)."""
+        from .models import state_dict_numel
+
+        cfg, seed = self.cfg, int(self.cfg["seed"])
+        torch.manual_seed(_mix(seed, 0))
+        np.random.seed(_mix(seed, 3) % (2 ** 32))
+        random.seed(_mix(seed, 4))
+        self.model = build_model(cfg, self.train_data.example())
+        self.dense_params = state_dict_numel(self.model)
+        self.regularizer = _apply_method(self.model, cfg)
+        self.model.to(self.device)
+        self.optimizer = _make_optimizer(self.model, cfg)
+        factor = _lr_factor(cfg["schedule"], int(cfg["warmup"]), self.total)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        use_penalty = cfg["penalty"] != "none" and float(cfg["penalty_weight"]) != 0.0
+        self.penalty_kind = cfg["penalty"] if use_penalty else None
+
+    # ------------------------------------------------------------------------------------------ start / resume
+    def start(self) -> None:
+        """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over."""
+        if self.cfg["resume"] and self.ckpt_path.is_file():
+            self._restore(load_state(self.ckpt_path))
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log.start(keep_until=None)
+            if self.summary_path.exists():
+                self.summary_path.unlink()
+        write_text(self.out / _CONFIG, json.dumps(jsonable(self.cfg), indent=2) + "\n")
+
+    def _restore(self, state: dict) -> None:
+        cfg = self.cfg
+        check_resumable(state["config"], cfg, [k for k in DEFAULTS if k not in RESUMABLE_CHANGES], self.ckpt_path)
+        if state["total_steps"] != self.total and cfg["schedule"] != "constant":
+            warnings.warn(f"resuming a {state['total_steps']}-step run as a {self.total}-step run: the "
+                          f"{cfg['schedule']} learning-rate schedule is stretched from the checkpoint on",
+                          UserWarning, stacklevel=4)
+        _upgrade_legacy_groups(state, self.model, self.optimizer)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.regularizer is not None and state.get("regularizer") is not None:
+            self.regularizer.load_state_dict(state["regularizer"])
+        self.step, self.elapsed, self.best_acc = int(state["step"]), float(state["elapsed"]), state["best_acc"]
+        self.window = dict(state["window"])
+        set_rng_state(state["rng"])
+        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
+        self.last_row = rows[-1] if rows else {}
+
+    def save(self) -> None:
+        """Checkpoint: model, optimizer, schedule, SR state, counters, settings and the RNG states."""
+        save_state(self.ckpt_path, version=1, step=self.step, total_steps=self.total, elapsed=self.elapsed,
+                   best_acc=self.best_acc, window=dict(self.window), config=jsonable(self.cfg),
+                   model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                   scheduler=self.scheduler.state_dict(),
+                   regularizer=self.regularizer.state_dict() if self.regularizer is not None else None)
+
+    # ---------------------------------------------------------------------------------------------- the steps
+    def train_step(self) -> float:
+        """One optimizer step on the next batch of the fixed sample order; returns its loss."""
+        cfg, seed = self.cfg, int(self.cfg["seed"])
+        epoch, offset = divmod(self.step, self.steps_per_epoch)
+        idx = _epoch_order(seed, epoch, len(self.train_data))[offset * self.batch:(offset + 1) * self.batch]
+        x, y = self.train_data.batch(idx, self.device)
+        if cfg["augment"] and x.dim() == 4:
+            x = _augment(x, torch.Generator().manual_seed(_mix(seed, 5, self.step)))
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        total_loss = loss
+        if self.penalty_kind is not None:
+            from ..spectral import penalty
+
+            pen = penalty(self.model, self.penalty_kind)
+            total_loss = loss + float(cfg["penalty_weight"]) * pen
+            self.window["penalty"] += float(pen.detach())
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.regularizer is not None:
+            self.regularizer.step()
+        self.step += 1
+        w = self.window
+        w["loss"] += float(loss.detach())
+        w["correct"] += int((logits.detach().argmax(1) == y).sum())
+        w["seen"] += int(y.shape[0])
+        w["batches"] += 1
+        return float(loss.detach())
+
+    def log_row(self) -> dict:
+        """Evaluate on the test set and append a row of the metrics since the last row to ``metrics.csv``."""
+        test_loss, test_acc = evaluate(self.model, self.test_data, int(self.cfg["eval_batch"]), self.device)
+        self.best_acc = test_acc if self.best_acc is None else max(self.best_acc, test_acc)
+        w = self.window
+        b = max(1, w["batches"])
+        row = {
+            "step": self.step,
+            "epoch": f"{self.step / self.steps_per_epoch:.4f}",
+            "lr": f"{self.optimizer.param_groups[0]['lr']:.6g}",
+            "train_loss": f"{w['loss'] / b:.6f}" if w["batches"] else "",
+            "train_acc": f"{w['correct'] / w['seen']:.6f}" if w["seen"] else "",
+            "penalty": f"{w['penalty'] / b:.6f}" if w["batches"] and self.penalty_kind else "",
+            "test_loss": f"{test_loss:.6f}",
+            "test_acc": f"{test_acc:.6f}",
+            "elapsed_s": f"{self.elapsed:.2f}",
+        }
+        self.log.append(row)
+        self.window, self.last_row = _empty_window(), row
+        return row
+
+    def tick(self) -> None:
+        """Count the time since the last tick as training time."""
+        now = time.perf_counter()
+        self.elapsed += now - self._t0
+        self._t0 = now
+
+    def skip_time(self) -> None:
+        """Leave the time since the last tick out (writing a checkpoint is not counted)."""
+        self._t0 = time.perf_counter()
+
+
+def _train(run: _Run) -> tuple[str, str | None]:
+    """Train until ``stop_at``: a step, a log row every ``eval_every``, a checkpoint every ``checkpoint_every``
+    (and when stopping). Returns (status, the name of the signal that stopped it or None)."""
+    bar = progress_bar(bool(run.cfg["progress"]) and run.step < run.stop_at, run.stop_at, run.step,
+                       run_name(run.cfg), leave=True)
+    run.model.train()
+    status = "complete"
+    with StopRequest() as stop:
+        run.skip_time()
+        while run.step < run.stop_at:
+            loss = run.train_step()
+            if not math.isfinite(loss):
+                status = "diverged"
+            run.tick()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=run.last_row.get("test_acc", "-")[:6] if run.last_row else "-")
+            stopping = stop.requested is not None or run.step == run.stop_at or status == "diverged"
+            if run.step % run.eval_every == 0 or run.step == run.total:
+                run.log_row()
+                run.tick()
+            if run.step % run.ckpt_every == 0 or run.step == run.total or stopping:
+                run.save()
+                run.skip_time()
+            if stopping:
+                break
+    if bar is not None:
+        bar.close()
+    if status == "complete" and run.step < run.total:
+        status = "interrupted"
+    return status, stop.requested
+
+
+def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
+    """The run's :class:`Summary` (written to ``summary.json`` unless the run was interrupted)."""
+    cfg = run.cfg
+    if run.step == run.total and (not run.last_row or int(run.last_row["step"]) != run.total):
+        run.log_row()  # a finished run resumed from its final checkpoint whose CSV lost the last row
+    z, dof = _model_counts(run.model, cfg, run.dense_params)
+    last = run.last_row
+    if last and int(last["step"]) == run.step:
+        test_loss, test_acc = float(last["test_loss"]), float(last["test_acc"])
+    else:
+        test_loss, test_acc = evaluate(run.model, run.test_data, int(cfg["eval_batch"]), run.device)
+    low_rank = cfg["method"] in ("svdp", "sttp")
+    summary = Summary(
+        status=status, method=cfg["method"], rank=int(cfg["rank"]) if low_rank else None,
+        spectrum=cfg["spectrum"] if low_rank else None, penalty=cfg["penalty"],
+        penalty_weight=float(cfg["penalty_weight"]), dataset=cfg["dataset"], model=cfg["model"],
+        seed=int(cfg["seed"]), steps=run.step, epochs=run.step / run.steps_per_epoch, accuracy=test_acc,
+        best_accuracy=run.best_acc, test_loss=test_loss,
+        train_loss=float(last["train_loss"]) if last and last.get("train_loss") else None, z=z, dof=dof,
+        dense_params=run.dense_params,
+        trainable_params=sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        wall_time_s=run.elapsed, out=str(run.out), metrics_csv=str(run.log.path), checkpoint=str(run.ckpt_path),
+        config=jsonable(cfg),
+    )
+    if status == "interrupted":
+        summary["exit_code"] = 130 if signal_name else 0
+    elif status == "diverged":
+        summary["exit_code"] = 1
+    if status != "interrupted":
+        write_text(run.summary_path, json.dumps(dict(summary), indent=2) + "\n")
+    return summary
+
+
 def run_classify(args=None, **overrides) -> Summary:
     """Train (or resume) one classification run; returns its summary (also written to ``<out>/summary.json``).
 
@@ -645,225 +729,41 @@ def run_classify(args=None, **overrides) -> Summary:
     override both (e.g. ``run_classify(config="run.yaml", seed=3)``). See the module docstring.
     """
     cfg = resolve_config(args, **overrides)
-    with _num_threads(cfg["threads"]):
-        return _run(cfg)
-
-
-def _run(cfg: dict) -> Summary:
-    device = _device(cfg["device"])
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True)
-    out = Path(cfg["out"] or Path("runs") / "classify" / _run_name(cfg)).expanduser()
-    cfg["out"] = str(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, csv_path, summary_path = out / _CKPT, out / _CSV, out / _SUMMARY
-
-    train_data, test_data = _load_data(cfg)
-    n_train = len(train_data)
-    batch = min(int(cfg["batch"]), n_train)
-    steps_per_epoch = max(1, n_train // batch)
-    total = int(cfg["steps"]) if cfg["steps"] is not None else max(1, round(float(cfg["epochs"]) * steps_per_epoch))
-    eval_every = int(cfg["eval_every"] or steps_per_epoch)
-    ckpt_every = int(cfg["checkpoint_every"] or steps_per_epoch)
-    stop_at = min(total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else total
-
-    seed = int(cfg["seed"])
-    torch.manual_seed(_mix(seed, 0))
-    np.random.seed(_mix(seed, 3) % (2 ** 32))
-    random.seed(_mix(seed, 4))
-    model = _build_model(cfg, train_data.x[0] if not train_data.uint8 else train_data.x[0].float())
-    from .models import state_dict_numel
-
-    dense_params = state_dict_numel(model)
-    regularizer = _apply_method(model, cfg)
-    model.to(device)
-    optimizer = _make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg["schedule"], int(cfg["warmup"]), total))
-    penalty_fn = None
-    if cfg["penalty"] != "none" and float(cfg["penalty_weight"]) != 0.0:
-        from ..spectral import penalty as spectral_penalty
-
-        def penalty_fn(m):
-            return spectral_penalty(m, cfg["penalty"])
-
-    step, elapsed, best_acc = 0, 0.0, None
-    window = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0, "batches": 0}
-    resumed = False
-    if cfg["resume"] and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resume(state["config"], cfg, ckpt_path)
-        if state["total_steps"] != total and cfg["schedule"] != "constant":
-            warnings.warn(f"resuming a {state['total_steps']}-step run as a {total}-step run: the {cfg['schedule']} "
-                          "learning-rate schedule is stretched from the checkpoint on", UserWarning, stacklevel=2)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if regularizer is not None and state.get("regularizer") is not None:
-            regularizer.load_state_dict(state["regularizer"])
-        step, elapsed, best_acc = int(state["step"]), float(state["elapsed"]), state["best_acc"]
-        window = dict(state["window"])
-        _set_rng_state(state["rng"])
-        # rows logged after the checkpoint belong to the lost part of the interrupted run
-        _write_csv(csv_path, [r for r in _read_csv(csv_path) if int(r["step"]) <= step])
-        resumed = True
-    else:
-        if csv_path.exists():
-            csv_path.unlink()
-        if summary_path.exists():
-            summary_path.unlink()
-    _atomic_write_text(out / _CONFIG, json.dumps(_jsonable(cfg), indent=2) + "\n")
-
-    def save_checkpoint() -> None:
-        state = {
-            "version": 1,
-            "step": step,
-            "total_steps": total,
-            "elapsed": elapsed,
-            "best_acc": best_acc,
-            "window": dict(window),
-            "config": _jsonable(cfg),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "regularizer": regularizer.state_dict() if regularizer is not None else None,
-            "rng": _rng_state(),
-        }
-        atomic_write(ckpt_path, lambda f: torch.save(state, f))
-
-    last_row: dict = {}
-    rows = _read_csv(csv_path) if resumed else []
-    if rows:
-        last_row = rows[-1]
-
-    def log_row() -> dict:
-        nonlocal best_acc
-        test_loss, test_acc = _evaluate(model, test_data, int(cfg["eval_batch"]), device)
-        best_acc = test_acc if best_acc is None else max(best_acc, test_acc)
-        b = max(1, window["batches"])
-        row = {
-            "step": step,
-            "epoch": f"{step / steps_per_epoch:.4f}",
-            "lr": f"{optimizer.param_groups[0]['lr']:.6g}",
-            "train_loss": f"{window['loss'] / b:.6f}" if window["batches"] else "",
-            "train_acc": f"{window['correct'] / window['seen']:.6f}" if window["seen"] else "",
-            "penalty": f"{window['penalty'] / b:.6f}" if window["batches"] and penalty_fn else "",
-            "test_loss": f"{test_loss:.6f}",
-            "test_acc": f"{test_acc:.6f}",
-            "elapsed_s": f"{elapsed:.2f}",
-        }
-        _append_csv(csv_path, row)
-        window.update(loss=0.0, penalty=0.0, correct=0, seen=0, batches=0)
-        return row
-
-    bar = None
-    if cfg["progress"] and step < stop_at:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stop_at, initial=step, desc=_run_name(cfg), unit="step", leave=True, dynamic_ncols=True)
-    model.train()
-    status = "complete"
-    with _StopFlag() as stop:
-        t0 = time.perf_counter()
-        while step < stop_at:
-            epoch, offset = divmod(step, steps_per_epoch)
-            order = _epoch_order(seed, epoch, n_train)
-            idx = order[offset * batch:(offset + 1) * batch]
-            x, y = train_data.batch(idx, device)
-            if cfg["augment"] and x.dim() == 4:
-                x = _augment(x, torch.Generator().manual_seed(_mix(seed, 5, step)))
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            total_loss = loss
-            if penalty_fn is not None:
-                pen = penalty_fn(model)
-                total_loss = loss + float(cfg["penalty_weight"]) * pen
-                window["penalty"] += float(pen.detach())
-            optimizer.zero_grad(set_to_none=True)
-            total_loss.backward()
-            optimizer.step()
-            scheduler.step()
-            if regularizer is not None:
-                regularizer.step()
-            step += 1
-            window["loss"] += float(loss.detach())
-            window["correct"] += int((logits.detach().argmax(1) == y).sum())
-            window["seen"] += int(y.shape[0])
-            window["batches"] += 1
-            if not math.isfinite(float(loss.detach())):
-                status = "diverged"
-            now = time.perf_counter()
-            elapsed += now - t0
-            t0 = now
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}",
-                                acc=last_row.get("test_acc", "-")[:6] if last_row else "-")
-            stopping = stop.requested is not None or step == stop_at or status == "diverged"
-            if step % eval_every == 0 or step == total:
-                last_row = log_row()
-                now = time.perf_counter()
-                elapsed += now - t0
-                t0 = now
-            if step % ckpt_every == 0 or step == total or stopping:
-                save_checkpoint()
-                t0 = time.perf_counter()  # writing the checkpoint is not counted
-            if stopping:
-                break
-    if bar is not None:
-        bar.close()
-    if status == "complete" and step < total:
-        status = "interrupted"
-
-    if step == total and (not last_row or int(last_row["step"]) != total):
-        last_row = log_row()  # a finished run resumed from its final checkpoint whose CSV lost the last row
-    z, dof = _model_counts(model, cfg, dense_params)
-    test_loss, test_acc = (float(last_row["test_loss"]), float(last_row["test_acc"])) if last_row and \
-        int(last_row["step"]) == step else _evaluate(model, test_data, int(cfg["eval_batch"]), device)
-    summary = Summary(
-        status=status,
-        method=cfg["method"],
-        rank=int(cfg["rank"]) if cfg["method"] in ("svdp", "sttp") else None,
-        spectrum=cfg["spectrum"] if cfg["method"] in ("svdp", "sttp") else None,
-        penalty=cfg["penalty"],
-        penalty_weight=float(cfg["penalty_weight"]),
-        dataset=cfg["dataset"],
-        model=cfg["model"],
-        seed=seed,
-        steps=step,
-        epochs=step / steps_per_epoch,
-        accuracy=test_acc,
-        best_accuracy=best_acc,
-        test_loss=test_loss,
-        train_loss=float(last_row["train_loss"]) if last_row and last_row.get("train_loss") else None,
-        z=z,
-        dof=dof,
-        dense_params=dense_params,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        wall_time_s=elapsed,
-        out=str(out),
-        metrics_csv=str(csv_path),
-        checkpoint=str(ckpt_path),
-        config=_jsonable(cfg),
-    )
-    if status == "interrupted":
-        summary["exit_code"] = 130 if stop.requested else 0
-    elif status == "diverged":
-        summary["exit_code"] = 1
-    if status != "interrupted":
-        _atomic_write_text(summary_path, json.dumps(dict(summary), indent=2) + "\n")
+    with num_threads(cfg["threads"]):
+        run = _Run(cfg)
+        run.start()
+        first = run.step
+        status, signal_name = _train(run)
+        summary = _summarize(run, status, signal_name)
+    summary.trained_steps, summary.total_steps = run.step - first, run.total
     return summary
+
+
+def summary_line(summary: Summary) -> str:
+    """One line closing a run: its status, steps, final test metrics and compression, and its folder."""
+    steps = f"{summary['steps']}/{summary.total_steps} steps"
+    if summary["status"] == "complete" and summary.trained_steps == 0:
+        head = f"already complete ({steps}; nothing left to train)"
+    elif summary["status"] == "interrupted":
+        head = f"interrupted after {steps} (checkpointed; run the same command again to resume)"
+    else:
+        head = f"{summary['status']} after {steps}"
+    return (f"classify {summary['method']}: {head}: test accuracy {summary['accuracy']:.4f}, test loss "
+            f"{summary['test_loss']:.4f}, Z {summary['z']:.2f} % ({summary['dof']} of {summary['dense_params']} "
+            f"parameters); run folder {summary['out']}")
 
 
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
+    """``python -m torch_sttp.experiments.classify``: train one run, print a JSON line of its summary."""
     parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.classify",
                                      description=__doc__.splitlines()[0])
     add_classify_arguments(parser)
     args = parser.parse_args(argv)
     try:
         summary = run_classify(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     brief = {k: summary[k] for k in ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy",
                                      "z", "dof", "wall_time_s", "out")}

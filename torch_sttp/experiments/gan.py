@@ -23,10 +23,12 @@ dense as in the paper.  The reduced discriminators of Table 1 are ``--d-reduce 4
 every D width divided by that factor.
 
 Outputs in ``--out``: ``config.yaml`` (the resolved settings), ``metrics.csv`` (losses, learning rate, seconds per
-step, D spectrum statistics, periodic cheap evaluations), ``checkpoint.pt`` (written atomically every
-``--ckpt-every`` generator steps and at the end: models, optimizers, schedulers, SR state, all RNG states and the
-data sampler state, so an interrupted run resumes bit-identically on CPU), ``summary.json`` (final metrics,
-compression Z, wall time), ``samples.png``, ``spectra_D.png`` (Fig. 5 style) and ``spectra_D_history.png``.
+step, D spectrum statistics, periodic cheap evaluations), ``checkpoint.pt`` (written atomically and checksummed
+by :mod:`torch_sttp.checkpoint` every ``--ckpt-every`` generator steps and at the end: models, optimizers,
+schedulers, SR state, all RNG states and the data sampler state, so an interrupted run resumes bit-identically on
+CPU; read with ``weights_only=True``, so a planted file with pickled code is refused without running it),
+``summary.json`` (final metrics, compression Z, wall time), ``samples.png``, ``spectra_D.png`` (Fig. 5 style),
+``spectra_D_history.png`` and ``generator.pt``.
 
 Settings come from defaults < ``--config`` file (YAML or JSON, keys as the long flags with ``_``) < command-line flags.
 """
@@ -36,21 +38,26 @@ import argparse
 import csv
 import json
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import checkpoint
+from ..checkpoint import atomic_write, set_rng_state
+from ..options import INITS
+from .runner import (USER_ERRORS, MetricsLog, RunSummary, check_bool, check_choice, check_device, check_integer,
+                     check_number, check_rank_setting, check_resumable, explain_missing_data, load_state, num_threads,
+                     one_line, progress_bar, rank_literal, read_config_file, resolve_settings, save_state,
+                     select_device, write_text)
 
-__all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "main",
+__all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "summary_line",
+           "main",
            "build_models", "summarize_runs", "plot_curves",
            "plot_samples_montage", "CSV_FIELDS"]
 
@@ -143,154 +150,180 @@ def _bool(text) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
-def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the GAN recipe's flags to ``parser`` (every default is ``SUPPRESS``: unset flags leave config values)."""
+def _h(text: str, key: str) -> str:
+    return f"{text} (default: {DEFAULTS[key]})"
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS
-
-    def h(text, key):
-        return f"{text} (default: {DEFAULTS[key]})"
-
-    g = parser.add_argument_group("config")
-    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", choices=DATASETS, default=S, help=h("training images", "dataset"))
+    g.add_argument("--dataset", choices=DATASETS, default=S, help=_h("training images", "dataset"))
     g.add_argument("--data-root", default=S, metavar="DIR",
                    help="folder with the CIFAR-10 / STL-10 binary distributions (default: $TORCH_STTP_DATA or ./data)")
     g.add_argument("--image-size", type=int, default=S, help="image side (default: 32, or 48 for stl10)")
     g.add_argument("--data-split", default=S, help="split to train on (default: train, or unlabeled for stl10)")
     g = parser.add_argument_group("models")
     g.add_argument("--preset", type=int, choices=(32, 48), default=S, help="SNGAN preset (default: 32, 48 for stl10)")
-    g.add_argument("--nz", type=int, default=S, help=h("latent size", "nz"))
+    g.add_argument("--nz", type=int, default=S, help=_h("latent size", "nz"))
     g.add_argument("--ngf", type=int, default=S, help="generator base width (default: preset's, 256 / 512)")
     g.add_argument("--ndf", type=int, default=S, help="discriminator base width (default: preset's, 128 / 1024)")
     g.add_argument("--d-reduce", type=int, default=S,
-                   help=h("divide every D width by this (Table 1: 4 for preset 32, 16 for preset 48)", "d_reduce"))
-    g.add_argument("--d", choices=D_VARIANTS, default=S, help=h("discriminator variant", "d"))
-    g.add_argument("--g", choices=G_VARIANTS, default=S, help=h("generator variant (noise_to_conv stays dense)", "g"))
-    g.add_argument("--d-rank", type=int, default=S, help=h("rank cap r of SVDP/STTP in D", "d_rank"))
-    g.add_argument("--g-rank", type=int, default=S, help=h("rank cap r of SVDP/STTP in G", "g_rank"))
-    g.add_argument("--init", default=S, help=h("frame initialization of SVDP/STTP", "init"))
-    g.add_argument("--penalty-weight", type=float, default=S, help=h("weight of the -R spectral penalty", "penalty_weight"))
+                   help=_h("divide every D width by this (Table 1: 4 for preset 32, 16 for preset 48)", "d_reduce"))
+    g.add_argument("--d", choices=D_VARIANTS, default=S, help=_h("discriminator variant", "d"))
+    g.add_argument("--g", choices=G_VARIANTS, default=S, help=_h("generator variant (noise_to_conv stays dense)", "g"))
+    g.add_argument("--d-rank", type=rank_literal, default=S, help=_h("rank cap r of SVDP/STTP in D", "d_rank"))
+    g.add_argument("--g-rank", type=rank_literal, default=S, help=_h("rank cap r of SVDP/STTP in G", "g_rank"))
+    g.add_argument("--init", default=S, help=_h("frame initialization of SVDP/STTP", "init"))
+    g.add_argument("--penalty-weight", type=float, default=S,
+                   help=_h("weight of the -R spectral penalty", "penalty_weight"))
     g.add_argument("--penalty-kind", choices=("d_optimal", "divergence"), default=S,
-                   help=h("spectral penalty of the -R variants", "penalty_kind"))
-    g.add_argument("--sr-every", type=int, default=S, help=h("SR compensation period in D updates", "sr_every"))
+                   help=_h("spectral penalty of the -R variants", "penalty_kind"))
+    g.add_argument("--sr-every", type=int, default=S, help=_h("SR compensation period in D updates", "sr_every"))
+
+
+def _add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
     g = parser.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=S, help=h("generator updates", "steps"))
-    g.add_argument("--n-dis", type=int, default=S, help=h("discriminator updates per generator update", "n_dis"))
-    g.add_argument("--batch-size", type=int, default=S, help=h("batch size", "batch_size"))
-    g.add_argument("--lr", type=float, default=S, help=h("Adam learning rate of G and D", "lr"))
-    g.add_argument("--beta1", type=float, default=S, help=h("Adam beta1", "beta1"))
-    g.add_argument("--beta2", type=float, default=S, help=h("Adam beta2", "beta2"))
-    g.add_argument("--lr-decay", choices=("linear", "none"), default=S, help=h("learning-rate schedule", "lr_decay"))
+    g.add_argument("--steps", type=int, default=S, help=_h("generator updates", "steps"))
+    g.add_argument("--n-dis", type=int, default=S, help=_h("discriminator updates per generator update", "n_dis"))
+    g.add_argument("--batch-size", type=int, default=S, help=_h("batch size", "batch_size"))
+    g.add_argument("--lr", type=float, default=S, help=_h("Adam learning rate of G and D", "lr"))
+    g.add_argument("--beta1", type=float, default=S, help=_h("Adam beta1", "beta1"))
+    g.add_argument("--beta2", type=float, default=S, help=_h("Adam beta2", "beta2"))
+    g.add_argument("--lr-decay", choices=("linear", "none"), default=S, help=_h("learning-rate schedule", "lr_decay"))
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=S, help=h("seed of models, noise and data order", "seed"))
-    g.add_argument("--device", default=S, help=h("cpu, cuda, cuda:N or auto", "device"))
+    g.add_argument("--seed", type=int, default=S, help=_h("seed of models, noise and data order", "seed"))
+    g.add_argument("--device", default=S, help=_h("cpu, cuda, cuda:N or auto", "device"))
     g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's)")
     g.add_argument("--out", default=S, metavar="DIR", help="output folder (default: runs/gan/<dataset>-<d>-s<seed>)")
-    g.add_argument("--ckpt-every", type=int, default=S, help=h("checkpoint period in generator steps", "ckpt_every"))
-    g.add_argument("--log-every", type=int, default=S, help=h("CSV logging period in generator steps", "log_every"))
+    g.add_argument("--ckpt-every", type=int, default=S, help=_h("checkpoint period in generator steps", "ckpt_every"))
+    g.add_argument("--log-every", type=int, default=S, help=_h("CSV logging period in generator steps", "log_every"))
     g.add_argument("--spectra-every", type=int, default=S, help="D spectrum snapshot period (default: --log-every)")
     g.add_argument("--eval-every", type=int, default=S,
-                   help=h("period of the cheap mode-coverage evaluation during training (0: off)", "eval_every"))
-    g.add_argument("--eval-every-samples", type=int, default=S, help=h("samples of that evaluation", "eval_every_samples"))
+                   help=_h("period of the cheap mode-coverage evaluation during training (0: off)", "eval_every"))
+    g.add_argument("--eval-every-samples", type=int, default=S,
+                   help=_h("samples of that evaluation", "eval_every_samples"))
     g.add_argument("--stop-after", type=int, default=S,
                    help="stop (as if interrupted, no extra checkpoint) after this generator step; rerun to resume")
-    g.add_argument("--resume", type=_bool, default=S, help=h("resume from <out>/checkpoint.pt if present", "resume"))
+    g.add_argument("--resume", type=_bool, default=S, help=_h("resume from <out>/checkpoint.pt if present", "resume"))
     g.add_argument("--no-resume", dest="resume", action="store_false", default=S, help="start from scratch")
-    g.add_argument("--progress", type=_bool, default=S, help=h("tqdm progress bars", "progress"))
+    g.add_argument("--progress", type=_bool, default=S, help=_h("tqdm progress bars", "progress"))
     g.add_argument("--no-progress", dest="progress", action="store_false", default=S, help="no progress bars")
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS
     g = parser.add_argument_group("evaluation")
     g.add_argument("--metrics", default=S,
-                   help=h("final metrics, comma separated from modes, kid, fid, is (or 'none')", "metrics"))
-    g.add_argument("--eval-samples", type=int, default=S, help=h("generated samples of the final evaluation", "eval_samples"))
+                   help=_h("final metrics, comma separated from modes, kid, fid, is (or 'none')", "metrics"))
+    g.add_argument("--eval-samples", type=int, default=S,
+                   help=_h("generated samples of the final evaluation", "eval_samples"))
     g.add_argument("--inception-samples", type=int, default=S,
                    help="generated and real samples for Inception KID/FID/IS (default: --eval-samples)")
     g.add_argument("--inception-weights", default=S, metavar="FILE",
                    help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth; enables IS (else 'unavailable')")
-    g.add_argument("--inception-batch", type=int, default=S, help=h("Inception batch size", "inception_batch"))
+    g.add_argument("--inception-batch", type=int, default=S, help=_h("Inception batch size", "inception_batch"))
     g.add_argument("--cache-dir", default=S, metavar="DIR",
                    help="real-feature and classifier cache (default: <out>/cache)")
-    g.add_argument("--classifier-epochs", type=int, default=S, help=h("epochs of the mode-coverage classifier", "classifier_epochs"))
-    g.add_argument("--min-share", type=float, default=S, help=h("share of samples for a class to count as covered", "min_share"))
+    g.add_argument("--classifier-epochs", type=int, default=S,
+                   help=_h("epochs of the mode-coverage classifier", "classifier_epochs"))
+    g.add_argument("--min-share", type=float, default=S,
+                   help=_h("share of samples for a class to count as covered", "min_share"))
     g.add_argument("--eval-only", action="store_true", default=S,
                    help="do not train: evaluate the run in --out (its checkpoint) and update summary.json")
+
+
+def add_gan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the GAN recipe's flags to ``parser`` (every default is ``SUPPRESS``: unset flags leave config values)."""
+    g = parser.add_argument_group("config")
+    g.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                   help="YAML or JSON file of settings; flags override it")
+    _add_model_arguments(parser)
+    _add_training_arguments(parser)
+    _add_evaluation_arguments(parser)
     return parser
 
 
 def load_config_file(path) -> dict:
-    """Settings from a ``.yaml``/``.yml`` or ``.json`` mapping (``-`` in keys read as ``_``)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    data = data or {}
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: a config file must hold a mapping of settings")
-    out = {str(k).replace("-", "_"): v for k, v in data.items()}
-    unknown = sorted(set(out) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"{path}: unknown settings {unknown}; known: {sorted(DEFAULTS)}")
-    return out
+    """Settings from a ``.yaml``/``.yml`` or ``.json`` mapping (``-`` in keys read as ``_``); unknown names raise."""
+    return read_config_file(path, known=DEFAULTS)
 
 
 def resolve_config(args=None, **overrides) -> dict:
     """Defaults < config file < ``args`` (argparse Namespace or mapping) < ``overrides``; derived values filled."""
-    given = dict(vars(args) if isinstance(args, argparse.Namespace) else (args or {}))
-    given.update(overrides)
-    given = {k.replace("-", "_"): v for k, v in given.items()}
-    unknown = sorted(set(given) - set(DEFAULTS) - {"command", "func", "cmd", "subcommand"})
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}")
-    cfg = dict(DEFAULTS)
-    if given.get("config"):
-        cfg.update(load_config_file(given["config"]))
-    cfg.update({k: v for k, v in given.items() if k in DEFAULTS})
+    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_gan")
+    cfg["config"] = config_file
     return _validate(cfg)
 
 
+#: The splits each dataset offers.
+DATA_SPLITS = {"mnist5k": ("train", "test"), "cifar10": ("train", "test"), "stl10": ("train", "test", "unlabeled")}
+
+
 def _validate(cfg: dict) -> dict:
+    """Check every setting before any work starts (names, types, ranges) and fill the derived ones."""
+    check_choice(cfg, "dataset", DATASETS)
     ds = cfg["dataset"]
-    if ds not in DATASETS:
-        raise ValueError(f"dataset must be one of {DATASETS}")
-    if cfg["preset"] is None:
-        cfg["preset"] = 48 if ds == "stl10" else 32
-    if cfg["image_size"] is None:
-        cfg["image_size"] = 48 if ds == "stl10" else 32
-    if cfg["data_split"] is None:
-        cfg["data_split"] = "unlabeled" if ds == "stl10" else "train"
+    for key, default in (("preset", 48 if ds == "stl10" else 32), ("image_size", 48 if ds == "stl10" else 32),
+                         ("data_split", "unlabeled" if ds == "stl10" else "train")):
+        if cfg[key] is None:
+            cfg[key] = default
+    check_choice(cfg, "data_split", DATA_SPLITS[ds])
     for key, choices in (("d", D_VARIANTS), ("g", G_VARIANTS)):
         cfg[key] = str(cfg[key]).lower()
-        if cfg[key] not in choices:
-            raise ValueError(f"{key} must be one of {choices}, got {cfg[key]!r}")
-    for key in ("steps", "n_dis", "batch_size", "d_reduce", "d_rank", "g_rank", "sr_every", "log_every", "nz"):
-        cfg[key] = int(cfg[key])
-        if cfg[key] < 1:
-            raise ValueError(f"{key} must be >= 1")
-    cfg["ckpt_every"] = int(cfg["ckpt_every"])
+        check_choice(cfg, key, choices)
+    for key, choices in (("preset", (32, 48)), ("init", INITS), ("penalty_kind", ("d_optimal", "divergence")),
+                         ("lr_decay", ("linear", "none"))):
+        check_choice(cfg, key, choices)
+    for key in ("d_rank", "g_rank"):
+        check_rank_setting(cfg, key)
+    for key, minimum, optional in (
+            ("steps", 1, False), ("n_dis", 1, False), ("batch_size", 1, False), ("d_reduce", 1, False),
+            ("sr_every", 1, False), ("log_every", 1, False), ("nz", 1, False), ("image_size", 1, False),
+            ("ngf", 1, True), ("ndf", 1, True), ("seed", 0, False), ("threads", 1, True), ("ckpt_every", 0, False),
+            ("spectra_every", 1, True), ("eval_every", 0, False), ("eval_every_samples", 1, False),
+            ("stop_after", 0, True), ("eval_samples", 1, False), ("inception_samples", 1, True),
+            ("inception_batch", 1, False), ("classifier_epochs", 1, False)):
+        check_integer(cfg, key, minimum, optional)
+    check_number(cfg, "lr", 0, low_open=True)
+    for key in ("beta1", "beta2"):
+        check_number(cfg, key, 0, 1, high_open=True)
+    check_number(cfg, "penalty_weight", 0)
+    check_number(cfg, "min_share", 0, 1)
+    for key in ("resume", "progress", "eval_only"):
+        try:
+            cfg[key] = _bool(cfg[key])
+        except argparse.ArgumentTypeError:
+            check_bool(cfg, key)
+    check_device(cfg)
+    cfg["metrics"] = _metrics(cfg["metrics"])
+    return _fill_derived(cfg)
+
+
+def _metrics(value) -> list:
+    """The final metrics: a comma-separated string or a list, from modes, kid, fid, is ('none': no metric)."""
+    if isinstance(value, str):
+        value = [m.strip().lower() for m in value.split(",") if m.strip() and m.strip() != "none"]
+    value = [str(m).lower() for m in (value or [])]
+    bad = sorted(set(value) - {"modes", "kid", "fid", "is"})
+    if bad:
+        raise ValueError(f"unknown metrics {bad}; choose from modes, kid, fid, is, or none (flag --metrics)")
+    return value
+
+
+def _fill_derived(cfg: dict) -> dict:
+    """The settings whose default depends on others: spectra_every, out, cache_dir, inception_samples."""
     if cfg["spectra_every"] is None:
         cfg["spectra_every"] = cfg["log_every"]
-    if isinstance(cfg["metrics"], str):
-        cfg["metrics"] = [m.strip().lower() for m in cfg["metrics"].split(",") if m.strip() and m.strip() != "none"]
-    cfg["metrics"] = [str(m).lower() for m in (cfg["metrics"] or [])]
-    bad = sorted(set(cfg["metrics"]) - {"modes", "kid", "fid", "is"})
-    if bad:
-        raise ValueError(f"unknown metrics {bad}; choose from modes, kid, fid, is")
-    for key in ("resume", "progress", "eval_only"):
-        cfg[key] = _bool(cfg[key])
     if cfg["out"] is None:
-        name = f"{ds}-p{cfg['preset']}-d{cfg['d']}" + (f"-r{cfg['d_reduce']}" if cfg["d_reduce"] > 1 else "")
+        name = f"{cfg['dataset']}-p{cfg['preset']}-d{cfg['d']}" + \
+            (f"-r{cfg['d_reduce']}" if cfg["d_reduce"] > 1 else "")
         name += (f"-g{cfg['g']}" if cfg["g"] != "plain" else "") + f"-s{cfg['seed']}"
         cfg["out"] = str(Path("runs") / "gan" / name)
     if cfg["cache_dir"] is None:
         cfg["cache_dir"] = str(Path(cfg["out"]) / "cache")
     if cfg["inception_samples"] is None:
         cfg["inception_samples"] = cfg["eval_samples"]
-    for key in ("lr", "beta1", "beta2", "penalty_weight", "min_share"):
-        cfg[key] = float(cfg[key])
     return cfg
 
 
@@ -310,12 +343,13 @@ class ImageSource:
         from .data import get_dataset, load_mnist5k
 
         ds, size = cfg["dataset"], cfg["image_size"]
-        if ds == "mnist5k":
-            self.dataset = load_mnist5k(image_size=size, split=cfg["data_split"])
-        elif ds == "stl10":
-            self.dataset = get_dataset("stl10", cfg["data_split"], cfg["data_root"], image_size=size)
-        else:
-            self.dataset = get_dataset(ds, cfg["data_split"], cfg["data_root"])
+        with explain_missing_data(ds, cfg["data_root"]):
+            if ds == "mnist5k":
+                self.dataset = load_mnist5k(image_size=size, split=cfg["data_split"])
+            elif ds == "stl10":
+                self.dataset = get_dataset("stl10", cfg["data_split"], cfg["data_root"], image_size=size)
+            else:
+                self.dataset = get_dataset(ds, cfg["data_split"], cfg["data_root"])
         self.n = len(self.dataset)
         self.generator = torch.Generator().manual_seed(int(seed))
         self.perm = torch.randperm(self.n, generator=self.generator)
@@ -442,33 +476,8 @@ def _spectra_stats(snapshot: Mapping[str, torch.Tensor]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# State, checkpoints, logs
+# Run folder files
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: Path, write) -> None:
-    """:func:`torch_sttp.checkpoint.atomic_write`, creating the run folder first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write(path, write)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _dump_config(cfg: Mapping) -> str:
@@ -478,45 +487,6 @@ def _dump_config(cfg: Mapping) -> str:
         return yaml.safe_dump(dict(cfg), sort_keys=False)
     except ImportError:  # pragma: no cover
         return json.dumps(dict(cfg), indent=2)
-
-
-class CsvLog:
-    """``metrics.csv`` with a fixed header; on resume, rows after the checkpoint's step are dropped."""
-
-    def __init__(self, path: Path, keep_until: Optional[int]):
-        self.path = Path(path)
-        rows = []
-        if keep_until is not None and self.path.is_file():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) <= keep_until]
-        atomic_write(self.path, lambda f: self._write_all(f, rows))
-
-    @staticmethod
-    def _write_all(f, rows):
-        import io
-
-        s = io.StringIO()
-        w = csv.DictWriter(s, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-        f.write(s.getvalue().encode())
-
-    def append(self, row: Mapping) -> None:
-        out = {}
-        for k in CSV_FIELDS:
-            v = row.get(k, "")
-            if isinstance(v, float):
-                v = repr(v)
-            out[k] = v
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=CSV_FIELDS).writerow(out)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
@@ -532,10 +502,6 @@ def _save_grid(images: torch.Tensor, path: Path, nrow: int = 8) -> None:
         grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = img.transpose(1, 2, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     matplotlib.image.imsave(str(path), grid)
-
-
-class _Stopped(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -568,44 +534,282 @@ def reference_data_key(cfg: Mapping) -> dict:
     return dict(dataset=cfg["dataset"], split=cfg["data_split"], size=cfg["image_size"], seed=0)
 
 
-def _evaluator(cfg: Mapping, source: ImageSource, device, channels: int):
-    """A callable ``(G, metrics, num, n_inception) -> dict`` with the classifier/Inception loaded lazily."""
-    from . import metrics as M
+class _Evaluator:
+    """``evaluator(G, metrics, num, n_inception) -> dict``: the generator metrics, with the mode-coverage classifier
+    and the Inception network loaded on first use."""
 
-    state: dict = {}
-    data_key = reference_data_key(cfg)
+    def __init__(self, cfg: Mapping, source: ImageSource, device, channels: int):
+        self.cfg, self.source, self.device, self.channels = cfg, source, device, channels
+        self.data_key = reference_data_key(cfg)
+        self.clf, self.clf_info, self.inception = None, None, None
 
-    def classifier():
-        if "clf" not in state:
-            ds = cfg["dataset"]
-            if ds == "stl10" and cfg["data_split"] == "unlabeled":
-                pass  # the labelled STL-10 train split is used for the classifier
+    def classifier(self):
+        """The mode-coverage classifier (trained once, cached), or None when it cannot be had."""
+        from . import metrics as M
+
+        cfg = self.cfg
+        if self.clf_info is None:  # for stl10's unlabeled split, the labelled train split trains the classifier
             try:
-                state["clf"], state["clf_info"] = M.get_classifier(
-                    ds, cfg["data_root"], cfg["image_size"], channels, cfg["cache_dir"], device,
+                self.clf, self.clf_info = M.get_classifier(
+                    cfg["dataset"], cfg["data_root"], cfg["image_size"], self.channels, cfg["cache_dir"], self.device,
                     epochs=cfg["classifier_epochs"], progress=cfg["progress"])
             except (OSError, ValueError) as e:
-                state["clf"], state["clf_info"] = None, {"error": str(e)}
-        return state["clf"]
+                self.clf, self.clf_info = None, {"error": str(e)}
+        return self.clf
 
-    def evaluate(G, which: Sequence[str], num: int, n_inception: Optional[int] = None) -> dict:
-        clf = classifier() if "modes" in which else None
-        inc = None
-        if any(m in which for m in ("kid", "fid", "is")) and M.fid_helper_available():
-            if "inc" not in state:
-                state["inc"] = M.InceptionFeatures(device, batch_size=cfg["inception_batch"],
-                                                   inception_weights=cfg["inception_weights"],
-                                                   progress=cfg["progress"])
-            inc = state["inc"]
+    def __call__(self, G, which: Sequence[str], num: int, n_inception: Optional[int] = None) -> dict:
+        from . import metrics as M
+
+        cfg = self.cfg
+        clf = self.classifier() if "modes" in which else None
+        if any(m in which for m in ("kid", "fid", "is")) and M.fid_helper_available() and self.inception is None:
+            self.inception = M.InceptionFeatures(self.device, batch_size=cfg["inception_batch"],
+                                                 inception_weights=cfg["inception_weights"], progress=cfg["progress"])
         res = M.evaluate_generator(
-            G, source.fixed, data_key, metrics=which, num_samples=num, inception_samples=n_inception,
-            cache_dir=cfg["cache_dir"], device=device, classifier=clf, inception=inc,
+            G, self.source.fixed, self.data_key, metrics=which, num_samples=num, inception_samples=n_inception,
+            cache_dir=cfg["cache_dir"], device=self.device, classifier=clf, inception=self.inception,
             min_share=cfg["min_share"], progress=cfg["progress"])
         if clf is not None:
-            res["classifier_test_accuracy"] = state["clf_info"].get("test_accuracy")
+            res["classifier_test_accuracy"] = self.clf_info.get("test_accuracy")
         return res
 
-    return evaluate
+
+def _regularized(variant: str) -> bool:
+    """Whether a ``-r`` variant adds the spectral penalty to its network's loss."""
+    return "-" in variant and _split_variant(variant)[2]
+
+
+class _Clock:
+    """Wall time of a training session: its start, and the time and step of the last logged row."""
+
+    def __init__(self, step: int) -> None:
+        self.start = self.last = time.time()
+        self.last_step = step
+
+
+class _GanRun:
+    """One GAN run: its settings, data, G and D with their optimizers and schedules, counters and run folder."""
+
+    def __init__(self, cfg: dict) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg["out"])
+        self.device = select_device(cfg["device"])
+        self.ckpt_path = self.out / "checkpoint.pt"
+        saved = self._read_checkpoint()
+        self._build()  # data and models before the folder: their errors leave nothing behind
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.step, self.wall_before, self.history = 0, 0.0, []
+        self.resumed = saved is not None
+        if saved is not None:
+            self._restore(saved)
+        if not cfg["eval_only"]:
+            write_text(self.out / "config.yaml", _dump_config(cfg))
+        self.z_d, self.z_g = _z(self.D), _z(self.G)
+        self.evaluate = _Evaluator(cfg, self.source, self.device, self.source.channels)
+
+    def _read_checkpoint(self) -> Optional[dict]:
+        cfg = self.cfg
+        if (cfg["resume"] or cfg["eval_only"]) and self.ckpt_path.is_file():
+            saved = load_state(self.ckpt_path)
+            check_resumable(saved["config"], cfg, [k for k in DEFAULTS if k not in RESUMABLE_CHANGES],
+                            self.ckpt_path)
+            return saved
+        if cfg["eval_only"]:
+            raise FileNotFoundError(f"--eval-only: no checkpoint in {self.out}")
+        return None
+
+    def _build(self) -> None:
+        """Seed, then build the data sampler, G, D, the optimizers, schedules and the noise generator."""
+        cfg = self.cfg
+        torch.manual_seed(cfg["seed"])
+        np.random.seed(cfg["seed"] % (2**32))
+        random.seed(cfg["seed"])
+        self.source = ImageSource(cfg, seed=cfg["seed"] + 1)
+        self.G, self.D, self.sr = build_models(cfg, self.source.channels)
+        self.G.to(self.device)
+        self.D.to(self.device)
+        self.opt_g, self.opt_d, self.sch_g, self.sch_d = _make_optimizers(cfg, self.G, self.D, cfg["steps"])
+        self.noise = torch.Generator().manual_seed(cfg["seed"] + 2)
+        self.d_reg, self.g_reg = _regularized(cfg["d"]), _regularized(cfg["g"])
+
+    def _restore(self, saved: Mapping) -> None:
+        for name, obj in (("G", self.G), ("D", self.D), ("opt_g", self.opt_g), ("opt_d", self.opt_d),
+                          ("sch_g", self.sch_g), ("sch_d", self.sch_d), ("source", self.source)):
+            obj.load_state_dict(saved[name])
+        if self.sr is not None and saved.get("sr") is not None:
+            self.sr.load_state_dict(saved["sr"])
+        self.noise.set_state(saved["noise_gen"])
+        set_rng_state(saved["rng"])
+        self.step = int(saved["step"])
+        self.wall_before = float(saved.get("wall_time", 0.0))
+        self.history = list(saved.get("history", []))
+
+    def save(self, wall: float) -> None:
+        """Checkpoint: G, D, optimizers, schedules, SR state, data sampler, noise and RNG states, D's spectra."""
+        save_state(self.ckpt_path, version=1, step=self.step, config=dict(self.cfg), G=self.G.state_dict(),
+                   D=self.D.state_dict(), opt_g=self.opt_g.state_dict(), opt_d=self.opt_d.state_dict(),
+                   sch_g=self.sch_g.state_dict(), sch_d=self.sch_d.state_dict(),
+                   sr=self.sr.state_dict() if self.sr is not None else None, source=self.source.state_dict(),
+                   noise_gen=self.noise.get_state(), wall_time=wall, history=self.history)
+
+    # ---------------------------------------------------------------------------------------------- the steps
+    def d_step(self, acc: dict) -> float:
+        """One D update: hinge loss on a real batch and a batch of G's samples (one forward), plus the spectral
+        penalty for a ``-r`` D; returns the hinge loss."""
+        cfg, bs = self.cfg, self.cfg["batch_size"]
+        real = self.source.next(bs).to(self.device, non_blocking=True)
+        z = torch.randn(bs, cfg["nz"], generator=self.noise).to(self.device)
+        with torch.no_grad():
+            fake = self.G(z)
+        logits = self.D(torch.cat([real, fake]))
+        d_loss = _hinge_d(logits[:bs], logits[bs:])
+        pen = None
+        total = d_loss
+        if self.d_reg:
+            from .. import spectral
+
+            pen = spectral.penalty(self.D, cfg["penalty_kind"])
+            total = d_loss + cfg["penalty_weight"] * pen
+        self.opt_d.zero_grad(set_to_none=True)
+        total.backward()
+        self.opt_d.step()
+        if self.sr is not None:
+            self.sr.step()
+        acc["d_loss"] += float(d_loss.detach())
+        acc["d_real"] += float(logits[:bs].detach().mean())
+        acc["d_fake"] += float(logits[bs:].detach().mean())
+        acc["penalty"] += float(pen.detach()) if pen is not None else 0.0
+        return float(d_loss.detach())
+
+    def g_step(self, acc: dict) -> float:
+        """One G update (−D(G(z)), plus the spectral penalty for a ``-r`` G), then both schedules step; returns the
+        generator loss. D's gradients from this step are stale; they are zeroed before the next D update."""
+        cfg = self.cfg
+        z = torch.randn(cfg["batch_size"], cfg["nz"], generator=self.noise).to(self.device)
+        g_loss = -self.D(self.G(z)).mean()
+        g_total = g_loss
+        if self.g_reg:
+            from .. import spectral
+
+            g_total = g_loss + cfg["penalty_weight"] * spectral.penalty(self.G, cfg["penalty_kind"])
+        self.opt_g.zero_grad(set_to_none=True)
+        g_total.backward()
+        self.opt_g.step()
+        self.sch_g.step()
+        self.sch_d.step()
+        self.step += 1
+        acc["g_loss"] += float(g_loss.detach())
+        acc["n"] += 1
+        return float(g_loss.detach())
+
+    def log_row(self, acc: dict, clock: _Clock) -> dict:
+        """The losses averaged since the last row, the learning rate and the timings; resets ``acc``."""
+        cfg, now = self.cfg, time.time()
+        k = max(acc["n"], 1)
+        row = {"step": self.step, "d_loss": acc["d_loss"] / (k * cfg["n_dis"]), "g_loss": acc["g_loss"] / k,
+               "d_real": acc["d_real"] / (k * cfg["n_dis"]), "d_fake": acc["d_fake"] / (k * cfg["n_dis"]),
+               "penalty": acc["penalty"] / (k * cfg["n_dis"]), "lr": self.opt_g.param_groups[0]["lr"],
+               "sec_per_step": (now - clock.last) / max(self.step - clock.last_step, 1),
+               "wall_time": self.wall_before + now - clock.start}
+        clock.last, clock.last_step = now, self.step
+        for key in acc:
+            acc[key] = 0.0
+        return row
+
+    def periodic(self, acc: dict, clock: _Clock) -> Optional[dict]:
+        """After a G step: the log row, D's spectrum snapshot and the cheap evaluation, each on its period; returns
+        the row to log (or None)."""
+        cfg, step, last = self.cfg, self.step, self.step == self.cfg["steps"]
+        row = self.log_row(acc, clock) if step % cfg["log_every"] == 0 or last else None
+        if step % cfg["spectra_every"] == 0 or last:
+            snap = _spectra(self.D)
+            self.history.append((step, snap))
+            if row is not None:
+                row.update(_spectra_stats(snap))
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0:
+            res = self.evaluate(self.G, ["modes"], cfg["eval_every_samples"])
+            row = row or {"step": step}
+            row.update({k: res.get(k, "") for k in ("modes_classes_covered", "modes_kl_uniform", "cfid", "ckid")})
+            clock.last = time.time()  # seconds per step measure training only
+        return row
+
+    def train(self) -> str:
+        """Train to ``steps`` generator updates, each after ``n_dis`` D updates, with the periodic rows, snapshots,
+        evaluations and checkpoints; returns "stopped" when ``stop_after`` ended it early, else "finished"."""
+        cfg = self.cfg
+        log = MetricsLog(self.out / "metrics.csv", CSV_FIELDS, lineterminator="\r\n")
+        log.start(keep_until=self.step if self.resumed else None)
+        if self.step == 0:
+            self.history.append((0, _spectra(self.D)))
+        acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "penalty": 0.0, "n": 0}
+        bar = progress_bar(bool(cfg["progress"]), cfg["steps"], self.step, f"gan {cfg['d']}")
+        clock = _Clock(self.step)
+        self.G.train()
+        self.D.train()
+        try:
+            while self.step < cfg["steps"]:
+                for _ in range(cfg["n_dis"]):
+                    d_loss = self.d_step(acc)
+                g_loss = self.g_step(acc)
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % max(1, min(cfg["log_every"], 10)) == 0:
+                        bar.set_postfix(d=f"{d_loss:.3f}", g=f"{g_loss:.3f}")
+                row = self.periodic(acc, clock)
+                if row is not None:
+                    log.append(row)
+                if (cfg["ckpt_every"] > 0 and self.step % cfg["ckpt_every"] == 0) or self.step == cfg["steps"]:
+                    self.save(self.wall_before + time.time() - clock.start)
+                if cfg["stop_after"] is not None and int(cfg["stop_after"]) <= self.step < cfg["steps"]:
+                    return "stopped"
+        finally:
+            if bar is not None:
+                bar.close()
+        self.wall_before += time.time() - clock.start
+        return "finished"
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def _plot_spectra(self, final) -> dict:
+        """``spectra_D.png`` and ``spectra_D_history.png``; a plotting error is returned, never raised."""
+        from .. import spectral
+
+        cfg = self.cfg
+        try:
+            title = f"D {cfg['d']} (seed {cfg['seed']}, step {self.step})"
+            spectral.plot_spectra(final, self.out / "spectra_D.png", top_k=32, title=title)
+            if len(self.history) > 1:
+                spectral.plot_spectra(list(self.history), self.out / "spectra_D_history.png",
+                                      title=f"D {cfg['d']} spectra over training")
+        except Exception as e:  # plotting must never lose a finished run
+            return {"plot_error": repr(e)}
+        return {}
+
+    def finish(self, status: str) -> dict:
+        """The final evaluation and artifacts: ``summary.json``, the spectra plots, ``samples.png`` and
+        ``generator.pt``; returns the summary."""
+        from .metrics import sample_images
+
+        cfg, G, D = self.cfg, self.G, self.D
+        summary_path = self.out / "summary.json"
+        summary = json.loads(summary_path.read_text()) if (cfg["eval_only"] and summary_path.is_file()) else {}
+        t_eval = time.time()
+        summary.update({
+            "status": "partial" if self.step < cfg["steps"] else status, "step": self.step, "steps": cfg["steps"],
+            "d": cfg["d"], "g": cfg["g"], "seed": cfg["seed"], "dataset": cfg["dataset"], "z_d": self.z_d,
+            "z_g": self.z_g, "d_params": int(sum(p.numel() for p in D.parameters())),
+            "g_params": int(sum(p.numel() for p in G.parameters())), "train_wall_time": self.wall_before,
+            "device": str(self.device), "torch_threads": torch.get_num_threads(), "out": str(self.out),
+        })
+        final = _spectra(D)
+        summary.update({f"final_{k}": v for k, v in _spectra_stats(final).items()})
+        summary.update(self._plot_spectra(final))
+        _save_grid(sample_images(G, 64, seed=777, device=self.device), self.out / "samples.png")
+        if cfg["metrics"]:
+            summary.update(self.evaluate(G, cfg["metrics"], cfg["eval_samples"], cfg["inception_samples"]))
+        summary["eval_wall_time"] = time.time() - t_eval
+        atomic_write(self.out / "generator.pt", lambda f: torch.save({"G": G.state_dict(), "config": cfg}, f))
+        write_text(summary_path, json.dumps(summary, indent=2, default=float) + "\n")
+        return summary
 
 
 def run_gan(args=None, **overrides) -> dict:
@@ -615,205 +819,40 @@ def run_gan(args=None, **overrides) -> dict:
     With ``stop_after`` set, returns ``{"status": "stopped", "step": ...}`` after that step (no extra checkpoint).
     """
     cfg = resolve_config(args, **overrides)
-    out = Path(cfg["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(cfg["device"])
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = None
-    if (cfg["resume"] or cfg["eval_only"]) and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        old = ckpt["config"]
-        diff = sorted(k for k in DEFAULTS if k not in RESUMABLE_CHANGES and old.get(k) != cfg.get(k))
-        if diff:
-            raise ValueError(f"{ckpt_path} was written with different settings for {diff}: "
-                             + ", ".join(f"{k}={old.get(k)!r} (now {cfg.get(k)!r})" for k in diff)
-                             + "; use another --out or --no-resume")
-    elif cfg["eval_only"]:
-        raise FileNotFoundError(f"--eval-only: no checkpoint in {out}")
-
-    # build everything deterministically from the seed
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"] % (2**32))
-    random.seed(cfg["seed"])
-    source = ImageSource(cfg, seed=cfg["seed"] + 1)
-    channels = source.channels
-    G, D, sr = build_models(cfg, channels)
-    G.to(device)
-    D.to(device)
-    opt_g, opt_d, sch_g, sch_d = _make_optimizers(cfg, G, D, cfg["steps"])
-    noise_gen = torch.Generator().manual_seed(cfg["seed"] + 2)
-    _, _, d_reg = _split_variant(cfg["d"]) if "-" in cfg["d"] else (None, None, False)
-    _, _, g_reg = _split_variant(cfg["g"]) if "-" in cfg["g"] else (None, None, False)
-    step, wall_before = 0, 0.0
-    history: List[tuple] = []
-    if ckpt is not None:
-        G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        sch_g.load_state_dict(ckpt["sch_g"])
-        sch_d.load_state_dict(ckpt["sch_d"])
-        if sr is not None and ckpt.get("sr") is not None:
-            sr.load_state_dict(ckpt["sr"])
-        source.load_state_dict(ckpt["source"])
-        noise_gen.set_state(ckpt["noise_gen"])
-        _set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        wall_before = float(ckpt.get("wall_time", 0.0))
-        history = list(ckpt.get("history", []))
-    if not cfg["eval_only"]:
-        _atomic_text(out / "config.yaml", _dump_config(cfg))
-    z_d, z_g = _z(D), _z(G)
-    evaluate = _evaluator(cfg, source, device, channels)
-
-    def save_checkpoint(at_step: int, wall: float) -> None:
-        blob = {
-            "version": 1, "step": at_step, "config": cfg, "G": G.state_dict(), "D": D.state_dict(),
-            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sch_g": sch_g.state_dict(),
-            "sch_d": sch_d.state_dict(), "sr": sr.state_dict() if sr is not None else None,
-            "source": source.state_dict(), "noise_gen": noise_gen.get_state(), "rng": _rng_state(),
-            "wall_time": wall, "history": history,
-        }
-        atomic_write(ckpt_path, lambda f: torch.save(blob, f))
-
-    t_start = time.time()
-    status = "finished"
-    if not cfg["eval_only"] and step < cfg["steps"]:
-        log = CsvLog(out / "metrics.csv", keep_until=step if ckpt is not None else None)
-        if step == 0:
-            history.append((0, _spectra(D)))
-        bs, nz = cfg["batch_size"], cfg["nz"]
-        acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "penalty": 0.0, "n": 0}
-        bar = None
-        if cfg["progress"]:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg["steps"], initial=step, desc=f"gan {cfg['d']}", unit="step", dynamic_ncols=True)
-        t_last, s_last = time.time(), step
-        G.train()
-        D.train()
-        try:
-            while step < cfg["steps"]:
-                for _ in range(cfg["n_dis"]):
-                    real = source.next(bs).to(device, non_blocking=True)
-                    z = torch.randn(bs, nz, generator=noise_gen).to(device)
-                    with torch.no_grad():
-                        fake = G(z)
-                    logits = D(torch.cat([real, fake]))
-                    d_loss = _hinge_d(logits[:bs], logits[bs:])
-                    pen = None
-                    if d_reg:
-                        from .. import spectral
-
-                        pen = spectral.penalty(D, cfg["penalty_kind"])
-                        total = d_loss + cfg["penalty_weight"] * pen
-                    else:
-                        total = d_loss
-                    opt_d.zero_grad(set_to_none=True)
-                    total.backward()
-                    opt_d.step()
-                    if sr is not None:
-                        sr.step()
-                    acc["d_loss"] += float(d_loss.detach())
-                    acc["d_real"] += float(logits[:bs].detach().mean())
-                    acc["d_fake"] += float(logits[bs:].detach().mean())
-                    acc["penalty"] += float(pen.detach()) if pen is not None else 0.0
-                z = torch.randn(bs, nz, generator=noise_gen).to(device)
-                g_loss = -D(G(z)).mean()
-                g_total = g_loss
-                if g_reg:
-                    from .. import spectral
-
-                    g_total = g_loss + cfg["penalty_weight"] * spectral.penalty(G, cfg["penalty_kind"])
-                opt_g.zero_grad(set_to_none=True)
-                g_total.backward()
-                opt_g.step()
-                # D's gradients from the G step are stale; they are zeroed before the next D update.
-                sch_g.step()
-                sch_d.step()
-                step += 1
-                acc["g_loss"] += float(g_loss.detach())
-                acc["n"] += 1
-                if bar is not None:
-                    bar.update(1)
-                    if step % max(1, min(cfg["log_every"], 10)) == 0:
-                        bar.set_postfix(d=f"{float(d_loss):.3f}", g=f"{float(g_loss):.3f}")
-                row = None
-                if step % cfg["log_every"] == 0 or step == cfg["steps"]:
-                    now = time.time()
-                    k = max(acc["n"], 1)
-                    row = {"step": step, "d_loss": acc["d_loss"] / (k * cfg["n_dis"]), "g_loss": acc["g_loss"] / k,
-                           "d_real": acc["d_real"] / (k * cfg["n_dis"]), "d_fake": acc["d_fake"] / (k * cfg["n_dis"]),
-                           "penalty": acc["penalty"] / (k * cfg["n_dis"]), "lr": opt_g.param_groups[0]["lr"],
-                           "sec_per_step": (now - t_last) / max(step - s_last, 1),
-                           "wall_time": wall_before + now - t_start}
-                    t_last, s_last = now, step
-                    acc = {key: 0.0 for key in acc}
-                if step % cfg["spectra_every"] == 0 or step == cfg["steps"]:
-                    snap = _spectra(D)
-                    history.append((step, snap))
-                    if row is not None:
-                        row.update(_spectra_stats(snap))
-                if cfg["eval_every"] and step % cfg["eval_every"] == 0:
-                    res = evaluate(G, ["modes"], cfg["eval_every_samples"])
-                    row = row or {"step": step}
-                    row.update({k2: res.get(k2, "") for k2 in ("modes_classes_covered", "modes_kl_uniform", "cfid", "ckid")})
-                    t_last = time.time()  # seconds per step measure training only
-                if row is not None:
-                    log.append(row)
-                if (cfg["ckpt_every"] > 0 and step % cfg["ckpt_every"] == 0) or step == cfg["steps"]:
-                    save_checkpoint(step, wall_before + time.time() - t_start)
-                if cfg["stop_after"] is not None and step >= int(cfg["stop_after"]) and step < cfg["steps"]:
-                    raise _Stopped()
-        except _Stopped:
-            status = "stopped"
-        finally:
-            if bar is not None:
-                bar.close()
+    with num_threads(cfg["threads"]):
+        run = _GanRun(cfg)
+        first, status = run.step, "finished"
+        if not cfg["eval_only"] and run.step < cfg["steps"]:
+            status = run.train()
         if status == "stopped":
-            return {"status": "stopped", "step": step, "out": str(out)}
-        wall_before += time.time() - t_start
-    elif ckpt is not None:
-        wall_before = float(ckpt.get("wall_time", 0.0))
-
-    # ------------------------------------------------------------------ final evaluation and artifacts
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if (cfg["eval_only"] and summary_path.is_file()) else {}
-    t_eval = time.time()
-    if step < cfg["steps"]:
-        status = "partial"
-    summary.update({
-        "status": status, "step": step, "steps": cfg["steps"], "d": cfg["d"], "g": cfg["g"], "seed": cfg["seed"],
-        "dataset": cfg["dataset"], "z_d": z_d, "z_g": z_g,
-        "d_params": int(sum(p.numel() for p in D.parameters())),
-        "g_params": int(sum(p.numel() for p in G.parameters())),
-        "train_wall_time": wall_before, "device": str(device), "torch_threads": torch.get_num_threads(),
-    })
-    final = _spectra(D)
-    summary.update({f"final_{k}": v for k, v in _spectra_stats(final).items()})
-    try:
-        from .. import spectral
-
-        title = f"D {cfg['d']} (seed {cfg['seed']}, step {step})"
-        spectral.plot_spectra(final, out / "spectra_D.png", top_k=32, title=title)
-        if len(history) > 1:
-            spectral.plot_spectra([(s, snap) for s, snap in history], out / "spectra_D_history.png",
-                                  title=f"D {cfg['d']} spectra over training")
-    except Exception as e:  # plotting must never lose a finished run
-        summary["plot_error"] = repr(e)
-    from .metrics import sample_images
-
-    _save_grid(sample_images(G, 64, seed=777, device=device), out / "samples.png")
-    if cfg["metrics"]:
-        res = evaluate(G, cfg["metrics"], cfg["eval_samples"], cfg["inception_samples"])
-        summary.update(res)
-    summary["eval_wall_time"] = time.time() - t_eval
-    torch.save({"G": G.state_dict(), "config": cfg}, out / ".generator.tmp")
-    os.replace(out / ".generator.tmp", out / "generator.pt")
-    _atomic_text(summary_path, json.dumps(summary, indent=2, default=float) + "\n")
+            summary = RunSummary(status="stopped", step=run.step, out=str(run.out))
+        else:
+            summary = RunSummary(run.finish(status))
+    summary.trained_steps, summary.total_steps = run.step - first, cfg["steps"]
     return summary
+
+
+#: Final metrics named in the summary line, when the run computed them.
+_LINE_METRICS = (("modes_classes_covered", "classes covered", "{:g}"), ("cfid", "cFID", "{:.2f}"),
+                 ("kid", "KID", "{:.4f}"), ("fid", "FID", "{:.2f}"), ("is", "IS", "{:.2f}"))
+
+
+def summary_line(summary: Mapping) -> str:
+    """One line closing a run: its status and steps, the final metrics it has, and its folder."""
+    steps = f"{summary['step']}/{getattr(summary, 'total_steps', summary.get('steps'))} generator steps"
+    if summary["status"] == "stopped":
+        return (f"gan: stopped after {steps} (resumes from the last checkpoint when run again); run folder "
+                f"{summary['out']}")
+    if summary["status"] == "finished" and getattr(summary, "trained_steps", 1) == 0:
+        head = f"already complete ({steps}; nothing left to train, evaluated again)"
+    else:
+        head = f"{summary['status']} after {steps}"
+    parts = [f"Z_D {summary['z_d']:.1f} %"]
+    if isinstance(summary.get("final_d_sigma_min"), float):
+        parts.append(f"min sigma/sigma_max of D {summary['final_d_sigma_min']:.3f}")
+    parts += [f"{label} {fmt.format(summary[key])}" for key, label, fmt in _LINE_METRICS
+              if isinstance(summary.get(key), (int, float))]
+    return f"gan {summary['d']}: {head}: {', '.join(parts)}; run folder {summary['out']}"
 
 
 SUMMARY_COLUMNS = [
@@ -961,7 +1000,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] [--inception-samples N] prints a markdown table of "
                      "the finished runs below ROOT (and plots their training curves).")
     args = parser.parse_args(argv)
-    res = run_gan(args)
+    try:
+        res = run_gan(args)
+    except USER_ERRORS as e:
+        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
     keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
     print(json.dumps({k: res[k] for k in keys if k in res}, default=float))
     return 0

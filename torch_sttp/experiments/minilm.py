@@ -278,36 +278,70 @@ def run_study(
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     wall = time.perf_counter()
-    bert, tokenizer = load_minilm()
-    teacher = SentenceEncoder(bert).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    eval_set, distill_set = load_sentences(n_eval, n_distill, seed)
-    batches = _batches(tokenizer, distill_set, batch_size)
-    reference = encode(teacher, tokenizer, eval_set)
-    layers = compressible_layers(bert, include=nn.Linear, exclude=DEFAULT_EXCLUDE)
-    spectra = layer_spectra(layers, unfoldings="sttp" in methods)
-    hidden = [f"model.encoder.layer.{i}" for i in range(bert.config.num_hidden_layers)]
+    study = _Study(n_eval, n_distill, seed, batch_size, unfoldings="sttp" in methods)
     rows = []
     configs = [(m, s, f) for m in methods for s in strategies for f in fractions]
     for k, (method, strategy, fraction) in enumerate(configs):
-        label = f"[{k + 1}/{len(configs)}] {method}/{strategy} fraction={fraction}"
         if progress:
-            print(label, file=sys.stderr, flush=True)
-        student_bert = copy.deepcopy(bert)
+            print(f"[{k + 1}/{len(configs)}] {method}/{strategy} fraction={fraction}", file=sys.stderr, flush=True)
+        row, plan_strategy = study.run(method, strategy, fraction, batching,
+                                       dict(steps=distill_steps, lr=lr, loss=loss, on=on, progress=progress))
+        rows.append(row)
+        if progress:
+            print(f"    cos {row['mean_cosine_before']:.4f} -> {row['mean_cosine_after']:.4f}, spearman "
+                  f"{row['spearman_before']:.4f} -> {row['spearman_after']:.4f}, kept {row['kept_fraction']:.3f}, "
+                  f"strategy {plan_strategy}", file=sys.stderr, flush=True)
+        _write_csv(out_dir / "minilm_study.csv", rows)
+    meta = {
+        "fractions": list(fractions), "methods": list(methods), "strategies": list(strategies),
+        "distill_steps": distill_steps, "batch_size": batch_size, "lr": lr, "loss": loss, "on": on,
+        "n_eval": n_eval, "n_distill_batches": len(study.batches), "seed": seed, "threads": torch.get_num_threads(),
+        "batching": batching,
+        "compressed_layers": len(study.layers), "dense_parameters": sum(s.dense for s in study.spectra),
+        "wall_seconds": time.perf_counter() - wall, "torch": torch.__version__, "python": sys.version.split()[0],
+    }
+    (out_dir / "minilm_study.json").write_text(json.dumps(meta, indent=2) + "\n")
+    plot_study(rows, out_dir / "minilm_study.png")
+    return rows
+
+
+class _Study:
+    """What every configuration of :func:`run_study` shares: the pretrained encoder (the teacher), the evaluation
+    and distillation sentences, the reference embeddings and the layers' spectra."""
+
+    def __init__(self, n_eval: int, n_distill: int, seed: int, batch_size: int, unfoldings: bool):
+        self.bert, self.tokenizer = load_minilm()
+        self.teacher = SentenceEncoder(self.bert).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.eval_set, distill_set = load_sentences(n_eval, n_distill, seed)
+        self.batches = _batches(self.tokenizer, distill_set, batch_size)
+        self.reference = encode(self.teacher, self.tokenizer, self.eval_set)
+        self.layers = compressible_layers(self.bert, include=nn.Linear, exclude=DEFAULT_EXCLUDE)
+        self.spectra = layer_spectra(self.layers, unfoldings=unfoldings)
+        self.hidden = [f"model.encoder.layer.{i}" for i in range(self.bert.config.num_hidden_layers)]
+
+    def agreement(self, student) -> dict:
+        return embedding_agreement(self.reference, encode(student, self.tokenizer, self.eval_set))
+
+    def run(self, method: str, strategy: str, fraction: float, batching: str, train: dict) -> tuple[dict, str]:
+        """Compress a fresh copy of the encoder, measure it, distil it (``train``: steps, lr, loss, on, progress),
+        measure again; returns the CSV row and the strategy the rank plan used."""
+        student_bert = copy.deepcopy(self.bert)
         for p in student_bert.parameters():
             p.requires_grad_(True)
         t0 = time.perf_counter()
         _, plan, errors = compress_minilm(student_bert, method, fraction,
-                                          "uniform" if strategy == "uniform" else "auto", spectra=spectra,
+                                          "uniform" if strategy == "uniform" else "auto", spectra=self.spectra,
                                           batching=batching)
         project_seconds = time.perf_counter() - t0
         student = SentenceEncoder(student_bert)
-        before = embedding_agreement(reference, encode(student, tokenizer, eval_set))
+        before = self.agreement(student)
         tuned = [p for name in plan for p in student_bert.get_submodule(name).parameters()]
-        history = distill(student, teacher, batches, distill_steps, lr, loss=loss, on=on,
-                          hidden_modules=hidden if on == "hidden" else None, params=tuned, progress=progress)
-        after = embedding_agreement(reference, encode(student, tokenizer, eval_set))
+        history = distill(student, self.teacher, self.batches, train["steps"], train["lr"], loss=train["loss"],
+                          on=train["on"], hidden_modules=self.hidden if train["on"] == "hidden" else None,
+                          params=tuned, progress=train["progress"])
+        after = self.agreement(student)
         ranks = list(plan.values())
         row = {
             "method": method, "strategy": strategy, "fraction": fraction, "dof": plan.dof, "budget": plan.budget,
@@ -315,33 +349,13 @@ def run_study(
             "mean_projection_error": sum(errors.values()) / len(errors),
             "max_projection_error": max(errors.values()),
             "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks), "max_rank": max(ranks),
-            "mean_cosine_before": before["mean_cosine"], "spearman_before": before["spearman"],
-            "min_cosine_before": before["min_cosine"],
-            "mean_cosine_after": after["mean_cosine"], "spearman_after": after["spearman"],
-            "min_cosine_after": after["min_cosine"],
+            **{f"{k}_{when}": v[k] for when, v in (("before", before), ("after", after))
+               for k in ("mean_cosine", "spearman", "min_cosine")},
             "distill_loss_first": history["loss"][0] if history["loss"] else float("nan"),
             "distill_loss_last": history["loss"][-1] if history["loss"] else float("nan"),
             "project_seconds": project_seconds, "distill_seconds": history["seconds"],
         }
-        rows.append(row)
-        if progress:
-            print(f"    cos {row['mean_cosine_before']:.4f} -> {row['mean_cosine_after']:.4f}, spearman "
-                  f"{row['spearman_before']:.4f} -> {row['spearman_after']:.4f}, kept {plan.fraction:.3f}, "
-                  f"strategy {plan.strategy}", file=sys.stderr, flush=True)
-        _write_csv(out_dir / "minilm_study.csv", rows)
-        del student, student_bert
-    wall = time.perf_counter() - wall
-    meta = {
-        "fractions": list(fractions), "methods": list(methods), "strategies": list(strategies),
-        "distill_steps": distill_steps, "batch_size": batch_size, "lr": lr, "loss": loss, "on": on,
-        "n_eval": n_eval, "n_distill_batches": len(batches), "seed": seed, "threads": torch.get_num_threads(),
-        "batching": batching,
-        "compressed_layers": len(layers), "dense_parameters": sum(s.dense for s in spectra),
-        "wall_seconds": wall, "torch": torch.__version__, "python": sys.version.split()[0],
-    }
-    (out_dir / "minilm_study.json").write_text(json.dumps(meta, indent=2) + "\n")
-    plot_study(rows, out_dir / "minilm_study.png")
-    return rows
+        return row, plan.strategy
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

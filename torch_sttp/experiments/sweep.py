@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from . import classify
+from .runner import MetricsLog, jsonable
 
 __all__ = ["CSV_COLUMNS", "plan_runs", "run_sweep", "read_results", "aggregate", "compare_at_equal_z",
            "format_comparison", "plot_sweep", "format_table", "main"]
@@ -50,10 +51,9 @@ def _rank_signature(base: Mapping, method: str, rank: int) -> tuple:
     from ..report import count_model_dof
 
     cfg = dict(base, method=method, rank=rank)
-    train, _ = classify._load_data(cfg)
-    sample = train.x[0].float() if train.uint8 else train.x[0]
-    model = classify._build_model(cfg, sample)
-    rep = count_model_dof(model, method, rank, cfg["spectrum"], exclude=classify._exclude(cfg) or None)
+    train, _ = classify.load_data(cfg)
+    model = classify.build_model(cfg, train.example())
+    rep = count_model_dof(model, method, rank, cfg["spectrum"], exclude=classify.excluded_layers(cfg) or None)
     return tuple(row.tt_ranks for row in rep.layers), rep.z
 
 
@@ -110,16 +110,6 @@ def read_results(path) -> list[dict]:
                 "wall_time_s": float(r["wall_time_s"]),
             })
     return rows
-
-
-def _append(path: Path, row: Mapping) -> None:
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in CSV_COLUMNS})
-        f.flush()
 
 
 def _row(run: Mapping, summary: Mapping, run_dir: str) -> dict:
@@ -284,22 +274,7 @@ def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: S
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = dict(base)
-    for k in _PER_RUN:
-        base.pop(k, None)
-    base = classify.resolve_config(base)
-    for k in _PER_RUN:
-        base.pop(k, None)
-    meta_path = out / _META
-    meta = {"base": classify._jsonable(base)}
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())["base"]
-        diff = sorted(k for k in set(old) | set(meta["base"])
-                      if k not in classify._RESUMABLE_CHANGES and old.get(k) != meta["base"].get(k))
-        if diff:
-            raise ValueError(f"{out} holds a sweep with other base settings ({', '.join(diff)}); use another --out")
-    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-
+    base = _base_settings(base, out)
     csv_path = out / _CSV
     runs, notes = plan_runs(base, methods, ranks, seeds, dense)
     for note in notes:
@@ -308,45 +283,24 @@ def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: S
     todo = [r for r in runs if _key(r["method"], r["rank"], r["seed"]) not in done]
     print(f"sweep: {len(runs)} runs planned, {len(runs) - len(todo)} already in {csv_path}, {len(todo)} to go",
           file=sys.stderr)
-
-    def config(run):
-        cfg = dict(base, method=run["method"], rank=run["rank"] or classify.DEFAULTS["rank"], seed=run["seed"],
-                   out=str(out / "runs" / _run_dir(run)), progress=False, resume=True)
-        if run["method"] == "dense":
-            cfg["penalty"] = "none"  # the reference is the plain, unregularized model
-        return cfg
-
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"sweep {out.name}", unit="run")
-
-    last_plot = [-math.inf]
-
-    def record(run, summary):
-        if summary["status"] == "interrupted":
-            raise KeyboardInterrupt("sweep interrupted; run the same command again to resume")
-        _append(csv_path, _row(run, summary, _run_dir(run)))
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{_run_dir(run)}: acc {100 * summary['accuracy']:.1f}% Z {summary['z']:.1f}%")
-        if plot and time.monotonic() - last_plot[0] >= plot_interval:
-            plot_sweep(read_results(csv_path), out / _PLOT, _title(base))
-            last_plot[0] = time.monotonic()
-
+    recorder = _Recorder(out, base, bar, plot, plot_interval)
     try:
         if jobs <= 1:
             for run in todo:
-                record(run, classify.run_classify(config(run)))
+                recorder(run, classify.run_classify(_run_config(base, run, out)))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-                futures = {pool.submit(_worker, config(run)): run for run in todo}
+                futures = {pool.submit(_worker, _run_config(base, run, out)): run for run in todo}
                 for fut in as_completed(futures):
-                    record(futures[fut], fut.result())
+                    recorder(futures[fut], fut.result())
     finally:
         if bar is not None:
             bar.close()
@@ -354,6 +308,56 @@ def run_sweep(base: Mapping, methods: Sequence[str] = ("svdp", "sttp"), ranks: S
     if plot and rows:
         plot_sweep(rows, out / _PLOT, _title(base))
     return rows
+
+
+def _base_settings(base: Mapping, out: Path) -> dict:
+    """The resolved settings shared by the sweep's runs (the per-run keys left out), checked against and recorded
+    in ``out/sweep.json``: a sweep folder holds runs of one base only."""
+    base = dict(base)
+    for k in _PER_RUN:
+        base.pop(k, None)
+    base = classify.resolve_config(base)
+    for k in _PER_RUN:
+        base.pop(k, None)
+    meta_path = out / _META
+    meta = {"base": jsonable(base)}
+    if meta_path.is_file():
+        old = json.loads(meta_path.read_text())["base"]
+        diff = sorted(k for k in set(old) | set(meta["base"])
+                      if k not in classify.RESUMABLE_CHANGES and old.get(k) != meta["base"].get(k))
+        if diff:
+            raise ValueError(f"{out} holds a sweep with other base settings ({', '.join(diff)}); use another --out")
+    meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    return base
+
+
+def _run_config(base: Mapping, run: Mapping, out: Path) -> dict:
+    """The settings of one run of the sweep (the dense reference never has the spectral penalty)."""
+    cfg = dict(base, method=run["method"], rank=run["rank"] or classify.DEFAULTS["rank"], seed=run["seed"],
+               out=str(out / "runs" / _run_dir(run)), progress=False, resume=True)
+    if run["method"] == "dense":
+        cfg["penalty"] = "none"  # the reference is the plain, unregularized model
+    return cfg
+
+
+class _Recorder:
+    """Called with each finished run: appends its row to ``results.csv``, advances the bar, redraws the figure
+    at most every ``plot_interval`` seconds; an interrupted run stops the sweep."""
+
+    def __init__(self, out: Path, base: Mapping, bar, plot: bool, plot_interval: float):
+        self.out, self.base, self.bar, self.plot, self.plot_interval = out, base, bar, plot, plot_interval
+        self.last_plot = -math.inf
+
+    def __call__(self, run: Mapping, summary: Mapping) -> None:
+        if summary["status"] == "interrupted":
+            raise KeyboardInterrupt("sweep interrupted; run the same command again to resume")
+        MetricsLog(self.out / _CSV, CSV_COLUMNS).append(_row(run, summary, _run_dir(run)))
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{_run_dir(run)}: acc {100 * summary['accuracy']:.1f}% Z {summary['z']:.1f}%")
+        if self.plot and time.monotonic() - self.last_plot >= self.plot_interval:
+            plot_sweep(read_results(self.out / _CSV), self.out / _PLOT, _title(self.base))
+            self.last_plot = time.monotonic()
 
 
 # ------------------------------------------------------------------------------------------------------------- main

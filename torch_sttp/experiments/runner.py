@@ -1,0 +1,427 @@
+"""The recipe runner: what the training recipes (:mod:`.classify`, :mod:`.gan`) share around their own steps.
+
+A recipe is a sequence of named steps (build, restore, train steps, evaluation, checkpoint, summary) over one run
+folder. This module owns everything in it that is not particular to one recipe:
+
+* **settings** — :func:`resolve_settings`: the recipe's defaults < a YAML/JSON file (``--config``) < flags or keyword
+  arguments, unknown names refused (the keys the ``sttp`` CLI adds to its namespace are not settings); the
+  ``check_*`` functions validate one setting each before any work starts, with a message naming the flag and the
+  config key (ranks with :func:`torch_sttp.options.check_rank`, the API's message); :func:`check_resumable`
+  compares the settings of a run with those its checkpoint was written with;
+* **the run folder** — :class:`MetricsLog` (``metrics.csv``: a fixed header, rows appended as the run goes, rows
+  logged after the last checkpoint dropped on resume) and :func:`write_text` (atomic, folder created);
+* **checkpoints** — :func:`save_state` / :func:`load_state` through :mod:`torch_sttp.checkpoint`: written atomically
+  with a SHA-256 digest, read with ``torch.load(weights_only=True)``, the torch/numpy/python RNG states captured by
+  :func:`torch_sttp.checkpoint.rng_state` and restored by :func:`torch_sttp.checkpoint.set_rng_state`. Files that the
+  recipes wrote before this format (no header) are read as well, by the same weights-only unpickler, so a planted
+  file with pickled code is refused without running it;
+* **the machine** — :func:`select_device` and :func:`num_threads`; :func:`explain_missing_data` turns a data set whose
+  files are missing into one message saying where to put them;
+* **the loop's edges** — :class:`StopRequest` (SIGINT/SIGTERM become "stop after this step"),
+  :func:`progress_bar`, and :class:`RunSummary`, what a recipe returns.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import operator
+import os
+import re
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from .. import checkpoint
+from ..options import check_rank
+
+__all__ = [
+    "CLI_KEYS",
+    "USER_ERRORS",
+    "one_line",
+    "RunSummary",
+    "rank_literal",
+    "check_integer",
+    "check_number",
+    "check_rank_setting",
+    "check_choice",
+    "check_bool",
+    "check_device",
+    "explain_missing_data",
+    "read_config_file",
+    "given_settings",
+    "check_known",
+    "resolve_settings",
+    "check_resumable",
+    "jsonable",
+    "MetricsLog",
+    "write_text",
+    "save_state",
+    "load_state",
+    "select_device",
+    "num_threads",
+    "StopRequest",
+    "progress_bar",
+]
+
+#: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler, --debug): not settings.
+CLI_KEYS = ("func", "command", "recipe", "cmd", "subcommand", "debug")
+
+#: Exceptions that mean "the arguments are wrong" (a bad value, a missing file, settings that do not fit, a refused
+#: checkpoint, a missing optional package): a command line reports them in one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, checkpoint.CheckpointError, ImportError)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------------- settings
+def _normalized(settings: Mapping) -> dict:
+    return {str(k).replace("-", "_"): v for k, v in settings.items()}
+
+
+def read_config_file(path, known: Iterable[str] | None = None) -> dict:
+    """Settings from a ``.yaml``/``.yml`` or ``.json`` file holding a mapping (``-`` in keys read as ``_``).
+
+    With ``known``, names outside it (other than ``_``-prefixed ones) raise ValueError naming them.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist; check the path given to --config")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - pyyaml is in the experiments extra
+            raise ImportError("reading a YAML config needs pyyaml (pip install pyyaml), or use a .json file") from e
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path} is not valid JSON: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config file {path}: expected a mapping of settings, got {type(data).__name__}")
+    data = _normalized(data)
+    if known is not None:
+        check_known(data, known, f"config file {path}")
+    return data
+
+
+def given_settings(args=None, overrides: Mapping | None = None) -> dict:
+    """The settings given to a recipe: a namespace or mapping ``args`` updated by ``overrides``, ``-`` read as
+    ``_``, without the keys the command line adds (:data:`CLI_KEYS`)."""
+    given = dict(vars(args)) if isinstance(args, argparse.Namespace) else dict(args or {})
+    given.update(overrides or {})
+    given = _normalized(given)
+    for key in CLI_KEYS:
+        given.pop(key, None)
+    return given
+
+
+def check_known(settings: Mapping, known: Iterable[str], where: str) -> None:
+    """Raise ValueError for names in ``settings`` that are not in ``known`` (``_``-prefixed names are private)."""
+    known = set(known)
+    unknown = sorted(k for k in set(settings) - known if not str(k).startswith("_"))
+    if unknown:
+        raise ValueError(f"{where}: unknown settings {unknown}; valid: {sorted(known)}")
+
+
+def _update(cfg: dict, layer: Mapping) -> None:
+    cfg.update(layer)
+
+
+def resolve_settings(defaults: Mapping, args=None, overrides: Mapping | None = None, where: str = "settings",
+                     apply: Callable[[dict, Mapping], None] = _update) -> tuple[dict, str | None]:
+    """``(settings, config file)``: ``defaults`` < the ``config`` file named in ``args``/``overrides`` < the other
+    given settings. ``apply(cfg, layer)`` puts one layer on top (default ``dict.update``); unknown names raise."""
+    given = given_settings(args, overrides)
+    path = given.pop("config", None)
+    check_known(given, defaults, where)
+    cfg = dict(defaults)
+    if path:
+        apply(cfg, read_config_file(path, known=defaults))
+    apply(cfg, given)
+    return cfg, (str(path) if path else None)
+
+
+def _names(key: str) -> str:
+    return f"(flag --{key.replace('_', '-')}, config key {key})"
+
+
+def rank_literal(text: str):
+    """A command-line rank: an integer literal as an int, anything else as it is written (a float for ``2.5``,
+    ``4.0``), for :func:`torch_sttp.options.check_rank` to accept or refuse with the API's message."""
+    text = text.strip()
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def check_integer(cfg: dict, key: str, minimum: int | None = None, optional: bool = False) -> None:
+    """``cfg[key]`` must be an integer (``operator.index``: 2.5 and 4.0 are refused, never truncated) ≥ ``minimum``
+    (None allowed when ``optional``)."""
+    value = cfg[key]
+    if value is None and optional:
+        return
+    bound = f" ≥ {minimum}" if minimum is not None else ""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{key} must be an integer{bound}, got {value!r} {_names(key)}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{key} must be an integer{bound}, got {value!r} {_names(key)}")
+    cfg[key] = number
+
+
+def check_number(cfg: dict, key: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False, optional: bool = False) -> None:
+    """``cfg[key]`` must be a finite number in the interval from ``low`` to ``high`` (open ends where asked); a
+    numeric string (YAML reads ``1e-4`` as one) is read as a float."""
+    value = cfg[key]
+    if value is None and optional:
+        return
+    if high is None:
+        interval = "" if low is None else f"{'>' if low_open else '≥'} {low:g}"
+    else:
+        interval = (f"in {'(' if low_open else '['}{'-inf' if low is None else f'{low:g}'}, {high:g}"
+                    f"{')' if high_open else ']'}")
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{key} must be a number {interval}, got {value!r} {_names(key)}") from None
+    inside = math.isfinite(number) and (low is None or (number > low if low_open else number >= low)) \
+        and (high is None or (number < high if high_open else number <= high))
+    if not inside:
+        raise ValueError(f"{key} must be a number {interval}, got {value!r} {_names(key)}")
+    cfg[key] = number
+
+
+def check_rank_setting(cfg: dict, key: str) -> None:
+    """``cfg[key]`` must be a rank: :func:`torch_sttp.options.check_rank`, with its message."""
+    try:
+        cfg[key] = check_rank(cfg[key])
+    except ValueError as e:
+        raise ValueError(str(e) if key == "rank" else f"{key}: {e} {_names(key)}") from None
+
+
+def check_choice(cfg: dict, key: str, choices: Sequence) -> None:
+    """``cfg[key]`` must be one of ``choices``."""
+    if cfg[key] not in choices:
+        raise ValueError(f"{key} must be one of {tuple(choices)}, got {cfg[key]!r} {_names(key)}")
+
+
+def check_bool(cfg: dict, key: str) -> None:
+    """``cfg[key]`` must be true or false."""
+    if not isinstance(cfg[key], bool):
+        raise ValueError(f"{key} must be true or false, got {cfg[key]!r} (config key {key})")
+
+
+def check_device(cfg: dict, key: str = "device") -> None:
+    """``cfg[key]`` must name a device this machine has (:func:`select_device`)."""
+    if not isinstance(cfg[key], str):
+        raise ValueError(f"{key} must be cpu, cuda, cuda:N or auto, got {cfg[key]!r} {_names(key)}")
+    select_device(cfg[key])
+
+
+def jsonable(cfg: Mapping) -> dict:
+    """``cfg`` with tuples as lists: the form it has after a JSON/YAML or checkpoint round trip."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def check_resumable(saved: Mapping, cfg: Mapping, keys: Iterable[str], path) -> None:
+    """Raise ValueError if a setting in ``keys`` differs between a checkpoint's ``saved`` settings and ``cfg``."""
+    now = jsonable(cfg)
+    diffs = [k for k in keys if saved.get(k) != now.get(k)]
+    if diffs:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diffs)
+        raise ValueError(f"{path} was written with different settings ({detail}); use another --out, "
+                         "--no-resume to start over, or the checkpoint's settings")
+
+
+# --------------------------------------------------------------------------------------------------------- run folder
+def write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`torch_sttp.checkpoint.atomic_write`), creating its folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+class MetricsLog:
+    """``metrics.csv`` of a run: a fixed header (``columns``), one row per call of :meth:`append`.
+
+    Floats are written with ``repr`` (every digit), strings as given, missing columns empty. :meth:`start` rewrites
+    the file atomically with the rows up to a checkpoint's step, so a resumed run drops the rows that the
+    interrupted run logged after its last checkpoint.
+    """
+
+    def __init__(self, path, columns: Sequence[str], lineterminator: str = "\n"):
+        self.path = Path(path)
+        self.columns = tuple(columns)
+        self.lineterminator = lineterminator
+
+    def rows(self) -> list[dict]:
+        """The rows logged so far (strings, as read back by :class:`csv.DictReader`)."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def start(self, keep_until: int | None) -> list[dict]:
+        """Rewrite the file with its rows whose step is ``<= keep_until`` (none for a fresh run); returns them."""
+        kept = [r for r in self.rows() if r.get("step") and int(r["step"]) <= keep_until] \
+            if keep_until is not None else []
+        buf = io.StringIO()
+        writer = self._writer(buf)
+        writer.writeheader()
+        for row in kept:
+            writer.writerow(row)
+        write_text(self.path, buf.getvalue())
+        return kept
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add one row (written and flushed at once)."""
+        new = not self.path.is_file() or self.path.stat().st_size == 0
+        with open(self.path, "a", newline="") as f:
+            writer = self._writer(f)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+            f.flush()
+
+    def _writer(self, f) -> csv.DictWriter:
+        return csv.DictWriter(f, fieldnames=self.columns, restval="", extrasaction="ignore",
+                              lineterminator=self.lineterminator)
+
+
+# -------------------------------------------------------------------------------------------------------- checkpoints
+def save_state(path, **state: Any) -> None:
+    """Save a run's ``state`` (plain data: tensors, state_dicts, numbers, strings) and the RNG states to ``path``,
+    atomically and checksummed (:func:`torch_sttp.checkpoint.save_checkpoint`)."""
+    checkpoint.save_checkpoint(path, **state, rng=checkpoint.rng_state())
+
+
+def load_state(path, restore_rng: bool = False) -> dict:
+    """The state saved by :func:`save_state` at ``path`` (on the CPU), or that of a recipe checkpoint written before
+    this format; raises :class:`torch_sttp.checkpoint.UnsafeCheckpointError` for a file with pickled objects,
+    without running them. ``restore_rng`` also restores the RNG states saved with it."""
+    state = checkpoint.load_checkpoint(path, map_location="cpu", legacy=True)
+    if restore_rng and state.get("rng") is not None:
+        checkpoint.set_rng_state(state["rng"])
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------------ machine
+def select_device(name: str) -> torch.device:
+    """``torch.device(name)``; ``"auto"`` is CUDA when available, else the CPU. An unknown device, or a CUDA device
+    without CUDA, raises ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use --device cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+@contextmanager
+def explain_missing_data(name: str, root):
+    """Re-raise a :class:`~torch_sttp.experiments.data.DatasetFilesNotFoundError` of data set ``name`` as one that
+    says where the files were looked for and how to point the recipe at them."""
+    from .data import DatasetFilesNotFoundError
+
+    try:
+        yield
+    except DatasetFilesNotFoundError as e:
+        where = root or os.environ.get("TORCH_STTP_DATA") or "./data"
+        raise DatasetFilesNotFoundError(
+            f"dataset {name!r} is not available locally (looked under {str(where)!r}). Put the files there, or "
+            f"point --data-root (config key data_root, or $TORCH_STTP_DATA) at the folder that holds them. "
+            f"Details: {e}", getattr(e, "filename", None)) from None
+
+
+@contextmanager
+def num_threads(n: int | None):
+    """Run the block with ``torch.set_num_threads(n)`` (torch's choice when ``n`` is None or 0), then restore."""
+    if not n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------------- loop edges
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (main thread only); a second SIGINT
+    aborts at once. ``requested`` is the signal's name once one arrived."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # pragma: no cover - e.g. embedded interpreters
+                    pass
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step with a checkpoint (SIGINT again aborts)", file=sys.stderr)
+
+    def __exit__(self, *exc) -> bool:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def progress_bar(enabled: bool, total: int, initial: int, desc: str, **kwargs):
+    """A tqdm bar over steps ``initial..total``, or None when not ``enabled``."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True, **kwargs)
+
+
+class RunSummary(dict):
+    """What a recipe returns: its summary as a dict (also written to ``summary.json``); ``int(summary)`` is the
+    exit status. ``trained_steps`` (steps trained by this call: 0 for a run that was already complete) and
+    ``total_steps`` are attributes, not items, so they stay out of ``summary.json``."""
+
+    trained_steps: int = 0
+    total_steps: int = 0
+
+    def __int__(self) -> int:
+        return int(self.get("exit_code", 0))
