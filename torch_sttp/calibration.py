@@ -32,7 +32,6 @@ Sums are accumulated in float64 on the inputs' device.
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import weakref
@@ -364,11 +363,25 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
 
 
-def _collect(model: nn.Module, batches: Iterable, include, exclude, progress: bool, stop_early: bool,
+def _select(model: nn.Module, include, exclude, layers) -> list[tuple[str, nn.Module]]:
+    selected, skipped = select_layers(model, include, exclude)
+    if layers is None:
+        return selected
+    wanted = list(layers)
+    chosen = [(n, m) for n, m in selected if n in set(wanted)]
+    if len(chosen) < len(set(wanted)):
+        reasons = {n: r for n, _, r in skipped}
+        bad = [f"{n!r} ({reasons.get(n, 'not a supported layer of the model, or left out by include/exclude')})"
+               for n in wanted if n not in dict(chosen)]
+        raise ValueError("calibrate: cannot calibrate " + ", ".join(bad[:4]))
+    return chosen
+
+
+def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, progress: bool, stop_early: bool,
              measure: bool) -> _Collector:
     """Run the batches with the hooks of a :class:`_Collector` on the selected layers (eval mode, no gradients,
     training flags restored)."""
-    selected, _ = select_layers(model, include, exclude)
+    selected = _select(model, include, exclude, layers)
     if not selected:
         raise ValueError("calibrate: no layer selected; check include/exclude (supported: Linear, Conv1/2/3d, "
                          "ConvTranspose1/2/3d, Embedding; converted layers are calibrated on the dense model)")
@@ -401,7 +414,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, progress: bo
 
 
 def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, progress: bool = False,
-              stop_early: bool = False) -> Calibration:
+              stop_early: bool = False, layers: Iterable[str] | None = None) -> Calibration:
     """Stream ``batches`` through ``model`` (eval mode, no gradients) and return each selected layer's statistic.
 
     Args:
@@ -411,27 +424,23 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
         progress: a progress bar over the batches.
         stop_early: end each forward pass as soon as every selected layer has seen its input (when only some
             early layers are calibrated; assumes each selected layer runs once per forward).
+        layers: qualified names; only these layers (each must be selectable) are calibrated.
 
     Every module's training flag is restored afterwards. Raises ValueError if no layer is selected, if a selected
     layer never runs, or if layers that shared an input stop sharing it in a later batch.
     """
-    c = _collect(model, batches, include, exclude, progress, stop_early, measure=True)
+    c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True)
     return Calibration(c.layers, c.sums, c.samples)
 
 
-def forward_groups(model: nn.Module, batch, include=None, exclude=None) -> list[list[str]]:
+def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=None) -> list[list[str]]:
     """The selected layers grouped by shared input (as :meth:`Calibration.groups`), groups in the order they run,
     from one forward pass of ``batch``; no statistic is computed."""
-    c = _collect(model, [batch], include, exclude, False, False, measure=False)
+    c = _collect(model, [batch], include, exclude, layers, False, False, measure=False)
     groups: dict[str, list[str]] = {}
     for name, (key, _) in c.layers.items():
         groups.setdefault(key, []).append(name)
     return list(groups.values())
-
-
-def _exact(name: str) -> str:
-    """A glob that matches exactly the qualified name ``name``."""
-    return glob.escape(name)
 
 
 def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progress: bool = False):
@@ -449,6 +458,5 @@ def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progr
     first = next(iter(batches), None)
     if first is None:
         raise ValueError("sequential compression: no batch given")
-    for group in forward_groups(model, first, include=[_exact(n) for n in names]):
-        yield group, calibrate(model, batches, include=[_exact(n) for n in group], progress=progress,
-                               stop_early=True)
+    for group in forward_groups(model, first, layers=names):
+        yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True)
