@@ -16,7 +16,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["RankCandidates", "uniform_ranks", "floor_ranks", "allocate_ranks", "plan_loss", "plan_dof"]
+__all__ = ["RankCandidates", "uniform_ranks", "floor_ranks", "allocate_ranks", "role", "plan_loss", "plan_dof"]
 
 
 @dataclass(frozen=True)
@@ -128,33 +128,13 @@ def _fill(tables, pick: list[int], remaining: int) -> list[int]:
         pick[k] = j
 
 
-def allocate_ranks(candidates: Mapping[str, RankCandidates], budget: int, floor: float = 0.5) -> dict[str, int]:
-    """Ranks minimising Σ_l loss_l within Σ_l dof_l ≤ ``budget`` (an int DOF count), no layer below its floor.
-
-    The floor: every layer keeps at least ⌈``floor`` · u_l⌉ (rounded up to a candidate), where u_l is its rank in the
-    uniform plan of the same budget (:func:`uniform_ranks`); ``floor=0.5`` means no layer gets less than half the
-    rank a common rank would give it, so a small layer with a steep loss curve (a classifier) is never cut to
-    rank 1 because its neighbours are cheaper per unit of loss. ``floor=0`` removes it (rank ≥ the first candidate).
-
-    Method: a Lagrangian relaxation (each layer independently minimises loss + λ·dof above its floor, λ found by
-    bisection as the smallest multiplier that fits), then the leftover budget goes to the best loss decrease per
-    DOF; the result is compared with the uniform plan and the one with the smaller total loss is returned.
-    Raises ValueError when even the floors (or the smallest candidates) exceed the budget.
-    """
-    if not candidates:
-        raise ValueError("allocate_ranks: no layers")
-    if not (0.0 <= floor <= 1.0):
-        raise ValueError(f"allocate_ranks: floor must lie in [0, 1], got {floor!r}")
+def _allocate(candidates: Mapping[str, RankCandidates], budget: int, floor: float) -> dict[str, int]:
+    """:func:`allocate_ranks` for one group (no leftover fill across groups)."""
     names = list(candidates)
-    minimum = sum(c.dof[0] for c in candidates.values())
-    if minimum > budget:
-        raise ValueError(f"allocate_ranks: a budget of {budget} DOF is below the minimum {minimum} (every layer at "
-                         "its smallest candidate rank)")
     floors = floor_ranks(candidates, budget, floor)
     if plan_dof(candidates, floors) > budget:
         floors = {n: c.ranks[0] for n, c in candidates.items()}
-    tables = [(candidates[n].index(floors[n]), np.asarray(candidates[n].dof, dtype=np.float64),
-               np.asarray(candidates[n].loss, dtype=np.float64)) for n in names]
+    tables = _tables(candidates, floors)
     pick = _lagrangian(tables, budget)
     pick = _fill(tables, pick, budget - int(sum(t[1][i] for t, i in zip(tables, pick))))
     plan = {n: candidates[n].ranks[i] for n, i in zip(names, pick)}
@@ -163,3 +143,58 @@ def allocate_ranks(candidates: Mapping[str, RankCandidates], budget: int, floor:
         return uniform
     return plan
 
+
+def _tables(candidates: Mapping[str, RankCandidates], floors: Mapping[str, int]):
+    return [(c.index(floors[n]), np.asarray(c.dof, dtype=np.float64), np.asarray(c.loss, dtype=np.float64))
+            for n, c in candidates.items()]
+
+
+def role(name: str) -> str:
+    """A layer's role in a stack of repeated blocks: its name with the numeric parts replaced by "*"
+    ("encoder.layer.3.attention.self.query" → "encoder.layer.*.attention.self.query")."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def allocate_ranks(candidates: Mapping[str, RankCandidates], budget: int, floor: float = 0.5,
+                   groups: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Ranks minimising Σ_l loss_l within Σ_l dof_l ≤ ``budget`` (an int DOF count), no layer below its floor.
+
+    The floor: every layer keeps at least ⌈``floor`` · u_l⌉ (rounded up to a candidate), where u_l is its rank in the
+    uniform plan of the same budget (:func:`uniform_ranks`); ``floor=0.5`` means no layer gets less than half the
+    rank a common rank would give it, so a small layer with a steep loss curve (a classifier) is never cut to
+    rank 1 because its neighbours are cheaper per unit of loss. ``floor=0`` removes it (rank ≥ the first candidate).
+
+    ``groups`` ({layer: group label}, e.g. :func:`role` of each name) allocates within groups only: each group gets
+    the DOF its layers have in the uniform plan plus its share (by that DOF) of what the uniform plan leaves
+    unused, so losses are compared only between layers of one kind (the same projection at different depths)
+    and never across kinds whose losses are in different units; what the groups leave unspent then goes to the
+    best loss decrease per DOF overall.
+
+    Method: a Lagrangian relaxation (each layer independently minimises loss + λ·dof above its floor, λ found by
+    bisection as the smallest multiplier that fits), then the leftover budget goes to the best loss decrease per
+    DOF; the result is compared with the uniform plan and the one with the smaller total loss is kept.
+    Raises ValueError when even the smallest candidates exceed the budget.
+    """
+    if not candidates:
+        raise ValueError("allocate_ranks: no layers")
+    if not (0.0 <= floor <= 1.0):
+        raise ValueError(f"allocate_ranks: floor must lie in [0, 1], got {floor!r}")
+    minimum = sum(c.dof[0] for c in candidates.values())
+    if minimum > budget:
+        raise ValueError(f"allocate_ranks: a budget of {budget} DOF is below the minimum {minimum} (every layer at "
+                         "its smallest candidate rank)")
+    if groups is None:
+        return _allocate(candidates, budget, floor)
+    missing = [n for n in candidates if n not in groups]
+    if missing:
+        raise ValueError(f"allocate_ranks: groups do not name layers {missing[:4]}")
+    uniform = uniform_ranks(candidates, budget)
+    used = plan_dof(candidates, uniform)
+    plan: dict[str, int] = {}
+    for label in dict.fromkeys(groups[n] for n in candidates):
+        members = {n: c for n, c in candidates.items() if groups[n] == label}
+        share = plan_dof(members, uniform)
+        plan.update(_allocate(members, share + int((budget - used) * share / max(used, 1)), floor))
+    tables = _tables(candidates, plan)
+    pick = _fill(tables, [t[0] for t in tables], budget - plan_dof(candidates, plan))
+    return {n: c.ranks[i] for (n, c), i in zip(candidates.items(), pick)}

@@ -44,7 +44,7 @@ from torch import nn
 from .layers import is_transposed_conv, select_layers
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
-           "load_calibration", "forward_groups", "sequential_statistics"]
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity"]
 
 KINDS = ("linear", "conv", "conv_transpose", "embedding")
 FORMAT_VERSION = 1
@@ -354,13 +354,12 @@ def _attention_mask(batch) -> torch.Tensor | None:
     return None
 
 
-def _run(model: nn.Module, batch) -> None:
+def _call(model: nn.Module, batch):
     if isinstance(batch, Mapping):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def _select(model: nn.Module, include, exclude, layers) -> list[tuple[str, nn.Module]]:
@@ -398,7 +397,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
             for i, batch in enumerate(iterator):
                 collector.begin(_attention_mask(batch))
                 try:
-                    _run(model, batch)
+                    _call(model, batch)
                 except _StopForward:
                     pass
                 collector.end(i)
@@ -460,3 +459,72 @@ def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progr
         raise ValueError("sequential compression: no batch given")
     for group in forward_groups(model, first, layers=names):
         yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True)
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output stands for: itself, ``last_hidden_state``, or the first tensor of a
+    tuple/list/dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "last_hidden_state", None) is not None:
+        return output.last_hidden_state
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"layer_sensitivity: cannot find a tensor in a {type(output).__name__} model output")
+
+
+def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude=None, layers=None,
+                      seed: int = 0) -> dict[str, float]:
+    """How much the model's output moves per unit of error in each selected layer's output.
+
+    s_l = E_t ‖J_{l,t}‖²_F / d_out, J_{l,t} the Jacobian of the model's output (its tensor, see distillation's
+    ``first_tensor``) with respect to layer l's output at input column t (a token, an output position): one
+    backward pass per batch of vᵀ·output with v ~ N(0, I) (Hutchinson: E‖Jᵀv‖² = ‖J‖²_F), in eval mode. An
+    error δ of layer l's output that is spread evenly over its d_out outputs moves the model's output by about
+    s_l·‖δ‖², so s_l·‖(W − Ŵ)·L‖²_F makes the whitened losses of different layers comparable. Masked positions
+    are left out as in :func:`calibrate`; training flags are restored, parameter gradients are left untouched.
+    """
+    selected = _select(model, include, exclude, layers)
+    kinds = {n: layer_kind(m) for n, m in selected}
+    generator = torch.Generator().manual_seed(seed)
+    totals = {n: 0.0 for n, _ in selected}
+    counts = {n: 0 for n, _ in selected}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, _args, out):
+            out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            out.retain_grad()
+            outputs[name] = out
+            return out
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in selected]
+    model.eval()
+    try:
+        for batch in batches:
+            outputs.clear()
+            with torch.enable_grad():
+                out = _output_tensor(_call(model, batch))
+                probe = torch.randn(out.shape, generator=generator).to(out)
+                grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
+            mask = _attention_mask(batch)
+            for name, g in zip(list(outputs), grads):
+                if g is None:
+                    continue
+                if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
+                    g = g[mask.to(device=g.device, dtype=torch.bool)]
+                if kinds[name] in ("conv", "conv_transpose"):
+                    g = g.movedim(1, -1)  # channels last: one column per output position
+                cols = g.reshape(-1, g.shape[-1])
+                totals[name] += float((cols.double() ** 2).sum()) / cols.shape[1]
+                counts[name] += cols.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}

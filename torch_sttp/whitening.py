@@ -42,7 +42,7 @@ from .calibration import Calibration, calibrate, layer_kind, sequential_statisti
 from .layers import layout_shape, matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .surgery import conversion, convert
-from .tt import contract_train, count_dof, split_modes, tt_ranks, tt_svd
+from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
 __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
            "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer",
@@ -79,6 +79,14 @@ class Whitener:
     def loss(self, e: torch.Tensor) -> float:
         """tr(e·C·eᵀ) = ‖e·L‖²_F."""
         return float((e * self.gram_apply(e)).sum())
+
+    def marginal(self, lead: int) -> "Whitener":
+        """The metric on the trailing index t of columns (a, t), a < ``lead``: the partial trace Σ_a C[(a,·),(a,·)]
+        / lead (the metric a column error that repeats for every a would see, cross-a correlations left out)."""
+        if self.diagonal:
+            return Whitener(self.gram.reshape(lead, -1).mean(0))
+        trail = self.gram.shape[0] // lead
+        return Whitener(self.gram.reshape(lead, trail, lead, trail).diagonal(dim1=0, dim2=2).mean(-1))
 
 
 def _damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
@@ -174,37 +182,57 @@ def whitened_svd(matrix: torch.Tensor, whitener: Whitener, rank: int) -> tuple[t
 
 
 def whitened_train(matrix: torch.Tensor, row_modes, col_modes, ranks, whitener: Whitener) -> list[torch.Tensor]:
-    """TT cores (R_{k−1}, n_k, R_k) over ``row_modes + col_modes`` with bond ranks ``ranks``: the TT-SVD sweep over
-    the row modes runs on M·L (whitened), the column modes get the TT-SVD of the remainder G·L⁻¹. ``matrix``
-    (∏row_modes × ∏col_modes)."""
+    """TT cores (R_{k−1}, n_k, R_k) over ``row_modes + col_modes`` with bond ranks ``ranks`` (a TT-SVD in the
+    whitened metric). ``matrix`` is (∏row_modes × ∏col_modes), the metric on its columns.
+
+    Row-mode bonds: the TT-SVD sweep runs on M·L (a projection from the left commutes with the whitening, so each
+    truncation is the optimal one in the metric given the previous ones). Column-mode bond k (its left part holds
+    the first k column modes, index a, its right part the rest, index t): the remainder is whitened on t by the
+    Cholesky factor of the partial trace Σ_a C[(a,·),(a,·)] (:meth:`Whitener.marginal`), truncated, unwhitened.
+    """
     row_modes, col_modes = list(row_modes), list(col_modes)
     if not col_modes:
         return tt_svd(matrix.reshape(row_modes or [1]), ranks if row_modes else [1, 1])
     k, d_cols = len(row_modes), matrix.shape[1]
     left = tt_svd(whitener.apply(matrix).reshape(row_modes + [d_cols]), list(ranks[:k + 1]) + [1])
     rest = whitener.solve(left[-1].reshape(ranks[k], d_cols))
-    right = tt_svd(rest.reshape([ranks[k] * col_modes[0]] + col_modes[1:]), [1] + list(ranks[k + 1:]))
-    right[0] = right[0].reshape(ranks[k], col_modes[0], right[0].shape[-1])
-    return left[:-1] + right
+    cores, lead = left[:-1], 1
+    for j, n in enumerate(col_modes[:-1]):
+        lead *= n
+        mat = rest.reshape(ranks[k + j] * n, d_cols // lead)
+        trailing = whitener.marginal(lead)
+        p, s, qh = torch.linalg.svd(trailing.apply(mat), full_matrices=False)
+        r = ranks[k + j + 1]
+        cores.append(p[:, :r].reshape(ranks[k + j], n, r))
+        rest = trailing.solve(s[:r, None] * qh[:r])
+    cores.append(rest.reshape(ranks[-2], col_modes[-1], 1))
+    return cores
 
 
-def _train_matrix(cores, shape) -> torch.Tensor:
-    return contract_train(cores).reshape(shape)
+def _train_matrix(cores, shape, split: int) -> torch.Tensor:
+    """The (rows × cols) matrix of a train whose first ``split`` cores carry the row modes: (row cores contracted
+    from the left) · (column cores contracted from the right), the cheap order for both sides."""
+    one = torch.ones(1, 1, dtype=cores[0].dtype, device=cores[0].device)
+    left = contract_train(cores[:split]) if split else one
+    right = contract_train_from_right(cores[split:]) if split < len(cores) else one
+    return (left @ right).reshape(shape)
 
 
-def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, iters: int = REFINE_ITERS) -> list[torch.Tensor]:
-    """Cores after up to ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F;
-    the gradient with respect to the train is −2·(M − train)·C, backpropagated into the cores."""
+def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
+                 tolerance: float = 1e-6) -> list[torch.Tensor]:
+    """Cores after up to ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F,
+    stopping once an iteration gains less than ``tolerance`` of that relative loss; the gradient with respect to
+    the train is −2·(M − train)·C, backpropagated into the cores (the first ``split`` carry the row modes)."""
     params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
     if iters <= 0 or not params:
         return [p.detach() for p in params]
     scale = 1.0 / max(whitener.loss(matrix), 1e-300)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=10, tolerance_grad=1e-12,
-                            tolerance_change=1e-14, line_search_fn="strong_wolfe")
+                            tolerance_change=tolerance, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=True)
-        approx = _train_matrix(params, matrix.shape)
+        approx = _train_matrix(params, matrix.shape, split)
         err = matrix - approx.detach()
         weighted = whitener.gram_apply(err)
         approx.backward(-2.0 * scale * weighted)
@@ -258,23 +286,24 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
     modes = out_modes + in_modes
     ranks = tt_ranks(modes, rank)
     energy = metric.loss(w, torch.zeros_like(w))
-    bound = _svd_projection(w, ranks[len(out_modes)], metric).loss
     if ranks == tt_ranks(modes, math.prod(modes)):  # no bond is truncated: exact
         return LayerProjection(w.clone(), 0.0, energy, 0.0, 0.0, 0.0, "exact")
     m = metric.working(w, out_modes, in_modes)
     whitener = metric.whitener(out_modes)
+    bound = float((torch.linalg.svdvals(whitener.apply(m))[ranks[len(out_modes)]:] ** 2).sum())
     data_free = tt_svd(w.reshape(modes), ranks)
     if metric.rows:
         data_free, row_modes, col_modes, ranks = _reverse_train(data_free), in_modes[::-1], out_modes[::-1], ranks[::-1]
     else:
         row_modes, col_modes = out_modes, in_modes
+    split = len(row_modes)
     trains = {"data_free": data_free, "whitened": whitened_train(m, row_modes, col_modes, ranks, whitener)}
-    losses = {k: whitener.loss(m - _train_matrix(c, m.shape)) for k, c in trains.items()}
+    losses = {k: whitener.loss(m - _train_matrix(c, m.shape, split)) for k, c in trains.items()}
     start = min(losses, key=losses.get)
-    trains["refined"] = refine_train(trains[start], m, whitener, iters)
-    losses["refined"] = whitener.loss(m - _train_matrix(trains["refined"], m.shape))
+    trains["refined"] = refine_train(trains[start], m, whitener, split, iters)
+    losses["refined"] = whitener.loss(m - _train_matrix(trains["refined"], m.shape, split))
     best = min(losses, key=losses.get)
-    w_hat = metric.restore(_train_matrix(trains[best], m.shape), out_modes, in_modes)
+    w_hat = metric.restore(_train_matrix(trains[best], m.shape, split), out_modes, in_modes)
     return LayerProjection(w_hat, losses[best], energy, losses["data_free"], bound, losses["whitened"], best)
 
 
@@ -435,22 +464,25 @@ def _sttp_curve(w: torch.Tensor, shape, metric: LayerMetric, ranks: list[int]) -
     for r in ranks:
         bonds = tt_ranks(modes, r)
         bonds = bonds[::-1] if metric.rows else bonds
-        losses.append(whitener.loss(m - _train_matrix(whitened_train(m, rows, cols, bonds, whitener), m.shape)))
+        train = whitened_train(m, rows, cols, bonds, whitener)
+        losses.append(whitener.loss(m - _train_matrix(train, m.shape, len(rows))))
     return losses
 
 
 def truncation_candidates(model: nn.Module, method: str, calibration: Calibration | None = None, include=None,
                           exclude=None, layers=None, spectrum: str = "free", damping: float = DAMPING,
-                          normalize: bool = True, grid: int = 24) -> dict[str, RankCandidates]:
+                          normalize: bool = False, weights: Mapping[str, float] | None = None,
+                          grid: int = 16) -> dict[str, RankCandidates]:
     """Per layer, candidate ranks with their DOF and measured whitened truncation loss, for
     :func:`torch_sttp.allocation.allocate_ranks`.
 
     ``method`` "svd" (two plain factors, r·(d_out + d_in) DOF) or "svdp": every rank 1…min(d_out, d_in), loss
     Σ_{i>r} σ_i² of the whitened spectrum (exact). "sttp": about ``grid`` rank caps up to the largest bond, loss
     of the whitened TT-SVD measured at each (an upper bound on the refined projection's loss); DOF by
-    :func:`torch_sttp.tt.count_dof`. ``normalize`` divides each layer's losses by its ‖W·L‖²_F (relative output
-    error²), making layers of different scales comparable. ``calibration=None``: the data-free metric (losses are
-    then the Frobenius truncation errors). ``layers`` (names) restricts the selection.
+    :func:`torch_sttp.tt.count_dof`. Losses are per calibration sample, in the units of the layer's output;
+    ``normalize`` divides each layer's losses by its ‖W·L‖²_F (relative output error²), ``weights`` ({layer:
+    factor}, e.g. :func:`torch_sttp.calibration.layer_sensitivity`) multiplies them. ``calibration=None``: the
+    data-free metric (losses are then the Frobenius truncation errors). ``layers`` (names) restricts the selection.
     """
     if method not in CANDIDATE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {CANDIDATE_METHODS}")
@@ -474,6 +506,7 @@ def truncation_candidates(model: nn.Module, method: str, calibration: Calibratio
                 ranks = list(range(1, len(curve)))
                 losses = list(curve[1:])
             total = metric.loss(w, torch.zeros_like(w)) if normalize else 1.0
+            factor = (1.0 / total if total > 0 else 0.0) * (1.0 if weights is None else float(weights[name]))
             out[name] = RankCandidates(tuple(ranks), tuple(_method_dof(shape, method, r, spectrum) for r in ranks),
-                                       tuple(x / total if total > 0 else 0.0 for x in losses))
+                                       tuple(x * factor for x in losses))
     return out
