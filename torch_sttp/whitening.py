@@ -49,7 +49,7 @@ __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMet
            "WhitenedProjection", "project_whitened", "truncation_candidates"]
 
 DAMPING = 1e-3
-REFINE_ITERS = 25
+REFINE_ITERS = 5
 CANDIDATE_METHODS = ("svd", "svdp", "sttp")
 
 
