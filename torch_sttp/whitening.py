@@ -60,7 +60,16 @@ class Whitener:
     def __init__(self, gram: torch.Tensor):
         self.gram = gram
         self.diagonal = gram.dim() == 1
-        self.factor = gram.sqrt() if self.diagonal else torch.linalg.cholesky(gram)
+        fix = "the statistic is singular; use damping > 0 (layer_metric(..., damping=...))"
+        if self.diagonal:
+            if not bool((gram > 0).all()):
+                raise ValueError(f"metric weights must be positive: {fix}")
+            self.factor = gram.sqrt()
+        else:
+            factor, info = torch.linalg.cholesky_ex(gram)
+            if int(info) != 0:
+                raise ValueError(f"metric is not positive definite: {fix}")
+            self.factor = factor
 
     def apply(self, m: torch.Tensor) -> torch.Tensor:
         """m·L."""
