@@ -46,7 +46,7 @@ from ..whitening import DAMPING, project_whitened, truncation_candidates
 from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
-__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "study_ranks",
+__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof", "study_ranks",
            "compress_config", "exported_cost", "run_calibrated_study", "main"]
 
 METHODS = ("wsvd", "svdp", "sttp")
@@ -120,7 +120,9 @@ def whitened_svd_baseline(model: nn.Module, ranks: dict, calibration=None, batch
 
 
 # ------------------------------------------------------------------------------------------------- ranks
-def _dof(module: nn.Module, method: str, rank: int) -> int:
+def layer_dof(module: nn.Module, method: str, rank: int) -> int:
+    """DOF of one layer at ``rank``: r·(d_out + d_in) for "wsvd", :func:`torch_sttp.tt.count_dof` (spectrum
+    "free") for "svdp"/"sttp"."""
     shape = layout_shape(module)
     if method == "wsvd":
         d_out, d_in = weight_matrix(module).shape
@@ -144,7 +146,7 @@ def study_ranks(model: nn.Module, layers: Sequence[str], method: str, budget: in
         table = {}
         for n in layers:
             ranks = range(1, _max_rank(modules[n], method) + 1)
-            table[n] = RankCandidates(tuple(ranks), tuple(_dof(modules[n], method, r) for r in ranks),
+            table[n] = RankCandidates(tuple(ranks), tuple(layer_dof(modules[n], method, r) for r in ranks),
                                       (0.0,) * len(ranks))
         return uniform_ranks(table, budget)
     return allocate_ranks(candidates, budget, floor=0.5, groups={n: role(n) for n in layers})
@@ -224,7 +226,7 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
     after = embedding_agreement(ctx["reference"], exported_cost(student, ctx["tokenizer"], ctx["eval"],
                                                                 ctx["layers"])[1])
     modules = dict(ctx["bert"].named_modules())
-    dof = sum(_dof(modules[n], method, r) for n, r in ranks.items())
+    dof = sum(layer_dof(modules[n], method, r) for n, r in ranks.items())
     values = list(ranks.values())
     return {**cfg, "dof": dof, "kept_fraction": dof / ctx["dense"], "mean_rank": sum(values) / len(values),
             "min_rank": min(values), "max_rank": max(values),
