@@ -91,7 +91,8 @@ def _reset_peak() -> bool:
         return False
 
 
-def calibrated_child(method: str, strategy: str, fraction: float, threads: int, n_calib: int) -> dict:
+def calibrated_child(method: str, strategy: str, fraction: float, threads: int, n_calib: int,
+                     sequential: bool = False) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import math
 
@@ -128,12 +129,13 @@ def calibrated_child(method: str, strategy: str, fraction: float, threads: int, 
     ranks = study.study_ranks(model, layers, method, int(math.floor(fraction * dense_linear)), strategy, cands)
     select = lap()
     dof = sum(study.layer_dof(model.get_submodule(n), method, r) for n, r in ranks.items())
-    errors = study.compress_config(model, method, "aware", ranks, stats, batches, False)
+    errors = study.compress_config(model, method, "aware", ranks, stats, batches, sequential)
     proj = lap()
     peak = _status_kib("VmHWM") * 1024
     del stats
     exported, emb, total, linear, seconds = study.exported_cost(model, tokenizer, eval_set, layers)
-    return {"method": method, "strategy": strategy, "fraction": fraction, "threads": threads, "n_calib": n_calib,
+    return {"method": method, "strategy": strategy, "sequential": sequential, "fraction": fraction,
+            "threads": threads, "n_calib": n_calib,
             "dof": dof, "kept_fraction": dof / dense_linear, "calibration_seconds": calib[0],
             "calibration_cpu_seconds": calib[1], "ranks_seconds": select[0], "project_seconds": proj[0],
             "project_cpu_seconds": proj[1], "mean_weight_error": sum(errors.values()) / len(errors),
@@ -142,22 +144,30 @@ def calibrated_child(method: str, strategy: str, fraction: float, threads: int, 
             "dense_model_bytes": dense_bytes, "ranks": ranks}
 
 
+def _run_child(cmd: list[str], env: dict, label: str) -> dict | None:
+    """The RESULT of a child process, or None (its output shown) when it failed."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+        print(f"FAIL: the {label} child process exited with {proc.returncode}")
+        return None
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def calibrated_main(args, env) -> int:
     results = []
     for method in ("wsvd", "svdp", "sttp"):
         for strategy in args.strategies:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrated-child", f"{method}:{strategy}",
                    "--fraction", str(args.fraction), "--threads", str(args.threads), "--n-calib", str(args.n_calib)]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-                print(f"FAIL: the {method}/{strategy} child process exited with {proc.returncode}")
+            cmd += ["--sequential"] if args.sequential else []
+            r = _run_child(cmd, env, f"{method}/{strategy}")
+            if r is None:
                 return 1
-            r = json.loads(lines[-1][len("RESULT "):])
             results.append(r)
             growth = (r["peak_rss"] - r["rss_after_load"]) / r["dense_model_bytes"]
-            print(f"{method}/{strategy}: kept {r['kept_fraction']:.4f}, mean cosine {r['mean_cosine']:.4f}, spearman "
+            print(f"{method}/{strategy}{' sequential' if r['sequential'] else ''}: kept {r['kept_fraction']:.4f}, mean cosine {r['mean_cosine']:.4f}, spearman "
                   f"{r['spearman']:.4f}, calibration {r['calibration_seconds']:.1f} s "
                   f"({r['calibration_cpu_seconds']:.1f} s CPU), ranks {r['ranks_seconds']:.1f} s, project "
                   f"{r['project_seconds']:.1f} s ({r['project_cpu_seconds']:.1f} s CPU), peak RSS growth "
@@ -196,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrated", action="store_true", help="data-aware compression (see above)")
     parser.add_argument("--strategies", nargs="+", default=["uniform", "loss"], choices=["uniform", "loss"])
     parser.add_argument("--n-calib", type=int, default=256)
+    parser.add_argument("--sequential", action="store_true", help="--calibrated: sequential projection (the "
+                        "projection time then includes the per-group calibration passes)")
     parser.add_argument("--out", help="folder for minilm_calibrated_benchmark.json (--calibrated)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--calibrated-child", help=argparse.SUPPRESS)
@@ -204,7 +216,8 @@ def main(argv=None) -> int:
         args.fraction = 0.45 if args.calibrated or args.calibrated_child else 0.6
     if args.calibrated_child:
         method, strategy = args.calibrated_child.split(":")
-        print("RESULT " + json.dumps(calibrated_child(method, strategy, args.fraction, args.threads, args.n_calib)))
+        print("RESULT " + json.dumps(calibrated_child(method, strategy, args.fraction, args.threads, args.n_calib,
+                                                      args.sequential)))
         return 0
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args.fraction, args.threads)))
@@ -223,13 +236,9 @@ def main(argv=None) -> int:
     for method in args.methods:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", method, "--fraction", str(args.fraction),
                "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(ROOT))
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
-            print(f"FAIL: the {method} child process exited with {proc.returncode}")
+        r = _run_child(cmd, env, method)
+        if r is None:
             return 1
-        r = json.loads(lines[-1][len("RESULT "):])
         results.append(r)
         growth = r["peak_rss"] - r["rss_after_load"]
         print(f"{method}: {r['layers']} of {r['linear_layers']} Linear layers, fraction {r['fraction']} "

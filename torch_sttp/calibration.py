@@ -44,7 +44,7 @@ from torch import nn
 from .layers import is_transposed_conv, select_layers
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
-           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity"]
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch"]
 
 KINDS = ("linear", "conv", "conv_transpose", "embedding")
 FORMAT_VERSION = 1
@@ -354,7 +354,8 @@ def _attention_mask(batch) -> torch.Tensor | None:
     return None
 
 
-def _call(model: nn.Module, batch):
+def run_batch(model: nn.Module, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, ``model(batch)`` otherwise."""
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -397,7 +398,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
             for i, batch in enumerate(iterator):
                 collector.begin(_attention_mask(batch))
                 try:
-                    _call(model, batch)
+                    run_batch(model, batch)
                 except _StopForward:
                     pass
                 collector.end(i)
@@ -508,7 +509,7 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
         for batch in batches:
             outputs.clear()
             with torch.enable_grad():
-                out = _output_tensor(_call(model, batch))
+                out = _output_tensor(run_batch(model, batch))
                 probe = torch.randn(out.shape, generator=generator).to(out)
                 grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
             mask = _attention_mask(batch)

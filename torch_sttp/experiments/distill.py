@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import run_batch
+
 __all__ = ["LOSSES", "TARGETS", "distill", "first_tensor"]
 
 LOSSES = ("mse", "cosine")
@@ -40,14 +42,6 @@ def first_tensor(output) -> torch.Tensor:
             if isinstance(v, torch.Tensor):
                 return v
     raise TypeError(f"cannot find a tensor in a {type(output).__name__} output; pass select=")
-
-
-def _call(model: nn.Module, batch):
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
@@ -171,11 +165,11 @@ def distill(
         for step in range(steps):
             batch = next(batches)
             with torch.no_grad():
-                t_out = _call(teacher, batch)
+                t_out = run_batch(teacher, batch)
                 targets = ([caps[1].outputs[n].detach() for n in hidden_modules] if on == "hidden"
                            else [select(t_out).detach()])
             del t_out
-            s_out = _call(student, batch)
+            s_out = run_batch(student, batch)
             preds = [caps[0].outputs[n] for n in hidden_modules] if on == "hidden" else [select(s_out)]
             value = sum(_distance(p, t, loss) for p, t in zip(preds, targets)) / len(preds)
             optimizer.zero_grad(set_to_none=True)

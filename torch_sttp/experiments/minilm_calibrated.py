@@ -281,11 +281,9 @@ def run_calibrated_study(out_dir, fractions: Sequence[float] = (0.3, 0.45, 0.6),
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
+    table = [FIELDS] + [[f"{row[k]:.6g}" if isinstance(row[k], float) else row[k] for k in FIELDS] for row in rows]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        csv.writer(f).writerows(table)
 
 
 QUICK = {"fractions": (0.45,), "strategies": ("uniform",), "sequential": (False,), "distill_steps": 2,
