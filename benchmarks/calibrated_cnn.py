@@ -37,7 +37,8 @@ from torch_sttp.calibration import calibrate  # noqa: E402
 from torch_sttp.layers import layout_shape, weight_matrix  # noqa: E402
 from torch_sttp.ranks import project  # noqa: E402
 from torch_sttp.tt import count_dof, split_modes, tt_ranks  # noqa: E402
-from torch_sttp.whitening import project_whitened, truncation_candidates  # noqa: E402
+from torch_sttp.data_aware import project_whitened  # noqa: E402
+from torch_sttp.whitening import truncation_candidates  # noqa: E402
 
 LAYERS = ["conv2", "conv3", "fc"]
 ZS = (10, 20, 30, 50, 70)
@@ -57,6 +58,7 @@ def train_dense(out: Path, epochs: int) -> nn.Module:
 
 
 def accuracy(model: nn.Module, data) -> float:
+    """Top-1 accuracy on a TensorDataset (eval mode)."""
     model.eval()
     with torch.no_grad():
         return float((model(data.tensors[0]).argmax(1) == data.tensors[1]).float().mean())
@@ -76,6 +78,7 @@ def _table(model: nn.Module, method: str) -> dict[str, RankCandidates]:
 
 
 def plan(model, method, budget, strategy, stats):
+    """Uniform ranks, or the loss-aware plan (relative truncation loss, floor 0.5); ``stats`` None: data-free."""
     if strategy == "uniform":
         return uniform_ranks(_table(model, method), budget)
     cands = truncation_candidates(model, method, stats, layers=LAYERS, normalize=True, grid=32)
@@ -83,6 +86,7 @@ def plan(model, method, budget, strategy, stats):
 
 
 def run(quick: bool, out: Path) -> list[dict]:
+    """Train the dense model, calibrate it, and score every (method, ranks, Z, data) projection."""
     from torch_sttp.experiments.data import load_mnist5k
 
     torch.set_num_threads(1)
@@ -117,6 +121,7 @@ def run(quick: bool, out: Path) -> list[dict]:
 
 
 def targets(rows: list[dict]) -> None:
+    """Print the TARGET lines."""
     dense = rows[0]["accuracy"]
     keyed = {(r["method"], r["strategy"], r["z_target"], r["data"]): r["accuracy"] for r in rows[1:]}
     gaps = [keyed[(m, s, z, "aware")] - keyed[(m, s, z, "free")] for (m, s, z, d) in keyed if d == "free"]

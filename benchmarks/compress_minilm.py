@@ -93,6 +93,7 @@ def _reset_peak() -> bool:
 
 def calibrated_child(method: str, strategy: str, fraction: float, threads: int, n_calib: int,
                      sequential: bool = False) -> dict:
+    """One data-aware configuration in this process: calibrate, choose ranks, project, score."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import math
 
@@ -156,6 +157,7 @@ def _run_child(cmd: list[str], env: dict, label: str) -> dict | None:
 
 
 def calibrated_main(args, env) -> int:
+    """Every (method, strategy) of ``--calibrated`` in its own subprocess, then the TARGET lines."""
     results = []
     for method in ("wsvd", "svdp", "sttp"):
         for strategy in args.strategies:

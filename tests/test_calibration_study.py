@@ -8,7 +8,7 @@ from torch import nn
 
 from torch_sttp.calibration import calibrate
 from torch_sttp.experiments.minilm_calibrated import layer_dof, study_ranks, whitened_svd_baseline
-from torch_sttp.whitening import project_whitened
+from torch_sttp.data_aware import project_whitened
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,12 +11,12 @@ from torch_sttp import conversion
 from torch_sttp.calibration import calibrate
 from torch_sttp.layers import layout_shape, weight_matrix
 from torch_sttp.tt import count_dof, split_modes, tt_ranks
+from torch_sttp.data_aware import project_whitened
 from torch_sttp.whitening import (
     LayerMetric,
     Whitener,
     layer_metric,
     project_layer,
-    project_whitened,
     truncation_candidates,
     whitened_svd,
 )

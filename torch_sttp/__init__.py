@@ -18,7 +18,7 @@ from .parametrizations import (
 )
 from .ranks import RankPlan, project, select_ranks
 from .calibration import Calibration, calibrate
-from .whitening import project_whitened
+from .data_aware import project_whitened
 from .report import CompressionReport, compression, count_model_dof, report
 from .spectral import (
     SpectralRegularizer,

@@ -86,6 +86,7 @@ class Calibration:
 
     @property
     def names(self) -> list[str]:
+        """Calibrated layers, in the order they first ran."""
         return list(self._layers)
 
     def __contains__(self, name: str) -> bool:
@@ -105,6 +106,7 @@ class Calibration:
         return self._entry(name)[0]
 
     def kind(self, name: str) -> str:
+        """One of :data:`KINDS`."""
         return self._entry(name)[1]
 
     def shared(self, name: str) -> list[str]:
@@ -136,6 +138,7 @@ class Calibration:
 
     @property
     def nbytes(self) -> int:
+        """Bytes held by the statistics (each shared one counted once)."""
         return sum(t.numel() * t.element_size() for t in self._sums.values())
 
     def save(self, path) -> None:

@@ -1,5 +1,5 @@
-"""Data-aware projection of pretrained weights onto SVDP/STTP: whitened truncation, its losses, and the model-level
-projection (optionally sequential).
+"""Data-aware projection of one layer's pretrained weight onto SVDP/STTP: the whitened metric, whitened truncation
+and its losses (the model-level projection is :func:`torch_sttp.data_aware.project_whitened`).
 
 With a layer's calibration statistic C = E[x xᵀ] (:mod:`torch_sttp.calibration`) and L its Cholesky factor
 (L·Lᵀ = C), the error of the layer's output over the calibration data is
@@ -29,7 +29,6 @@ whitened optimality holds only for ``"free"``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -38,15 +37,14 @@ import torch
 from torch import nn
 
 from .allocation import RankCandidates
-from .calibration import Calibration, calibrate, layer_kind, sequential_statistics
+from .calibration import Calibration, layer_kind
 from .layers import layout_shape, matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
-from .surgery import conversion, convert
 from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
 __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
            "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer",
-           "WhitenedProjection", "project_whitened", "truncation_candidates"]
+           "truncation_candidates"]
 
 DAMPING = 1e-3
 REFINE_ITERS = 5
@@ -329,115 +327,6 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
         proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters)
     proj.weight = matrix_to_weight(module, proj.weight, module.weight.shape)
     return proj
-
-
-# --------------------------------------------------------------------------------------------------- models
-@dataclass
-class WhitenedProjection:
-    """What :func:`project_whitened` did: per layer the :class:`LayerProjection` (without its weight), the relative
-    weight error ‖W − Ŵ‖_F/‖W‖_F of the converted layer (``errors``, as :func:`torch_sttp.ranks.projection_errors`)
-    and the relative whitened error (``whitened_errors``); the seconds spent projecting (statistics of a
-    sequential run included) and, for a sequential run, in its calibration passes."""
-
-    layers: dict
-    errors: dict
-    whitened_errors: dict
-    seconds: float
-    calibration_seconds: float = 0.0
-
-
-def _rank_map(model: nn.Module, rank, include, exclude) -> dict[str, int]:
-    if isinstance(rank, Mapping):
-        selected, _ = select_layers(model, None, None, dict(rank))
-        return {n: int(rank[n]) for n, _ in selected}
-    check_rank(rank)
-    selected, _ = select_layers(model, include, exclude)
-    return {n: rank for n, _ in selected}
-
-
-def _write(module: nn.Module, weight: torch.Tensor) -> None:
-    with torch.no_grad():
-        module.weight.copy_(weight.to(module.weight.dtype))
-
-
-def _project_all(model, method, ranks, calibration, batches, sequential, damping, refine_iters, progress):
-    """Project every layer of ``ranks`` and write Ŵ into its dense weight (in place); returns
-    ({name: LayerProjection}, seconds spent in sequential calibration passes)."""
-    modules = dict(model.named_modules())
-    out, calib_seconds = {}, 0.0
-    if sequential:
-        t = time.perf_counter()
-        for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
-            calib_seconds += time.perf_counter() - t
-            for name in group:
-                out[name] = project_layer(modules[name], method, ranks[name],
-                                          layer_metric(stats, name, modules[name], damping), refine_iters)
-                _write(modules[name], out[name].weight)
-            t = time.perf_counter()
-        return out, calib_seconds
-    missing = [n for n in ranks if n not in calibration]
-    if missing:
-        raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
-    for name in ranks:
-        out[name] = project_layer(modules[name], method, ranks[name],
-                                  layer_metric(calibration, name, modules[name], damping), refine_iters)
-        _write(modules[name], out[name].weight)
-    return out, calib_seconds
-
-
-def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
-                     batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
-                     damping: float = DAMPING, refine_iters: int = REFINE_ITERS, progress: bool = False,
-                     **convert_kwargs) -> WhitenedProjection:
-    """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
-
-    ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
-    :class:`~torch_sttp.ranks.RankPlan`. Each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data
-    (:func:`project_layer`) and is loaded exactly into the ``method`` ("svdp"/"sttp") form by
-    ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``).
-
-    Non-sequential: ``calibration`` holds the statistics of every projected layer (computed from ``batches`` when
-    None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
-    together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
-    already projected (:func:`torch_sttp.calibration.sequential_statistics`), so later layers absorb the errors of
-    earlier ones. On an error the dense weights are restored. The relative weight errors are recorded on the
-    conversion record, as :func:`torch_sttp.ranks.project` does.
-    """
-    check_method(method)
-    check_spectrum(spectrum)
-    if "init" in convert_kwargs:
-        raise ValueError("project_whitened always converts with init='pretrained'")
-    ranks = _rank_map(model, rank, include, exclude)
-    if sequential or calibration is None:
-        if batches is None:
-            raise ValueError("project_whitened needs calibration statistics or batches (sequential=True needs "
-                             "batches)")
-        if calibration is None and not sequential:
-            calibration = calibrate(model, batches, layers=list(ranks), progress=progress)
-    modules = dict(model.named_modules())
-    originals = {n: modules[n].weight.detach().clone() for n in ranks}
-    t0 = time.perf_counter()
-    try:
-        layers, calib_seconds = _project_all(model, method, ranks, calibration, batches, sequential, damping,
-                                             refine_iters, progress)
-        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
-    except BaseException:
-        for n, w in originals.items():
-            if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
-                _write(modules[n], w)
-        raise
-    seconds = time.perf_counter() - t0
-    errors = {}
-    with torch.no_grad():
-        for n, w in originals.items():
-            norm = float(torch.linalg.vector_norm(w.double()))
-            diff = float(torch.linalg.vector_norm(w.double() - modules[n].weight.detach().double()))
-            errors[n] = diff / norm if norm > 0 else diff
-    conversion(model).record_projection(errors, seconds)
-    for p in layers.values():
-        p.weight = None
-    return WhitenedProjection(layers, errors, {n: p.relative_error for n, p in layers.items()}, seconds,
-                              calib_seconds)
 
 
 # ------------------------------------------------------------------------------------------- rank candidates

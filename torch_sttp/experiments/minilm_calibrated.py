@@ -42,7 +42,8 @@ from ..export import to_factorized
 from ..layers import layout_shape, weight_matrix
 from ..ranks import project, projection_errors
 from ..tt import count_dof, split_modes, tt_ranks
-from ..whitening import DAMPING, project_whitened, truncation_candidates
+from ..data_aware import project_whitened
+from ..whitening import DAMPING, truncation_candidates
 from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
@@ -291,6 +292,7 @@ QUICK = {"fractions": (0.45,), "strategies": ("uniform",), "sequential": (False,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Command line of :func:`run_calibrated_study`."""
     parser = argparse.ArgumentParser(description="MiniLM: data-free vs data-aware compression study")
     parser.add_argument("--out", required=True)
     parser.add_argument("--quick", action="store_true", help="fraction 0.45, uniform ranks, 2 distillation steps, "
