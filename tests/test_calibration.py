@@ -54,7 +54,9 @@ def test_linear_moments_leave_out_masked_positions_and_shared_inputs_are_stored_
     assert stats.samples("query") == rows.shape[0] == sum(int(b["attention_mask"].sum()) for b in batches)
     torch.testing.assert_close(stats.moment("query"), rows.T @ rows / rows.shape[0], rtol=1e-12, atol=1e-14)
     assert stats.shared("key") == ["query", "key", "value"]
-    assert stats.key("value") == "query" and stats.total("key") is stats.total("query")
+    assert stats.key("value") == "query" and torch.equal(stats.total("key"), stats.total("query"))
+    # stored once per group, matrices as upper triangles: counts (11) + 6·7/2 (query/key/value) + 4·5/2 (out)
+    assert stats.nbytes == 8 * (11 + 21 + 10)
     assert stats.groups() == [["emb"], ["query", "key", "value"], ["out"]]
     assert stats.names == ["emb", "query", "key", "value", "out"]
     ids = torch.cat([b["input_ids"][b["attention_mask"].bool()] for b in batches])

@@ -44,7 +44,7 @@ from torch import nn
 from .layers import is_transposed_conv, select_layers
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
-           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch"]
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric"]
 
 KINDS = ("linear", "conv", "conv_transpose", "embedding")
 FORMAT_VERSION = 1
@@ -67,8 +67,9 @@ def layer_kind(module: nn.Module) -> str:
 
 
 class Calibration:
-    """Per-layer input statistics (see the module docstring): float64 sums Σ x xᵀ (d_in × d_in), or token counts
-    (num_embeddings,) for an Embedding, with their sample counts N; layers that share an input share one entry.
+    """Per-layer input statistics (see the module docstring): float64 sums Σ x xᵀ (d_in × d_in, kept as their upper
+    triangles), or token counts (num_embeddings,) for an Embedding, with their sample counts N; layers that share
+    an input share one entry.
 
     ``names`` lists the layers in the order they first ran in the forward pass.
     """
@@ -76,7 +77,7 @@ class Calibration:
     def __init__(self, layers: Mapping[str, tuple[str, str]], sums: Mapping[str, torch.Tensor],
                  samples: Mapping[str, int]):
         self._layers = {n: (str(k), str(kind)) for n, (k, kind) in layers.items()}
-        self._sums = dict(sums)
+        self._sums = {k: pack_symmetric(t) if t.dim() == 2 else t for k, t in sums.items()}
         self._samples = {k: int(v) for k, v in samples.items()}
         for name, (key, kind) in self._layers.items():
             if key not in self._sums or key not in self._samples:
@@ -126,8 +127,10 @@ class Calibration:
         return self._samples[self.key(name)]
 
     def total(self, name: str) -> torch.Tensor:
-        """The raw float64 sum: Σ x xᵀ (d_in × d_in), or the token counts (num_embeddings,) of an Embedding."""
-        return self._sums[self.key(name)]
+        """The raw float64 sum: Σ x xᵀ (d_in × d_in, a fresh matrix), or the token counts (num_embeddings,) of an
+        Embedding. A matrix is stored as its upper triangle (:func:`pack_symmetric`): half the memory, exact."""
+        stored = self._sums[self.key(name)]
+        return stored if self.kind(name) == "embedding" else unpack_symmetric(stored)
 
     def moment(self, name: str) -> torch.Tensor:
         """E[x xᵀ] = Σ x xᵀ / N (d_in × d_in); for an Embedding its diagonal, the token frequencies."""
@@ -179,6 +182,25 @@ def save_calibration(calibration: Calibration, path) -> None:
 def load_calibration(path) -> Calibration:
     """``Calibration.load(path)``."""
     return Calibration.load(path)
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (row by row) of a symmetric (d × d) matrix: d(d + 1)/2 values."""
+    d = matrix.shape[0]
+    rows, cols = torch.triu_indices(d, d, device=matrix.device)
+    return matrix[rows, cols].contiguous()
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix of :func:`pack_symmetric`'s output."""
+    d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
+    if d * (d + 1) // 2 != packed.numel():
+        raise ValueError(f"a packed symmetric statistic has a triangular number of values, got {packed.numel()}")
+    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    out = packed.new_zeros(d, d)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- patches
@@ -433,7 +455,12 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
     layer never runs, or if layers that shared an input stop sharing it in a later batch.
     """
     c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True)
-    return Calibration(c.layers, c.sums, c.samples)
+    sums = {}
+    for key in list(c.sums):  # pack one at a time, so that full and packed copies never all coexist
+        sums[key] = c.sums.pop(key)
+        if sums[key].dim() == 2:
+            sums[key] = pack_symmetric(sums[key])
+    return Calibration(c.layers, sums, c.samples)
 
 
 def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=None) -> list[list[str]]:

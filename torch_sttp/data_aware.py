@@ -51,7 +51,15 @@ def _write(module: nn.Module, weight: torch.Tensor) -> None:
         module.weight.copy_(weight.to(module.weight.dtype))
 
 
-def _project_all(model, method, ranks, calibration, batches, sequential, damping, refine_iters, progress):
+def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: int, compare: bool):
+    """Project one layer and write Ŵ into its dense weight; the returned record keeps no weight."""
+    proj = project_layer(module, method, rank, metric, refine_iters, compare)
+    _write(module, proj.weight)
+    proj.weight = None
+    return proj
+
+
+def _project_all(model, method, ranks, calibration, batches, sequential, damping, refine_iters, progress, compare):
     """Project every layer of ``ranks`` and write Ŵ into its dense weight (in place); returns
     ({name: LayerProjection}, seconds spent in sequential calibration passes)."""
     modules = dict(model.named_modules())
@@ -61,25 +69,23 @@ def _project_all(model, method, ranks, calibration, batches, sequential, damping
         for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
             calib_seconds += time.perf_counter() - t
             for name in group:
-                out[name] = project_layer(modules[name], method, ranks[name],
-                                          layer_metric(stats, name, modules[name], damping), refine_iters)
-                _write(modules[name], out[name].weight)
+                out[name] = _project(modules[name], method, ranks[name],
+                                     layer_metric(stats, name, modules[name], damping), refine_iters, compare)
             t = time.perf_counter()
         return out, calib_seconds
     missing = [n for n in ranks if n not in calibration]
     if missing:
         raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
     for name in ranks:
-        out[name] = project_layer(modules[name], method, ranks[name],
-                                  layer_metric(calibration, name, modules[name], damping), refine_iters)
-        _write(modules[name], out[name].weight)
+        out[name] = _project(modules[name], method, ranks[name],
+                             layer_metric(calibration, name, modules[name], damping), refine_iters, compare)
     return out, calib_seconds
 
 
 def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
                      batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
-                     damping: float = DAMPING, refine_iters: int = REFINE_ITERS, progress: bool = False,
-                     **convert_kwargs) -> WhitenedProjection:
+                     damping: float = DAMPING, refine_iters: int = REFINE_ITERS, compare: bool = False,
+                     progress: bool = False, **convert_kwargs) -> WhitenedProjection:
     """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
 
     ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
@@ -92,7 +98,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
     already projected (:func:`torch_sttp.calibration.sequential_statistics`), so later layers absorb the errors of
     earlier ones. On an error the dense weights are restored. The relative weight errors are recorded on the
-    conversion record, as :func:`torch_sttp.ranks.project` does.
+    conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
+    data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
     """
     check_method(method)
     check_spectrum(spectrum)
@@ -110,7 +117,7 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     t0 = time.perf_counter()
     try:
         layers, calib_seconds = _project_all(model, method, ranks, calibration, batches, sequential, damping,
-                                             refine_iters, progress)
+                                             refine_iters, progress, compare)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
     except BaseException:
         for n, w in originals.items():
@@ -125,7 +132,5 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             diff = float(torch.linalg.vector_norm(w.double() - modules[n].weight.detach().double()))
             errors[n] = diff / norm if norm > 0 else diff
     conversion(model).record_projection(errors, seconds)
-    for p in layers.values():
-        p.weight = None
     return WhitenedProjection(layers, errors, {n: p.relative_error for n, p in layers.items()}, seconds,
                               calib_seconds)

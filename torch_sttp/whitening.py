@@ -260,7 +260,8 @@ class LayerProjection:
     """One layer's data-aware projection: ``weight`` (the layer's weight shape, float64) and, in the whitened
     metric, its ``loss`` ‖(W − Ŵ)·L‖²_F, the ``energy`` ‖W·L‖²_F, the loss of the data-free projection at the same
     rank (``data_free_loss``), the rank-R optimum over all matrices (``bound``, R the middle rank) and for STTP the
-    loss of the whitened TT-SVD before refinement (``tt_svd_loss``) and which candidate won (``source``)."""
+    loss of the whitened TT-SVD before refinement (``tt_svd_loss``) and which candidate won (``source``); NaN
+    where not computed (``compare=False``)."""
 
     weight: torch.Tensor
     loss: float
@@ -276,19 +277,22 @@ class LayerProjection:
         return math.sqrt(self.loss / self.energy) if self.energy > 0 else 0.0
 
 
-def _svd_projection(w: torch.Tensor, rank: int, metric: LayerMetric) -> LayerProjection:
+def _svd_projection(w: torch.Tensor, rank: int, metric: LayerMetric, compare: bool) -> LayerProjection:
     m = metric.working(w, [w.shape[0]], [w.shape[1]])
     whitener = metric.whitener()
     approx, s = whitened_svd(m, whitener, rank)
     r = min(rank, len(s))
-    u, s0, vh = torch.linalg.svd(w, full_matrices=False)
-    data_free = (u[:, :r] * s0[:r]) @ vh[:r]
     loss = float((s[r:] ** 2).sum())
+    data_free = math.nan
+    if compare:
+        u, s0, vh = torch.linalg.svd(w, full_matrices=False)
+        data_free = metric.loss(w, (u[:, :r] * s0[:r]) @ vh[:r])
     w_hat = metric.restore(approx, [w.shape[0]], [w.shape[1]])
-    return LayerProjection(w_hat, loss, float((s ** 2).sum()), metric.loss(w, data_free), loss)
+    return LayerProjection(w_hat, loss, float((s ** 2).sum()), data_free, loss)
 
 
-def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, iters: int) -> LayerProjection:
+def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, iters: int,
+                     compare: bool) -> LayerProjection:
     out_modes, in_modes = split_modes(shape, "sttp")
     modes = out_modes + in_modes
     ranks = tt_ranks(modes, rank)
@@ -297,7 +301,9 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
         return LayerProjection(w.clone(), 0.0, energy, 0.0, 0.0, 0.0, "exact")
     m = metric.working(w, out_modes, in_modes)
     whitener = metric.whitener(out_modes)
-    bound = float((torch.linalg.svdvals(whitener.apply(m))[ranks[len(out_modes)]:] ** 2).sum())
+    bound = math.nan
+    if compare:
+        bound = float((torch.linalg.svdvals(whitener.apply(m))[ranks[len(out_modes)]:] ** 2).sum())
     data_free = tt_svd(w.reshape(modes), ranks)
     if metric.rows:
         data_free, row_modes, col_modes, ranks = _reverse_train(data_free), in_modes[::-1], out_modes[::-1], ranks[::-1]
@@ -315,16 +321,17 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
 
 
 def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric,
-                  refine_iters: int = REFINE_ITERS) -> LayerProjection:
+                  refine_iters: int = REFINE_ITERS, compare: bool = True) -> LayerProjection:
     """The data-aware projection of one layer's weight at rank cap ``rank`` (``method`` "svdp" or "sttp"; the
-    weights of two plain factors are those of "svdp"); see the module docstring."""
+    weights of two plain factors are those of "svdp"); see the module docstring. Without ``compare`` the
+    informative ``bound`` (and for SVDP ``data_free_loss``) are NaN, saving an SVD each."""
     check_method(method)
     check_rank(rank)
     w = weight_matrix(module).detach().to(metric.gram.dtype)
     if method == "svdp":
-        proj = _svd_projection(w, rank, metric)
+        proj = _svd_projection(w, rank, metric, compare)
     else:
-        proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters)
+        proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters, compare)
     proj.weight = matrix_to_weight(module, proj.weight, module.weight.shape)
     return proj
 
