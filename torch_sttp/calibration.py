@@ -49,7 +49,7 @@ __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transp
 KINDS = ("linear", "conv", "conv_transpose", "embedding")
 FORMAT_VERSION = 1
 META_KEY = "torch_sttp_calibration"
-CHUNK_ROWS = 1 << 15  # columns x per float64 update (bounds the temporary copies)
+CHUNK_ROWS = 1 << 13  # columns x per float64 update (bounds the temporary copies)
 
 
 def layer_kind(module: nn.Module) -> str:
@@ -69,15 +69,15 @@ def layer_kind(module: nn.Module) -> str:
 class Calibration:
     """Per-layer input statistics (see the module docstring): float64 sums Σ x xᵀ (d_in × d_in, kept as their upper
     triangles), or token counts (num_embeddings,) for an Embedding, with their sample counts N; layers that share
-    an input share one entry.
+    an input share one entry. ``sums`` holds full matrices, or with ``packed`` their :func:`pack_symmetric` form.
 
     ``names`` lists the layers in the order they first ran in the forward pass.
     """
 
     def __init__(self, layers: Mapping[str, tuple[str, str]], sums: Mapping[str, torch.Tensor],
-                 samples: Mapping[str, int]):
+                 samples: Mapping[str, int], packed: bool = False):
         self._layers = {n: (str(k), str(kind)) for n, (k, kind) in layers.items()}
-        self._sums = {k: pack_symmetric(t) if t.dim() == 2 else t for k, t in sums.items()}
+        self._sums = {k: t if packed or t.dim() == 1 else pack_symmetric(t) for k, t in sums.items()}
         self._samples = {k: int(v) for k, v in samples.items()}
         for name, (key, kind) in self._layers.items():
             if key not in self._sums or key not in self._samples:
@@ -289,18 +289,22 @@ def _columns(module: nn.Module, kind: str, x: torch.Tensor, mask: torch.Tensor |
     return patches(module, x) if kind == "conv" else transposed_patches(module, x)
 
 
-def _accumulate(total: torch.Tensor, module: nn.Module, kind: str, cols: torch.Tensor) -> None:
+def _accumulate(total: torch.Tensor, module: nn.Module, kind: str, cols: torch.Tensor, upper: torch.Tensor) -> None:
+    """Add one call's Σ x xᵀ (float64 products) to the packed float64 sum ``total``; ``upper`` is the (d × d)
+    upper-triangle mask."""
     if kind == "embedding":
         total += torch.bincount(cols.reshape(-1), minlength=total.numel()).to(total)
         return
+    gram = None
     for chunk in cols.split(CHUNK_ROWS):
         chunk = chunk.to(torch.float64)
-        total.addmm_(chunk.mT, chunk)
+        gram = chunk.mT @ chunk if gram is None else gram.addmm_(chunk.mT, chunk)
     if kind == "conv_transpose" and module.groups > 1:  # group g's outputs read only group g's channels
         k = math.prod(_tuple(module.kernel_size, module.weight.dim() - 2))
         block = module.in_channels // module.groups * k
-        group = torch.arange(total.shape[0], device=total.device) // block
-        total.masked_fill_(group[:, None] != group[None, :], 0.0)
+        group = torch.arange(gram.shape[0], device=gram.device) // block
+        gram.masked_fill_(group[:, None] != group[None, :], 0.0)
+    total += gram[upper]
 
 
 class _Collector:
@@ -315,6 +319,7 @@ class _Collector:
         self.layers: dict[str, tuple[str, str]] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.samples: dict[str, int] = {}
+        self.masks: dict = {}  # (d, device) -> upper-triangle mask
         self.mask = None
         self.seen: list = []  # this batch: (weakref to an input, signature, key)
         self.calls: dict[str, list[int]] = {}  # this batch: layer -> indices into seen
@@ -350,11 +355,14 @@ class _Collector:
         self.calls.setdefault(name, []).append(index)
 
     def _add(self, key: str, module: nn.Module, kind: str, cols: torch.Tensor, device) -> None:
+        d = module.num_embeddings if kind == "embedding" else cols.shape[-1]
         if key not in self.sums:
-            size = (module.num_embeddings,) if kind == "embedding" else (cols.shape[-1], cols.shape[-1])
-            self.sums[key] = torch.zeros(size, dtype=torch.float64, device=device)
+            self.sums[key] = torch.zeros(d if kind == "embedding" else d * (d + 1) // 2, dtype=torch.float64,
+                                         device=device)
             self.samples[key] = 0
-        _accumulate(self.sums[key], module, kind, cols)
+        if kind != "embedding" and (d, device) not in self.masks:
+            self.masks[(d, device)] = torch.ones(d, d, dtype=torch.bool, device=device).triu()
+        _accumulate(self.sums[key], module, kind, cols, self.masks.get((d, device)))
         self.samples[key] += int(cols.shape[0])
 
     def end(self, batch_index: int) -> None:
@@ -455,12 +463,7 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
     layer never runs, or if layers that shared an input stop sharing it in a later batch.
     """
     c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True)
-    sums = {}
-    for key in list(c.sums):  # pack one at a time, so that full and packed copies never all coexist
-        sums[key] = c.sums.pop(key)
-        if sums[key].dim() == 2:
-            sums[key] = pack_symmetric(sums[key])
-    return Calibration(c.layers, sums, c.samples)
+    return Calibration(c.layers, c.sums, c.samples, packed=True)
 
 
 def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=None) -> list[list[str]]:
