@@ -234,7 +234,7 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
     if iters <= 0 or not params:
         return [p.detach() for p in params]
     scale = 1.0 / max(whitener.loss(matrix), 1e-300)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=10, tolerance_grad=1e-12,
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=5, tolerance_grad=1e-12,
                             tolerance_change=tolerance, line_search_fn="strong_wolfe")
 
     def closure():
