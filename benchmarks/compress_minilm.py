@@ -18,7 +18,9 @@ the distillation part, non-sequential, before distillation): for the SVD-LLM-sty
 baseline ("wsvd"), SVDP and STTP, each with uniform and loss-aware ranks, a fresh subprocess loads the model, resets
 the peak-RSS counter, calibrates the 36 encoder Linear layers, chooses the ranks, projects, and then scores the
 exported model on the 192 held-out sentences. Reported (wall and CPU seconds; peak RSS growth includes the
-statistics):
+statistics and is counted from the RSS after loading the model and encoding the held-out sentences with it once,
+i.e. over a warmed-up model: the first forward passes of a transformers model grow the heap by ~1.3× the model
+whatever follows):
 
     TARGET minilm_calibrated_vs_baseline_<method> ratio=<min over strategies of cosine / baseline cosine> goal=1.0
     TARGET minilm_calibrated_best_cosine ratio=<best mean cosine / 0.82> goal=1.0  (stretch: / 0.85)
