@@ -17,6 +17,8 @@ from .parametrizations import (
     svdp,
 )
 from .ranks import RankPlan, project, select_ranks
+from .calibration import Calibration, calibrate
+from .data_aware import project_whitened
 from .report import CompressionReport, compression, count_model_dof, report
 from .spectral import (
     SpectralRegularizer,

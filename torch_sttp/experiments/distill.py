@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..calibration import run_batch
+
 __all__ = ["LOSSES", "TARGETS", "distill", "first_tensor"]
 
 LOSSES = ("mse", "cosine")
@@ -40,14 +42,6 @@ def first_tensor(output) -> torch.Tensor:
             if isinstance(v, torch.Tensor):
                 return v
     raise TypeError(f"cannot find a tensor in a {type(output).__name__} output; pass select=")
-
-
-def _call(model: nn.Module, batch):
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def _distance(a: torch.Tensor, b: torch.Tensor, loss: str) -> torch.Tensor:
@@ -210,10 +204,10 @@ def _loss(student, teacher, batch, caps, hidden_modules, select, loss: str) -> t
     """The distance between the student's and the teacher's outputs on ``batch`` (or, with ``hidden_modules``,
     the mean distance between those submodules' outputs, captured by ``caps``)."""
     with torch.no_grad():
-        t_out = _call(teacher, batch)
+        t_out = run_batch(teacher, batch)
         targets = ([caps[1].outputs[n].detach() for n in hidden_modules] if hidden_modules
                    else [select(t_out).detach()])
     del t_out
-    s_out = _call(student, batch)
+    s_out = run_batch(student, batch)
     preds = [caps[0].outputs[n] for n in hidden_modules] if hidden_modules else [select(s_out)]
     return sum(_distance(p, t, loss) for p, t in zip(preds, targets)) / len(preds)

@@ -1,0 +1,564 @@
+"""Calibration statistics: what each layer of a model sees on real data, for data-aware compression.
+
+    >>> stats = torch_sttp.calibrate(model, batches, include=nn.Linear)    # eval mode, no gradients
+    >>> stats.moment("encoder.layer.0.attention.self.query")               # E[x xᵀ] (d_in × d_in, float64)
+    >>> stats.shared("encoder.layer.0.attention.self.query")               # [query, key, value]: one statistic
+    >>> stats.save("stats.safetensors"); Calibration.load("stats.safetensors")
+
+A layer's weight is the matrix W (d_out × d_in) of :func:`torch_sttp.layers.weight_matrix`, and its output for one
+input column x (one token, one output position of a convolution) is W·x. The statistic of a layer is the sum of x·xᵀ
+over every such column in the calibration data together with the number of columns N, so that E[x xᵀ] = Σ x xᵀ / N
+and, for any Ŵ, ‖(W − Ŵ)·X‖²_F / N = tr((W − Ŵ)·E[x xᵀ]·(W − Ŵ)ᵀ) (the metric of :mod:`torch_sttp.whitening`):
+
+* **Linear**: x is the input vector; for an input (B, T, …, d_in) whose first two dims match the batch's
+  ``attention_mask`` (B, T), positions where the mask is 0 (padding) are left out.
+* **Conv1d/2d/3d**: x is an unfolded input patch (C_in/groups · ∏kernel, in the weight's (C_in, *kernel) order) at
+  each output position, with the layer's own padding (and padding mode), stride and dilation; with groups > 1 every
+  group's patches are pooled into one statistic (exact for groups = 1; for groups > 1 the metric asks each row to
+  fit every group's inputs).
+* **ConvTranspose1d/2d/3d**: its *adjoint view*. A transposed convolution is the ordinary convolution of the input
+  with zeros inserted between samples (stride − 1 of them), padded by dilation·(k − 1) − padding on each side
+  (plus output_padding at the end), with the kernel flipped. Unfolding that input and flipping the kernel index back
+  gives, for every output position q, a patch z_q (C_in · ∏kernel) with y_q = W·z_q + b exactly, W the layout
+  matrix (C_out/groups × C_in·∏kernel). The statistic is Σ_q z_q z_qᵀ with the blocks between different groups set
+  to zero (group g's outputs read only group g's inputs), so ‖(W − Ŵ)·Z‖²_F is exactly the error of the layer's
+  output, as for a convolution.
+* **Embedding**: token counts (num_embeddings,): the input is a one-hot vector e_t and the output Wᵀe_t, so
+  E[e eᵀ] is diagonal with the token frequencies; masked positions are left out as for Linear.
+
+Layers fed by the very same tensor in a forward pass (query, key and value of an attention block) share one
+statistic: it is computed and stored once, under the name of the first of them, and referenced by the others.
+Sums are accumulated in float64 on the inputs' device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import weakref
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import is_transposed_conv, select_layers
+
+__all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric"]
+
+KINDS = ("linear", "conv", "conv_transpose", "embedding")
+FORMAT_VERSION = 1
+META_KEY = "torch_sttp_calibration"
+CHUNK_ROWS = 1 << 13  # columns x per float64 update (bounds the temporary copies)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """"linear", "conv", "conv_transpose" or "embedding" for a supported layer (see :data:`KINDS`)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if is_transposed_conv(module):
+        return "conv_transpose"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    raise ValueError(f"{type(module).__name__} has no calibration statistic; supported: Linear, Conv1/2/3d, "
+                     "ConvTranspose1/2/3d, Embedding")
+
+
+class Calibration:
+    """Per-layer input statistics (see the module docstring): float64 sums Σ x xᵀ (d_in × d_in, kept as their upper
+    triangles), or token counts (num_embeddings,) for an Embedding, with their sample counts N; layers that share
+    an input share one entry. ``sums`` holds full matrices, or with ``packed`` their :func:`pack_symmetric` form.
+
+    ``names`` lists the layers in the order they first ran in the forward pass.
+    """
+
+    def __init__(self, layers: Mapping[str, tuple[str, str]], sums: Mapping[str, torch.Tensor],
+                 samples: Mapping[str, int], packed: bool = False):
+        self._layers = {n: (str(k), str(kind)) for n, (k, kind) in layers.items()}
+        self._sums = {k: t if packed or t.dim() == 1 else pack_symmetric(t) for k, t in sums.items()}
+        self._samples = {k: int(v) for k, v in samples.items()}
+        for name, (key, kind) in self._layers.items():
+            if key not in self._sums or key not in self._samples:
+                raise ValueError(f"calibration: layer {name!r} refers to a missing statistic {key!r}")
+            if kind not in KINDS:
+                raise ValueError(f"calibration: layer {name!r} has an unknown kind {kind!r}")
+
+    @property
+    def names(self) -> list[str]:
+        """Calibrated layers, in the order they first ran."""
+        return list(self._layers)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layers
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def _entry(self, name: str) -> tuple[str, str]:
+        if name not in self._layers:
+            raise KeyError(f"layer {name!r} has no calibration statistic (calibrated layers: "
+                           f"{self.names[:4]}{'…' if len(self) > 4 else ''}); calibrate it, or leave it out")
+        return self._layers[name]
+
+    def key(self, name: str) -> str:
+        """Name under which ``name``'s statistic is stored (the first layer that computed it)."""
+        return self._entry(name)[0]
+
+    def kind(self, name: str) -> str:
+        """One of :data:`KINDS`."""
+        return self._entry(name)[1]
+
+    def shared(self, name: str) -> list[str]:
+        """The layers (``name`` included, forward order) that share ``name``'s statistic."""
+        key = self.key(name)
+        return [n for n, (k, _) in self._layers.items() if k == key]
+
+    def groups(self) -> list[list[str]]:
+        """Layers grouped by shared statistic, groups in forward order."""
+        seen: dict[str, list[str]] = {}
+        for n, (k, _) in self._layers.items():
+            seen.setdefault(k, []).append(n)
+        return list(seen.values())
+
+    def samples(self, name: str) -> int:
+        """N, the number of input columns (tokens, output positions) summed."""
+        return self._samples[self.key(name)]
+
+    def total(self, name: str) -> torch.Tensor:
+        """The raw float64 sum: Σ x xᵀ (d_in × d_in, a fresh matrix), or the token counts (num_embeddings,) of an
+        Embedding. A matrix is stored as its upper triangle (:func:`pack_symmetric`): half the memory, exact."""
+        stored = self._sums[self.key(name)]
+        return stored if self.kind(name) == "embedding" else unpack_symmetric(stored)
+
+    def moment(self, name: str) -> torch.Tensor:
+        """E[x xᵀ] = Σ x xᵀ / N (d_in × d_in); for an Embedding its diagonal, the token frequencies."""
+        n = self.samples(name)
+        if n == 0:
+            raise ValueError(f"layer {name!r} saw no input during calibration")
+        return self.total(name) / n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the statistics (each shared one counted once)."""
+        return sum(t.numel() * t.element_size() for t in self._sums.values())
+
+    def save(self, path) -> None:
+        """Write the statistics to a safetensors file (tensors as they are; layers and counts in the metadata)."""
+        from safetensors.torch import save_file
+
+        meta = {"version": FORMAT_VERSION, "layers": {n: list(v) for n, v in self._layers.items()},
+                "samples": self._samples}
+        tensors = {k: t.detach().cpu().contiguous() for k, t in self._sums.items()}
+        save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> "Calibration":
+        """Read a file written by :meth:`save` (bit-exact)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get(META_KEY)
+            if meta is None:
+                raise ValueError(f"{path}: not a torch-sttp calibration file (no {META_KEY!r} metadata); "
+                                 "write one with torch_sttp.calibrate(...).save(path)")
+            info = json.loads(meta)
+            if info.get("version", 0) > FORMAT_VERSION:
+                raise ValueError(f"{path}: calibration format {info.get('version')} is newer than this torch-sttp "
+                                 f"reads ({FORMAT_VERSION}); upgrade torch-sttp")
+            sums = {k: f.get_tensor(k) for k in f.keys()}
+        return cls({n: tuple(v) for n, v in info["layers"].items()}, sums, info["samples"])
+
+    def __repr__(self) -> str:
+        return f"Calibration(layers={len(self)}, statistics={len(self._sums)}, MiB={self.nbytes / 2**20:.1f})"
+
+
+def save_calibration(calibration: Calibration, path) -> None:
+    """``calibration.save(path)``."""
+    calibration.save(path)
+
+
+def load_calibration(path) -> Calibration:
+    """``Calibration.load(path)``."""
+    return Calibration.load(path)
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (row by row) of a symmetric (d × d) matrix: d(d + 1)/2 values."""
+    d = matrix.shape[0]
+    rows, cols = torch.triu_indices(d, d, device=matrix.device)
+    return matrix[rows, cols].contiguous()
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix of :func:`pack_symmetric`'s output."""
+    d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
+    if d * (d + 1) // 2 != packed.numel():
+        raise ValueError(f"a packed symmetric statistic has a triangular number of values, got {packed.numel()}")
+    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    out = packed.new_zeros(d, d)
+    out[rows, cols] = packed
+    out[cols, rows] = packed
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- patches
+def _tuple(value, n: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * n
+
+
+def _unfold(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
+    """(B, C, *L) → (B, *out, C, *kernel): every window of an already padded input."""
+    n = len(kernel)
+    for d in range(n):
+        span = dilation[d] * (kernel[d] - 1) + 1
+        x = x.unfold(2 + d, span, stride[d])[..., ::dilation[d]]
+    # now (B, C, *out, *kernel)
+    return x.movedim(1, 1 + n)
+
+
+def _conv_padding(module: nn.Module, n: int) -> list[int]:
+    """F.pad amounts (last spatial dim first) of a convolution's padding, "same" and "valid" included."""
+    kernel, dilation = _tuple(module.kernel_size, n), _tuple(module.dilation, n)
+    if module.padding == "valid":
+        pads = [(0, 0)] * n
+    elif module.padding == "same":
+        total = [dilation[d] * (kernel[d] - 1) for d in range(n)]
+        pads = [(t // 2, t - t // 2) for t in total]
+    else:
+        pads = [(p, p) for p in _tuple(module.padding, n)]
+    return [p for pair in reversed(pads) for p in pair]
+
+
+def patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Input patches of a Conv1d/2d/3d: (B·∏out·groups, C_in/groups·∏kernel), so that the layer's output at each
+    position and group is W_g·patch (+ bias), columns in the weight's (C_in/groups, *kernel) order."""
+    n = x.dim() - 2
+    kernel, dilation, stride = _tuple(module.kernel_size, n), _tuple(module.dilation, n), _tuple(module.stride, n)
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    x = F.pad(x, _conv_padding(module, n), mode=mode)
+    win = _unfold(x, kernel, dilation, stride)  # (B, *out, C, *kernel)
+    g = module.groups
+    win = win.reshape(*win.shape[:1 + n], g, -1)
+    return win.reshape(-1, win.shape[-1])
+
+
+def transposed_patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Adjoint-view patches z_q of a ConvTranspose1d/2d/3d: (B·∏out, C_in·∏kernel) with y_q = W·z_q (+ bias) for
+    groups = 1 (W the (C_out, C_in·∏kernel) layout matrix); see the module docstring. For groups > 1 the rows hold
+    all groups' channels; :func:`calibrate` zeroes the blocks between groups."""
+    n = x.dim() - 2
+    kernel, dilation = _tuple(module.kernel_size, n), _tuple(module.dilation, n)
+    stride, padding = _tuple(module.stride, n), _tuple(module.padding, n)
+    out_pad = _tuple(module.output_padding, n)
+    b, c, *size = x.shape
+    stuffed = x.new_zeros(b, c, *[(s - 1) * st + 1 for s, st in zip(size, stride)])
+    stuffed[(slice(None), slice(None)) + tuple(slice(None, None, st) for st in stride)] = x
+    pads = []
+    for d in reversed(range(n)):
+        edge = dilation[d] * (kernel[d] - 1) - padding[d]
+        pads += [edge, edge + out_pad[d]]
+    win = _unfold(F.pad(stuffed, pads), kernel, dilation, (1,) * n)  # (B, *out, C, *kernel)
+    win = win.flip(list(range(win.dim() - n, win.dim())))
+    return win.reshape(-1, c * math.prod(kernel))
+
+
+# ----------------------------------------------------------------------------------------------- collection
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once every selected layer has seen its input."""
+
+
+def _signature(module: nn.Module, kind: str) -> tuple:
+    """What makes two layers fed by the same tensor have the same statistic."""
+    if kind == "linear":
+        return (kind, module.in_features)
+    if kind == "embedding":
+        return (kind, module.num_embeddings)
+    return (kind, type(module).__name__, tuple(module.weight.shape), module.kernel_size, module.stride,
+            module.padding, module.dilation, module.groups, getattr(module, "padding_mode", None),
+            getattr(module, "output_padding", None))
+
+
+def _columns(module: nn.Module, kind: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The input columns x of one call: (N, d_in) floats, or (N,) token indices for an Embedding."""
+    if kind in ("linear", "embedding"):
+        if mask is not None and x.dim() >= 2 + (kind == "linear") and tuple(x.shape[:2]) == tuple(mask.shape):
+            x = x[mask.to(device=x.device, dtype=torch.bool)]
+        return x.reshape(-1) if kind == "embedding" else x.reshape(-1, x.shape[-1])
+    return patches(module, x) if kind == "conv" else transposed_patches(module, x)
+
+
+def _accumulate(total: torch.Tensor, module: nn.Module, kind: str, cols: torch.Tensor, upper: torch.Tensor) -> None:
+    """Add one call's Σ x xᵀ (float64 products) to the packed float64 sum ``total``; ``upper`` is the (d × d)
+    upper-triangle mask."""
+    if kind == "embedding":
+        total += torch.bincount(cols.reshape(-1), minlength=total.numel()).to(total)
+        return
+    gram = None
+    for chunk in cols.split(CHUNK_ROWS):
+        chunk = chunk.to(torch.float64)
+        gram = chunk.mT @ chunk if gram is None else gram.addmm_(chunk.mT, chunk)
+    if kind == "conv_transpose" and module.groups > 1:  # group g's outputs read only group g's channels
+        k = math.prod(_tuple(module.kernel_size, module.weight.dim() - 2))
+        block = module.in_channels // module.groups * k
+        group = torch.arange(gram.shape[0], device=gram.device) // block
+        gram.masked_fill_(group[:, None] != group[None, :], 0.0)
+    total += gram[upper]
+
+
+class _Collector:
+    """Forward pre-hooks that accumulate each selected layer's statistic, sharing it between layers fed by the same
+    tensor (tracked with weak references, so that no input is kept alive)."""
+
+    def __init__(self, selected: list[tuple[str, nn.Module]], stop_early: bool, measure: bool = True):
+        self.selected = selected
+        self.stop_early = stop_early
+        self.measure = measure
+        self.kinds = {name: layer_kind(m) for name, m in selected}
+        self.layers: dict[str, tuple[str, str]] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.samples: dict[str, int] = {}
+        self.masks: dict = {}  # (d, device) -> upper-triangle mask
+        self.mask = None
+        self.seen: list = []  # this batch: (weakref to an input, signature, key)
+        self.calls: dict[str, list[int]] = {}  # this batch: layer -> indices into seen
+        self.handles = [m.register_forward_pre_hook(self._hook(name, m)) for name, m in selected]
+
+    def begin(self, mask) -> None:
+        self.mask, self.seen, self.calls = mask, [], {}
+
+    def _hook(self, name: str, module: nn.Module):
+        def hook(_module, args):
+            self._observe(name, module, args)
+            if self.stop_early and len(self.calls) == len(self.selected):
+                raise _StopForward
+        return hook
+
+    def _observe(self, name: str, module: nn.Module, args) -> None:
+        kind = self.kinds[name]
+        if kind == "conv_transpose" and len(args) > 1 and args[1] is not None:
+            raise ValueError(f"layer {name!r}: calibration of a ConvTranspose called with output_size is not "
+                             "supported; call it without output_size (set output_padding instead)")
+        x, sig = args[0], _signature(module, kind)
+        known = self.layers.get(name, (None,))[0]
+        index = next((i for i, (ref, s, k) in enumerate(self.seen)
+                      if ref() is x and s == sig and known in (None, k)), None)
+        if known is None:
+            self.layers[name] = (self.seen[index][2] if index is not None else name, kind)
+        key = self.layers[name][0]
+        if index is None:
+            if self.measure:
+                self._add(key, module, kind, _columns(module, kind, x.detach(), self.mask), x.device)
+            self.seen.append((weakref.ref(x), sig, key))
+            index = len(self.seen) - 1
+        self.calls.setdefault(name, []).append(index)
+
+    def _add(self, key: str, module: nn.Module, kind: str, cols: torch.Tensor, device) -> None:
+        d = module.num_embeddings if kind == "embedding" else cols.shape[-1]
+        if key not in self.sums:
+            self.sums[key] = torch.zeros(d if kind == "embedding" else d * (d + 1) // 2, dtype=torch.float64,
+                                         device=device)
+            self.samples[key] = 0
+        if kind != "embedding" and (d, device) not in self.masks:
+            self.masks[(d, device)] = torch.ones(d, d, dtype=torch.bool, device=device).triu()
+        _accumulate(self.sums[key], module, kind, cols, self.masks.get((d, device)))
+        self.samples[key] += int(cols.shape[0])
+
+    def end(self, batch_index: int) -> None:
+        """Check that layers sharing a statistic were fed the same tensors in this batch."""
+        by_key: dict[str, tuple[str, list[int]]] = {}
+        for name, calls in self.calls.items():
+            key = self.layers[name][0]
+            first = by_key.setdefault(key, (name, calls))
+            if first[1] != calls:
+                raise ValueError(f"layers {first[0]!r} and {name!r} shared their input in an earlier batch but not in "
+                                 f"batch {batch_index}; calibrate them separately (include=...)")
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _attention_mask(batch) -> torch.Tensor | None:
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
+    return None
+
+
+def run_batch(model: nn.Module, batch):
+    """``model(**batch)`` for a dict, ``model(*batch)`` for a tuple/list, ``model(batch)`` otherwise."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _select(model: nn.Module, include, exclude, layers) -> list[tuple[str, nn.Module]]:
+    selected, skipped = select_layers(model, include, exclude)
+    if layers is None:
+        return selected
+    wanted = list(layers)
+    chosen = [(n, m) for n, m in selected if n in set(wanted)]
+    if len(chosen) < len(set(wanted)):
+        reasons = {n: r for n, _, r in skipped}
+        bad = [f"{n!r} ({reasons.get(n, 'not a supported layer of the model, or left out by include/exclude')})"
+               for n in wanted if n not in dict(chosen)]
+        raise ValueError("calibrate: cannot calibrate " + ", ".join(bad[:4]))
+    return chosen
+
+
+def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, progress: bool, stop_early: bool,
+             measure: bool) -> _Collector:
+    """Run the batches with the hooks of a :class:`_Collector` on the selected layers (eval mode, no gradients,
+    training flags restored)."""
+    selected = _select(model, include, exclude, layers)
+    if not selected:
+        raise ValueError("calibrate: no layer selected; check include/exclude (supported: Linear, Conv1/2/3d, "
+                         "ConvTranspose1/2/3d, Embedding; converted layers are calibrated on the dense model)")
+    flags = {m: m.training for m in model.modules()}
+    collector = _Collector(selected, stop_early, measure)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="calibrate", unit="batch")
+    model.eval()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(iterator):
+                collector.begin(_attention_mask(batch))
+                try:
+                    run_batch(model, batch)
+                except _StopForward:
+                    pass
+                collector.end(i)
+    finally:
+        collector.close()
+        for m, flag in flags.items():
+            m.training = flag
+    missing = [n for n, _ in selected if n not in collector.layers]
+    if missing:
+        raise ValueError(f"calibrate: layers {missing[:4]} never ran on the batches; exclude them or check the "
+                         "batches")
+    return collector
+
+
+def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, progress: bool = False,
+              stop_early: bool = False, layers: Iterable[str] | None = None) -> Calibration:
+    """Stream ``batches`` through ``model`` (eval mode, no gradients) and return each selected layer's statistic.
+
+    Args:
+        batches: tensors (``model(x)``), tuples (``model(*b)``) or dicts (``model(**b)``, e.g. tokenizer outputs; an
+            ``attention_mask`` entry (B, T) leaves padded positions out of Linear and Embedding statistics).
+        include / exclude: layer selection as in :func:`torch_sttp.convert` (:func:`torch_sttp.layers.select_layers`).
+        progress: a progress bar over the batches.
+        stop_early: end each forward pass as soon as every selected layer has seen its input (when only some
+            early layers are calibrated; assumes each selected layer runs once per forward).
+        layers: qualified names; only these layers (each must be selectable) are calibrated.
+
+    Every module's training flag is restored afterwards. Raises ValueError if no layer is selected, if a selected
+    layer never runs, or if layers that shared an input stop sharing it in a later batch.
+    """
+    c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True)
+    return Calibration(c.layers, c.sums, c.samples, packed=True)
+
+
+def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=None) -> list[list[str]]:
+    """The selected layers grouped by shared input (as :meth:`Calibration.groups`), groups in the order they run,
+    from one forward pass of ``batch``; no statistic is computed."""
+    c = _collect(model, [batch], include, exclude, layers, False, False, measure=False)
+    groups: dict[str, list[str]] = {}
+    for name, (key, _) in c.layers.items():
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progress: bool = False):
+    """For sequential compression: yields ``(group, statistics)`` for each group of layers fed by the same input,
+    in forward order, computing each group's statistics on the model *as it is when the group's turn comes*.
+
+    The caller compresses the layers of ``group`` (in place, keeping their names) before asking for the next group,
+    so that each later layer is calibrated on the outputs of the already compressed ones. ``batches`` must be
+    re-iterable (a list); the order and the groups come from one forward pass of the first batch; each group then
+    costs one pass over ``batches`` stopped after the group's layers (``stop_early``).
+    """
+    names = list(names)
+    if iter(batches) is batches:
+        raise ValueError("sequential compression needs re-iterable batches (a list), not a one-shot iterator")
+    first = next(iter(batches), None)
+    if first is None:
+        raise ValueError("sequential compression: no batch given")
+    for group in forward_groups(model, first, layers=names):
+        yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True)
+
+
+def _output_tensor(output) -> torch.Tensor:
+    """The tensor a model's output stands for: itself, ``last_hidden_state``, or the first tensor of a
+    tuple/list/dict."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "last_hidden_state", None) is not None:
+        return output.last_hidden_state
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"layer_sensitivity: cannot find a tensor in a {type(output).__name__} model output")
+
+
+def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude=None, layers=None,
+                      seed: int = 0) -> dict[str, float]:
+    """How much the model's output moves per unit of error in each selected layer's output.
+
+    s_l = E_t ‖J_{l,t}‖²_F / d_out, J_{l,t} the Jacobian of the model's output (its tensor, see distillation's
+    ``first_tensor``) with respect to layer l's output at input column t (a token, an output position): one
+    backward pass per batch of vᵀ·output with v ~ N(0, I) (Hutchinson: E‖Jᵀv‖² = ‖J‖²_F), in eval mode. An
+    error δ of layer l's output that is spread evenly over its d_out outputs moves the model's output by about
+    s_l·‖δ‖², so s_l·‖(W − Ŵ)·L‖²_F makes the whitened losses of different layers comparable. Masked positions
+    are left out as in :func:`calibrate`; training flags are restored, parameter gradients are left untouched.
+    """
+    selected = _select(model, include, exclude, layers)
+    kinds = {n: layer_kind(m) for n, m in selected}
+    generator = torch.Generator().manual_seed(seed)
+    totals = {n: 0.0 for n, _ in selected}
+    counts = {n: 0 for n, _ in selected}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(_module, _args, out):
+            out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
+            out.retain_grad()
+            outputs[name] = out
+            return out
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in selected]
+    model.eval()
+    try:
+        for batch in batches:
+            outputs.clear()
+            with torch.enable_grad():
+                out = _output_tensor(run_batch(model, batch))
+                probe = torch.randn(out.shape, generator=generator).to(out)
+                grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
+            mask = _attention_mask(batch)
+            for name, g in zip(list(outputs), grads):
+                if g is None:
+                    continue
+                if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
+                    g = g[mask.to(device=g.device, dtype=torch.bool)]
+                if kinds[name] in ("conv", "conv_transpose"):
+                    g = g.movedim(1, -1)  # channels last: one column per output position
+                cols = g.reshape(-1, g.shape[-1])
+                totals[name] += float((cols.double() ** 2).sum()) / cols.shape[1]
+                counts[name] += cols.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}

@@ -1,0 +1,136 @@
+"""Data-aware conversion of a pretrained model: every selected layer projected in its whitened metric
+(:mod:`torch_sttp.whitening`) and loaded into SVDP/STTP by ``convert(init="pretrained")``, optionally sequentially.
+
+    >>> stats = torch_sttp.calibrate(model, batches, include=nn.Linear)
+    >>> result = project_whitened(model, "svdp", plan, stats)             # converted in place
+    >>> result.whitened_errors, torch_sttp.ranks.projection_errors(model)
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from .calibration import Calibration, calibrate, sequential_statistics
+from .layers import select_layers
+from .options import check_method, check_rank, check_spectrum
+from .surgery import conversion, convert
+from .whitening import DAMPING, REFINE_ITERS, layer_metric, project_layer
+
+__all__ = ["WhitenedProjection", "project_whitened"]
+
+
+@dataclass
+class WhitenedProjection:
+    """What :func:`project_whitened` did: per layer the :class:`LayerProjection` (without its weight), the relative
+    weight error ‖W − Ŵ‖_F/‖W‖_F of the converted layer (``errors``, as :func:`torch_sttp.ranks.projection_errors`)
+    and the relative whitened error (``whitened_errors``); the seconds spent projecting (statistics of a
+    sequential run included) and, for a sequential run, in its calibration passes."""
+
+    layers: dict
+    errors: dict
+    whitened_errors: dict
+    seconds: float
+    calibration_seconds: float = 0.0
+
+
+def _rank_map(model: nn.Module, rank, include, exclude) -> dict[str, int]:
+    if isinstance(rank, Mapping):
+        selected, _ = select_layers(model, None, None, dict(rank))
+        return {n: int(rank[n]) for n, _ in selected}
+    check_rank(rank)
+    selected, _ = select_layers(model, include, exclude)
+    return {n: rank for n, _ in selected}
+
+
+def _write(module: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: int, compare: bool):
+    """Project one layer and write Ŵ into its dense weight; the returned record keeps no weight."""
+    proj = project_layer(module, method, rank, metric, refine_iters, compare)
+    _write(module, proj.weight)
+    proj.weight = None
+    return proj
+
+
+def _project_all(model, method, ranks, calibration, batches, sequential, damping, refine_iters, progress, compare):
+    """Project every layer of ``ranks`` and write Ŵ into its dense weight (in place); returns
+    ({name: LayerProjection}, seconds spent in sequential calibration passes)."""
+    modules = dict(model.named_modules())
+    out, calib_seconds = {}, 0.0
+    if sequential:
+        t = time.perf_counter()
+        for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
+            calib_seconds += time.perf_counter() - t
+            for name in group:
+                out[name] = _project(modules[name], method, ranks[name],
+                                     layer_metric(stats, name, modules[name], damping), refine_iters, compare)
+            t = time.perf_counter()
+        return out, calib_seconds
+    missing = [n for n in ranks if n not in calibration]
+    if missing:
+        raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
+    for name in ranks:
+        out[name] = _project(modules[name], method, ranks[name],
+                             layer_metric(calibration, name, modules[name], damping), refine_iters, compare)
+    return out, calib_seconds
+
+
+def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
+                     batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
+                     damping: float = DAMPING, refine_iters: int = REFINE_ITERS, compare: bool = False,
+                     progress: bool = False, **convert_kwargs) -> WhitenedProjection:
+    """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
+
+    ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
+    :class:`~torch_sttp.ranks.RankPlan`. Each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data
+    (:func:`project_layer`) and is loaded exactly into the ``method`` ("svdp"/"sttp") form by
+    ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``).
+
+    Non-sequential: ``calibration`` holds the statistics of every projected layer (computed from ``batches`` when
+    None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
+    together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
+    already projected (:func:`torch_sttp.calibration.sequential_statistics`), so later layers absorb the errors of
+    earlier ones. On an error the dense weights are restored. The relative weight errors are recorded on the
+    conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
+    data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
+    """
+    check_method(method)
+    check_spectrum(spectrum)
+    if "init" in convert_kwargs:
+        raise ValueError("project_whitened always converts with init='pretrained'")
+    ranks = _rank_map(model, rank, include, exclude)
+    if sequential or calibration is None:
+        if batches is None:
+            raise ValueError("project_whitened needs calibration statistics or batches (sequential=True needs "
+                             "batches)")
+        if calibration is None and not sequential:
+            calibration = calibrate(model, batches, layers=list(ranks), progress=progress)
+    modules = dict(model.named_modules())
+    originals = {n: modules[n].weight.detach().clone() for n in ranks}
+    t0 = time.perf_counter()
+    try:
+        layers, calib_seconds = _project_all(model, method, ranks, calibration, batches, sequential, damping,
+                                             refine_iters, progress, compare)
+        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
+    except BaseException:
+        for n, w in originals.items():
+            if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
+                _write(modules[n], w)
+        raise
+    seconds = time.perf_counter() - t0
+    errors = {}
+    with torch.no_grad():
+        for n, w in originals.items():
+            norm = float(torch.linalg.vector_norm(w.double()))
+            diff = float(torch.linalg.vector_norm(w.double() - modules[n].weight.detach().double()))
+            errors[n] = diff / norm if norm > 0 else diff
+    conversion(model).record_projection(errors, seconds)
+    return WhitenedProjection(layers, errors, {n: p.relative_error for n, p in layers.items()}, seconds,
+                              calib_seconds)

@@ -1,0 +1,417 @@
+"""Data-aware projection of one layer's pretrained weight onto SVDP/STTP: the whitened metric, whitened truncation
+and its losses (the model-level projection is :func:`torch_sttp.data_aware.project_whitened`).
+
+With a layer's calibration statistic C = E[x xᵀ] (:mod:`torch_sttp.calibration`) and L its Cholesky factor
+(L·Lᵀ = C), the error of the layer's output over the calibration data is
+
+    ‖(W − Ŵ)·X‖²_F / N = tr((W − Ŵ)·C·(W − Ŵ)ᵀ) = ‖(W − Ŵ)·L‖²_F          (the *whitened loss*).
+
+* **SVDP** (and plain two factors): with W·L = P·Σ·Qᵀ, Ŵ = P_rΣ_rQ_rᵀ·L⁻¹ is the exact minimiser over all matrices
+  of rank ≤ r, and its loss is Σ_{i>r} σ_i² (each dropped singular value of W·L costs exactly its square).
+* **STTP**: a TT-SVD in the whitened metric — the sweep over the d_out modes runs on W·L (left projections commute
+  with the whitening, so each of these truncations is optimal in the metric), the d_in side is the TT-SVD of the
+  unwhitened remainder — then L-BFGS steps on ‖(W − Ŵ)·L‖² over the cores. The result is the best, in the
+  whitened metric, of the data-free TT-SVD, the whitened TT-SVD and the refined train: never worse than the
+  data-free projection.
+* **Embedding**: the metric weighs the rows, ‖diag(√f)·(W − Ŵ)‖_F with f the token frequencies; the same
+  algorithms run on the transposed problem (the tensor with its modes reversed).
+
+**Damping**: C is replaced by C + λ·mean(diag C)·I (λ = ``damping``, default :data:`DAMPING`), so L exists when
+C is singular (fewer samples than inputs, dead inputs, a constant feature); directions the data never excites are
+then fitted as in the data-free projection, with the small weight λ. A statistic that is all zero gives the
+identity metric (data-free). Large λ tends to the data-free projection.
+
+The projected Ŵ has rank ≤ r (SVDP) or TT ranks within the STTP bonds, so loading it with the parametrization's
+``right_inverse`` (``convert(init="pretrained")``) is exact for the spectrum ``"free"``. With ``"normalized"`` the
+layer keeps Ŵ/σ_max(Ŵ) and with ``"identity"`` Ŵ's singular values become 1, as for any dense weight, so the
+whitened optimality holds only for ``"free"``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import RankCandidates
+from .calibration import Calibration, layer_kind
+from .layers import layout_shape, matrix_to_weight, select_layers, weight_matrix
+from .options import check_method, check_rank, check_spectrum
+from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
+
+__all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
+           "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer",
+           "truncation_candidates"]
+
+DAMPING = 1e-3
+REFINE_ITERS = 5
+CANDIDATE_METHODS = ("svd", "svdp", "sttp")
+
+
+class Whitener:
+    """The metric ‖E‖²_C = tr(E·C·Eᵀ) on the columns of a matrix E (…, d): C (d × d, symmetric positive definite,
+    factor L lower triangular with L·Lᵀ = C) or a positive diagonal c (d,) (factor √c)."""
+
+    def __init__(self, gram: torch.Tensor):
+        self.gram = gram
+        self.diagonal = gram.dim() == 1
+        fix = "the statistic is singular; use damping > 0 (layer_metric(..., damping=...))"
+        if self.diagonal:
+            if not bool((gram > 0).all()):
+                raise ValueError(f"metric weights must be positive: {fix}")
+            self.factor = gram.sqrt()
+        else:
+            factor, info = torch.linalg.cholesky_ex(gram)
+            if int(info) != 0:
+                raise ValueError(f"metric is not positive definite: {fix}")
+            self.factor = factor
+
+    def apply(self, m: torch.Tensor) -> torch.Tensor:
+        """m·L."""
+        return m * self.factor if self.diagonal else m @ self.factor
+
+    def solve(self, m: torch.Tensor) -> torch.Tensor:
+        """m·L⁻¹."""
+        if self.diagonal:
+            return m / self.factor
+        return torch.linalg.solve_triangular(self.factor, m, upper=False, left=False)
+
+    def gram_apply(self, e: torch.Tensor) -> torch.Tensor:
+        """e·C."""
+        return e * self.gram if self.diagonal else e @ self.gram
+
+    def loss(self, e: torch.Tensor) -> float:
+        """tr(e·C·eᵀ) = ‖e·L‖²_F."""
+        return float((e * self.gram_apply(e)).sum())
+
+    def marginal(self, lead: int) -> "Whitener":
+        """The metric on the trailing index t of columns (a, t), a < ``lead``: the partial trace Σ_a C[(a,·),(a,·)]
+        / lead (the metric a column error that repeats for every a would see, cross-a correlations left out)."""
+        if self.diagonal:
+            return Whitener(self.gram.reshape(lead, -1).mean(0))
+        trail = self.gram.shape[0] // lead
+        return Whitener(self.gram.reshape(lead, trail, lead, trail).diagonal(dim1=0, dim2=2).mean(-1))
+
+
+def _damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
+    """C + λ·mean(diag C)·I (a vector moment: c + λ·mean(c)); the identity when C is zero."""
+    diag = moment if moment.dim() == 1 else moment.diagonal()
+    scale = float(diag.mean())
+    if not scale > 0:
+        return torch.ones_like(diag) if moment.dim() == 1 else torch.eye(len(diag), dtype=moment.dtype,
+                                                                         device=moment.device)
+    if moment.dim() == 1:
+        return moment + damping * scale
+    return moment + torch.diag(torch.full_like(diag, damping * scale))
+
+
+@dataclass
+class LayerMetric:
+    """A layer's whitened metric: ``gram`` is the damped E[x xᵀ] on the d_in columns of W (d_in × d_in), or — with
+    ``rows`` — the damped token frequencies on its d_out rows (an Embedding)."""
+
+    gram: torch.Tensor
+    rows: bool = False
+    _whitener: Whitener | None = field(default=None, repr=False)
+
+    @classmethod
+    def identity(cls, d_in: int, dtype=torch.float64, device=None) -> "LayerMetric":
+        """The data-free metric ‖W − Ŵ‖_F."""
+        return cls(torch.ones(d_in, dtype=dtype, device=device))
+
+    def whitener(self, out_modes=None) -> Whitener:
+        """The :class:`Whitener` of the working matrix (see :meth:`working`)."""
+        if not self.rows:
+            if self._whitener is None:
+                self._whitener = Whitener(self.gram)
+            return self._whitener
+        modes = list(out_modes) if out_modes else [len(self.gram)]
+        return Whitener(self.gram.reshape(modes).permute(*reversed(range(len(modes)))).reshape(-1))
+
+    def working(self, w: torch.Tensor, out_modes, in_modes) -> torch.Tensor:
+        """The matrix the algorithms run on, the metric on its columns: W itself, or for a row metric the tensor W
+        (out_modes + in_modes) with its axes reversed, as a (d_in × d_out) matrix."""
+        if not self.rows:
+            return w
+        modes = list(out_modes) + list(in_modes)
+        return w.reshape(modes).permute(*reversed(range(len(modes)))).reshape(w.shape[1], w.shape[0])
+
+    def restore(self, m: torch.Tensor, out_modes, in_modes) -> torch.Tensor:
+        """Inverse of :meth:`working`."""
+        if not self.rows:
+            return m
+        modes = list(out_modes) + list(in_modes)
+        d_out = math.prod(out_modes)
+        return m.reshape(modes[::-1]).permute(*reversed(range(len(modes)))).reshape(d_out, -1)
+
+    def loss(self, w: torch.Tensor, approx: torch.Tensor) -> float:
+        """‖(W − Ŵ)·L‖²_F (or ‖diag(√f)(W − Ŵ)‖²_F for a row metric)."""
+        e = (w - approx).to(self.gram.dtype)
+        if self.rows:
+            return float((e * e * self.gram[:, None]).sum())
+        return self.whitener().loss(e)
+
+
+def layer_metric(calibration: Calibration | None, name: str, module: nn.Module,
+                 damping: float = DAMPING) -> LayerMetric:
+    """The whitened metric of layer ``name`` from its calibration statistic (damped, see the module docstring);
+    ``calibration=None`` gives the data-free metric. Raises ValueError when the statistic does not fit the layer."""
+    d_out, d_in = weight_matrix(module).shape
+    if calibration is None:
+        return LayerMetric.identity(d_in, device=module.weight.device)
+    kind = layer_kind(module)
+    if name not in calibration:
+        raise ValueError(f"layer {name!r} has no calibration statistic; calibrate the model with this layer "
+                         "selected (torch_sttp.calibrate(model, batches, include=...))")
+    if calibration.kind(name) != kind:
+        raise ValueError(f"layer {name!r} is a {kind} layer but its statistic is of a {calibration.kind(name)} "
+                         "layer; calibrate this model again")
+    moment = calibration.moment(name).to(device=module.weight.device)
+    want = (d_out,) if kind == "embedding" else (d_in, d_in)
+    if tuple(moment.shape) != want:
+        raise ValueError(f"layer {name!r}: calibration statistic of shape {tuple(moment.shape)} does not fit its "
+                         f"weight matrix ({d_out} × {d_in}, needs {want}); calibrate this model again")
+    if not damping >= 0:
+        raise ValueError(f"damping must be ≥ 0, got {damping!r}")
+    return LayerMetric(_damped(moment, damping), rows=kind == "embedding")
+
+
+# ------------------------------------------------------------------------------------------------ algorithms
+def whitened_svd(matrix: torch.Tensor, whitener: Whitener, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M̂, σ): M̂ = P_rΣ_rQ_rᵀ·L⁻¹ from the SVD M·L = PΣQᵀ — the rank-``rank`` matrix minimising ‖(M − M̂)·L‖_F —
+    and all singular values σ of M·L (descending; the loss of M̂ is Σ_{i>r} σ_i²). ``matrix`` (m × d)."""
+    p, s, qh = torch.linalg.svd(whitener.apply(matrix), full_matrices=False)
+    r = min(rank, len(s))
+    return whitener.solve((p[:, :r] * s[:r]) @ qh[:r]), s
+
+
+def whitened_train(matrix: torch.Tensor, row_modes, col_modes, ranks, whitener: Whitener) -> list[torch.Tensor]:
+    """TT cores (R_{k−1}, n_k, R_k) over ``row_modes + col_modes`` with bond ranks ``ranks`` (a TT-SVD in the
+    whitened metric). ``matrix`` is (∏row_modes × ∏col_modes), the metric on its columns.
+
+    Row-mode bonds: the TT-SVD sweep runs on M·L (a projection from the left commutes with the whitening, so each
+    truncation is the optimal one in the metric given the previous ones). Column-mode bond k (its left part holds
+    the first k column modes, index a, its right part the rest, index t): the remainder is whitened on t by the
+    Cholesky factor of the partial trace Σ_a C[(a,·),(a,·)] (:meth:`Whitener.marginal`), truncated, unwhitened.
+    """
+    row_modes, col_modes = list(row_modes), list(col_modes)
+    if not col_modes:
+        return tt_svd(matrix.reshape(row_modes or [1]), ranks if row_modes else [1, 1])
+    k, d_cols = len(row_modes), matrix.shape[1]
+    left = tt_svd(whitener.apply(matrix).reshape(row_modes + [d_cols]), list(ranks[:k + 1]) + [1])
+    rest = whitener.solve(left[-1].reshape(ranks[k], d_cols))
+    cores, lead = left[:-1], 1
+    for j, n in enumerate(col_modes[:-1]):
+        lead *= n
+        mat = rest.reshape(ranks[k + j] * n, d_cols // lead)
+        trailing = whitener.marginal(lead)
+        p, s, qh = torch.linalg.svd(trailing.apply(mat), full_matrices=False)
+        r = ranks[k + j + 1]
+        cores.append(p[:, :r].reshape(ranks[k + j], n, r))
+        rest = trailing.solve(s[:r, None] * qh[:r])
+    cores.append(rest.reshape(ranks[-2], col_modes[-1], 1))
+    return cores
+
+
+def _train_matrix(cores, shape, split: int) -> torch.Tensor:
+    """The (rows × cols) matrix of a train whose first ``split`` cores carry the row modes: (row cores contracted
+    from the left) · (column cores contracted from the right), the cheap order for both sides."""
+    one = torch.ones(1, 1, dtype=cores[0].dtype, device=cores[0].device)
+    left = contract_train(cores[:split]) if split else one
+    right = contract_train_from_right(cores[split:]) if split < len(cores) else one
+    return (left @ right).reshape(shape)
+
+
+def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
+                 tolerance: float = 1e-6) -> list[torch.Tensor]:
+    """Cores after up to ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F,
+    stopping once an iteration gains less than ``tolerance`` of that relative loss; the gradient with respect to
+    the train is −2·(M − train)·C, backpropagated into the cores (the first ``split`` carry the row modes)."""
+    params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
+    if iters <= 0 or not params:
+        return [p.detach() for p in params]
+    scale = 1.0 / max(whitener.loss(matrix), 1e-300)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=5, tolerance_grad=1e-12,
+                            tolerance_change=tolerance, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        approx = _train_matrix(params, matrix.shape, split)
+        err = matrix - approx.detach()
+        weighted = whitener.gram_apply(err)
+        approx.backward(-2.0 * scale * weighted)
+        return (err * weighted).sum() * scale
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return [p.detach() for p in params]
+
+
+def _reverse_train(cores) -> list[torch.Tensor]:
+    """The train of the tensor with its axes reversed."""
+    return [c.permute(2, 1, 0) for c in reversed(cores)]
+
+
+@dataclass
+class LayerProjection:
+    """One layer's data-aware projection: ``weight`` (the layer's weight shape, float64) and, in the whitened
+    metric, its ``loss`` ‖(W − Ŵ)·L‖²_F, the ``energy`` ‖W·L‖²_F, the loss of the data-free projection at the same
+    rank (``data_free_loss``), the rank-R optimum over all matrices (``bound``, R the middle rank) and for STTP the
+    loss of the whitened TT-SVD before refinement (``tt_svd_loss``) and which candidate won (``source``); NaN
+    where not computed (``compare=False``)."""
+
+    weight: torch.Tensor
+    loss: float
+    energy: float
+    data_free_loss: float
+    bound: float
+    tt_svd_loss: float | None = None
+    source: str = "whitened"
+
+    @property
+    def relative_error(self) -> float:
+        """√(loss / energy): the relative error of the layer's output on the calibration data."""
+        return math.sqrt(self.loss / self.energy) if self.energy > 0 else 0.0
+
+
+def _svd_projection(w: torch.Tensor, rank: int, metric: LayerMetric, compare: bool) -> LayerProjection:
+    m = metric.working(w, [w.shape[0]], [w.shape[1]])
+    whitener = metric.whitener()
+    approx, s = whitened_svd(m, whitener, rank)
+    r = min(rank, len(s))
+    loss = float((s[r:] ** 2).sum())
+    data_free = math.nan
+    if compare:
+        u, s0, vh = torch.linalg.svd(w, full_matrices=False)
+        data_free = metric.loss(w, (u[:, :r] * s0[:r]) @ vh[:r])
+    w_hat = metric.restore(approx, [w.shape[0]], [w.shape[1]])
+    return LayerProjection(w_hat, loss, float((s ** 2).sum()), data_free, loss)
+
+
+def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, iters: int,
+                     compare: bool) -> LayerProjection:
+    out_modes, in_modes = split_modes(shape, "sttp")
+    modes = out_modes + in_modes
+    ranks = tt_ranks(modes, rank)
+    energy = metric.loss(w, torch.zeros_like(w))
+    if ranks == tt_ranks(modes, math.prod(modes)):  # no bond is truncated: exact
+        return LayerProjection(w.clone(), 0.0, energy, 0.0, 0.0, 0.0, "exact")
+    m = metric.working(w, out_modes, in_modes)
+    whitener = metric.whitener(out_modes)
+    bound = math.nan
+    if compare:
+        bound = float((torch.linalg.svdvals(whitener.apply(m))[ranks[len(out_modes)]:] ** 2).sum())
+    data_free = tt_svd(w.reshape(modes), ranks)
+    if metric.rows:
+        data_free, row_modes, col_modes, ranks = _reverse_train(data_free), in_modes[::-1], out_modes[::-1], ranks[::-1]
+    else:
+        row_modes, col_modes = out_modes, in_modes
+    split = len(row_modes)
+    trains = {"data_free": data_free, "whitened": whitened_train(m, row_modes, col_modes, ranks, whitener)}
+    losses = {k: whitener.loss(m - _train_matrix(c, m.shape, split)) for k, c in trains.items()}
+    start = min(losses, key=losses.get)
+    trains["refined"] = refine_train(trains[start], m, whitener, split, iters)
+    losses["refined"] = whitener.loss(m - _train_matrix(trains["refined"], m.shape, split))
+    best = min(losses, key=losses.get)
+    w_hat = metric.restore(_train_matrix(trains[best], m.shape, split), out_modes, in_modes)
+    return LayerProjection(w_hat, losses[best], energy, losses["data_free"], bound, losses["whitened"], best)
+
+
+def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric,
+                  refine_iters: int = REFINE_ITERS, compare: bool = True) -> LayerProjection:
+    """The data-aware projection of one layer's weight at rank cap ``rank`` (``method`` "svdp" or "sttp"; the
+    weights of two plain factors are those of "svdp"); see the module docstring. Without ``compare`` the
+    informative ``bound`` (and for SVDP ``data_free_loss``) are NaN, saving an SVD each."""
+    check_method(method)
+    check_rank(rank)
+    w = weight_matrix(module).detach().to(metric.gram.dtype)
+    if method == "svdp":
+        proj = _svd_projection(w, rank, metric, compare)
+    else:
+        proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters, compare)
+    proj.weight = matrix_to_weight(module, proj.weight, module.weight.shape)
+    return proj
+
+
+# ------------------------------------------------------------------------------------------- rank candidates
+def _method_dof(shape, method: str, rank: int, spectrum: str) -> int:
+    if method == "svd":  # two plain factors: r·(d_out + d_in)
+        d_out, d_in = shape[0], math.prod(shape[1:])
+        return min(rank, d_out, d_in) * (d_out + d_in)
+    return count_dof(tuple(shape), method, rank, spectrum)
+
+
+def _rank_grid(rmax: int, size: int) -> list[int]:
+    """About ``size`` ranks in 1…rmax: half spaced evenly, half geometrically (dense at small ranks)."""
+    grid = np.concatenate([np.linspace(1, rmax, max(2, size - size // 2)), np.geomspace(1, rmax, max(2, size // 2))])
+    return sorted({int(round(r)) for r in grid} | {rmax})
+
+
+def _svd_curve(w: torch.Tensor, metric: LayerMetric) -> np.ndarray:
+    """Whitened loss at every rank 0…min(d_out, d_in): the tail sums of the squared whitened singular values."""
+    m = metric.working(w, [w.shape[0]], [w.shape[1]])
+    s = torch.linalg.svdvals(metric.whitener().apply(m)).double() ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(s, [0]), 0), [0])
+    return np.concatenate([tail.cpu().numpy(), [0.0]])
+
+
+def _sttp_curve(w: torch.Tensor, shape, metric: LayerMetric, ranks: list[int]) -> list[float]:
+    """Measured whitened loss of the whitened TT-SVD (no refinement) at each rank cap of ``ranks``."""
+    out_modes, in_modes = split_modes(shape, "sttp")
+    modes = out_modes + in_modes
+    m = metric.working(w, out_modes, in_modes)
+    whitener = metric.whitener(out_modes)
+    rows, cols = (in_modes[::-1], out_modes[::-1]) if metric.rows else (out_modes, in_modes)
+    losses = []
+    for r in ranks:
+        bonds = tt_ranks(modes, r)
+        bonds = bonds[::-1] if metric.rows else bonds
+        train = whitened_train(m, rows, cols, bonds, whitener)
+        losses.append(whitener.loss(m - _train_matrix(train, m.shape, len(rows))))
+    return losses
+
+
+def truncation_candidates(model: nn.Module, method: str, calibration: Calibration | None = None, include=None,
+                          exclude=None, layers=None, spectrum: str = "free", damping: float = DAMPING,
+                          normalize: bool = False, weights: Mapping[str, float] | None = None,
+                          grid: int = 16) -> dict[str, RankCandidates]:
+    """Per layer, candidate ranks with their DOF and measured whitened truncation loss, for
+    :func:`torch_sttp.allocation.allocate_ranks`.
+
+    ``method`` "svd" (two plain factors, r·(d_out + d_in) DOF) or "svdp": every rank 1…min(d_out, d_in), loss
+    Σ_{i>r} σ_i² of the whitened spectrum (exact). "sttp": about ``grid`` rank caps up to the largest bond, loss
+    of the whitened TT-SVD measured at each (an upper bound on the refined projection's loss); DOF by
+    :func:`torch_sttp.tt.count_dof`. Losses are per calibration sample, in the units of the layer's output;
+    ``normalize`` divides each layer's losses by its ‖W·L‖²_F (relative output error²), ``weights`` ({layer:
+    factor}, e.g. :func:`torch_sttp.calibration.layer_sensitivity`) multiplies them. ``calibration=None``: the
+    data-free metric (losses are then the Frobenius truncation errors). ``layers`` (names) restricts the selection.
+    """
+    if method not in CANDIDATE_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {CANDIDATE_METHODS}")
+    check_spectrum(spectrum)
+    selected, _ = select_layers(model, include, exclude)
+    if layers is not None:
+        wanted = set(layers)
+        selected = [(n, m) for n, m in selected if n in wanted]
+    out = {}
+    with torch.no_grad():
+        for name, module in selected:
+            metric = layer_metric(calibration, name, module, damping)
+            w = weight_matrix(module).detach().to(metric.gram.dtype)
+            shape = layout_shape(module)
+            if method == "sttp":
+                modes = sum(split_modes(shape, "sttp"), [])
+                ranks = _rank_grid(max(tt_ranks(modes, math.prod(modes))), grid)
+                losses = _sttp_curve(w, shape, metric, ranks)
+            else:
+                curve = _svd_curve(w, metric)
+                ranks = list(range(1, len(curve)))
+                losses = list(curve[1:])
+            total = metric.loss(w, torch.zeros_like(w)) if normalize else 1.0
+            factor = (1.0 / total if total > 0 else 0.0) * (1.0 if weights is None else float(weights[name]))
+            out[name] = RankCandidates(tuple(ranks), tuple(_method_dof(shape, method, r, spectrum) for r in ranks),
+                                       tuple(x * factor for x in losses))
+    return out
