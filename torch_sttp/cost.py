@@ -18,6 +18,7 @@ from .parametrizations import SpectralParametrization
 __all__ = [
     "op_overhead_flops",
     "choose_path",
+    "frame_call_flops",
     "materialize_flops",
     "linear_costs",
     "conv_costs",
@@ -34,6 +35,12 @@ def op_overhead_flops(device: torch.device) -> float:
     ~50 GFLOP/s on a CPU core; about 10 µs at tens of TFLOP/s on an accelerator). Keeps "auto" from choosing a
     path of many tiny contractions, such as the TT path at batch 1, when one small GEMM is faster."""
     return 1e6 if device.type == "cpu" else 1e8
+
+
+def frame_call_flops(device: torch.device) -> float:
+    """What one more compact-WY call costs in the batched weight path, in FLOPs: about 40 operator calls (forward
+    and backward) at :func:`op_overhead_flops` each. Frame shapes are padded into one call while padding costs less."""
+    return 40 * op_overhead_flops(device)
 
 
 def choose_path(requested: str, costs: Mapping[str, float]) -> str:
