@@ -21,7 +21,7 @@ parametrizations absorb them into the spectrum or into the adjacent factor. :fun
 reproduces the frame itself without signs (used where no factor is left to absorb them).
 
 The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T Yᵀ with T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
-(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve.
+(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve (forming T).
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class WYConstants(NamedTuple):
     """Constants of the compact WY product of (B, n, r) frames (see :func:`wy_constants`)."""
 
-    eye: torch.Tensor             # (n, r): I_{n×r}
+    eye: torch.Tensor             # (n, r): I_{n×r} (its first r rows: I_r)
     mask: torch.Tensor            # (r, r): 1 above the diagonal, ½ on it, 0 below: T⁻¹ = (YᵀY)∘mask (+ offset)
     offset: torch.Tensor | None   # (B, r, r): diag(pad), 1 for zero-padded columns; None without padding
 
@@ -109,49 +109,51 @@ def wy_constants(n: int, r: int, pad: torch.Tensor | None = None, dtype: torch.d
     return WYConstants(eye, mask, offset)
 
 
-def _wy_factors(y: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None):
-    """(T⁻¹, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
-    (+ 1 on the diagonal of zero-padded columns, which decouples them from the real ones), X = T·Y_topᵀ."""
+def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None):
+    """(T, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): T = (T⁻¹)⁻¹ with
+    T⁻¹ = striu(YᵀY) + ½·diag(YᵀY) (+ 1 on the diagonal of zero-padded columns, which decouples them from the
+    real ones), and X = T·Y_topᵀ. T is formed once by a triangular solve (right-hand side I_r, the fast layout of
+    the batched solve); X, and the backward, are batched products."""
     r = y.shape[-1]
     gram = torch.bmm(y.mT, y)
     t_inv = gram * mask if offset is None else torch.addcmul(offset, gram, mask)
-    x = torch.linalg.solve_triangular(t_inv, y[..., :r, :].mT, upper=True)
-    return t_inv, x
+    t = torch.linalg.solve_triangular(t_inv, eye[:r], upper=True, left=False)
+    return t, torch.bmm(t, y[..., :r, :].mT)
 
 
 class _CompactWY(torch.autograd.Function):
     """Q = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r), with a hand-written backward.
 
     Written in the ``setup_context`` form with a generated vmap rule, so that it composes with ``torch.func``
-    (grad, vmap, jacrev). The outputs T⁻¹ and X are saved for the backward; callers use the first output only.
-    The backward is five batched products and one triangular solve (about 15 operator calls).
+    (grad, vmap, jacrev). The outputs T and X are saved for the backward; callers use the first output only.
+    The backward is six batched products (about 15 operator calls), no triangular solve.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None):
-        t_inv, x = _wy_factors(y, mask, offset)
-        return torch.baddbmm(eye, y, x, alpha=-1), t_inv, x
+        t, x = _wy_factors(y, eye, mask, offset)
+        return torch.baddbmm(eye, y, x, alpha=-1), t, x
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (y, _, mask, offset), (_, t_inv, x) = inputs, output
-        ctx.mark_non_differentiable(t_inv, x)
+        (y, eye, mask, offset), (_, t, x) = inputs, output
+        ctx.mark_non_differentiable(t, x)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(y, t_inv, x, mask, offset)
+        ctx.save_for_backward(y, t, x, eye, mask, offset)
 
     @staticmethod
-    def backward(ctx, grad_q: torch.Tensor | None, _grad_t_inv=None, _grad_x=None):
+    def backward(ctx, grad_q: torch.Tensor | None, _grad_t=None, _grad_x=None):
         if grad_q is None:
             return None, None, None, None
-        y, t_inv, x, mask, offset = ctx.saved_tensors
+        y, t, x, eye, mask, offset = ctx.saved_tensors
         double = torch.is_grad_enabled()
         if double:  # double backward: rebuild the factors inside the graph
-            t_inv, x = _wy_factors(y, mask, offset)
+            t, x = _wy_factors(y, eye, mask, offset)
         r = y.shape[-1]
         xt = x.mT
-        h = torch.linalg.solve_triangular(t_inv.mT, torch.bmm(y.mT, grad_q), upper=False)  # −∂/∂(Y_topᵀ)
+        h = torch.bmm(t.mT, torch.bmm(y.mT, grad_q))  # −∂/∂(Y_topᵀ)
         grad_gram = torch.bmm(h, xt) * mask
         grad_y = torch.baddbmm(torch.bmm(y, grad_gram + grad_gram.mT), grad_q, xt, alpha=-1)
         if double:

@@ -5,11 +5,11 @@ holds the constants of the computation — index maps, padding masks; :meth:`Wei
 layers' tensors (U reflectors, V reflectors[, S] each). Its number of operator calls grows with the number of
 distinct layer structures, not with the number of cores or layers:
 
-1. **frames** — the free reflector blocks of every core of every layer are gathered, by one ``index_select`` from
-   the concatenated parameters, into zero-padded Y batches, one per *family* of frame shapes
+1. **frames** — the free reflector blocks of every core of every layer are gathered, by one gather from the
+   concatenated parameters (its backward is the inverse gather, not a scatter), into zero-padded Y batches, one per *family* of frame shapes
    (:func:`~torch_sttp.frames.frame_families` weighs padding FLOPs against calls); each family is one compact-WY
    call, its padded rows and columns exactly inert;
-2. **trains** — the cores are gathered from the frames, by one ``index_select``, straight into the operand layout
+2. **trains** — the cores are gathered from the frames, by one gather, straight into the operand layout
    of batched contractions. The trains of one side are contracted from their outer end as a *forest*: layers
    whose modes begin alike share the steps of that common beginning (one ``bmm`` per step for all of them; U sides
    of d_out = 64, 128 and 256 share their first six steps), bond ranks zero-padded to the largest in the step.
@@ -135,9 +135,11 @@ class WeightPlan:
         self.operand_sizes = [math.prod(t.shape) for t in core_index]
         self.shapes, self.member_shape = self._shapes()
         self.y_numel = y_index.numel()
-        self.param_index = torch.cat([y_index, self._sigma_index(offsets)]).to(self.device)
-        self.core_index = (torch.cat([t.reshape(-1) for t in core_index]) if core_index
-                           else torch.zeros(0, dtype=torch.long)).to(self.device)
+        param_index = torch.cat([y_index, self._sigma_index(offsets)])
+        self.param_gather = (param_index.to(self.device), _inverse(param_index, total + 2, total).to(self.device))
+        core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
+        self.core_gather = (core.to(self.device),
+                            _inverse(core, self.frames_numel + 1, self.frames_numel).to(self.device))
         self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
         self.zero = torch.zeros(1, dtype=self.work, device=self.device)
         self.sigma_scale = self._sigma_scale()
@@ -332,7 +334,7 @@ class WeightPlan:
         """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
         flat = torch.cat([t for ts in tensors for t in ts] + [self.zero_one])
         with without_autocast(self.device):
-            gathered = flat.index_select(0, self.param_index)
+            gathered = _Gather.apply(flat, *self.param_gather)
             y, s = gathered.split([self.y_numel, gathered.numel() - self.y_numel]) if self.sigma_members else \
                 (gathered, None)
             frames = self._frames(y)
@@ -357,7 +359,7 @@ class WeightPlan:
         flat = torch.cat([q.view(-1) for q in frames] + [self.zero])
         if self.work != self.dtype:
             flat = flat.to(self.dtype)
-        gathered = flat.index_select(0, self.core_index)
+        gathered = _Gather.apply(flat, *self.core_gather)
         pieces = gathered.split(self.operand_sizes) if len(self.steps) > 1 else (gathered,)
         out = []
         for piece, step in zip(pieces, self.steps):
@@ -395,6 +397,39 @@ class WeightPlan:
         eps, normalized = self.sigma_scale
         scale = torch.maximum(s.abs().amax(-1, keepdim=True), eps)
         return s / torch.where(normalized, scale, torch.ones_like(scale))
+
+
+def _inverse(index: torch.Tensor, size: int, constants: int) -> torch.Tensor:
+    """For a gather ``out = src[index]`` from a source of ``size`` entries: where each source entry went (its
+    position in ``out``), or ``len(out)`` for entries never read and for the constant slots from ``constants`` on
+    (read many times; their gradient is not needed). Every other entry must be read at most once."""
+    inverse = torch.full((size,), index.numel(), dtype=torch.long)
+    real = index < constants
+    targets = index[real]
+    if targets.unique().numel() != targets.numel():
+        raise AssertionError("weight path: a gather reads a source entry twice")
+    inverse[targets] = torch.arange(index.numel())[real]
+    return inverse
+
+
+class _Gather(torch.autograd.Function):
+    """out = src[index] (1-D), where every non-constant source entry is read at most once; the backward is the
+    inverse gather ∂src = [∂out, 0][inverse] (a gather again, no scatter-add)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return src.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1)]).index_select(0, inverse), None, None
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
