@@ -311,27 +311,34 @@ def padded_householder_frames(
     return [q[i, : p.shape[-2], : p.shape[-1]] for i, p in enumerate(params)]
 
 
-def frame_flops(n: int, r: int) -> float:
-    """FLOPs of one (n, r) frame, forward + backward: ≈ 10·n·r² (five n×r×r products) + 3·r³ (the r×r solves)."""
-    return 10.0 * n * r * r + 3.0 * r**3
+FRAME_PASSES = 20  # memory passes over an (n, r) frame in its forward + backward (gathers, copies, products)
 
 
-def frame_families(shapes: Sequence[tuple[int, int]], call_flops: float) -> list[tuple[int, int, list[int]]]:
+def frame_flops(n: int, r: int, element_flops: float = 0.0) -> float:
+    """Cost of one (n, r) frame, forward + backward, in FLOPs: ≈ 10·n·r² (five n×r×r products) + 3·r³ (the r×r
+    solve and products), plus :data:`FRAME_PASSES` passes over its n·r entries at ``element_flops`` each (what
+    moving one entry costs, in FLOPs of the same time)."""
+    return 10.0 * n * r * r + 3.0 * r**3 + FRAME_PASSES * element_flops * n * r
+
+
+def frame_families(shapes: Sequence[tuple[int, int]], call_flops: float,
+                   element_flops: float = 0.0) -> list[tuple[int, int, list[int]]]:
     """Group frames of shapes (n_p, r_p) into families, each computed by one compact-WY call on frames zero-padded
     to the family's (max n, max r).
 
-    Two families merge while the FLOPs their padding adds (:func:`frame_flops` of the padded shape minus that of
-    the real shapes) stay below ``call_flops``, what one more call costs (its fixed per-call overhead, in FLOPs);
-    the cheapest merge is made first. Returns ``(N, R, indices into shapes)`` per family, largest first.
+    Two families merge while the cost their padding adds (:func:`frame_flops` of the padded shape minus that of the
+    real shapes, ``element_flops`` per entry moved) stays below ``call_flops``, what one more call costs (its fixed
+    per-call overhead, in FLOPs); the cheapest merge is made first. Returns ``(N, R, indices into shapes)`` per
+    family, largest first.
     """
     distinct: dict[tuple[int, int], list[int]] = {}
     for i, (n, r) in enumerate(shapes):
         _check_shape(int(n), int(r))
         distinct.setdefault((int(n), int(r)), []).append(i)
-    fams = [[n, r, members, len(members) * frame_flops(n, r)] for (n, r), members in distinct.items()]
+    fams = [[n, r, members, len(members) * frame_flops(n, r, element_flops)] for (n, r), members in distinct.items()]
 
     def merged_cost(a, b) -> float:
-        return (len(a[2]) + len(b[2])) * frame_flops(max(a[0], b[0]), max(a[1], b[1]))
+        return (len(a[2]) + len(b[2])) * frame_flops(max(a[0], b[0]), max(a[1], b[1]), element_flops)
 
     while len(fams) > 1:
         extra, i, j = min((merged_cost(a, b) - a[3] - b[3], i, j) for i, a in enumerate(fams)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .cost import frame_call_flops
+from .cost import weight_path_costs
 from .frames import without_autocast
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
@@ -89,8 +89,8 @@ class FramePlanner:
     """Computes the factors (U, σ, Vᵀ) of every converted layer of a model, frames batched across layers.
 
     ``batching``: ``"shape"`` groups the frames of the model into a few families of similar shapes, one padded
-    compact-WY call each (the family split weighs padding FLOPs against per-call overhead, see
-    :func:`torch_sttp.cost.frame_call_flops`); ``"padded"`` pads every frame of the model to one shape and makes a
+    compact-WY call each (the family split weighs padding against per-call overhead, see
+    :func:`torch_sttp.cost.weight_path_costs`); ``"padded"`` pads every frame of the model to one shape and makes a
     single call; ``"none"`` computes each layer on its own, as a layer called outside a forward pass does.
 
     Results are reused only within one forward pass of the root model (a graph is never shared between two passes,
@@ -317,8 +317,8 @@ class FramePlanner:
         if plan is None:
             if len(self._plans) >= 8:  # plans of member sets no longer in use
                 self._plans.clear()
-            call = None if self.batching == "padded" else frame_call_flops(torch.device(device))
-            plan = self._plans[key] = WeightPlan(params, dtype, device, call)
+            costs = weight_path_costs(torch.device(device))
+            plan = self._plans[key] = WeightPlan(params, dtype, device, costs, one_family=self.batching == "padded")
         return plan
 
 

@@ -15,8 +15,9 @@ distinct layer structures, not with the number of cores or layers:
    of d_out = 64, 128 and 256 share their first six steps), bond ranks zero-padded to the largest in the step.
    Modes are never padded (intermediate sizes are products of modes);
 3. **Σ** — the spectra of all layers are gathered into one zero-padded batch and normalised in one go;
-4. **weights** — on request, the weights of all layers of one shape are one batched product (U·Σ)·Vᵀ; a layer is
-   never padded to another shape.
+4. **weights** — on request, the weights of all layers of one shape are one batched product (U·Σ)·Vᵀ (or, where a
+   stack of their gradients would cost more than the calls it saves, one product per layer); a layer is never
+   padded to another shape.
 
 A side without cores (a dimension of 1) is the constant 1, tied to the concatenated parameters so that every
 parameter, empty ones included, takes part in the graph (DDP needs that). The padded computation equals the
@@ -31,6 +32,7 @@ from typing import Sequence
 
 import torch
 
+from .cost import WeightPathCosts, batch_weight_products
 from .frames import WYConstants, compact_wy, frame_families, without_autocast, wy_constants
 from .parametrizations import SpectralParametrization
 
@@ -99,7 +101,8 @@ class _Block:
 @dataclass(frozen=True)
 class _Shape:
     """The layers of one weight shape and where their factors lie: (block, piece) per side, or None for a side
-    without cores; ``sigma_rows`` their rows in the Σ batch, ``rank`` their padded middle rank."""
+    without cores; ``sigma_rows`` their rows in the Σ batch, ``rank`` their padded middle rank; ``batched``: their
+    weights are formed as one product (else layer by layer)."""
 
     members: tuple[int, ...]
     layout: tuple[int, ...]
@@ -108,23 +111,27 @@ class _Shape:
     u: tuple[int, int] | None
     v: tuple[int, int] | None
     sigma_rows: torch.Tensor | None
+    batched: bool  # weights formed as one batched product (else layer by layer)
 
 
 class WeightPlan:
     """The constants of the batched weight path for a list of parametrizations (see the module docstring).
 
-    ``call_flops``: the cost of one more compact-WY call in FLOPs (:func:`~torch_sttp.frames.frame_families`);
-    ``None`` pads every frame into a single family. ``dtype``/``device``: those of the layers' tensors.
+    ``costs`` (:func:`torch_sttp.cost.weight_path_costs`) decide how frames are grouped into padded families
+    (:func:`~torch_sttp.frames.frame_families`; ``one_family`` pads every frame into a single one) and whether the
+    weights of one shape are formed as one batched product (:func:`torch_sttp.cost.batch_weight_products`).
+    ``dtype``/``device``: those of the layers' tensors.
     """
 
     def __init__(self, params: Sequence[SpectralParametrization], dtype: torch.dtype, device: torch.device,
-                 call_flops: float | None) -> None:
+                 costs: WeightPathCosts, one_family: bool = False) -> None:
         self.params = list(params)
         self.dtype, self.device = dtype, torch.device(device)
         self.work = compute_dtype(dtype)
+        self.costs = costs
         offsets, total = self._tensor_offsets()
         self.zero_slot, self.one_slot = total, total + 1
-        self.families, y_index, self.frame_address = self._families(self._frame_list(offsets), call_flops)
+        self.families, y_index, self.frame_address = self._families(self._frame_list(offsets), one_family)
         self.frames_numel = sum(f.count * f.n * f.r for f in self.families)  # the zero after the flat frames
         self.sigma_members = [i for i, p in enumerate(self.params) if p.has_spectrum]
         self.sigma_rank = max((self.params[i].r_mid for i in self.sigma_members), default=0)
@@ -169,16 +176,16 @@ class WeightPlan:
                     start += a * b
         return frames
 
-    def _families(self, frames, call_flops):
+    def _families(self, frames, one_family: bool):
         """Families of frames, the Y gather index, and each frame's (family, slot, address in the flat frames,
         row stride)."""
         shapes = [(f[3], f[4]) for f in frames]
         if not frames:
             groups = []
-        elif call_flops is None:
+        elif one_family:
             groups = [(max(n for n, _ in shapes), max(r for _, r in shapes), list(range(len(frames))))]
         else:
-            groups = frame_families(shapes, call_flops)
+            groups = frame_families(shapes, self.costs.frame_call, self.costs.element)
         families, pieces, address, base = [], [], {}, 0
         for n_f, r_f, members in groups:
             pad = torch.zeros(len(members), r_f)
@@ -324,9 +331,10 @@ class WeightPlan:
             rows = self._rows([self.sigma_members.index(i) for i in members]) if p.has_spectrum else None
             for j, i in enumerate(members):
                 member_shape[i] = (s, j)
+            batched = batch_weight_products(len(members), p.d_out * p.d_in, self.costs)
             shapes.append(_Shape(tuple(members), p.layout_shape, p.transposed,
                                  max(self.params[i].r_mid for i in members), where.get((0, s)), where.get((1, s)),
-                                 rows))
+                                 rows, batched))
         return shapes, member_shape
 
     # ----------------------------------------------------------------------------------------------- running
@@ -530,12 +538,26 @@ class WeightPathResult:
         return out
 
     def weight(self, i: int) -> torch.Tensor:
-        """Member i's weight tensor (its layer's own layout), from its shape group's batched (U·Σ)·Vᵀ."""
+        """Member i's weight tensor (its layer's own layout): (U·Σ)·Vᵀ, from its shape group's batched product or
+        formed on its own (see :func:`torch_sttp.cost.batch_weight_products`)."""
         g, j = self.plan.member_shape[i]
-        return self._lazy(("weights", g), lambda: self._shape_weights(g))[j]
+        shape = self.plan.shapes[g]
+        if shape.batched or len(shape.members) == 1:
+            return self._lazy(("weights", g), lambda: self._shape_weights(g))[j]
+        return self._lazy(("weight", i), lambda: self._layer_weight(g, j))
 
     def _shape_weights(self, g: int) -> tuple:
         shape = self.plan.shapes[g]
         us = self._shape_side(g, 0, scaled=shape.sigma_rows is not None)
-        w = torch.bmm(us, self._shape_side(g, 1)).view(len(shape.members), *shape.layout)
+        w = torch.bmm(us, self._shape_side(g, 1))
+        if len(shape.members) == 1:  # a view, no unbind (whose backward would copy the gradient)
+            w = w.view(shape.layout)
+            return (w.transpose(0, 1) if shape.transposed else w,)
+        w = w.view(len(shape.members), *shape.layout)
         return (w.transpose(1, 2) if shape.transposed else w).unbind(0)
+
+    def _layer_weight(self, g: int, j: int) -> torch.Tensor:
+        shape = self.plan.shapes[g]
+        us = self._pieces(("us", g), lambda: self._shape_side(g, 0, scaled=shape.sigma_rows is not None))[j]
+        w = torch.mm(us, self._pieces(("v", g), lambda: self._shape_side(g, 1))[j]).view(shape.layout)
+        return w.transpose(0, 1) if shape.transposed else w
