@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="skip householder_product for the tallest shape (its backward is slow)"
     )
+    parser.add_argument("--no-hprod", action="store_true", help="skip householder_product's timing (a smoke run)")
     args = parser.parse_args(argv)
     if args.reps < 1 or args.hprod_reps < 1 or args.threads < 1:
         parser.error("--reps, --hprod-reps and --threads must be at least 1")
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with torch.no_grad():
                 max_diff = (work["ours"][2]().float() - work["hprod"][2]().float()).abs().max().item()
-            if args.quick and (b, n, r) == largest:
+            if args.no_hprod or (args.quick and (b, n, r) == largest):
                 hprod_note = "skipped"
             else:
                 timed = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)

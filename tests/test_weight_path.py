@@ -7,6 +7,7 @@ import contextlib
 import copy
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -368,4 +369,5 @@ def test_the_gpu_check_runs_on_a_cpu_and_writes_its_report(tmp_path):
         assert section in text, section
     assert "TARGET frames_fwd_bwd_B64_n128_r64" in text and "TARGET calls_sngan32-d_sttp_r16" in text
     assert "wrn28-10 sttp: step" in text and "sngan32-d+g sttp: step" in text
+    assert re.search(r"sngan32-d r=64 one training step .*dense \d+ calls .*sttp \d+ calls", text)
     assert "failed sections: none" in text

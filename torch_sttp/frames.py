@@ -42,6 +42,8 @@ __all__ = [
     "compact_wy",
     "WYConstants",
     "wy_constants",
+    "triangular_inverse",
+    "blocked_inverse_pays",
     "without_autocast",
     "free_block_shape",
     "householder_frame_free",
@@ -98,26 +100,61 @@ class WYConstants(NamedTuple):
     eye: torch.Tensor             # (n, r): I_{n×r} (its first r rows: I_r)
     mask: torch.Tensor            # (r, r): 1 above the diagonal, ½ on it, 0 below: T⁻¹ = (YᵀY)∘mask (+ offset)
     offset: torch.Tensor | None   # (B, r, r): diag(pad), 1 for zero-padded columns; None without padding
+    blocked: bool = False         # T by blocked inversion (batched products) instead of one triangular solve
+
+
+BLOCK = 16  # the diagonal blocks of a blocked triangular inverse
+
+
+def blocked_inverse_pays(r: int, device) -> bool:
+    """Whether T = (T⁻¹)⁻¹ is better formed by :func:`triangular_inverse`'s blocked products than by one batched
+    triangular solve: on a CPU for r = 16·2^k ≥ 32, where the batched solve (one small LAPACK call per matrix) runs
+    at a fraction of the GEMM rate; elsewhere one solve (also the fewer operator calls)."""
+    return torch.device(device or "cpu").type == "cpu" and r >= 2 * BLOCK and r % BLOCK == 0 and \
+        (r // BLOCK) & (r // BLOCK - 1) == 0
 
 
 def wy_constants(n: int, r: int, pad: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
-                 device=None) -> WYConstants:
-    """The constants :func:`compact_wy` needs for frames (B, n, r); ``pad`` (B, r) marks zero-padded columns (1)."""
+                 device=None, blocked: bool | None = None) -> WYConstants:
+    """The constants :func:`compact_wy` needs for frames (B, n, r); ``pad`` (B, r) marks zero-padded columns (1).
+    ``blocked``: form T by blocked inversion (default: :func:`blocked_inverse_pays`)."""
     eye = torch.eye(n, r, dtype=dtype, device=device)
     mask = torch.ones(r, r, dtype=dtype, device=device).triu(1) + 0.5 * torch.eye(r, dtype=dtype, device=device)
     offset = None if pad is None else torch.diag_embed(pad.to(dtype=dtype, device=device))
-    return WYConstants(eye, mask, offset)
+    return WYConstants(eye, mask, offset, blocked_inverse_pays(r, device) if blocked is None else blocked)
 
 
-def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None):
+def triangular_inverse(a: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+    """A⁻¹ of upper triangular A (B, r, r): one batched triangular solve, or — ``blocked``, r = 16·2^k — solves of
+    the 16×16 diagonal blocks and then, level by level, T₁₂ = −T₁₁·A₁₂·T₂₂ for all pairs of blocks at once."""
+    b, r, _ = a.shape
+    if not blocked:
+        return torch.linalg.solve_triangular(a, torch.eye(r, dtype=a.dtype, device=a.device), upper=True, left=False)
+    m, s = r // BLOCK, BLOCK
+    diag = a.view(b, m, s, m, s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, m, 16, 16)
+    t = torch.linalg.solve_triangular(diag, torch.eye(s, dtype=a.dtype, device=a.device), upper=True, left=False)
+    while s < r:
+        m //= 2
+        pairs = a.view(b, m, 2 * s, m, 2 * s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, m, 2s, 2s)
+        t11, t22 = t[:, 0::2], t[:, 1::2]
+        new = a.new_zeros(b, m, 2 * s, 2 * s)
+        new[..., :s, :s] = t11
+        new[..., :s, s:] = torch.matmul(torch.matmul(t11, pairs[..., :s, s:]), t22).neg_()
+        new[..., s:, s:] = t22
+        t, s = new, 2 * s
+    return t.view(b, r, r)
+
+
+def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None,
+                blocked: bool = False):
     """(T, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): T = (T⁻¹)⁻¹ with
     T⁻¹ = striu(YᵀY) + ½·diag(YᵀY) (+ 1 on the diagonal of zero-padded columns, which decouples them from the
-    real ones), and X = T·Y_topᵀ. T is formed once by a triangular solve (right-hand side I_r, the fast layout of
-    the batched solve); X, and the backward, are batched products."""
+    real ones), and X = T·Y_topᵀ. T is formed once (:func:`triangular_inverse`); X, and the backward, are batched
+    products."""
     r = y.shape[-1]
     gram = torch.bmm(y.mT, y)
     t_inv = gram * mask if offset is None else torch.addcmul(offset, gram, mask)
-    t = torch.linalg.solve_triangular(t_inv, eye[:r], upper=True, left=False)
+    t = triangular_inverse(t_inv, blocked and not torch.is_grad_enabled())
     return t, torch.bmm(t, y[..., :r, :].mT)
 
 
@@ -132,13 +169,13 @@ class _CompactWY(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None):
-        t, x = _wy_factors(y, eye, mask, offset)
+    def forward(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None, blocked: bool):
+        t, x = _wy_factors(y, eye, mask, offset, blocked)
         return torch.baddbmm(eye, y, x, alpha=-1), t, x
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (y, eye, mask, offset), (_, t, x) = inputs, output
+        (y, eye, mask, offset, _), (_, t, x) = inputs, output
         ctx.mark_non_differentiable(t, x)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(y, t, x, eye, mask, offset)
@@ -146,7 +183,7 @@ class _CompactWY(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q: torch.Tensor | None, _grad_t=None, _grad_x=None):
         if grad_q is None:
-            return None, None, None, None
+            return None, None, None, None, None
         y, t, x, eye, mask, offset = ctx.saved_tensors
         double = torch.is_grad_enabled()
         if double:  # double backward: rebuild the factors inside the graph
@@ -157,9 +194,9 @@ class _CompactWY(torch.autograd.Function):
         grad_gram = torch.bmm(h, xt) * mask
         grad_y = torch.baddbmm(torch.bmm(y, grad_gram + grad_gram.mT), grad_q, xt, alpha=-1)
         if double:
-            return torch.cat([grad_y[..., :r, :] - h.mT, grad_y[..., r:, :]], dim=-2), None, None, None
+            return torch.cat([grad_y[..., :r, :] - h.mT, grad_y[..., r:, :]], dim=-2), None, None, None, None
         grad_y[..., :r, :] -= h.mT  # a fresh tensor: no copy of the whole gradient
-        return grad_y, None, None, None
+        return grad_y, None, None, None, None
 
 
 def compact_wy(y: torch.Tensor, pad: torch.Tensor | None = None,
@@ -172,6 +209,8 @@ def compact_wy(y: torch.Tensor, pad: torch.Tensor | None = None,
     """
     if constants is None:
         constants = wy_constants(y.shape[-2], y.shape[-1], pad, y.dtype, y.device)
+    if constants.blocked and torch._C._functorch.peek_interpreter_stack() is not None:
+        constants = constants._replace(blocked=False)  # in-place block assembly does not vmap: one solve
     return _CompactWY.apply(y, *constants)[0]
 
 
@@ -189,8 +228,9 @@ def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.
     work = _compute_dtype(out_dtype)
     batch_shape = params.shape[:-2]
     with without_autocast(params.device):
-        y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
-        q = compact_wy(y.reshape(-1, n, r))
+        constants = wy_constants(n, r, dtype=work, device=params.device)
+        y = torch.addcmul(constants.eye, params.to(work), mask.to(work))
+        q = compact_wy(y.reshape(-1, n, r), constants=constants)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 

@@ -194,7 +194,8 @@ class WeightPlan:
                 pieces.append(self._y_index(rows, cols, red, start, n_f, r_f))
                 pad[slot, cols:] = 1.0
                 address[(i, side, k)] = (len(families), slot, base + slot * n_f * r_f, r_f)
-            constants = wy_constants(n_f, r_f, pad if bool(pad.any()) else None, self.work, self.device)
+            # one triangular solve per family: fewer calls, and at these batch sizes its cost does not matter
+            constants = wy_constants(n_f, r_f, pad if bool(pad.any()) else None, self.work, self.device, False)
             families.append(_Family(len(members), n_f, r_f, constants))
             base += len(members) * n_f * r_f
         index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
