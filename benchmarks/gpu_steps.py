@@ -17,20 +17,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from harness import build, cuda_kernels, model_input, step_calls, time_it, training_step
-
-
-def wrn_step(model, batch: int, device):
-    x = torch.randn(batch, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
+from harness import build, classification_step, cuda_kernels, model_input, step_calls, time_it, training_step
 
 
 def gan_step(d, g, batch: int, device):
@@ -55,7 +42,7 @@ def steps(args, device) -> None:
     batch = 2 if args.quick else 64
     variants = ["sttp"] if args.quick else ["svdp", "sttp"]
     for label, make in (
-        ("wrn28-10", lambda method: wrn_step(build("wrn28-10", method, 64, path="auto", device=device,
+        ("wrn28-10", lambda method: classification_step(build("wrn28-10", method, 64, path="auto", device=device,
                                                    init="identity"), batch, device)),
         ("sngan32-d+g", lambda method: gan_step(build("sngan32-d", method, 64, path="auto", device=device,
                                                       init="identity"),

@@ -193,6 +193,20 @@ def training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]
     return step
 
 
+def classification_step(model: torch.nn.Module, batch: int, device="cpu") -> Callable[[], None]:
+    """One SGD step of a 10-class classifier on random 32×32 images (cross-entropy)."""
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
 def step_calls(model: torch.nn.Module, x: torch.Tensor) -> CallCounter:
     """The operator calls of one training step (after one warm-up step)."""
     step = training_step(model, x)

@@ -27,9 +27,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
-from harness import gemm_floor_fn, weights_fn
+from harness import classification_step, gemm_floor_fn, weights_fn
 from torch_sttp.experiments.models import WideResNet
 from torch_sttp.modules import layer_state
 from torch_sttp.surgery import cached, convert, converted_layers
@@ -54,19 +53,6 @@ def _model(args, variant: str):
     return model
 
 
-def _train_step_fn(model, args):
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -74,7 +60,7 @@ def _rss_bytes() -> int:
 
 def memory_child(args, variant: str) -> None:
     model = _model(args, variant)
-    step = _train_step_fn(model, args)
+    step = classification_step(model, args.batch)
     base = _rss_bytes()
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -112,7 +98,7 @@ def main(argv=None) -> None:
           f"batch {args.batch}, r={args.rank}")
 
     dense = _model(args, "dense")
-    dense_step = _median_time(_train_step_fn(dense, args), args.reps)
+    dense_step = _median_time(classification_step(dense, args.batch), args.reps)
     x_eval = torch.randn(args.batch, 3, 32, 32)
     dense.eval()
     with torch.no_grad():
@@ -123,7 +109,7 @@ def main(argv=None) -> None:
         model = _model(args, variant)
         weights = _median_time(weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
         floor = _median_time(gemm_floor_fn(model), max(args.reps, 11))
-        step = _median_time(_train_step_fn(model, args), args.reps)
+        step = _median_time(classification_step(model, args.batch), args.reps)
         model.eval()
         with torch.no_grad():
             eval_fresh = _median_time(lambda: model(x_eval), args.reps)
