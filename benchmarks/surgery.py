@@ -27,11 +27,11 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from harness import classification_step, gemm_floor_fn, weights_fn
 from torch_sttp.experiments.models import WideResNet
 from torch_sttp.modules import layer_state
-from torch_sttp.surgery import cached, convert, converted_layers, forward_pass, spectral_parametrization
+from torch_sttp.surgery import cached, convert, converted_layers
 
 
 def _median_time(fn, reps: int, warmup: int = 1) -> float:
@@ -53,56 +53,6 @@ def _model(args, variant: str):
     return model
 
 
-def _train_step_fn(model, args):
-    x = torch.randn(args.batch, 3, 32, 32)
-    y = torch.randint(0, 10, (args.batch,))
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-    return step
-
-
-def _weights_fn(model):
-    """Every converted weight formed from its parameters, then backpropagated from a fixed gradient ∂L/∂W.
-
-    In a training step ∂L/∂W arrives from the layer's own backward; a fixed random tensor stands in for it, so
-    the timing covers exactly the weight path (frames, contractions, U·Σ·Vᵀ) forward and backward.
-    """
-    layers = [m for _, m in converted_layers(model)]
-    generator = torch.Generator().manual_seed(0)
-    grads = [torch.randn(spectral_parametrization(m).weight_shape, generator=generator) for m in layers]
-
-    def run():
-        with forward_pass(model):  # as inside a forward pass of the model: frames batched across layers
-            weights = [m.spectral_weight() for m in layers]
-        torch.autograd.backward(weights, grads)
-
-    return run
-
-
-def _gemm_floor_fn(model):
-    """The three GEMMs every weight needs at least (W = (UΣ)·Vᵀ, then ∂/∂(UΣ) and ∂/∂Vᵀ), nothing else."""
-    generator = torch.Generator().manual_seed(0)
-    ops = []
-    for _, m in converted_layers(model):
-        p = spectral_parametrization(m)
-        ops.append((torch.randn(p.d_out, p.r_mid, generator=generator),
-                    torch.randn(p.r_mid, p.d_in, generator=generator),
-                    torch.randn(p.d_out, p.d_in, generator=generator)))
-
-    def run():
-        for us, vt, grad in ops:
-            us @ vt
-            grad @ vt.mT
-            us.mT @ grad
-
-    return run
-
-
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -110,7 +60,7 @@ def _rss_bytes() -> int:
 
 def memory_child(args, variant: str) -> None:
     model = _model(args, variant)
-    step = _train_step_fn(model, args)
+    step = classification_step(model, args.batch)
     base = _rss_bytes()
     step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -148,7 +98,7 @@ def main(argv=None) -> None:
           f"batch {args.batch}, r={args.rank}")
 
     dense = _model(args, "dense")
-    dense_step = _median_time(_train_step_fn(dense, args), args.reps)
+    dense_step = _median_time(classification_step(dense, args.batch), args.reps)
     x_eval = torch.randn(args.batch, 3, 32, 32)
     dense.eval()
     with torch.no_grad():
@@ -157,9 +107,9 @@ def main(argv=None) -> None:
 
     for variant in ("svdp", "sttp"):
         model = _model(args, variant)
-        weights = _median_time(_weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
-        floor = _median_time(_gemm_floor_fn(model), max(args.reps, 11))
-        step = _median_time(_train_step_fn(model, args), args.reps)
+        weights = _median_time(weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
+        floor = _median_time(gemm_floor_fn(model), max(args.reps, 11))
+        step = _median_time(classification_step(model, args.batch), args.reps)
         model.eval()
         with torch.no_grad():
             eval_fresh = _median_time(lambda: model(x_eval), args.reps)

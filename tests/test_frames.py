@@ -562,3 +562,20 @@ def test_frame_batches_match_individual_frames():
 def test_free_block_rejects_wrong_shape():
     with pytest.raises(ValueError, match="reduced frame of shape"):
         householder_frame_free(torch.zeros(9, 4), 9, reduced=True)
+
+
+@pytest.mark.parametrize("r", [32, 64, 128])
+def test_blocked_triangular_inverse_equals_the_solve(r):
+    from torch_sttp.frames import blocked_inverse_pays, compact_wy, triangular_inverse, wy_constants
+
+    gen = torch.Generator().manual_seed(r)
+    y = torch.randn(3, 2 * r, r, generator=gen, dtype=torch.float64)
+    a = (y.mT @ y).triu(1) + torch.diag_embed(0.5 * (y * y).sum(-2))
+    torch.testing.assert_close(triangular_inverse(a, blocked=True), triangular_inverse(a), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(triangular_inverse(a, blocked=True) @ a, torch.eye(r, dtype=a.dtype).expand_as(a),
+                               rtol=0, atol=1e-12)
+    assert blocked_inverse_pays(r, "cpu") and not blocked_inverse_pays(r, "cuda") and not blocked_inverse_pays(48, "cpu")
+    unit = y.tril(-1) + torch.eye(2 * r, r, dtype=y.dtype)
+    blocked = compact_wy(unit, constants=wy_constants(2 * r, r, dtype=y.dtype, blocked=True))
+    plain = compact_wy(unit, constants=wy_constants(2 * r, r, dtype=y.dtype, blocked=False))
+    torch.testing.assert_close(blocked, plain, rtol=1e-12, atol=1e-13)

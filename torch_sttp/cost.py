@@ -9,7 +9,7 @@ cheapest (:func:`choose_path`).
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -18,6 +18,10 @@ from .parametrizations import SpectralParametrization
 __all__ = [
     "op_overhead_flops",
     "choose_path",
+    "element_flops",
+    "WeightPathCosts",
+    "weight_path_costs",
+    "batch_weight_products",
     "materialize_flops",
     "linear_costs",
     "conv_costs",
@@ -34,6 +38,33 @@ def op_overhead_flops(device: torch.device) -> float:
     ~50 GFLOP/s on a CPU core; about 10 µs at tens of TFLOP/s on an accelerator). Keeps "auto" from choosing a
     path of many tiny contractions, such as the TT path at batch 1, when one small GEMM is faster."""
     return 1e6 if device.type == "cpu" else 1e8
+
+
+def element_flops(device: torch.device) -> float:
+    """What one pass over one tensor entry costs (reading and writing 4 bytes), in FLOPs of the same time: about
+    20 on a CPU core (~10 GB/s against ~50 GFLOP/s), a small fraction on an accelerator (TB/s)."""
+    return 20.0 if device.type == "cpu" else 0.1
+
+
+class WeightPathCosts(NamedTuple):
+    """The costs that shape the batched weight path (:class:`torch_sttp.weight_path.WeightPlan`), in FLOPs: one
+    operator call, one compact-WY call (about 40 operator calls, forward and backward), one pass over one entry."""
+
+    op: float
+    frame_call: float
+    element: float
+
+
+def weight_path_costs(device: torch.device) -> WeightPathCosts:
+    """:class:`WeightPathCosts` of ``device`` (from :func:`op_overhead_flops` and :func:`element_flops`)."""
+    return WeightPathCosts(op_overhead_flops(device), 40 * op_overhead_flops(device), element_flops(device))
+
+
+def batch_weight_products(layers: int, numel: int, costs: WeightPathCosts) -> bool:
+    """Whether the weights of ``layers`` layers of one shape (``numel`` entries each) are formed as one batched
+    product rather than layer by layer: batching saves about 6 operator calls per layer, but its backward stacks the
+    layers' weight gradients, two more passes over every weight entry."""
+    return layers > 1 and 6 * (layers - 1) * costs.op > 2 * layers * numel * costs.element
 
 
 def choose_path(requested: str, costs: Mapping[str, float]) -> str:

@@ -21,13 +21,13 @@ parametrizations absorb them into the spectrum or into the adjacent factor. :fun
 reproduces the frame itself without signs (used where no factor is left to absorb them).
 
 The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T Yᵀ with T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
-(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve.
+(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve (forming T).
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -40,12 +40,18 @@ __all__ = [
     "householder_frame",
     "householder_frame_masked",
     "compact_wy",
+    "WYConstants",
+    "wy_constants",
+    "triangular_inverse",
+    "blocked_inverse_pays",
     "without_autocast",
     "free_block_shape",
     "householder_frame_free",
     "householder_frame_batches",
     "householder_frames_grouped",
     "padded_householder_frames",
+    "frame_flops",
+    "frame_families",
     "frame_to_params",
     "frame_to_params_exact",
     "init_frame_params",
@@ -88,56 +94,124 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _wy_factors(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T⁻¹, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): X = T·Y_topᵀ."""
+class WYConstants(NamedTuple):
+    """Constants of the compact WY product of (B, n, r) frames (see :func:`wy_constants`)."""
+
+    eye: torch.Tensor             # (n, r): I_{n×r} (its first r rows: I_r)
+    mask: torch.Tensor            # (r, r): 1 above the diagonal, ½ on it, 0 below: T⁻¹ = (YᵀY)∘mask (+ offset)
+    offset: torch.Tensor | None   # (B, r, r): diag(pad), 1 for zero-padded columns; None without padding
+    blocked: bool = False         # T by blocked inversion (batched products) instead of one triangular solve
+
+
+BLOCK = 16  # the diagonal blocks of a blocked triangular inverse
+
+
+def blocked_inverse_pays(r: int, device) -> bool:
+    """Whether T = (T⁻¹)⁻¹ is better formed by :func:`triangular_inverse`'s blocked products than by one batched
+    triangular solve: on a CPU for r = 16·2^k ≥ 32, where the batched solve (one small LAPACK call per matrix) runs
+    at a fraction of the GEMM rate; elsewhere one solve (also the fewer operator calls)."""
+    return torch.device(device or "cpu").type == "cpu" and r >= 2 * BLOCK and r % BLOCK == 0 and \
+        (r // BLOCK) & (r // BLOCK - 1) == 0
+
+
+def wy_constants(n: int, r: int, pad: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                 device=None, blocked: bool | None = None) -> WYConstants:
+    """The constants :func:`compact_wy` needs for frames (B, n, r); ``pad`` (B, r) marks zero-padded columns (1).
+    ``blocked``: form T by blocked inversion (default: :func:`blocked_inverse_pays`)."""
+    eye = torch.eye(n, r, dtype=dtype, device=device)
+    mask = torch.ones(r, r, dtype=dtype, device=device).triu(1) + 0.5 * torch.eye(r, dtype=dtype, device=device)
+    offset = None if pad is None else torch.diag_embed(pad.to(dtype=dtype, device=device))
+    return WYConstants(eye, mask, offset, blocked_inverse_pays(r, device) if blocked is None else blocked)
+
+
+def triangular_inverse(a: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+    """A⁻¹ of upper triangular A (B, r, r): one batched triangular solve, or — ``blocked``, r = 16·2^k — solves of
+    the 16×16 diagonal blocks and then, level by level, T₁₂ = −T₁₁·A₁₂·T₂₂ for all pairs of blocks at once."""
+    b, r, _ = a.shape
+    if not blocked:
+        return torch.linalg.solve_triangular(a, torch.eye(r, dtype=a.dtype, device=a.device), upper=True, left=False)
+    m, s = r // BLOCK, BLOCK
+    diag = a.view(b, m, s, m, s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, m, 16, 16)
+    t = torch.linalg.solve_triangular(diag, torch.eye(s, dtype=a.dtype, device=a.device), upper=True, left=False)
+    while s < r:
+        m //= 2
+        pairs = a.view(b, m, 2 * s, m, 2 * s).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, m, 2s, 2s)
+        t11, t22 = t[:, 0::2], t[:, 1::2]
+        new = a.new_zeros(b, m, 2 * s, 2 * s)
+        new[..., :s, :s] = t11
+        new[..., :s, s:] = torch.matmul(torch.matmul(t11, pairs[..., :s, s:]), t22).neg_()
+        new[..., s:, s:] = t22
+        t, s = new, 2 * s
+    return t.view(b, r, r)
+
+
+def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None,
+                blocked: bool = False):
+    """(T, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): T = (T⁻¹)⁻¹ with
+    T⁻¹ = striu(YᵀY) + ½·diag(YᵀY) (+ 1 on the diagonal of zero-padded columns, which decouples them from the
+    real ones), and X = T·Y_topᵀ. T is formed once (:func:`triangular_inverse`); X, and the backward, are batched
+    products."""
     r = y.shape[-1]
-    gram = y.mT @ y
-    t_inv = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
-    x = torch.linalg.solve_triangular(t_inv, y[..., :r, :].mT, upper=True)
-    return t_inv, x
+    gram = torch.bmm(y.mT, y)
+    t_inv = gram * mask if offset is None else torch.addcmul(offset, gram, mask)
+    t = triangular_inverse(t_inv, blocked and not torch.is_grad_enabled())
+    return t, torch.bmm(t, y[..., :r, :].mT)
 
 
 class _CompactWY(torch.autograd.Function):
     """Q = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r), with a hand-written backward.
 
     Written in the ``setup_context`` form with a generated vmap rule, so that it composes with ``torch.func``
-    (grad, vmap, jacrev). The outputs T⁻¹ and X are saved for the backward; callers use the first output only.
+    (grad, vmap, jacrev). The outputs T and X are saved for the backward; callers use the first output only.
+    The backward is six batched products (about 15 operator calls), no triangular solve.
     """
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(y: torch.Tensor):
-        t_inv, x = _wy_factors(y)
-        eye = torch.eye(y.shape[-2], y.shape[-1], dtype=y.dtype, device=y.device)
-        return torch.baddbmm(eye.expand_as(y), y, x, alpha=-1), t_inv, x
+    def forward(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None, blocked: bool):
+        t, x = _wy_factors(y, eye, mask, offset, blocked)
+        return torch.baddbmm(eye, y, x, alpha=-1), t, x
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        (y,), (_, t_inv, x) = inputs, output
-        ctx.mark_non_differentiable(t_inv, x)
-        ctx.save_for_backward(y, t_inv, x)
+        (y, eye, mask, offset, _), (_, t, x) = inputs, output
+        ctx.mark_non_differentiable(t, x)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(y, t, x, eye, mask, offset)
 
     @staticmethod
-    def backward(ctx, grad_q: torch.Tensor, _grad_t_inv=None, _grad_x=None) -> torch.Tensor:
-        y, t_inv, x = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: rebuild the factors inside the graph
-            t_inv, x = _wy_factors(y)
+    def backward(ctx, grad_q: torch.Tensor | None, _grad_t=None, _grad_x=None):
+        if grad_q is None:
+            return None, None, None, None, None
+        y, t, x, eye, mask, offset = ctx.saved_tensors
+        double = torch.is_grad_enabled()
+        if double:  # double backward: rebuild the factors inside the graph
+            t, x = _wy_factors(y, eye, mask, offset)
         r = y.shape[-1]
-        grad_x = -(y.mT @ grad_q)
-        grad_b = torch.linalg.solve_triangular(t_inv.mT, grad_x, upper=False)  # ∂/∂(Y_topᵀ)
-        grad_t_inv = -(grad_b @ x.mT)
-        grad_gram = grad_t_inv.triu(1) + torch.diag_embed(0.5 * grad_t_inv.diagonal(dim1=-2, dim2=-1))
-        grad_y = torch.baddbmm(y @ (grad_gram + grad_gram.mT), grad_q, x.mT, alpha=-1)
-        if torch.is_grad_enabled():
-            return torch.cat([grad_y[..., :r, :] + grad_b.mT, grad_y[..., r:, :]], dim=-2)
-        grad_y[..., :r, :] += grad_b.mT  # a fresh tensor: no copy of the whole gradient
-        return grad_y
+        xt = x.mT
+        h = torch.bmm(t.mT, torch.bmm(y.mT, grad_q))  # −∂/∂(Y_topᵀ)
+        grad_gram = torch.bmm(h, xt) * mask
+        grad_y = torch.baddbmm(torch.bmm(y, grad_gram + grad_gram.mT), grad_q, xt, alpha=-1)
+        if double:
+            return torch.cat([grad_y[..., :r, :] - h.mT, grad_y[..., r:, :]], dim=-2), None, None, None, None
+        grad_y[..., :r, :] -= h.mT  # a fresh tensor: no copy of the whole gradient
+        return grad_y, None, None, None, None
 
 
-def compact_wy(y: torch.Tensor) -> torch.Tensor:
-    """Q = H₁…H_r I_{n×r} = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r) → (B, n, r)."""
-    return _CompactWY.apply(y)[0]
+def compact_wy(y: torch.Tensor, pad: torch.Tensor | None = None,
+               constants: WYConstants | None = None) -> torch.Tensor:
+    """Q = H₁…H_r I_{n×r} = I_{n×r} − Y·T·Y_topᵀ for unit lower-trapezoidal Y (B, n, r) → (B, n, r).
+
+    ``pad`` (B, r): 1 for columns that are zero padding (their Y column is zero), 0 for real ones. Padding is
+    exactly inert: zero rows of Y give zero rows of Q, and padded columns do not touch the real columns of Q.
+    ``constants`` (:func:`wy_constants`, built once by callers that repeat the call) replaces ``pad``.
+    """
+    if constants is None:
+        constants = wy_constants(y.shape[-2], y.shape[-1], pad, y.dtype, y.device)
+    if constants.blocked and torch._C._functorch.peek_interpreter_stack() is not None:
+        constants = constants._replace(blocked=False)  # in-place block assembly does not vmap: one solve
+    return _CompactWY.apply(y, *constants)[0]
 
 
 def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,8 +228,9 @@ def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.
     work = _compute_dtype(out_dtype)
     batch_shape = params.shape[:-2]
     with without_autocast(params.device):
-        y = torch.addcmul(torch.eye(n, r, dtype=work, device=params.device), params.to(work), mask.to(work))
-        q = compact_wy(y.reshape(-1, n, r))
+        constants = wy_constants(n, r, dtype=work, device=params.device)
+        y = torch.addcmul(constants.eye, params.to(work), mask.to(work))
+        q = compact_wy(y.reshape(-1, n, r), constants=constants)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 
@@ -274,6 +349,46 @@ def padded_householder_frames(
         mask[i, :n, :r] = frame_mask(n, r, red, device=ref.device, dtype=ref.dtype)
     q = householder_frame_masked(batch, mask)
     return [q[i, : p.shape[-2], : p.shape[-1]] for i, p in enumerate(params)]
+
+
+FRAME_PASSES = 20  # memory passes over an (n, r) frame in its forward + backward (gathers, copies, products)
+
+
+def frame_flops(n: int, r: int, element_flops: float = 0.0) -> float:
+    """Cost of one (n, r) frame, forward + backward, in FLOPs: ≈ 10·n·r² (five n×r×r products) + 3·r³ (the r×r
+    solve and products), plus :data:`FRAME_PASSES` passes over its n·r entries at ``element_flops`` each (what
+    moving one entry costs, in FLOPs of the same time)."""
+    return 10.0 * n * r * r + 3.0 * r**3 + FRAME_PASSES * element_flops * n * r
+
+
+def frame_families(shapes: Sequence[tuple[int, int]], call_flops: float,
+                   element_flops: float = 0.0) -> list[tuple[int, int, list[int]]]:
+    """Group frames of shapes (n_p, r_p) into families, each computed by one compact-WY call on frames zero-padded
+    to the family's (max n, max r).
+
+    Two families merge while the cost their padding adds (:func:`frame_flops` of the padded shape minus that of the
+    real shapes, ``element_flops`` per entry moved) stays below ``call_flops``, what one more call costs (its fixed
+    per-call overhead, in FLOPs); the cheapest merge is made first. Returns ``(N, R, indices into shapes)`` per
+    family, largest first.
+    """
+    distinct: dict[tuple[int, int], list[int]] = {}
+    for i, (n, r) in enumerate(shapes):
+        _check_shape(int(n), int(r))
+        distinct.setdefault((int(n), int(r)), []).append(i)
+    fams = [[n, r, members, len(members) * frame_flops(n, r, element_flops)] for (n, r), members in distinct.items()]
+
+    def merged_cost(a, b) -> float:
+        return (len(a[2]) + len(b[2])) * frame_flops(max(a[0], b[0]), max(a[1], b[1]), element_flops)
+
+    while len(fams) > 1:
+        extra, i, j = min((merged_cost(a, b) - a[3] - b[3], i, j) for i, a in enumerate(fams)
+                          for j, b in enumerate(fams) if i < j)
+        if extra >= call_flops:
+            break
+        a, b = fams[i], fams.pop(j)
+        fams[i] = [max(a[0], b[0]), max(a[1], b[1]), sorted(a[2] + b[2]), merged_cost(a, b)]
+    fams.sort(key=lambda f: -f[3])
+    return [(n, r, members) for n, r, members, _ in fams]
 
 
 def _column_signs(frame: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -93,10 +93,11 @@ class SpectralLayer:
     sttp_factors = spectral_factors
 
     def spectral_weight(self) -> torch.Tensor:
-        """This layer's weight tensor, formed from :meth:`spectral_factors` (and any parametrization registered
-        after the spectral one, such as an embedding's fixed padding row)."""
+        """This layer's weight tensor U·Σ·Vᵀ from the model's frame planner (in a forward pass of the model, the
+        weights of all its layers of one shape are formed as one batched product), then any parametrization
+        registered after the spectral one, such as an embedding's fixed padding row."""
         p = spectral_parametrization(self)
-        w = p.weight_from_factors(*self.spectral_factors())
+        w = self._sttp.planner.weight(self)
         chain = list(self.parametrizations["weight"])
         for later in chain[chain.index(p) + 1:]:
             w = later(w)

@@ -2,10 +2,11 @@
 owns the cache that hands them to the layers during a forward pass.
 
 One :class:`FramePlanner` serves the converted layers of one model (:func:`torch_sttp.convert` creates it). In a
-forward pass of the root model it stacks the free reflector blocks of every core of one frame shape into one
-compact-WY call (:func:`torch_sttp.frames.householder_frame_batches`), contracts the trains of all layers of one
-structure as one batch, and caches the result for the layers' forwards. A layer called outside a forward pass of
-its root model computes its own factors.
+forward pass of the root model it computes every layer's factors through the batched weight path
+(:mod:`torch_sttp.weight_path`: the frames of all cores in a few padded compact-WY calls, the trains of all layers
+as batched chains, the weights of one shape as one product) and caches the result for the layers' forwards. The
+plan of that computation (its index maps) is built once per set of layers, dtype and device. A layer called outside
+a forward pass of its root model computes its own factors.
 """
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .frames import householder_frame_batches, householder_frame_free, padded_householder_frames, without_autocast
+from .cost import weight_path_costs
+from .frames import without_autocast
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
+from .weight_path import WeightPlan, structure_key
 
 __all__ = ["BATCHING", "Factors", "FramePlanner", "NonFiniteParameterError", "check_finite_parameters",
            "functorch_active", "member_parametrization", "member_tensors"]
@@ -55,35 +58,40 @@ class Factors(NamedTuple):
     vt: torch.Tensor
 
 
-class _Entry(NamedTuple):
-    """One layer's cached result: its factors, and where its frames lie in its group's batched frames."""
-
-    factors: Factors
-    u_frames: list  # (B, rows, cols) per U core of the layer's group
-    v_frames: list
-    index: int      # the layer's entry in the group batch
-
-
-class _CoreBatch(NamedTuple):
-    """The free blocks of core ``core`` of one side of every layer of a group: one (B, rows, cols) frame batch."""
-
-    group: int
-    side: int        # 0: U, 1: V
-    blocks: list
-    rows: int
-    reduced: bool
-
-
 class _Cache(NamedTuple):
-    entries: dict     # id(layer) -> _Entry
+    entries: dict     # id(layer) -> (result, the layer's index in it)
     key: tuple        # the state the entries were computed from (see FramePlanner._state_key)
+
+
+class _OwnResult:
+    """One layer's frames and factors computed on their own (``batching="none"``), in the interface of
+    :class:`~torch_sttp.weight_path.WeightPathResult` (index 0)."""
+
+    def __init__(self, p: SpectralParametrization, tensors: tuple) -> None:
+        self.p = p
+        self._frames = p.frames(*tensors[:2])
+        self._factors = p.factors_from_frames(*self._frames, tensors[:2], tensors[2] if len(tensors) > 2 else None)
+        self._weight = None
+
+    def factors(self, _i: int) -> tuple:
+        return self._factors
+
+    def frames(self, _i: int) -> tuple[list, list]:
+        return self._frames
+
+    def weight(self, _i: int) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = self.p.weight_from_factors(*self._factors)
+        return self._weight
 
 
 class FramePlanner:
     """Computes the factors (U, σ, Vᵀ) of every converted layer of a model, frames batched across layers.
 
-    ``batching``: ``"shape"`` stacks the reflectors of all frames of one shape into one call; ``"padded"``
-    pads every frame of the model to one shape and makes a single call; ``"none"`` computes each frame alone.
+    ``batching``: ``"shape"`` groups the frames of the model into a few families of similar shapes, one padded
+    compact-WY call each (the family split weighs padding against per-call overhead, see
+    :func:`torch_sttp.cost.weight_path_costs`); ``"padded"`` pads every frame of the model to one shape and makes a
+    single call; ``"none"`` computes each layer on its own, as a layer called outside a forward pass does.
 
     Results are reused only within one forward pass of the root model (a graph is never shared between two passes,
     and parameters changed between passes in any way — optimizer steps, ``.data``, ``copy_``, ``load_state_dict``,
@@ -103,6 +111,7 @@ class FramePlanner:
         self.layers: list[nn.Module] = []
         self.names: dict[int, str] = {}
         self._cache: _Cache | None = None
+        self._plans: dict = {}  # structure key -> WeightPlan (constants of the batched weight path)
         self._forward_id = 0
         self._depth = 0
         self._computations = 0
@@ -111,6 +120,7 @@ class FramePlanner:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_cache"] = None  # recorded graphs cannot be copied; recomputed on demand
+        state["_plans"] = {}  # rebuilt on demand (for the copy's device and dtype)
         return state
 
     def __deepcopy__(self, memo):
@@ -130,16 +140,20 @@ class FramePlanner:
     def add(self, module: nn.Module, name: str = "") -> None:
         self.layers.append(module)
         self.names[id(module)] = name
-        self.invalidate()
+        self._members_changed()
 
     def remove(self, module: nn.Module) -> None:
         self.layers = [m for m in self.layers if m is not module]
         self.names.pop(id(module), None)
-        self.invalidate()
+        self._members_changed()
 
     def invalidate(self, *_args, **_kwargs) -> None:
         """Drop the cached factors: the next request computes them anew."""
         self._cache = None
+
+    def _members_changed(self) -> None:
+        self._plans = {}
+        self.invalidate()
 
     @property
     def holds_reusable_factors(self) -> bool:
@@ -203,15 +217,25 @@ class FramePlanner:
     def factors(self, module: nn.Module) -> Factors:
         """(U, σ, Vᵀ) of ``module``, computing (and caching) all layers' factors when needed."""
         if self._own_graph():
-            return self._standalone(module, frames=False)
-        return self._entry(module).factors
+            return self._standalone(module, "factors")
+        result, i = self._entry(module)
+        return Factors(*result.factors(i))
 
     def frames(self, module: nn.Module) -> tuple[list, list]:
         """The frames of ``module``'s U and V cores (lists, outer end → Σ), from the same cache as :meth:`factors`."""
         if self._own_graph():
-            return self._standalone(module, frames=True)
-        entry = self._entry(module)
-        return [q[entry.index] for q in entry.u_frames], [q[entry.index] for q in entry.v_frames]
+            return self._standalone(module, "frames")
+        result, i = self._entry(module)
+        return result.frames(i)
+
+    def weight(self, module: nn.Module) -> torch.Tensor:
+        """``module``'s weight W = U·Σ·Vᵀ in its layer's layout (before any later parametrization), in the
+        parameters' precision. In a pass, the weights of all layers of one shape are formed together on the first
+        request (one batched product)."""
+        if self._own_graph():
+            return self._standalone(module, "weight")
+        result, i = self._entry(module)
+        return result.weight(i)
 
     def _own_graph(self) -> bool:
         """Whether a layer computes its own factors: when traced (torch.compile) or transformed (torch.func), and
@@ -220,12 +244,21 @@ class FramePlanner:
             return True
         return not self._depth and not (self._reuse and not torch.is_grad_enabled())
 
-    def _standalone(self, module: nn.Module, frames: bool):
-        """The layer's own factors (or frames), in a graph of their own."""
+    def _standalone(self, module: nn.Module, what: str):
+        """The layer's own factors, frames or weight, in a graph of their own."""
         if self.check_finite and not torch.compiler.is_compiling():
             check_finite_parameters([module], self.names)
         p, tensors = member_parametrization(module), member_tensors(module)
-        compute = (lambda: p.frames(*tensors[:2])) if frames else (lambda: Factors(*p.factors(*tensors)))
+
+        def compute():
+            if what == "frames":
+                return p.frames(*tensors[:2])
+            factors = Factors(*p.factors(*tensors))
+            if what == "factors":
+                return factors
+            with without_autocast(tensors[0].device):
+                return p.weight_from_factors(*factors)
+
         if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
             # inside a backward pass: the recomputation of an activation-checkpointing segment. These factors
             # stand in for the ones computed before the segment; saving their tensors through the checkpoint's
@@ -234,7 +267,7 @@ class FramePlanner:
                 return compute()
         return compute()
 
-    def _entry(self, module: nn.Module) -> _Entry:
+    def _entry(self, module: nn.Module) -> tuple:
         key = self._state_key()
         if self._cache is None or key != self._cache.key or id(module) not in self._cache.entries:
             self._cache = _Cache(self._compute(), key)
@@ -252,74 +285,41 @@ class FramePlanner:
         return ("reuse", versions, ids)
 
     # ------------------------------------------------------------------------------------------- computation
-    def _compute(self) -> dict[int, _Entry]:
-        """Factors of every active layer: frames batched by shape, trains of one structure contracted together."""
+    def _compute(self) -> dict[int, tuple]:
+        """Factors of every active layer: one batched weight path per dtype and device (or each layer on its own
+        for ``batching="none"``)."""
         self._computations += 1
         layers = self._active_layers()
         if self.check_finite:
             check_finite_parameters(layers, self.names)
-        groups = self._groups(layers)
-        batches = self._core_batches(groups)
         entries = {}
         with contextlib.ExitStack() as stack:  # factors in the parameters' precision, even under autocast
             for device in {member_tensors(m)[0].device for m in layers}:
                 stack.enter_context(without_autocast(device))
-            frames_by_side: dict[tuple[int, int], list] = {}
-            for batch, q in zip(batches, self._frames(batches)):
-                frames_by_side.setdefault((batch.group, batch.side), []).append(q)
-            for g, members in enumerate(groups):
-                u_frames, v_frames = frames_by_side.get((g, 0), []), frames_by_side.get((g, 1), [])
-                for j, (m, f) in enumerate(zip(members, _group_factors(members, u_frames, v_frames))):
-                    entries[id(m)] = _Entry(f, u_frames, v_frames, j)
+            if self.batching == "none":
+                for m in layers:
+                    entries[id(m)] = (_OwnResult(member_parametrization(m), member_tensors(m)), 0)
+                return entries
+            groups: dict = {}
+            for m in layers:
+                t = member_tensors(m)[0]
+                groups.setdefault((t.dtype, t.device), []).append(m)
+            for (dtype, device), members in groups.items():
+                result = self._plan(members, dtype, device).run([member_tensors(m) for m in members])
+                entries.update({id(m): (result, i) for i, m in enumerate(members)})
         return entries
 
-    def _groups(self, layers: list[nn.Module]) -> list[list[nn.Module]]:
-        """Layers of one structure (and dtype, device) form a group whose trains are contracted as one batch."""
-        groups: dict = {}
-        for i, m in enumerate(layers):
-            p = member_parametrization(m)
-            t = member_tensors(m)[0]
-            key = (i,) if self.batching != "shape" else (p.u_side, p.v_side, p.d_out, p.d_in, p.spectrum, p.eps,
-                                                          t.dtype, t.device)
-            groups.setdefault(key, []).append(m)
-        return list(groups.values())
-
-    @staticmethod
-    def _core_batches(groups: list[list[nn.Module]]) -> list[_CoreBatch]:
-        """One batch of free blocks per group, side and core."""
-        batches = []
-        for g, members in enumerate(groups):
-            p = member_parametrization(members[0])
-            for side_index, side in enumerate((p.u_side, p.v_side)):
-                member_blocks = [side.split(member_tensors(m)[side_index]) for m in members]
-                for k, (rows, _) in enumerate(side.frame_shapes):
-                    batches.append(_CoreBatch(g, side_index, [b[k] for b in member_blocks], rows, side.reduced[k]))
-        return batches
-
-    def _frames(self, batches: list[_CoreBatch]) -> list[torch.Tensor]:
-        """Frames (B, rows, cols) of every core batch, computed as ``batching`` says."""
-        if self.batching == "none":
-            return [torch.stack([householder_frame_free(b, c.rows, c.reduced) for b in c.blocks]) for c in batches]
-        if self.batching == "padded":
-            flat = [(b, c.reduced) for c in batches for b in c.blocks]
-            layouts = [torch.cat([b.new_zeros(b.shape[-1], b.shape[-1]), b]) if red else b for b, red in flat]
-            out = iter(padded_householder_frames(layouts, [red for _, red in flat]))
-            return [torch.stack([next(out) for _ in c.blocks]) for c in batches]
-        return householder_frame_batches([c.blocks for c in batches], [c.rows for c in batches],
-                                         [c.reduced for c in batches])
-
-
-def _group_factors(members: list[nn.Module], u_frames: list, v_frames: list) -> list[Factors]:
-    """Factors of the layers of one group from the group's batched frames (one batched contraction per side)."""
-    p: SpectralParametrization = member_parametrization(members[0])
-    tensors = [member_tensors(m) for m in members]
-    s = torch.stack([t[2] for t in tensors]) if len(tensors[0]) > 2 else None
-    # reflectors are needed only for a side without cores (its constant factor is tied to the empty tensor)
-    sides = [None if side.modes else torch.stack([t[i] for t in tensors])
-             for i, side in enumerate((p.u_side, p.v_side))]
-    u, sigma, vt = p.factors_from_frames(u_frames, v_frames, sides, s)
-    sigmas = sigma.unbind(0) if sigma is not None else [None] * len(members)
-    return [Factors(ui, si, vti) for ui, si, vti in zip(u.unbind(0), sigmas, vt.unbind(0))]
+    def _plan(self, members: list[nn.Module], dtype: torch.dtype, device: torch.device) -> WeightPlan:
+        """The :class:`~torch_sttp.weight_path.WeightPlan` of these members, built once for their structures."""
+        params = [member_parametrization(m) for m in members]
+        key = (dtype, device, tuple(structure_key(p) for p in params))
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 8:  # plans of member sets no longer in use
+                self._plans.clear()
+            costs = weight_path_costs(torch.device(device))
+            plan = self._plans[key] = WeightPlan(params, dtype, device, costs, one_family=self.batching == "padded")
+        return plan
 
 
 def _detached(t: torch.Tensor) -> torch.Tensor:

@@ -167,3 +167,4 @@ def contract_train_from_right(cores: Sequence[torch.Tensor]) -> torch.Tensor:
     for core in reversed(cores[:-1]):
         out = (core.reshape(*lead, -1, core.shape[-1]) @ out).reshape(*lead, core.shape[-3], -1)
     return out
+

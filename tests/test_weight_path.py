@@ -1,0 +1,373 @@
+"""The batched weight path (torch_sttp.weight_path through the planner): equal to the layer-by-layer computation,
+padding inert, operator calls bounded and independent of the number of cores, no host synchronisation, CUDA-graph
+capture, torch.compile of paper models, and the GPU check's CPU smoke run."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import torch_sttp
+from torch_sttp.frames import compact_wy
+from torch_sttp.parametrizations import parametrization_tensors, spectral_parametrization
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import harness  # noqa: E402  (benchmarks/harness.py: the operator counts the benchmark prints)
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def close(actual, expected, tol=1e-12):
+    scale = max(expected.detach().abs().max().item(), 1.0) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale)
+
+
+class Zoo(nn.Module):
+    """Every layer kind, shapes repeated (batched products), ranks mixed inside one shape, sides without cores."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 6, padding_idx=2)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 8, 3, padding=1)  # same shape as c2, another rank (see RANKS)
+        self.c4 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pw = nn.Conv2d(8, 12, 1)  # a 1×1 kernel: a mode of size 1
+        self.up = nn.ConvTranspose2d(12, 6, 3, stride=2, padding=1, output_padding=1)
+        self.conv1d = nn.Conv1d(6, 10, 3)
+        self.big1 = nn.Linear(300, 300)  # large: formed layer by layer on a CPU
+        self.big2 = nn.Linear(300, 300)
+        self.fc = nn.Linear(6 * 16 * 16, 300)
+        self.to1 = nn.Linear(300, 1)  # d_out = 1: no U cores
+        self.from1 = nn.Linear(1, 10)  # d_in = 1: no V cores
+        self.scalar = nn.Linear(1, 1)  # no cores at all
+
+    def forward(self, x, idx):
+        h = torch.tanh(self.c4(torch.tanh(self.c3(torch.tanh(self.c2(torch.tanh(self.c1(x))))))))
+        h = self.up(torch.tanh(self.pw(h))).flatten(1)
+        h = self.big2(torch.tanh(self.big1(torch.tanh(self.fc(h)))))
+        s = self.scalar(self.to1(h))
+        e = self.conv1d(self.emb(idx).transpose(1, 2)).mean(-1)
+        return self.from1(s) + e
+
+
+RANKS = {"emb": 3, "c1": 4, "c2": 4, "c3": 3, "c4": 4, "pw": 5, "up": 4, "conv1d": 3, "big1": 6, "big2": 6, "fc": 5,
+         "to1": 4, "from1": 4, "scalar": 1}
+
+
+def zoo(method, spectrum, batching="shape", seed=0):
+    torch.manual_seed(seed)
+    model = Zoo().double()
+    torch_sttp.convert(model, method, RANKS, spectrum=spectrum, init="random", batching=batching,
+                       generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # S with distinct values and signs, reflectors off the identity
+        for name, p in model.named_parameters():
+            if name.endswith("original2"):
+                p.copy_((0.5 + torch.rand(p.shape, generator=gen, dtype=F64)) * torch.where(
+                    torch.arange(p.numel()) % 3 == 0, -1.0, 1.0).to(F64))
+    return model
+
+
+def reference_weight(module):
+    """W from the layer's own parametrization chain, one layer at a time (no planner)."""
+    p = spectral_parametrization(module)
+    w = p(*parametrization_tensors(module))
+    chain = list(module.parametrizations["weight"])
+    for later in chain[chain.index(p) + 1:]:
+        w = later(w)
+    return w
+
+
+# =================================================================================== equal to the per-layer path
+@pytest.mark.parametrize("spectrum", ["identity", "normalized", "free"])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_weights_factors_and_gradients_equal_the_layer_by_layer_computation(method, spectrum):
+    model = zoo(method, spectrum)
+    layers = [m for _, m in torch_sttp.converted_layers(model)]
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(7)
+    dw = [torch.randn(m.weight.shape, generator=gen, dtype=F64) for m in layers]
+    with torch_sttp.forward_pass(model):
+        weights = [m.spectral_weight() for m in layers]
+        factors = [m.spectral_factors() for m in layers]
+    expected = [reference_weight(m) for m in layers]
+    for m, w, e in zip(layers, weights, expected):
+        close(w, e)
+    for m, (u, sigma, vt) in zip(layers, factors):
+        ru, rs, rvt = spectral_parametrization(m).factors(*parametrization_tensors(m))
+        close(u, ru), close(vt, rvt)
+        assert (sigma is None) == (rs is None)
+        if sigma is not None:
+            close(sigma, rs)
+    loss = sum((w * g).sum() for w, g in zip(weights, dw))
+    loss = loss + sum((u.sum() + vt.square().sum() + (0 if s is None else s.cos().sum())) for u, s, vt in factors)
+    got = torch.autograd.grad(loss, params, allow_unused=True)
+    ref_factors = [spectral_parametrization(m).factors(*parametrization_tensors(m)) for m in layers]
+    ref_loss = sum((w * g).sum() for w, g in zip(expected, dw))
+    ref_loss = ref_loss + sum((u.sum() + vt.square().sum() + (0 if s is None else s.cos().sum()))
+                              for u, s, vt in ref_factors)
+    want = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b)
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_frames_equal_the_layer_by_layer_frames(method):
+    model = zoo(method, "normalized")
+    with torch_sttp.forward_pass(model):
+        for _, m in torch_sttp.converted_layers(model):
+            u, v = torch_sttp.conversion(model).planner.frames(m)
+            ru, rv = spectral_parametrization(m).frames(*parametrization_tensors(m)[:2])
+            assert len(u) == len(ru) and len(v) == len(rv)
+            for a, b in zip(u + v, ru + rv):
+                close(a, b)
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_training_outputs_equal_across_batchings(method):
+    """One family per shape, everything padded into one family, or each layer alone: the same outputs and
+    gradients (the padded computations equal the unpadded one)."""
+    x = torch.randn(2, 3, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(3))
+    idx = torch.tensor([[0, 2, 5, 11], [2, 2, 7, 1]])
+    results = []
+    for batching in ("shape", "padded", "none"):
+        model = zoo(method, "normalized", batching)
+        y = model(x, idx)
+        (y * y.detach().sin()).sum().backward()
+        results.append([y.detach()] + [p.grad for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            close(a, b)
+
+
+def test_zero_padding_of_frames_is_exactly_inert():
+    gen = torch.Generator().manual_seed(0)
+    n, r, n_pad, r_pad = 7, 3, 10, 5
+    free = torch.randn(2, n, r, generator=gen, dtype=F64)
+    y = free.tril(-1) + torch.eye(n, r, dtype=F64)
+    y.requires_grad_(True)
+    padded = torch.zeros(2, n_pad, r_pad, dtype=F64)
+    padded[:, :n, :r] = y
+    pad = torch.zeros(2, r_pad, dtype=F64)
+    pad[:, r:] = 1.0
+    q = compact_wy(y)
+    qp = compact_wy(padded, pad)
+    close(qp[:, :n, :r], q)
+    assert torch.equal(qp[:, n:, :r], torch.zeros_like(qp[:, n:, :r]))  # padded rows: exactly zero
+    g = torch.randn(2, n, r, generator=gen, dtype=F64)
+    (gy,) = torch.autograd.grad((q * g).sum(), y)
+    gp = torch.zeros(2, n_pad, r_pad, dtype=F64)
+    gp[:, :n, :r] = g
+    leaf = padded.detach().requires_grad_(True)
+    (gpad,) = torch.autograd.grad((compact_wy(leaf, pad) * gp).sum(), leaf)
+    close(gpad[:, :n, :r], gy)
+    assert gpad[:, n:].abs().max() == 0 and gpad[:, :, r:].abs().max() == 0
+
+
+# ============================================================================================== operator calls
+@functools.lru_cache(maxsize=None)
+def _dense_calls(name):
+    model = harness.build(name)
+    counter = harness.step_calls(model, harness.model_input(name, model))
+    return counter.calls, counter.non_view
+
+
+COUNT_CASES = [(name, method, rank) for name in harness.PAPER_MODELS for method, rank in
+               (("sttp", 16), ("sttp", 64), ("svdp", 64))]
+
+
+@pytest.mark.parametrize("name, method, rank", COUNT_CASES)
+def test_operator_calls_of_a_training_step_are_bounded(name, method, rank):
+    """What the weight path adds to one training step (batch 1, path="dense", after a warm-up step): ≤ 800 calls
+    for the SNGAN models, ≤ 1600 for WRN-28-10 (benchmarks/weights.py prints the table)."""
+    model = harness.build(name, method, rank, init="identity")
+    counter = harness.step_calls(model, harness.model_input(name, model))
+    calls, non_view = counter.calls - _dense_calls(name)[0], counter.non_view - _dense_calls(name)[1]
+    assert 0 < non_view < calls <= (1600 if name == "wrn28-10" else 800), (calls, non_view)
+
+
+def _stack(k: int, method: str, extra: bool = False) -> nn.Module:
+    """conv → k convs of one shape → (a linear of a shape already present) → linear."""
+    layers = [nn.Conv2d(3, 16, 3, padding=1)] + [nn.Conv2d(16, 16, 3, padding=1) for _ in range(k)]
+    layers += [nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 64)] + ([nn.Linear(64, 64)] if extra else [])
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers, nn.Linear(64, 10))
+    return torch_sttp.convert(model, method, 8, path="dense", init="identity")
+
+
+def _added_calls(model) -> int:
+    x = torch.randn(1, 3, 8, 8)
+    return harness.step_calls(model, x).calls - harness.step_calls(torch_sttp.to_dense(copy.deepcopy(model)), x).calls
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_calls_do_not_grow_with_layers_of_present_shapes(method):
+    """A layer of a shape already present adds the same few calls however many layers of that shape there are —
+    two per parameter tensor (its slice of the concatenated gradient, its accumulation): nothing in the weight path
+    is repeated per core or per layer of a known shape (the second layer of a shape turns its product into a
+    batched one, a few calls once)."""
+    counts = [_added_calls(_stack(k, method)) for k in (1, 2, 3, 4, 6)]
+    steps = [b - a for a, b in zip(counts, counts[1:])]
+    assert steps[1] == steps[2] and counts[-1] - counts[-2] == 2 * steps[1], counts
+    assert 0 < steps[1] <= 2 * 3 and steps[0] <= 40, counts  # U reflectors, V reflectors, S
+    assert 0 < _added_calls(_stack(2, method, extra=True)) - counts[1] <= 40
+
+
+# ==================================================================================== no host synchronisation
+SYNCING = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "is_nonzero", "masked_select", "equal",
+           "_unique2", "unique_dim", "unique_consecutive", "bincount", "repeat_interleave", "allclose"}
+
+
+class NoSync(TorchDispatchMode):
+    """Raises on every operator that reads device data on the host (``.item()``, ``.tolist()``, ``bool(t)``,
+    data-dependent shapes)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8, padding_idx=0)
+        self.conv = nn.Conv1d(8, 12, 3, padding=1)
+        self.up = nn.ConvTranspose1d(12, 6, 3, stride=2, padding=1, output_padding=1)
+        self.fc = nn.Linear(6 * 10, 16)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, idx):
+        h = torch.tanh(self.conv(self.emb(idx).transpose(1, 2)))
+        return self.head(torch.tanh(self.fc(self.up(h).flatten(1))))
+
+
+@pytest.mark.parametrize("path", ["auto", "dense", "lowrank"])
+@pytest.mark.parametrize("spectrum", ["identity", "normalized", "free"])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_a_training_step_never_synchronises_with_the_host(method, spectrum, path):
+    torch.manual_seed(0)
+    model = torch_sttp.convert(Mixed(), method, 4, spectrum=spectrum, path=path)
+    idx = torch.randint(0, 10, (3, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):  # the first step builds the plan (host work on host index maps), the others reuse it
+        with NoSync() if step else contextlib.nullcontext():
+            opt.zero_grad(set_to_none=True)
+            model(idx).square().mean().backward()
+            opt.step()
+    with torch.no_grad(), NoSync():
+        model.eval()(idx)
+        with torch_sttp.cached(model):
+            model(idx)
+            model(idx)
+
+
+def test_the_finite_check_synchronises_and_is_opt_in():
+    model = torch_sttp.convert(Mixed(), "sttp", 4, check_finite=True)
+    with pytest.raises(AssertionError, match="host synchronisation"), NoSync():
+        model(torch.randint(0, 10, (3, 5)))
+
+
+# ============================================================================================ CUDA graph capture
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_a_training_step_is_captured_and_replayed_as_a_cuda_graph(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).cuda()
+    torch_sttp.convert(model, method, 8)
+    eager = copy.deepcopy(model)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, eager)]
+    data = [(torch.randn(4, 3, 8, 8, device="cuda"), torch.randint(0, 10, (4,), device="cuda")) for _ in range(4)]
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+
+    def step(m, opt, x, y):
+        opt.zero_grad(set_to_none=False)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on a side stream (plans, autograd state), as capture requires
+        for x, y in data[:2]:
+            static_x.copy_(x), static_y.copy_(y)
+            step(model, opts[0], static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step(model, opts[0], static_x, static_y)
+    for x, y in data[:2]:
+        step(eager, opts[1], x, y)
+    for x, y in data[2:]:
+        static_x.copy_(x), static_y.copy_(y)
+        graph.replay()
+        expected = step(eager, opts[1], x, y)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, expected, rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ================================================================================================ torch.compile
+@pytest.mark.skipif(os.environ.get("STTP_TEST_INDUCTOR") != "1",
+                    reason="inductor compiles paper models for minutes on 2 CPU cores; set STTP_TEST_INDUCTOR=1")
+@pytest.mark.parametrize("name", ["wrn28-10", "sngan32-d"])
+def test_paper_models_train_under_inductor(name):
+    model = harness.build(name, "sttp", 16, path="auto")
+    twin = copy.deepcopy(model)
+    x = harness.model_input(name, model, batch=2)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, twin)]
+    compiled = torch.compile(model)
+    torch._dynamo.reset()
+    try:
+        for _ in range(2):
+            losses = []
+            for m, opt in zip((compiled, twin), opts):
+                opt.zero_grad()
+                loss = m(x).float().square().mean()
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+            torch.testing.assert_close(losses[0], losses[1], rtol=1e-3, atol=1e-5)
+    finally:
+        torch._dynamo.reset()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+# ============================================================================================== the GPU check
+def test_the_gpu_check_runs_on_a_cpu_and_writes_its_report(tmp_path):
+    """CI's smoke run of benchmarks/gpu_check.sh (--device cpu --quick): every section runs and reports."""
+    report = tmp_path / "report.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHON": sys.executable}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
+                           "--report", str(report)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = report.read_text()
+    for section in ("== environment", "== tests marked cuda", "== frames float32", "== frames bfloat16",
+                    "== weights", "== training steps", "== kernels of one converted step", "== summary"):
+        assert section in text, section
+    assert "TARGET frames_fwd_bwd_B64_n128_r64" in text and "TARGET calls_sngan32-d_sttp_r16" in text
+    assert "wrn28-10 sttp: step" in text and "sngan32-d+g sttp: step" in text
+    assert re.search(r"sngan32-d r=64 one training step .*dense \d+ calls .*sttp \d+ calls", text)
+    assert "failed sections: none" in text

@@ -1,0 +1,564 @@
+"""The batched weight path: the factors (U, σ, Vᵀ) and the weights of many SVDP/STTP layers in a few calls.
+
+A :class:`WeightPlan` is built once for a list of parametrizations (whose tensors share one dtype and device) and
+holds the constants of the computation — index maps, padding masks; :meth:`WeightPlan.run` evaluates it on the
+layers' tensors (U reflectors, V reflectors[, S] each). Its number of operator calls grows with the number of
+distinct layer structures, not with the number of cores or layers:
+
+1. **frames** — the free reflector blocks of every core of every layer are gathered, by one gather from the
+   concatenated parameters (its backward is the inverse gather, not a scatter), into zero-padded Y batches, one per *family* of frame shapes
+   (:func:`~torch_sttp.frames.frame_families` weighs padding FLOPs against calls); each family is one compact-WY
+   call, its padded rows and columns exactly inert;
+2. **trains** — the cores are gathered from the frames, by one gather, straight into the operand layout
+   of batched contractions. The trains of one side are contracted from their outer end as a *forest*: layers
+   whose modes begin alike share the steps of that common beginning (one ``bmm`` per step for all of them; U sides
+   of d_out = 64, 128 and 256 share their first six steps), bond ranks zero-padded to the largest in the step.
+   Modes are never padded (intermediate sizes are products of modes);
+3. **Σ** — the spectra of all layers are gathered into one zero-padded batch and normalised in one go;
+4. **weights** — on request, the weights of all layers of one shape are one batched product (U·Σ)·Vᵀ (or, where a
+   stack of their gradients would cost more than the calls it saves, one product per layer); a layer is never
+   padded to another shape.
+
+A side without cores (a dimension of 1) is the constant 1, tied to the concatenated parameters so that every
+parameter, empty ones included, takes part in the graph (DDP needs that). The padded computation equals the
+layer-by-layer one (:meth:`~torch_sttp.parametrizations.SpectralParametrization.factors`) up to rounding.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .cost import WeightPathCosts, batch_weight_products
+from .frames import WYConstants, compact_wy, frame_families, without_autocast, wy_constants
+from .parametrizations import SpectralParametrization
+
+__all__ = ["WeightPlan", "WeightPathResult", "structure_key", "compute_dtype"]
+
+_END = float("inf")  # sorts a train that ends after a step behind those that go on
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision frames are computed in: the parameters' own for float32/float64, float32 otherwise."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def structure_key(p: SpectralParametrization) -> tuple:
+    """What a plan depends on in one parametrization (its sides, weight layout and spectrum)."""
+    return (p.u_side, p.v_side, p.layout_shape, p.transposed, p.spectrum, p.eps, p.r_mid)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """A batch of ``count`` frames zero-padded to (n, r), computed by one compact-WY call."""
+
+    count: int
+    n: int
+    r: int
+    constants: WYConstants
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One contraction step of one side (0: U, 1: V) for a batch of trains: their core at ``depth`` (from the outer
+    end) of size ``mode``, for ``members`` (plan indices, batch order), ranks zero-padded to ``rank_in`` (towards
+    the outer end) and ``rank_out``.
+
+    The input is piece ``piece`` of step ``parent``'s output (a first core is its own partial product, times
+    ``sign`` where dropped cores were −1); the output is split into ``split``: the batches of the following steps,
+    then the trains that end here, which form block ``block``."""
+
+    side: int
+    depth: int
+    mode: int
+    members: tuple[int, ...]
+    rank_in: int
+    rank_out: int
+    parent: int | None
+    piece: int
+    split: tuple[int, ...]
+    block: int | None
+    sign: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Block:
+    """The finished trains of one side and one mode sequence: U (B, d, R) or Vᵀ (B, R, d), R = ``rank``, members
+    ordered by weight shape (``shape_sizes`` consecutive members per shape in ``shapes``); ``sigma_rows``: their
+    rows in the Σ batch (U blocks with a learned spectrum)."""
+
+    side: int
+    members: tuple[int, ...]
+    rank: int
+    shapes: tuple[int, ...]
+    shape_sizes: tuple[int, ...]
+    sigma_rows: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """The layers of one weight shape and where their factors lie: (block, piece) per side, or None for a side
+    without cores; ``sigma_rows`` their rows in the Σ batch, ``rank`` their padded middle rank; ``batched``: their
+    weights are formed as one product (else layer by layer)."""
+
+    members: tuple[int, ...]
+    layout: tuple[int, ...]
+    transposed: bool
+    rank: int
+    u: tuple[int, int] | None
+    v: tuple[int, int] | None
+    sigma_rows: torch.Tensor | None
+    batched: bool  # weights formed as one batched product (else layer by layer)
+
+
+class WeightPlan:
+    """The constants of the batched weight path for a list of parametrizations (see the module docstring).
+
+    ``costs`` (:func:`torch_sttp.cost.weight_path_costs`) decide how frames are grouped into padded families
+    (:func:`~torch_sttp.frames.frame_families`; ``one_family`` pads every frame into a single one) and whether the
+    weights of one shape are formed as one batched product (:func:`torch_sttp.cost.batch_weight_products`).
+    ``dtype``/``device``: those of the layers' tensors.
+    """
+
+    def __init__(self, params: Sequence[SpectralParametrization], dtype: torch.dtype, device: torch.device,
+                 costs: WeightPathCosts, one_family: bool = False) -> None:
+        self.params = list(params)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.work = compute_dtype(dtype)
+        self.costs = costs
+        offsets, total = self._tensor_offsets()
+        self.zero_slot, self.one_slot = total, total + 1
+        self.families, y_index, self.frame_address = self._families(self._frame_list(offsets), one_family)
+        self.frames_numel = sum(f.count * f.n * f.r for f in self.families)  # the zero after the flat frames
+        self.sigma_members = [i for i, p in enumerate(self.params) if p.has_spectrum]
+        self.sigma_rank = max((self.params[i].r_mid for i in self.sigma_members), default=0)
+        self.shape_of = self._shape_ids()
+        self.steps, self.blocks, core_index = [], [], []
+        for side in (0, 1):
+            self._grow(side, core_index)
+        self.operand_sizes = [math.prod(t.shape) for t in core_index]
+        self.shapes, self.member_shape = self._shapes()
+        self.y_numel = y_index.numel()
+        param_index = torch.cat([y_index, self._sigma_index(offsets)])
+        self.param_gather = (param_index.to(self.device), _inverse(param_index, total + 2, total).to(self.device))
+        core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
+        self.core_gather = (core.to(self.device),
+                            _inverse(core, self.frames_numel + 1, self.frames_numel).to(self.device))
+        self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
+        self.zero = torch.zeros(1, dtype=self.work, device=self.device)
+        self.sigma_scale = self._sigma_scale()
+
+    def _rows(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------------------------------- frames, building
+    def _tensor_offsets(self) -> tuple[list[list[int]], int]:
+        """Offsets of each member's tensors (U reflectors, V reflectors[, S]) in their concatenation."""
+        offsets, total = [], 0
+        for p in self.params:
+            sizes = [p.u_side.numel, p.v_side.numel] + ([p.r_mid] if p.has_spectrum else [])
+            offsets.append([total + sum(sizes[:i]) for i in range(len(sizes))])
+            total += sum(sizes)
+        return offsets, total
+
+    def _frame_list(self, offsets) -> list[tuple]:
+        """(member, side, core, rows, cols, reduced, offset of its free block) of every core."""
+        frames = []
+        for i, p in enumerate(self.params):
+            for side_index, side in enumerate((p.u_side, p.v_side)):
+                start = offsets[i][side_index]
+                for k, ((rows, cols), red) in enumerate(zip(side.frame_shapes, side.reduced)):
+                    frames.append((i, side_index, k, rows, cols, red, start))
+                    a, b = side.block_shapes[k]
+                    start += a * b
+        return frames
+
+    def _families(self, frames, one_family: bool):
+        """Families of frames, the Y gather index, and each frame's (family, slot, address in the flat frames,
+        row stride)."""
+        shapes = [(f[3], f[4]) for f in frames]
+        if not frames:
+            groups = []
+        elif one_family:
+            groups = [(max(n for n, _ in shapes), max(r for _, r in shapes), list(range(len(frames))))]
+        else:
+            groups = frame_families(shapes, self.costs.frame_call, self.costs.element)
+        families, pieces, address, base = [], [], {}, 0
+        for n_f, r_f, members in groups:
+            pad = torch.zeros(len(members), r_f)
+            for slot, j in enumerate(members):
+                i, side, k, rows, cols, red, start = frames[j]
+                pieces.append(self._y_index(rows, cols, red, start, n_f, r_f))
+                pad[slot, cols:] = 1.0
+                address[(i, side, k)] = (len(families), slot, base + slot * n_f * r_f, r_f)
+            # one triangular solve per family: fewer calls, and at these batch sizes its cost does not matter
+            constants = wy_constants(n_f, r_f, pad if bool(pad.any()) else None, self.work, self.device, False)
+            families.append(_Family(len(members), n_f, r_f, constants))
+            base += len(members) * n_f * r_f
+        index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        return families, index, address
+
+    def _y_index(self, n: int, r: int, reduced: bool, start: int, n_pad: int, r_pad: int) -> torch.Tensor:
+        """Gather index of one frame's Y (unit diagonal, free entries below it), zero-padded to (n_pad, r_pad)."""
+        rows = torch.arange(n_pad).unsqueeze(1)
+        cols = torch.arange(r_pad).unsqueeze(0)
+        real = (rows < n) & (cols < r)
+        if reduced:  # the free block holds rows r…n−1
+            free = real & (rows >= r)
+            entry = start + (rows - r) * r + cols
+        else:  # the free block is the (n, r) LAPACK layout, strictly lower entries used
+            free = real & (rows > cols)
+            entry = start + rows * r + cols
+        index = torch.where(free, entry, torch.full_like(entry, self.zero_slot))
+        index = torch.where(real & (rows == cols), torch.full_like(entry, self.one_slot), index)
+        return index.reshape(-1)
+
+    def _sigma_index(self, offsets) -> torch.Tensor:
+        """Gather index of every learned spectrum into one zero-padded (L, R̂) batch (plan order)."""
+        rank = self.sigma_rank
+        return torch.tensor([offsets[i][2] + c if c < self.params[i].r_mid else self.zero_slot
+                             for i in self.sigma_members for c in range(rank)], dtype=torch.long)
+
+    def _sigma_scale(self):
+        """How Σ is formed from S: None (as it is), a float (S/max(‖S‖∞, eps) for every row), or per-row
+        (eps (L, 1), normalised (L, 1)) constants for a mix of spectra."""
+        rows = [self.params[i] for i in self.sigma_members]
+        normalized = [p.spectrum == "normalized" for p in rows]
+        if not any(normalized):
+            return None
+        eps = {p.eps for p in rows}
+        if all(normalized) and len(eps) == 1:
+            return eps.pop()
+        return (torch.tensor([[p.eps] for p in rows], dtype=self.dtype, device=self.device),
+                torch.tensor([[n] for n in normalized], device=self.device))
+
+    # -------------------------------------------------------------------------------------- trains, building
+    def _shape_ids(self) -> list[int]:
+        """Each member's weight-shape group (members of one layout, orientation, spectrum and mode sequences)."""
+        ids: dict = {}
+        return [ids.setdefault((p.layout_shape, p.transposed, p.spectrum, p.eps, p.u_side.modes, p.v_side.modes),
+                               len(ids)) for p in self.params]
+
+    def _side(self, i: int, side: int):
+        p = self.params[i]
+        return p.u_side if side == 0 else p.v_side
+
+    def _skipped(self, i: int, side: int) -> int:
+        """Outer cores left out of the forest: 1×1 frames of mode 1 (a 1×1 kernel), each the constant −1."""
+        modes = self._side(i, side).modes
+        k = 0
+        while k < len(modes) - 1 and modes[k] == 1:
+            k += 1
+        return k
+
+    def _modes(self, i: int, side: int) -> tuple:
+        return self._side(i, side).modes[self._skipped(i, side):]
+
+    def _grow(self, side: int, core_index: list) -> None:
+        """The steps and blocks of one side's forest (trains ordered so that every step's batch is contiguous)."""
+        members = [i for i in range(len(self.params)) if self._side(i, side).modes]
+        members.sort(key=lambda i: (self._modes(i, side) + (_END,), self.shape_of[i], i))
+        self._branch(side, members, 0, None, 0, 1, core_index)
+
+    def _branch(self, side: int, members: list[int], depth: int, parent, piece: int, rank_in: int,
+                core_index: list) -> list[int]:
+        """Steps for forest depth ``depth`` of ``members`` (all with more cores), one per distinct mode; returns
+        the sizes of their batches."""
+        runs: dict = {}
+        for i in members:
+            runs.setdefault(self._modes(i, side)[depth], []).append(i)
+        sizes = []
+        for mode, run in runs.items():
+            index = len(self.steps)
+            cores = [self._skipped(i, side) + depth for i in run]
+            rank_out = max(self._side(i, side).ranks[k + 1] for i, k in zip(run, cores))
+            self.steps.append(None)  # reserved: steps are listed parents first
+            core_index.append(torch.stack([self._core_index(i, side, k, rank_in, rank_out) for i, k in zip(run, cores)]))
+            going = [i for i in run if len(self._modes(i, side)) > depth + 1]
+            ended = [i for i in run if len(self._modes(i, side)) == depth + 1]
+            split = self._branch(side, going, depth + 1, index, 0, rank_out, core_index) if going else []
+            block = None
+            if ended:
+                block = len(self.blocks)
+                self.blocks.append(self._block(side, ended, rank_out))
+                split = split + [len(ended)]
+            sign = None
+            if depth == 0 and any(self._skipped(i, side) % 2 for i in run):
+                sign = torch.tensor([-1.0 if self._skipped(i, side) % 2 else 1.0 for i in run], dtype=self.dtype,
+                                    device=self.device).view(-1, 1, 1)
+            self.steps[index] = _Step(side, depth, mode, tuple(run), rank_in, rank_out, parent, piece,
+                                      tuple(split), block, sign)
+            sizes.append(len(run))
+            piece += 1
+        return sizes
+
+    def _block(self, side: int, ended: list[int], rank: int) -> _Block:
+        shapes = sorted(set(self.shape_of[i] for i in ended))
+        sizes = tuple(sum(self.shape_of[i] == s for i in ended) for s in shapes)
+        rows = None
+        if side == 0 and self.params[ended[0]].has_spectrum:
+            rows = self._rows([self.sigma_members.index(i) for i in ended])
+        return _Block(side, tuple(ended), rank, tuple(shapes), sizes, rows)
+
+    def _core_index(self, i: int, side: int, k: int, rank_in: int, rank_out: int) -> torch.Tensor:
+        """Gather index of core k of member i's side as a step operand, ranks zero-padded to (rank_in, rank_out).
+
+        U core (R_{k−1}, n_k, R_k) from its frame (R_{k−1}·n_k, R_k): operand (R̃_{k−1}, n_k·R̃_k). V core from its
+        frame (n_k·R_k, R_{k+1}) (rows: mode, then the outer rank): operand (R̃_{k+1}·n_k, R̃_k).
+        """
+        s = self._side(i, side)
+        n, (_, _, base, stride) = s.modes[k], self.frame_address[(i, side, k)]
+        outer, inner = s.ranks[k], s.ranks[k + 1]
+        m = torch.arange(n).view(1, -1, 1)
+        if side == 0:
+            a, c = torch.arange(rank_in).view(-1, 1, 1), torch.arange(rank_out).view(1, 1, -1)
+            entry, shape = base + (a * n + m) * stride + c, (rank_in, n * rank_out)
+        else:
+            c, a = torch.arange(rank_out).view(-1, 1, 1), torch.arange(rank_in).view(1, 1, -1)
+            entry, shape = base + (m * outer + a) * stride + c, (rank_out * n, rank_in)
+        valid = (a < outer) & (c < inner)
+        return torch.where(valid, entry, torch.full_like(entry, self.frames_numel)).reshape(shape)
+
+    def _shapes(self):
+        """Weight-shape groups (members ascending, as inside their blocks) and each member's (group, position)."""
+        where = {(b.side, s): (n, piece) for n, b in enumerate(self.blocks) for piece, s in enumerate(b.shapes)}
+        shapes, member_shape = [], {}
+        for s in range(max(self.shape_of, default=-1) + 1):
+            members = [i for i, t in enumerate(self.shape_of) if t == s]
+            p = self.params[members[0]]
+            rows = self._rows([self.sigma_members.index(i) for i in members]) if p.has_spectrum else None
+            for j, i in enumerate(members):
+                member_shape[i] = (s, j)
+            batched = batch_weight_products(len(members), p.d_out * p.d_in, self.costs)
+            shapes.append(_Shape(tuple(members), p.layout_shape, p.transposed,
+                                 max(self.params[i].r_mid for i in members), where.get((0, s)), where.get((1, s)),
+                                 rows, batched))
+        return shapes, member_shape
+
+    # ----------------------------------------------------------------------------------------------- running
+    def run(self, tensors: Sequence[Sequence[torch.Tensor]]) -> WeightPathResult:
+        """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
+        flat = torch.cat([t for ts in tensors for t in ts] + [self.zero_one])
+        with without_autocast(self.device):
+            gathered = _Gather.apply(flat, *self.param_gather)
+            y, s = gathered.split([self.y_numel, gathered.numel() - self.y_numel]) if self.sigma_members else \
+                (gathered, None)
+            frames = self._frames(y)
+            blocks = self._contract(self._operands(frames))
+            sigma = None if s is None else self._sigma(s.view(len(self.sigma_members), self.sigma_rank))
+        return WeightPathResult(self, flat, frames, blocks, sigma)
+
+    def _frames(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Every family's frames (count, n, r), one compact-WY call each."""
+        if not self.families:
+            return []
+        if self.work != self.dtype:
+            y = y.to(self.work)
+        pieces = [y] if len(self.families) == 1 else y.split([f.count * f.n * f.r for f in self.families])
+        return [compact_wy(piece.view(f.count, f.n, f.r), constants=f.constants)
+                for f, piece in zip(self.families, pieces)]
+
+    def _operands(self, frames: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every step's cores (B, rows, cols), gathered from the frames in one call."""
+        if not self.steps:
+            return []
+        flat = torch.cat([q.view(-1) for q in frames] + [self.zero])
+        if self.work != self.dtype:
+            flat = flat.to(self.dtype)
+        gathered = _Gather.apply(flat, *self.core_gather)
+        pieces = gathered.split(self.operand_sizes) if len(self.steps) > 1 else (gathered,)
+        out = []
+        for piece, step in zip(pieces, self.steps):
+            b = len(step.members)
+            if step.parent is None:  # a first core is its own partial product: U (B, n, R), V (B, R, n)
+                shape = (b, step.mode, step.rank_out) if step.side == 0 else (b, step.rank_out, step.mode)
+            else:
+                shape = (b, step.rank_in, -1) if step.side == 0 else (b, -1, step.rank_in)
+            out.append(piece.view(shape))
+        return out
+
+    def _contract(self, operands: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every block's U (B, d_out, R) or Vᵀ (B, R, d_in): the forests' steps, one ``bmm`` each."""
+        outputs: list = [None] * len(self.steps)
+        blocks: list = [None] * len(self.blocks)
+        for s, (step, op) in enumerate(zip(self.steps, operands)):
+            b = len(step.members)
+            if step.parent is None:
+                m = op if step.sign is None else op * step.sign
+            elif step.side == 0:  # M (B, P, R_in) · core (B, R_in, n·R_out) → (B, P·n, R_out)
+                m = torch.bmm(outputs[step.parent][step.piece], op).view(b, -1, step.rank_out)
+            else:  # core (B, R_out·n, R_in) · M (B, R_in, P) → (B, R_out, n·P)
+                m = torch.bmm(op, outputs[step.parent][step.piece]).view(b, step.rank_out, -1)
+            outputs[s] = m.split(step.split) if len(step.split) > 1 else (m,)
+            if step.block is not None:
+                blocks[step.block] = outputs[s][-1]
+        return blocks
+
+    def _sigma(self, s: torch.Tensor) -> torch.Tensor:
+        """Σ's diagonals (L, R̂) of every member with a learned spectrum (zero-padded, normalised where asked)."""
+        if self.sigma_scale is None:
+            return s
+        if isinstance(self.sigma_scale, float):
+            return s / s.abs().amax(-1, keepdim=True).clamp_min(self.sigma_scale)
+        eps, normalized = self.sigma_scale
+        scale = torch.maximum(s.abs().amax(-1, keepdim=True), eps)
+        return s / torch.where(normalized, scale, torch.ones_like(scale))
+
+
+def _inverse(index: torch.Tensor, size: int, constants: int) -> torch.Tensor:
+    """For a gather ``out = src[index]`` from a source of ``size`` entries: where each source entry went (its
+    position in ``out``), or ``len(out)`` for entries never read and for the constant slots from ``constants`` on
+    (read many times; their gradient is not needed). Every other entry must be read at most once."""
+    inverse = torch.full((size,), index.numel(), dtype=torch.long)
+    real = index < constants
+    targets = index[real]
+    if targets.unique().numel() != targets.numel():
+        raise AssertionError("weight path: a gather reads a source entry twice")
+    inverse[targets] = torch.arange(index.numel())[real]
+    return inverse
+
+
+class _Gather(torch.autograd.Function):
+    """out = src[index] (1-D), where every non-constant source entry is read at most once; the backward is the
+    inverse gather ∂src = [∂out, 0][inverse] (a gather again, no scatter-add)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return src.index_select(0, index)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return torch.cat([grad, grad.new_zeros(1)]).index_select(0, inverse), None, None
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _narrow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The first ``size`` entries of ``t`` along ``dim`` (``t`` itself when it has no more)."""
+    return t if t.shape[dim] == size else t.narrow(dim, 0, size)
+
+
+# whether saved-tensor hooks (an activation checkpoint, offloading) are active; when they are, the lazily formed
+# parts of the weight path bypass them (private in PyTorch: without it, they always do)
+_HOOKS_SEEN = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+class WeightPathResult:
+    """What :meth:`WeightPlan.run` computed, handed out per member (its index in the plan).
+
+    Per-member factors and frames are views of the batched results; the weights of one shape group are formed
+    (one ``bmm``) on the first request of any of its members. Everything computed after :meth:`WeightPlan.run`
+    runs inside the layers' forwards: its saved tensors are kept by the autograd graph itself, not by an enclosing
+    activation checkpoint (whose recomputation forms a layer's factors on their own, see the planner).
+    """
+
+    def __init__(self, plan: WeightPlan, flat: torch.Tensor, frames: list[torch.Tensor], blocks: list[torch.Tensor],
+                 sigma: torch.Tensor | None) -> None:
+        self.plan = plan
+        self._flat, self._frames, self._blocks, self._sigma = flat, frames, blocks, sigma
+        self._memo: dict = {}
+
+    def _lazy(self, key, compute):
+        """``compute()`` once, its saved tensors kept by the graph, in the parameters' precision."""
+        if key not in self._memo:
+            keep = _HOOKS_SEEN is None or _HOOKS_SEEN(False) is not None
+            with (torch.autograd.graph.saved_tensors_hooks(_same, _same) if keep else contextlib.nullcontext()), \
+                    without_autocast(self.plan.device):
+                self._memo[key] = compute()
+        return self._memo[key]
+
+    def _unit(self, b: int) -> torch.Tensor:
+        """The factor of a side without cores, 1, tied to all parameters: (b, 1, 1)."""
+        unit = self._lazy("unit", lambda: (self._flat.narrow(0, self.plan.zero_slot, 1) + 1.0).view(1, 1, 1))
+        return unit.expand(b, 1, 1)
+
+    def _block_pieces(self, b: int, scaled: bool) -> tuple:
+        """Block b split by weight shape; U·diag(σ) instead of U for ``scaled``."""
+        block = self.plan.blocks[b]
+
+        def compute():
+            t = self._blocks[b]
+            if scaled:
+                sigma = self._sigma.index_select(0, block.sigma_rows)
+                t = t * _narrow(sigma, 1, block.rank).unsqueeze(1)
+            return t.split(block.shape_sizes) if len(block.shape_sizes) > 1 else (t,)
+
+        return self._lazy(("block", b, scaled), compute)
+
+    def _shape_side(self, g: int, side: int, scaled: bool = False) -> torch.Tensor:
+        """U (B, d_out, R) (U·diag(σ) for ``scaled``) or Vᵀ (B, R, d_in) of shape group g, R its padded rank."""
+        shape = self.plan.shapes[g]
+        b = len(shape.members)
+        where = shape.u if side == 0 else shape.v
+        if where is None:
+            unit = self._unit(b)
+            if not scaled:
+                return unit
+            return self._lazy(("unit-sigma", g), lambda: unit * self._shape_sigma(g).unsqueeze(1))
+        return _narrow(self._block_pieces(where[0], scaled)[where[1]], 2 if side == 0 else 1, shape.rank)
+
+    def _shape_sigma(self, g: int) -> torch.Tensor:
+        shape = self.plan.shapes[g]
+        return self._lazy(("sigma", g), lambda: _narrow(self._sigma.index_select(0, shape.sigma_rows), 1, shape.rank))
+
+    def _pieces(self, key, tensor_fn) -> tuple:
+        return self._lazy(("unbind", key), lambda: tensor_fn().unbind(0))
+
+    def factors(self, i: int) -> tuple:
+        """(U (d_out, R), σ (R,) or None, Vᵀ (R, d_in)) of member i, R its own middle rank."""
+        g, j = self.plan.member_shape[i]
+        r = self.plan.params[i].r_mid
+        u = self._pieces(("u", g), lambda: self._shape_side(g, 0))[j]
+        vt = self._pieces(("v", g), lambda: self._shape_side(g, 1))[j]
+        sigma = None
+        if self._sigma is not None and self.plan.params[i].has_spectrum:
+            sigma = _narrow(self._pieces("sigma", lambda: self._sigma)[self.plan.sigma_members.index(i)], 0, r)
+        return _narrow(u, 1, r), sigma, _narrow(vt, 0, r)
+
+    def frames(self, i: int) -> tuple[list, list]:
+        """The frames of member i's U and V cores (outer end → Σ), unpadded."""
+        p = self.plan.params[i]
+        out: tuple[list, list] = ([], [])
+        for side_index, side in enumerate((p.u_side, p.v_side)):
+            for k, (rows, cols) in enumerate(side.frame_shapes):
+                f, slot, _, _ = self.plan.frame_address[(i, side_index, k)]
+                q = self._pieces(("frames", f), lambda f=f: self._frames[f])[slot]
+                out[side_index].append(q[:rows, :cols])
+        return out
+
+    def weight(self, i: int) -> torch.Tensor:
+        """Member i's weight tensor (its layer's own layout): (U·Σ)·Vᵀ, from its shape group's batched product or
+        formed on its own (see :func:`torch_sttp.cost.batch_weight_products`)."""
+        g, j = self.plan.member_shape[i]
+        shape = self.plan.shapes[g]
+        if shape.batched or len(shape.members) == 1:
+            return self._lazy(("weights", g), lambda: self._shape_weights(g))[j]
+        return self._lazy(("weight", i), lambda: self._layer_weight(g, j))
+
+    def _shape_weights(self, g: int) -> tuple:
+        shape = self.plan.shapes[g]
+        us = self._shape_side(g, 0, scaled=shape.sigma_rows is not None)
+        w = torch.bmm(us, self._shape_side(g, 1))
+        if len(shape.members) == 1:  # a view, no unbind (whose backward would copy the gradient)
+            w = w.view(shape.layout)
+            return (w.transpose(0, 1) if shape.transposed else w,)
+        w = w.view(len(shape.members), *shape.layout)
+        return (w.transpose(1, 2) if shape.transposed else w).unbind(0)
+
+    def _layer_weight(self, g: int, j: int) -> torch.Tensor:
+        shape = self.plan.shapes[g]
+        us = self._pieces(("us", g), lambda: self._shape_side(g, 0, scaled=shape.sigma_rows is not None))[j]
+        w = torch.mm(us, self._pieces(("v", g), lambda: self._shape_side(g, 1))[j]).view(shape.layout)
+        return w.transpose(0, 1) if shape.transposed else w
