@@ -33,6 +33,17 @@ from .spectral import (
     spectral_stats,
 )
 from .export import to_dense, to_factorized
+from .adapters import (
+    adapter_state_dict,
+    adapters_disabled,
+    add_adapters,
+    load_adapters,
+    merge_adapters,
+    parameter_counts,
+    save_adapters,
+    set_active_adapter,
+    unload_adapters,
+)
 from .surgery import conversion, convert, converted_layers, forward_pass, set_check_finite, skipped_layers
 from .tt import count_dof
 
