@@ -10,7 +10,7 @@ from torch import nn
 from ..frames import householder_t
 from ..planner import Factors, FramePlanner
 from .ops import EmbeddingOps, LayerOps, Rotation, rotated_matrix
-from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate
+from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate, full_precision
 
 __all__ = ["AdapterLayer", "TrainableCopies", "ROTATION_PATHS"]
 
@@ -34,8 +34,8 @@ class _Delegating(nn.Module):
 class AdapterLayer(_Delegating):
     """A frozen ``base_layer`` with adapters by name (``adapters``); ``active`` names the one that runs.
 
-    Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U, for a conv an R-filter convolution then
-    a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a :class:`RotationUpdate`, and
+    Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U per term, for a conv an R-filter
+    convolution then a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a :class:`RotationUpdate`, and
     base(x) when no adapter is active. ``path`` ("auto", "input", "weight") picks how a rotation is applied where
     both ways exist (Linear, Conv1D): to the input or to the weight; "auto" takes the cheaper by
     :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
@@ -77,21 +77,22 @@ class AdapterLayer(_Delegating):
 
     def _updated(self, x: torch.Tensor, adapter: SpectralUpdate) -> torch.Tensor:
         base, ops = self.base_layer, self.ops
-        factors = self.frame_planner.factors(adapter)
+        with full_precision():
+            factors = self.frame_planner.factors(adapter)
         terms = adapter.terms(factors)
-        first = ops.lowrank(base, x, *terms[0][:3])
-        if first is None:  # no low-rank path (grouped conv): the layer's op with W + ΔW
+        update = ops.lowrank(base, x, *terms[0])
+        if update is None:  # no low-rank path (grouped conv): the layer's op with W + ΔW
             self.last_path = "weight"
             return ops.run(base, x, base.weight + ops.to_weight(base, adapter.delta_matrix(factors)))
         self.last_path = "lowrank"
-        update = first
-        if len(terms) > 1:  # exactly zero at init: both terms are the same computation on the same values
-            update = first - ops.lowrank(base, x, *terms[1][:3])
+        for term in terms[1:]:
+            update = update + ops.lowrank(base, x, *term)
         return base(x) + update
 
     def _rotated(self, x: torch.Tensor, adapter: RotationUpdate) -> torch.Tensor:
         ys = adapter.reflectors()
-        ts = self.reflector_planner.t_factors(adapter)
+        with full_precision():
+            ts = self.reflector_planner.t_factors(adapter)
         rot = Rotation(ys[0], ts[0], *((ys[1], ts[1]) if len(ys) > 1 else ()))
         costs = self.ops.rotation_costs(self.base_layer, x, rot)
         path = self._path if self._path in costs else min(costs, key=costs.get)
@@ -99,17 +100,22 @@ class AdapterLayer(_Delegating):
         return self.ops.rotate(self.base_layer, x, rot, path)
 
     def adapted_weight(self, name: str) -> torch.Tensor:
-        """The base layer's weight under adapter ``name`` (its own shape): W + ΔW, or H_out·W·H; computed on its
-        own, outside the planners."""
+        """The base layer's weight under adapter ``name`` (its own shape and dtype): W + ΔW, or H_out·W·H; computed
+        on its own, outside the planners. The factors (or T) are computed as in training, in the parameters' dtype,
+        and their products and sums in float64, rounded once, so that the merged weight is the adapted layer's."""
         adapter, base, ops = self.adapters[name], self.base_layer, self.ops
+        wide = torch.float64
+        matrix = ops.matrix(base)
         if isinstance(adapter, RotationUpdate):
             ys = adapter.reflectors()
-            rot = Rotation(ys[0], householder_t(ys[0]), *((ys[1], householder_t(ys[1])) if len(ys) > 1 else ()))
-            matrix = rotated_matrix(ops.matrix(base), rot)
+            ts = [householder_t(y).to(wide) for y in ys]
+            rot = Rotation(ys[0].to(wide), ts[0], *((ys[1].to(wide), ts[1]) if len(ys) > 1 else ()))
+            matrix = rotated_matrix(matrix.to(wide), rot)
         else:
             factors = Factors(*adapter.parametrization.factors(*adapter.planner_tensors()))
-            matrix = ops.matrix(base) + adapter.delta_matrix(factors)
-        weight = ops.to_weight(base, matrix)
+            wide_factors = Factors(*(f.to(wide) for f in factors))
+            matrix = matrix.to(wide) + adapter.delta_matrix(wide_factors)
+        weight = ops.to_weight(base, matrix.to(base.weight.dtype))
         if isinstance(ops, EmbeddingOps):
             weight = ops.keep_padding_row(base, weight)
         return weight.contiguous()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -20,7 +21,7 @@ from ..parametrizations import SpectralParametrization
 from ..planner import FramePlanner
 from .layer import AdapterLayer, TrainableCopies
 from .ops import SUPPORTED_NAMES, layer_ops
-from .updates import KINDS, ReflectorPlanner, RotationUpdate, SpectralUpdate
+from .updates import KINDS, ReflectorPlanner, RotationUpdate, SpectralUpdate, begin_forward_in_full_precision
 
 __all__ = ["KINDS", "AdapterInfo", "LayerInfo", "AdapterRecord", "ParameterCounts", "add_adapters", "adapter_record",
            "adapter_info", "adapter_names", "active_adapter", "set_active_adapter", "adapters_disabled",
@@ -190,8 +191,8 @@ def _add(model, settings: dict, target, exclude, trainable, exact, initialize: b
         _install_copy(model, module_name, settings["name"])
     record.infos[settings["name"]] = info
     set_active_adapter(model, settings["name"])
-    if settings["kind"] == "principal":  # (loaded values replace these; their layout stays)
-        with torch.no_grad(), record.frame_planner.forward_pass():  # the same batched computation as in training
+    if settings["kind"] == "principal" and initialize:
+        with torch.no_grad(), record.frame_planner.forward_pass():
             for adapter in built:
                 adapter.set_initial(record.frame_planner.factors(adapter))
     return model
@@ -227,8 +228,8 @@ def _build(t: _Target, settings: dict, generator, initialize: bool, info: Adapte
 def _attach_record(model: nn.Module) -> AdapterRecord:
     """A new record with its planners and root hooks; every parameter frozen (flags kept for unload)."""
     frames, reflectors = FramePlanner("shape"), ReflectorPlanner()
-    hooks = (model.register_forward_pre_hook(frames.begin_forward),
-             model.register_forward_pre_hook(reflectors.begin_forward),
+    hooks = (model.register_forward_pre_hook(functools.partial(begin_forward_in_full_precision, frames)),
+             model.register_forward_pre_hook(functools.partial(begin_forward_in_full_precision, reflectors)),
              model.register_forward_hook(frames.end_forward, always_call=True),
              model.register_forward_hook(reflectors.end_forward, always_call=True))
     params = list(model.parameters())
@@ -297,7 +298,13 @@ def _trainable_names(model: nn.Module, trainable) -> list[str]:
     patterns = as_patterns(trainable)
     _check_patterns(named, "trainable", patterns)
     names = [n for n, _, seen in named if n and patterns and _matches(n, seen, patterns)]
-    return [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
+    for n in names:
+        module = model.get_submodule(n)
+        if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+            raise ValueError(f"trainable module {n!r} holds adapter layers; a module trained whole cannot also "
+                             "carry adapters (train it under another adapter name, or unload first)")
+    return names
 
 
 def _exact_names(model: nn.Module, names) -> list[str]:
@@ -454,10 +461,11 @@ def merge_adapters(model: nn.Module, name: str | None = None) -> nn.Module:
         for n, layer in adapter_layers(model):
             if name in layer.adapters:
                 weight = layer.adapted_weight(name)
-                if not bool(torch.isfinite(weight).all()):
-                    raise ValueError(f"layer {n!r}: adapter {name!r} gives a weight with NaN or inf entries (its "
-                                     "parameters are not finite, e.g. after a diverged step); nothing was merged — "
-                                     "restore a good checkpoint of the adapter")
+                tensors = [weight] + list(layer.adapters[name].state_dict().values())
+                if not all(bool(torch.isfinite(t).all()) for t in tensors):
+                    raise ValueError(f"layer {n!r}: adapter {name!r} holds NaN or inf (in its tensors or the weight "
+                                     "they give, e.g. after a diverged step); nothing was merged — restore a good "
+                                     "checkpoint of the adapter")
                 merged[n] = weight
     trained = {n: holder.copies[name] for n, holder in trainable_copies(model) if name in holder.copies}
     flags = {id(p): flag for p, flag in record.requires_grad}

@@ -76,7 +76,8 @@ class LayerOps:
         raise NotImplementedError
 
     def lowrank(self, layer: nn.Module, x: torch.Tensor, u, sigma, vt) -> torch.Tensor | None:
-        """(U·diag(σ)·Vᵀ) applied as the layer applies W (no bias), or None when only the weight path exists."""
+        """(U·diag(σ)·Vᵀ) applied as the layer applies W (no bias; σ None: U·Vᵀ), or None when only the weight
+        path exists."""
         raise NotImplementedError
 
     def rotation_costs(self, layer: nn.Module, x: torch.Tensor, rot: Rotation) -> dict[str, float]:
@@ -99,7 +100,7 @@ class LinearOps(LayerOps):
         return F.linear(x, weight, layer.bias if bias else None)
 
     def lowrank(self, layer, x, u, sigma, vt):
-        return F.linear(F.linear(x, vt) * sigma, u)
+        return F.linear(_scaled(F.linear(x, vt), sigma), u)
 
     def rotation_costs(self, layer, x, rot):
         d_out, d_in = self.matrix(layer).shape
@@ -153,7 +154,7 @@ class ConvOps(LayerOps):
         nd = len(layer.kernel_size)
         r = vt.shape[0]
         h = _conv(layer, x, vt.reshape(r, layer.in_channels, *layer.kernel_size), None)
-        h = h * sigma.reshape(r, *([1] * nd))
+        h = h if sigma is None else h * sigma.reshape(r, *([1] * nd))
         return conv_function(nd)(h, u.reshape(u.shape[0], r, *([1] * nd)))
 
 
@@ -166,7 +167,7 @@ class EmbeddingOps(LayerOps):
         return F.embedding(x, weight, layer.padding_idx, None, layer.norm_type, layer.scale_grad_by_freq, False)
 
     def lowrank(self, layer, x, u, sigma, vt):
-        rows = (F.embedding(x, u, None, None, 2.0, layer.scale_grad_by_freq) * sigma) @ vt
+        rows = _scaled(F.embedding(x, u, None, None, 2.0, layer.scale_grad_by_freq), sigma) @ vt
         return rows if layer.padding_idx is None else rows * (x != layer.padding_idx).unsqueeze(-1).to(rows.dtype)
 
     def rotate(self, layer, x, rot, path):
@@ -187,6 +188,10 @@ class EmbeddingOps(LayerOps):
         keep = torch.zeros(merged.shape[0], 1, dtype=torch.bool, device=merged.device)
         keep[layer.padding_idx] = True
         return torch.where(keep, layer.weight.to(merged.dtype), merged)
+
+
+def _scaled(h: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+    return h if sigma is None else h * sigma
 
 
 def _conv_pads(layer: nn.Module) -> list[int]:

@@ -10,6 +10,8 @@ its factors (U, σ, Vᵀ), batched by shape with every other member, once per fo
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -17,17 +19,36 @@ from ..frames import householder_t, householder_ts_grouped
 from ..parametrizations import SpectralParametrization
 from ..planner import Factors
 
-__all__ = ["KINDS", "SpectralUpdate", "RotationUpdate", "ReflectorPlanner", "paired_reflectors"]
+__all__ = ["KINDS", "SpectralUpdate", "RotationUpdate", "ReflectorPlanner", "paired_reflectors", "full_precision",
+           "begin_forward_in_full_precision"]
 
 KINDS = ("principal", "delta", "rotation")
 
 
-class SpectralUpdate(nn.Module):
-    """ΔW = U(θ)·diag(s)·V(θ)ᵀ ("delta", s = 0 at init) or U(θ)·diag(s)·V(θ)ᵀ − U₀·diag(s₀)·V₀ᵀ ("principal").
+def full_precision():
+    """A context without autocast (on the device type where it is on), for computing frames in the parameters'
+    precision: under bf16 autocast their products would lose orthogonality and the triangular solves have no
+    bf16 kernel. The layers' own products still run under the caller's autocast."""
+    for device_type in ("cpu", "cuda"):
+        if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    For "principal", (U₀, s₀, V₀) are the factors at θ₀, Σ₀ — the rank-r projection of the pretrained W — kept as
-    frozen buffers ``initial_u`` (d_out, R), ``initial_spectrum`` (R,), ``initial_vt`` (R, d_in), so that
-    W + ΔW = W_res + U(θ)·Σ·V(θ)ᵀ with W_res = W − U₀Σ₀V₀ᵀ, without storing W_res or changing W.
+
+def begin_forward_in_full_precision(planner, *args, **kwargs) -> None:
+    """``planner.begin_forward`` (a root forward pre-hook) under :func:`full_precision`."""
+    with full_precision():
+        planner.begin_forward(*args, **kwargs)
+
+
+class SpectralUpdate(nn.Module):
+    """W' = W + U(θ)·diag(s)·V(θ)ᵀ ("delta", s = 0 at init) or W' = W_res + U(θ)·diag(s)·V(θ)ᵀ ("principal").
+
+    For "principal", (U₀, s₀, V₀) are the factors at (θ₀, s₀), the rank-r projection of the pretrained W, kept as
+    frozen buffers ``initial_u`` (d_out, R), ``initial_spectrum`` (R,), ``initial_vt`` (R, d_in); W_res =
+    W − U₀·diag(s₀)·V₀ᵀ is never stored (W itself is never changed): ΔW = U·diag(s)·Vᵀ − U₀·diag(s₀)·V₀ᵀ is applied
+    as (U·diag(s) − U₀·diag(s₀))·Vᵀ + U₀·diag(s₀)·(Vᵀ − V₀ᵀ) (:meth:`terms`), whose factors are differences: exactly
+    zero at init, and small while the adapter stays near it, so that no large cancelling products are rounded.
 
     Parameters: ``u_reflectors``, ``v_reflectors`` (flat free reflector blocks, see
     :class:`~torch_sttp.parametrizations.TrainSide`) and ``spectrum`` s (R,).
@@ -63,25 +84,30 @@ class SpectralUpdate(nn.Module):
         return (self.u_reflectors, self.v_reflectors, self.spectrum)
 
     def set_initial(self, factors: Factors) -> None:
-        """Store the factors at init as (U₀, s₀, V₀ᵀ) ("principal"), in the memory layout the planner gives them
-        (Vᵀ may be a transposed view), so that a product with them rounds exactly as one with the factors."""
-        self.initial_u = factors.u.detach().clone()
-        self.initial_spectrum = factors.sigma.detach().clone()
-        self.initial_vt = factors.vt.detach().clone()
+        """Store the factors at init as (U₀, s₀, V₀ᵀ) ("principal"); computed by the frame planner exactly as in
+        training, so that ΔW is exactly zero at init."""
+        with torch.no_grad():
+            self.initial_u.copy_(factors.u)
+            self.initial_spectrum.copy_(factors.sigma)
+            self.initial_vt.copy_(factors.vt)
 
-    def terms(self, factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]:
-        """ΔW as a sum of signed low-rank terms (U, σ, Vᵀ, ±1): the current factors, minus the initial ones for
-        "principal" (identical at init, so that the two terms cancel exactly)."""
-        out = [(factors.u, factors.sigma, factors.vt, 1.0)]
-        if self.kind == "principal":
-            out.append((self.initial_u, self.initial_spectrum, self.initial_vt, -1.0))
-        return out
+    def terms(self, factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+        """ΔW as a sum of low-rank terms (U, σ or None, Vᵀ): [(U, s, Vᵀ)] for "delta"; for "principal"
+        [(U·diag(s) − U₀·diag(s₀), None, Vᵀ), (U₀·diag(s₀), None, Vᵀ − V₀ᵀ)]."""
+        if self.kind == "delta":
+            return [(factors.u, factors.sigma, factors.vt)]
+        dtype = factors.u.dtype  # the buffers' own dtype unless the factors are computed in another
+        u0s0 = self.initial_u.to(dtype) * self.initial_spectrum.to(dtype)
+        return [(factors.u * factors.sigma - u0s0, None, factors.vt),
+                (u0s0, None, factors.vt - self.initial_vt.to(dtype))]
 
     def delta_matrix(self, factors: Factors) -> torch.Tensor:
-        """ΔW (d_out, d_in) = Σ ± (U·σ)·Vᵀ over :meth:`terms` (exactly zero at init for "principal")."""
-        products = [((u * sigma) @ vt, sign) for u, sigma, vt, sign in self.terms(factors)]
-        out = products[0][0]
-        return out if len(products) == 1 else out - products[1][0]
+        """ΔW (d_out, d_in): the sum of the products of :meth:`terms` (exactly zero at init)."""
+        out = None
+        for u, sigma, vt in self.terms(factors):
+            product = (u if sigma is None else u * sigma) @ vt
+            out = product if out is None else out + product
+        return out
 
 
 def paired_reflectors(d: int, r: int, generator: torch.Generator | None = None, dtype=torch.float32,
