@@ -84,6 +84,7 @@ def worker(mode: str, outfile: str) -> None:
             from torch.distributed.fsdp import fully_shard
 
             fully_shard(model)
+            assert all(hasattr(p, "full_tensor") for p in model.parameters())  # every parameter is sharded
             train(model, part)
         vec = trainable_vector(model)
         gathered = [torch.empty_like(vec) for _ in range(world)]
