@@ -242,13 +242,30 @@ def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task) 
     return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", **spec)
 
 
+def ours_parameter_count(layers: dict, kind: str, method: str, rank: int) -> int:
+    """Adapter parameters of ours on layers {name: LayerInfo} at ``rank``, from the shapes alone: the stored
+    reflector blocks of U and V plus the spectrum (see SpectralParametrization), or r·d_in reflectors (rotation)."""
+    from torch_sttp.parametrizations import SpectralParametrization
+
+    total = 0
+    for info in layers.values():
+        shape = tuple(info.weight_shape)  # Linear and Conv layouts (d_out, C_in, *kernel)
+        d_in = math.prod(shape[1:])
+        if kind == "rotation":
+            total += min(rank, d_in - d_in % 2) * d_in
+        else:
+            p = SpectralParametrization(shape, rank, method, "free")
+            total += p.u_side.numel + p.v_side.numel + p.r_mid
+    return total
+
+
 def matched_rank(task: Task, kind: str, method: str, budget: int, max_rank: int = 64) -> int:
     """The largest rank (even for rotation) whose adapter parameters do not exceed ``budget``."""
+    layers = torch_sttp.adapters.adapter_info(ours_model(task.make_model(0), "delta", "svdp", 1, task)).layers
     best = None
     step = 2 if kind == "rotation" else 1
     for rank in range(step, max_rank + 1, step):
-        n = adapter_parameters(ours_model(task.make_model(0), kind, method, rank, task))
-        if n > budget:
+        if ours_parameter_count(layers, kind, method, rank) > budget:
             break
         best = rank
     if best is None:

@@ -35,10 +35,10 @@ class AdapterLayer(_Delegating):
     """A frozen ``base_layer`` with adapters by name (``adapters``); ``active`` names the one that runs.
 
     Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U per term, for a conv an R-filter
-    convolution then a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a :class:`RotationUpdate`, and
-    base(x) when no adapter is active. ``path`` ("auto", "input", "weight") picks how a rotation is applied where
-    both ways exist (Linear, Conv1D): to the input or to the weight; "auto" takes the cheaper by
-    :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
+    convolution then a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a
+    :class:`RotationUpdate`, and base(x) when no adapter is active. ``path`` ("auto", "input", "weight") picks how a
+    rotation is applied where both ways exist (Linear, Conv1D): to the input or to the weight; "auto" takes the
+    cheaper by :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
     """
 
     def __init__(self, base_layer: nn.Module, ops: LayerOps, frame_planner: FramePlanner,

@@ -25,7 +25,8 @@ from .updates import KINDS, ReflectorPlanner, RotationUpdate, SpectralUpdate, be
 
 __all__ = ["KINDS", "AdapterInfo", "LayerInfo", "AdapterRecord", "ParameterCounts", "add_adapters", "adapter_record",
            "adapter_info", "adapter_names", "active_adapter", "set_active_adapter", "adapters_disabled",
-           "merge_adapters", "unload_adapters", "delete_adapter", "adapter_layers", "trainable_copies", "parameter_counts",
+           "merge_adapters", "unload_adapters", "delete_adapter", "adapter_layers", "trainable_copies",
+           "parameter_counts",
            "add_adapters_to_layers", "targetable_modules"]
 
 _RECORD = "_sttp_adapters"

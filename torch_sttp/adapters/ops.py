@@ -73,6 +73,8 @@ class LayerOps:
         return matrix.reshape(layer.weight.shape)
 
     def run(self, layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The layer's own op on ``x`` with ``weight`` (the layer's weight shape) instead of its weight; with the
+        layer's bias unless ``bias=False``."""
         raise NotImplementedError
 
     def lowrank(self, layer: nn.Module, x: torch.Tensor, u, sigma, vt) -> torch.Tensor | None:
