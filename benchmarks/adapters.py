@@ -343,19 +343,18 @@ def peak_rss_growth_mib(model: nn.Module, task: Task, lr: float, steps: int = 3)
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        before = _status_kib("VmRSS")
+        before = memory_status()["VmRSS"]
     except OSError:
         return None
     train(model, task, lr, seed=12345, max_steps=steps)
-    return (_status_kib("VmHWM") - before) / 1024
+    return (memory_status()["VmHWM"] - before) / 1024
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def memory_status() -> dict[str, int]:
+    """The kB fields of /proc/self/status (VmRSS, VmHWM, …)."""
+    text = Path("/proc/self/status").read_text()
+    pairs = (line.split(":", 1) for line in text.splitlines() if line.endswith(" kB"))
+    return {key: int(value.split()[0]) for key, value in pairs}
 
 
 def run_one(task: Task, name: str, lr: float, seed: int, ranks: dict, max_steps: int | None) -> dict:

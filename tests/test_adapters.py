@@ -13,6 +13,7 @@ from torch import nn
 
 import torch_sttp
 from torch_sttp import frames
+from test_adapters_frames import dense_product  # noqa: E402  (tests/ is on the path under pytest)
 from torch_sttp.adapters import (
     AdapterLayer,
     RotationUpdate,
@@ -82,15 +83,6 @@ def perturb_adapters(model, scale=0.3, seed=7):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-
-
-def dense_product(y):
-    d = y.shape[0]
-    h = torch.eye(d, dtype=y.dtype)
-    for j in range(y.shape[1]):
-        v = y[:, j:j + 1]
-        h = h @ (torch.eye(d, dtype=y.dtype) - 2.0 * (v @ v.T) / (v.T @ v))
-    return h
 
 
 def to_matrix(layer, w):
@@ -473,18 +465,10 @@ def test_bad_settings():
 
 
 def test_unsupported_targets_are_listed_as_skipped():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(10, 4)
-            self.head = nn.Linear(4, 10, bias=False)
-            self.head.weight = self.emb.weight
-            self.up = nn.ConvTranspose1d(2, 2, 3)
-            self.attn = nn.MultiheadAttention(4, 2)
-            self.norm = nn.LayerNorm(4)
-            self.fc = nn.Linear(4, 4)
-
-    model = Tied()
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "head": nn.Linear(4, 10, bias=False),
+                           "up": nn.ConvTranspose1d(2, 2, 3), "attn": nn.MultiheadAttention(4, 2),
+                           "norm": nn.LayerNorm(4), "fc": nn.Linear(4, 4)})
+    model["head"].weight = model["emb"].weight  # tied
     torch_sttp.add_adapters(model, "delta", rank=2, target=["emb", "head", "up", "attn.*", "norm", "fc"])
     skipped = {n: reason for n, _, reason in adapter_info(model).skipped}
     assert set(skipped) == {"emb", "head", "up", "attn.out_proj", "norm"}
@@ -593,16 +577,18 @@ def test_activation_checkpointing_matches_plain_training(kind, mode):
     ckpt = copy.deepcopy(plain)
     ckpt.mode = mode
     x = torch.randn(4, 3, 7, 7, dtype=F64, requires_grad=True)
+
+    def step(model, opt):
+        """One SGD step; returns the input's and the trainable parameters' gradients."""
+        opt.zero_grad()
+        x.grad = None
+        model(x).square().sum().backward()
+        opt.step()
+        return [x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
     opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1) for m in (plain, ckpt)]
-    for _ in range(2):
-        grads = []
-        for model, opt in zip((plain, ckpt), opts):
-            opt.zero_grad()
-            x.grad = None
-            model(x).square().sum().backward()
-            grads.append([x.grad.clone()] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
-            opt.step()
-        for a, b in zip(*grads):
+    for _ in range(2):  # the second step starts from parameters that the first one moved
+        for a, b in zip(step(plain, opts[0]), step(ckpt, opts[1])):
             torch.testing.assert_close(b, a)
 
 
