@@ -182,8 +182,8 @@ def _add(model, settings: dict, target, exclude, trainable, exact, initialize: b
         raise ValueError("no layer can carry the adapter" + (f" (skipped: {detail})" if detail else "")
                          + f"; supported layers: {SUPPORTED_NAMES}")
     generator = torch.Generator().manual_seed(settings["seed"])
-    info = AdapterInfo(target=[str(p) for p in as_patterns(target)], exclude=[str(p) for p in as_patterns(exclude)],
-                       trainable=trainable_names, skipped=skipped, **settings)
+    info = AdapterInfo(target=_pattern_names(target), exclude=_pattern_names(exclude), trainable=trainable_names,
+                       skipped=skipped, **settings)
     built = [_build(t, settings, generator, initialize, info) for t in selected]
     record = adapter_record(model) or _attach_record(model)
     for t, adapter in zip(selected, built):
@@ -197,6 +197,10 @@ def _add(model, settings: dict, target, exclude, trainable, exact, initialize: b
             for adapter in built:
                 adapter.set_initial(record.frame_planner.factors(adapter))
     return model
+
+
+def _pattern_names(patterns) -> list[str]:
+    return [p.__name__ if isinstance(p, type) else str(p) for p in as_patterns(patterns)]
 
 
 def _build(t: _Target, settings: dict, generator, initialize: bool, info: AdapterInfo) -> nn.Module:
