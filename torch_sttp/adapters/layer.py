@@ -34,7 +34,7 @@ class _Delegating(nn.Module):
 class AdapterLayer(_Delegating):
     """A frozen ``base_layer`` with adapters by name (``adapters``); ``active`` names the one that runs.
 
-    Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U per term, for a conv an R-filter
+    Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U, for a conv an R-filter
     convolution then a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a
     :class:`RotationUpdate`, and base(x) when no adapter is active. ``path`` ("auto", "input", "weight") picks how a
     rotation is applied where both ways exist (Linear, Conv1D): to the input or to the weight; "auto" takes the
@@ -79,14 +79,11 @@ class AdapterLayer(_Delegating):
         base, ops = self.base_layer, self.ops
         with full_precision():
             factors = self.frame_planner.factors(adapter)
-        terms = adapter.terms(factors)
-        update = ops.lowrank(base, x, *terms[0])
+        update = ops.lowrank(base, x, *adapter.low_rank(factors))
         if update is None:  # no low-rank path (grouped conv): the layer's op with W + ΔW
             self.last_path = "weight"
             return ops.run(base, x, base.weight + ops.to_weight(base, adapter.delta_matrix(factors)))
         self.last_path = "lowrank"
-        for term in terms[1:]:
-            update = update + ops.lowrank(base, x, *term)
         return base(x) + update
 
     def _rotated(self, x: torch.Tensor, adapter: RotationUpdate) -> torch.Tensor:

@@ -47,7 +47,7 @@ class SpectralUpdate(nn.Module):
     For "principal", (U₀, s₀, V₀) are the factors at (θ₀, s₀), the rank-r projection of the pretrained W, kept as
     frozen buffers ``initial_u`` (d_out, R), ``initial_spectrum`` (R,), ``initial_vt`` (R, d_in); W_res =
     W − U₀·diag(s₀)·V₀ᵀ is never stored (W itself is never changed): ΔW = U·diag(s)·Vᵀ − U₀·diag(s₀)·V₀ᵀ is applied
-    as (U·diag(s) − U₀·diag(s₀))·Vᵀ + U₀·diag(s₀)·(Vᵀ − V₀ᵀ) (:meth:`terms`), whose factors are differences: exactly
+    as (U·diag(s) − U₀·diag(s₀))·Vᵀ + U₀·diag(s₀)·(Vᵀ − V₀ᵀ) (:meth:`low_rank`), whose factors are differences: exactly
     zero at init, and small while the adapter stays near it, so that no large cancelling products are rounded.
 
     Parameters: ``u_reflectors``, ``v_reflectors`` (flat free reflector blocks, see
@@ -91,23 +91,20 @@ class SpectralUpdate(nn.Module):
             self.initial_spectrum.copy_(factors.sigma)
             self.initial_vt.copy_(factors.vt)
 
-    def terms(self, factors: Factors) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-        """ΔW as a sum of low-rank terms (U, σ or None, Vᵀ): [(U, s, Vᵀ)] for "delta"; for "principal"
-        [(U·diag(s) − U₀·diag(s₀), None, Vᵀ), (U₀·diag(s₀), None, Vᵀ − V₀ᵀ)]."""
+    def low_rank(self, factors: Factors) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """ΔW = A·diag(σ)·B as (A (d_out, R'), σ (R',) or None, B (R', d_in)): (U, s, Vᵀ) for "delta"; for
+        "principal", R' = 2R, A = [U·diag(s) − U₀·diag(s₀), U₀·diag(s₀)], B = [Vᵀ; Vᵀ − V₀ᵀ]."""
         if self.kind == "delta":
-            return [(factors.u, factors.sigma, factors.vt)]
+            return factors.u, factors.sigma, factors.vt
         dtype = factors.u.dtype  # the buffers' own dtype unless the factors are computed in another
         u0s0 = self.initial_u.to(dtype) * self.initial_spectrum.to(dtype)
-        return [(factors.u * factors.sigma - u0s0, None, factors.vt),
-                (u0s0, None, factors.vt - self.initial_vt.to(dtype))]
+        left = torch.cat([factors.u * factors.sigma - u0s0, u0s0], dim=-1)
+        return left, None, torch.cat([factors.vt, factors.vt - self.initial_vt.to(dtype)], dim=-2)
 
     def delta_matrix(self, factors: Factors) -> torch.Tensor:
-        """ΔW (d_out, d_in): the sum of the products of :meth:`terms` (exactly zero at init)."""
-        out = None
-        for u, sigma, vt in self.terms(factors):
-            product = (u if sigma is None else u * sigma) @ vt
-            out = product if out is None else out + product
-        return out
+        """ΔW (d_out, d_in) from :meth:`low_rank` (exactly zero at init)."""
+        left, sigma, right = self.low_rank(factors)
+        return (left if sigma is None else left * sigma) @ right
 
 
 def paired_reflectors(d: int, r: int, generator: torch.Generator | None = None, dtype=torch.float32,
