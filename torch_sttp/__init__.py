@@ -37,6 +37,17 @@ from .spectral import (
     spectral_stats,
 )
 from .export import to_dense, to_factorized
+from .adapters import (
+    adapter_state_dict,
+    adapters_disabled,
+    add_adapters,
+    load_adapters,
+    merge_adapters,
+    parameter_counts,
+    save_adapters,
+    set_active_adapter,
+    unload_adapters,
+)
 from .surgery import (
     cached,
     conversion,

@@ -22,6 +22,11 @@ reproduces the frame itself without signs (used where no factor is left to absor
 
 The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T Yᵀ with T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
 (the UT transform), so forward and backward passes are GEMMs plus one small triangular solve (forming T).
+
+Rotations. The same form applies a product of r reflectors with *any* nonzero vectors y_j (columns of Y, d × r) to
+a matrix without forming the d × d matrix H: :func:`householder_t` gives T, :func:`householder_ts_grouped` the T of
+many Y at once (those of one shape in one batched call), and :func:`apply_householder` computes X·H = X − ((X·Y)·T)·Yᵀ
+(or X·Hᵀ with ``T.mT``) in O(N·d·r), with a hand-written backward.
 """
 from __future__ import annotations
 
@@ -55,6 +60,9 @@ __all__ = [
     "frame_to_params",
     "frame_to_params_exact",
     "init_frame_params",
+    "householder_t",
+    "householder_ts_grouped",
+    "apply_householder",
 ]
 
 def _check_shape(n: int, r: int) -> None:
@@ -482,3 +490,95 @@ def init_frame_params(
         base = torch.cat([top, base[..., r:, :]], dim=-2)
     params, _ = frame_to_params(base, reduced)
     return params.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ rotations
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype active for ``device``'s type, or None (also for devices without autocast, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def householder_t(y: torch.Tensor) -> torch.Tensor:
+    """T (…, r, r), upper triangular, of H = H₁…H_r = I − Y·T·Yᵀ with H_j = I − 2·y_j y_jᵀ/‖y_j‖².
+
+    ``y``: (…, d, r), columns y_j any nonzero vectors. T⁻¹ = striu(YᵀY) + ½·diag(YᵀY) (the UT transform); T is
+    computed in float32 or float64 (outside autocast) and returned in ``y``'s dtype; differentiable.
+    """
+    work = _compute_dtype(y.dtype)
+    with without_autocast(y.device):
+        yw = y.to(work)
+        gram = yw.mT @ yw
+        t_inv = gram.triu(1) + torch.diag_embed(0.5 * gram.diagonal(dim1=-2, dim2=-1))
+        eye = torch.eye(y.shape[-1], dtype=work, device=y.device).expand_as(t_inv)
+        t = torch.linalg.solve_triangular(t_inv, eye, upper=True)
+    return t.to(y.dtype)
+
+
+def householder_ts_grouped(ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`householder_t` of many reflector matrices Y_p (d_p, r_p): those of one (shape, dtype, device) are
+    stacked into one batched call. Returns one T_p (r_p, r_p) per input, in the input order."""
+    groups: dict = {}
+    for i, y in enumerate(ys):
+        groups.setdefault((tuple(y.shape), y.dtype, y.device), []).append(i)
+    out: list = [None] * len(ys)
+    for members in groups.values():
+        ts = householder_t(torch.stack([ys[i] for i in members])) if len(members) > 1 else None
+        for j, i in enumerate(members):
+            out[i] = ts[j] if ts is not None else householder_t(ys[i])
+    return out
+
+
+def _minus_product(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x − a·bᵀ for matrices (addmm) or batches of them (baddbmm)."""
+    if x.dim() == 2:
+        return torch.addmm(x, a, b.mT, alpha=-1)
+    return torch.baddbmm(x, a, b.mT, alpha=-1)
+
+
+class _ApplyWY(torch.autograd.Function):
+    """Z = X − ((X·Y)·S)·Yᵀ for X (…, N, d), Y (…, d, r), S (…, r, r) of equal batch shape, hand-written backward:
+    ∂X = G − ((G·Y)·Sᵀ)·Yᵀ, ∂Y = −(Xᵀ·(G·Y·Sᵀ) + Gᵀ·(X·Y·S)), ∂S = −(X·Y)ᵀ·(G·Y)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        p = x @ y
+        ctx.save_for_backward(x, y, s, p)
+        return _minus_product(x, p @ s, y)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, y, s, p = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: X·Y inside the graph
+            p = x @ y
+        gy = g @ y
+        a = gy @ s.mT
+        grad_x = _minus_product(g, a, y)
+        grad_y = -(x.mT @ a + g.mT @ (p @ s))
+        grad_s = -(p.mT @ gy)
+        return grad_x, grad_y, grad_s
+
+
+def apply_householder(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+    """X·H = X − ((X·Y)·T)·Yᵀ for H = I − Y·T·Yᵀ (:func:`householder_t`), without forming H: O(N·d·r).
+
+    ``x``: (…, d) with ``y`` (d, r) and ``t`` (r, r); or a batch x (B, N, d), y (B, d, r), t (B, r, r). Pass
+    ``t.mT`` for X·Hᵀ; for H·M use ``apply_householder(M.mT, y, t.mT).mT``. ``t`` defaults to ``householder_t(y)``.
+    Runs in the common dtype of the operands (under autocast: the autocast dtype, as a matmul would) and returns
+    that dtype; differentiable in x, y and t (twice).
+    """
+    if t is None:
+        t = householder_t(y)
+    batched = y.dim() == 3
+    if y.dim() not in (2, 3) or x.shape[-1] != y.shape[-2] or t.shape[-2:] != (y.shape[-1],) * 2 or (
+            batched and (x.dim() != 3 or x.shape[0] != y.shape[0] or t.shape[:-2] != y.shape[:1])):
+        raise ValueError(f"apply_householder: x {tuple(x.shape)}, y {tuple(y.shape)}, t {tuple(t.shape)} do not fit; "
+                         "expected x (…, d), y (d, r), t (r, r) or x (B, N, d), y (B, d, r), t (B, r, r)")
+    device = x.device
+    work = _autocast_dtype(device) or torch.promote_types(torch.promote_types(x.dtype, y.dtype), t.dtype)
+    with without_autocast(device):
+        if batched:
+            return _ApplyWY.apply(x.to(work), y.to(work), t.to(work))
+        flat = x.reshape(-1, x.shape[-1]).to(work)
+        return _ApplyWY.apply(flat, y.to(work), t.to(work)).reshape(x.shape)

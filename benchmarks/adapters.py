@@ -1,0 +1,606 @@
+"""Adapters side by side with PEFT: accuracy at matched trainable parameters, step time, peak memory, merge.
+
+Two offline tasks (``--study``):
+
+* **text** — all-MiniLM-L6-v2 (masked mean pooling, a new linear head) classifies sentences of Python's bundled
+  documentation (``pydoc_data.topics``) by topic: the 20 topics with most sentences after dropping every sentence
+  that occurs in more than one topic; a seeded 60/20/20 split per topic (train / validation / test). The adapters
+  go on the 36 encoder Linear layers; the head trains with every method.
+* **vision** — the MNIST-5k ``SmallCNN`` (width 16) trained on digits 0–4, then adapted to digits 5–9: adapters on
+  its conv and linear layers (conv1–3, fc) and a new trainable 5-way head on fc's output for every method.
+
+Methods: PEFT's LoRA (r=8, alpha 16, dropout 0), HRA (r=8) and OFT (block 32); ours — principal and delta (SVDP
+and STTP) and rotation — each at the largest rank whose adapter parameters do not exceed LoRA r=8's; a linear probe
+(head only) and full fine-tuning. Every method trains with AdamW on the same learning-rate grid; the rate is chosen
+per method on the validation split (mean over seeds) and the test accuracy is the mean over the seeds at that rate.
+Also recorded: the median training-step time, the peak RSS growth over training steps (from ``/proc/self/status``,
+reset through ``/proc/self/clear_refs``), the merge time and merge error (‖Δlogits‖/‖logits‖ on the test split,
+float32) and whether unloading gives the original weights bit for bit.
+
+``--step-time`` (the default) times one training step (forward, loss, backward, AdamW step) on MiniLM, batch 16 of
+the text task's sentences, max length 128, median over interleaved rounds after warm-up, for LoRA r=8, our rotation
+at r=8 and r=32, and (``--with-hra``) PEFT's HRA r=8. Targets:
+
+    TARGET text_accuracy ratio=<best ours test acc / LoRA test acc> goal=1.0     (ours chosen on validation)
+    TARGET vision_accuracy ratio=<…> goal=1.0
+    TARGET rotation_r8_step ratio=<rotation r=8 step / LoRA r=8 step> goal=1.25
+    TARGET rotation_r32_step ratio=<…> goal=1.25
+    TARGET merge_error ratio=<largest merge error of ours / 1e-6> goal=1.0
+    TARGET unload_bit_exact ratio=<1 if every unload is bit-exact else 0> goal=1.0
+
+    python benchmarks/adapters.py [--step-time] [--study [--quick]] [--threads N] [--out DIR]
+
+Needs the ``[compare]`` extra (peft) and the ``transformers`` and ``experiments`` extras.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch_sttp  # noqa: E402
+from torch_sttp.adapters import adapter_layers  # noqa: E402
+
+N_TOPICS = 20
+MAX_LENGTH = 128
+OURS = [("principal", "svdp"), ("principal", "sttp"), ("delta", "svdp"), ("delta", "sttp"), ("rotation", "svdp")]
+PEFT_METHODS = ["lora", "hra", "oft"]
+METHODS = ["probe", "full"] + PEFT_METHODS + [f"{k}-{m}" if k != "rotation" else k for k, m in OURS]
+TEXT_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|" \
+               r"intermediate\.dense|output\.dense)$"
+VISION_TARGETS = ["conv1", "conv2", "conv3", "fc"]
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def topic_sentences() -> tuple[list[str], list[int], list[str]]:
+    """(sentences, labels, topic names): the 20 topics of ``pydoc_data.topics`` with most sentences, after
+    dropping every sentence that occurs in more than one topic (``specialnames`` repeats most of ``customization``)."""
+    from pydoc_data.topics import topics
+
+    from torch_sttp.experiments.minilm import split_sentences
+
+    per_topic = {k: list(dict.fromkeys(split_sentences(v))) for k, v in topics.items()}
+    counts = Counter(s for sentences in per_topic.values() for s in sentences)
+    unique = {k: [s for s in v if counts[s] == 1] for k, v in per_topic.items()}
+    names = sorted(unique, key=lambda k: (-len(unique[k]), k))[:N_TOPICS]
+    sentences = [s for k in names for s in unique[k]]
+    labels = [i for i, k in enumerate(names) for _ in unique[k]]
+    return sentences, labels, names
+
+
+def split_indices(labels: list[int], seed: int = 0, fractions=(0.6, 0.2)) -> dict[str, list[int]]:
+    """A seeded train / val / test split within each class (fractions of train and val; the rest is test)."""
+    rng = random.Random(seed)
+    out = {"train": [], "val": [], "test": []}
+    for c in sorted(set(labels)):
+        idx = [i for i, y in enumerate(labels) if y == c]
+        rng.shuffle(idx)
+        n_train, n_val = round(fractions[0] * len(idx)), round(fractions[1] * len(idx))
+        out["train"] += idx[:n_train]
+        out["val"] += idx[n_train:n_train + n_val]
+        out["test"] += idx[n_train + n_val:]
+    return out
+
+
+class TextClassifier(nn.Module):
+    """MiniLM encoder, masked mean pooling, a linear head."""
+
+    def __init__(self, encoder: nn.Module, n_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+
+class VisionClassifier(nn.Module):
+    """A pretrained SmallCNN (10 outputs) followed by a new 5-way head."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(10, 5)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+class Task:
+    """A task's data (lists of batches are built on demand), model factory and adapter targets."""
+
+    def __init__(self, name: str, make_model, data: dict, batch_size: int, epochs: float):
+        self.name, self.make_model, self.data = name, make_model, data
+        self.batch_size, self.epochs = batch_size, epochs
+
+    def batches(self, split: str, seed: int | None = None, batch_size: int | None = None):
+        inputs, labels = self.data[split]
+        n = labels.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else \
+            torch.arange(n)
+        bs = batch_size or self.batch_size
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            yield {k: v[idx] for k, v in inputs.items()}, labels[idx]
+
+
+def text_task(max_train: int | None = None) -> Task:
+    from torch_sttp.experiments.minilm import load_minilm
+
+    encoder, tokenizer = load_minilm()
+    sentences, labels, _ = topic_sentences()
+    parts = split_indices(labels)
+    data = {}
+    for split, idx in parts.items():
+        idx = idx[:max_train] if (max_train and split == "train") else idx
+        batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
+                          return_tensors="pt")
+        data[split] = ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                       torch.tensor([labels[i] for i in idx]))
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return TextClassifier(copy.deepcopy(encoder), N_TOPICS).train()
+
+    return Task("text", make_model, data, batch_size=16, epochs=3)
+
+
+def pretrained_cnn(cache: Path, epochs: int = 4) -> dict:
+    """State of a SmallCNN trained on digits 0–4 of MNIST-5k (cached in ``cache``)."""
+    from torch_sttp.experiments.data import load_mnist5k
+    from torch_sttp.experiments.models import SmallCNN
+
+    path = cache / "smallcnn_digits0-4.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    train = load_mnist5k(split="train")
+    x, y = train.tensors
+    keep = y < 5
+    x, y = x[keep], y[keep]
+    torch.manual_seed(0)
+    model = SmallCNN(10).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in range(epochs):
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
+        for i in range(0, len(y), 64):
+            idx = order[i:i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model.state_dict()
+
+
+def vision_task(cache: Path) -> Task:
+    from torch_sttp.experiments.data import load_mnist5k
+    from torch_sttp.experiments.models import SmallCNN
+
+    state = pretrained_cnn(cache)
+    train, test = load_mnist5k(split="train"), load_mnist5k(split="test")
+    x, y = train.tensors
+    keep = y >= 5
+    parts = split_indices((y[keep] - 5).tolist(), fractions=(0.8, 0.2))
+    xs, ys = x[keep], y[keep] - 5
+    tx, ty = test.tensors
+    data = {s: ({"x": xs[parts[s]]}, ys[parts[s]]) for s in ("train", "val")}
+    data["test"] = ({"x": tx[ty >= 5]}, ty[ty >= 5] - 5)
+
+    def make_model(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        backbone = SmallCNN(10)
+        backbone.load_state_dict(state)
+        return VisionClassifier(backbone).train()
+
+    return Task("vision", make_model, data, batch_size=32, epochs=3)
+
+
+# -------------------------------------------------------------------------------------------------------- methods
+def targets(task: Task) -> dict:
+    """Adapter targets of a task for ours (globs / types) and for PEFT (names or a regex)."""
+    if task.name == "text":
+        return {"ours": {"target": nn.Linear, "exclude": ["encoder.pooler.*", "head"]}, "peft": TEXT_TARGETS}
+    return {"ours": {"target": [f"backbone.{n}" for n in VISION_TARGETS]}, "peft": VISION_TARGETS}
+
+
+def peft_model(model: nn.Module, method: str, task: Task) -> nn.Module:
+    import peft
+
+    common = {"target_modules": targets(task)["peft"], "modules_to_save": ["head"]}
+    config = {"lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, **common),
+              "hra": lambda: peft.HRAConfig(r=8, **common),
+              "oft": lambda: peft.OFTConfig(r=0, oft_block_size=32, **common)}[method]()
+    return peft.get_peft_model(model, config)
+
+
+def adapter_parameters(model: nn.Module) -> int:
+    """Trainable parameters outside the head."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".head." not in f".{n}"
+               and not n.startswith("head.") and "modules_to_save" not in n and ".copies." not in n)
+
+
+def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task) -> nn.Module:
+    spec = targets(task)["ours"]
+    return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", **spec)
+
+
+def ours_parameter_count(layers: dict, kind: str, method: str, rank: int) -> int:
+    """Adapter parameters of ours on layers {name: LayerInfo} at ``rank``, from the shapes alone: the stored
+    reflector blocks of U and V plus the spectrum (see SpectralParametrization), or r·d_in reflectors (rotation)."""
+    from torch_sttp.parametrizations import SpectralParametrization
+
+    total = 0
+    for info in layers.values():
+        shape = tuple(info.weight_shape)  # Linear and Conv layouts (d_out, C_in, *kernel)
+        d_in = math.prod(shape[1:])
+        if kind == "rotation":
+            total += min(rank, d_in - d_in % 2) * d_in
+        else:
+            p = SpectralParametrization(shape, rank, method, "free")
+            total += p.u_side.numel + p.v_side.numel + p.r_mid
+    return total
+
+
+def matched_rank(task: Task, kind: str, method: str, budget: int, max_rank: int = 64) -> int:
+    """The largest rank (even for rotation) whose adapter parameters do not exceed ``budget``."""
+    layers = torch_sttp.adapters.adapter_info(ours_model(task.make_model(0), "delta", "svdp", 1, task)).layers
+    best = None
+    step = 2 if kind == "rotation" else 1
+    for rank in range(step, max_rank + 1, step):
+        if ours_parameter_count(layers, kind, method, rank) > budget:
+            break
+        best = rank
+    if best is None:
+        raise ValueError(f"{kind}-{method}: even the smallest rank exceeds the budget of {budget} parameters")
+    return best
+
+
+def build(task: Task, name: str, seed: int, ranks: dict) -> nn.Module:
+    """A fresh model of ``task`` prepared for method ``name`` (trainable parameters set)."""
+    model = task.make_model(seed)
+    if name == "full":
+        return model
+    if name == "probe":
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("head."))
+        return model
+    if name in PEFT_METHODS:
+        return peft_model(model, name, task)
+    kind, _, method = name.partition("-")
+    return ours_model(model, kind, method or "svdp", ranks[name], task)
+
+
+# --------------------------------------------------------------------------------------------------- train, eval
+def forward(model, inputs):
+    return model(**inputs)
+
+
+def accuracy(model: nn.Module, task: Task, split: str) -> tuple[float, torch.Tensor]:
+    """(accuracy, logits) on a split, in eval mode without gradients."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([forward(model, inputs) for inputs, _ in task.batches(split, batch_size=128)])
+    model.train(was)
+    return float((logits.argmax(-1) == task.data[split][1]).float().mean()), logits
+
+
+def train(model: nn.Module, task: Task, lr: float, seed: int, max_steps: int | None = None) -> list[float]:
+    """AdamW on the trainable parameters for ``task.epochs`` epochs (or ``max_steps``); returns step times (s)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    times, step = [], 0
+    for epoch in range(math.ceil(task.epochs)):
+        for inputs, labels in task.batches("train", seed=seed * 1000 + epoch):
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(model, inputs), labels).backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                return times
+    return times
+
+
+def merge_metrics(model: nn.Module, name: str, task: Task, logits: torch.Tensor, original: nn.Module) -> dict:
+    """Merge time, merge error on the test split, and whether unloading gives the original weights bit for bit."""
+    if name in ("probe", "full"):
+        return {}
+    twin = copy.deepcopy(model)
+    t = time.perf_counter()
+    merged = twin.merge_and_unload() if name in PEFT_METHODS else torch_sttp.merge_adapters(twin)
+    merge_s = time.perf_counter() - t
+    _, merged_logits = accuracy(merged, task, "test")
+    error = float((merged_logits - logits).norm() / logits.norm())
+    base = copy.deepcopy(model)
+    base = base.unload() if name in PEFT_METHODS else torch_sttp.unload_adapters(base)
+    ref = dict(original.named_parameters())
+    exact = all(torch.equal(p, ref[n]) for n, p in base.named_parameters() if not n.startswith("head."))
+    return {"merge_ms": 1e3 * merge_s, "merge_error": error, "unload_bit_exact": exact}
+
+
+def peak_rss_growth_mib(model: nn.Module, task: Task, lr: float, steps: int = 3) -> float | None:
+    """Peak RSS over ``steps`` training steps minus the RSS before them (MiB), or None without /proc."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = memory_status()["VmRSS"]
+    except OSError:
+        return None
+    train(model, task, lr, seed=12345, max_steps=steps)
+    return (memory_status()["VmHWM"] - before) / 1024
+
+
+def memory_status() -> dict[str, int]:
+    """The kB fields of /proc/self/status (VmRSS, VmHWM, …)."""
+    text = Path("/proc/self/status").read_text()
+    pairs = (line.split(":", 1) for line in text.splitlines() if line.endswith(" kB"))
+    return {key: int(value.split()[0]) for key, value in pairs}
+
+
+def run_one(task: Task, name: str, lr: float, seed: int, ranks: dict, max_steps: int | None) -> dict:
+    """Train one (method, rate, seed) and evaluate it."""
+    model = build(task, name, seed, ranks)
+    original = task.make_model(seed)
+    times = train(model, task, lr, seed, max_steps)
+    val, _ = accuracy(model, task, "val")
+    test, logits = accuracy(model, task, "test")
+    row = {"task": task.name, "method": name, "lr": lr, "seed": seed, "rank": ranks.get(name),
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "adapter_params": adapter_parameters(model), "val_acc": val, "test_acc": test,
+           "step_ms": 1e3 * statistics.median(times[min(2, len(times) - 1):]), "steps": len(times)}
+    row.update(merge_metrics(model, name, task, logits, original))
+    return row
+
+
+# ---------------------------------------------------------------------------------------------------------- study
+def study_ranks(task: Task, methods: list[str]) -> tuple[dict, int]:
+    """Our methods' ranks matched to LoRA r=8's adapter parameters (the budget, also returned)."""
+    budget = adapter_parameters(peft_model(task.make_model(0), "lora", task))
+    ranks = {}
+    for name in methods:
+        if name not in METHODS[:2] + PEFT_METHODS:
+            kind, _, method = name.partition("-")
+            ranks[name] = matched_rank(task, kind, method or "svdp", budget)
+    return ranks, budget
+
+
+def run_task(task: Task, methods: list[str], lrs: list[float], seeds: list[int], max_steps, log) -> list[dict]:
+    ranks, budget = study_ranks(task, methods)
+    log(f"{task.name}: LoRA r=8 budget {budget} adapter parameters; matched ranks {ranks}")
+    rows = []
+    for name in methods:
+        for lr in lrs:
+            for seed in seeds:
+                row = run_one(task, name, lr, seed, ranks, max_steps)
+                row["budget"] = budget
+                rows.append(row)
+                log(json.dumps(row))
+        memory = peak_rss_growth_mib(build(task, name, 0, ranks), task, lrs[0])
+        for row in rows:
+            if row["method"] == name:
+                row["peak_rss_growth_mib"] = memory
+    return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per task and method: the rate with the best mean validation accuracy, and the means at that rate."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for name in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            mine = [r for r in rows if r["task"] == task and r["method"] == name]
+            by_lr = {lr: [r for r in mine if r["lr"] == lr] for lr in dict.fromkeys(r["lr"] for r in mine)}
+            lr = max(by_lr, key=lambda k: statistics.mean(r["val_acc"] for r in by_lr[k]))
+            chosen = by_lr[lr]
+            entry = {"task": task, "method": name, "lr": lr, "rank": chosen[0]["rank"],
+                     "adapter_params": chosen[0]["adapter_params"], "trainable": chosen[0]["trainable"],
+                     "budget": chosen[0]["budget"], "seeds": len(chosen),
+                     "peak_rss_growth_mib": chosen[0].get("peak_rss_growth_mib")}
+            for key in ("val_acc", "test_acc", "step_ms", "merge_ms", "merge_error"):
+                values = [r[key] for r in chosen if r.get(key) is not None]
+                entry[key] = statistics.mean(values) if values else None
+            entry["test_std"] = statistics.pstdev([r["test_acc"] for r in chosen])
+            entry["unload_bit_exact"] = all(r.get("unload_bit_exact", True) for r in chosen)
+            out.append(entry)
+    return out
+
+
+def target(name: str, ratio: float, goal: float, higher_is_better: bool = False) -> str:
+    ok = ratio >= goal if higher_is_better else ratio <= goal
+    return f"TARGET {name} ratio={ratio:.4g} goal={goal} {'PASS' if ok else 'FAIL'}"
+
+
+def study_targets(summary: list[dict]) -> list[str]:
+    lines = []
+    ours = {n for n in METHODS if n not in ["probe", "full"] + PEFT_METHODS}
+    for task in dict.fromkeys(s["task"] for s in summary):
+        entries = {s["method"]: s for s in summary if s["task"] == task}
+        candidates = [s for n, s in entries.items() if n in ours and s["adapter_params"] <= s["budget"]]
+        if "lora" in entries and candidates:
+            best = max(candidates, key=lambda s: s["val_acc"])  # chosen on validation
+            lines.append(target(f"{task}_accuracy", best["test_acc"] / entries["lora"]["test_acc"], 1.0, True)
+                         + f"  (ours: {best['method']})")
+    errors = [s["merge_error"] for s in summary if s["method"] in ours and s["merge_error"] is not None]
+    if errors:
+        lines.append(target("merge_error", max(errors) / 1e-6, 1.0))
+    exact = all(s["unload_bit_exact"] for s in summary if s["method"] in ours)
+    lines.append(target("unload_bit_exact", 1.0 if exact else 0.0, 1.0, True))
+    return lines
+
+
+def plot_study(summary: list[dict], path: Path) -> None:
+    """Test accuracy against trainable parameters, one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(s["task"] for s in summary))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for s in (s for s in summary if s["task"] == task):
+            ax.errorbar(s["trainable"], s["test_acc"], yerr=s["test_std"], fmt="o", capsize=3)
+            ax.annotate(s["method"], (s["trainable"], s["test_acc"]), fontsize=8, xytext=(4, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (incl. head)")
+        ax.set_ylabel("test accuracy (mean over seeds)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def estimate_seconds(rows: list[dict], full: dict) -> float:
+    """The study's time from the measured step times: (methods × rates × seeds × steps per run) per task, plus an
+    evaluation overhead of 20 % (measured in quick runs)."""
+    total = 0.0
+    for task in dict.fromkeys(r["task"] for r in rows):
+        steps = full[task]["steps"]
+        for name in dict.fromkeys(r["method"] for r in rows if r["task"] == task):
+            step_ms = statistics.median(r["step_ms"] for r in rows if r["task"] == task and r["method"] == name)
+            total += 1.2 * step_ms / 1e3 * steps * full["lrs"] * full["seeds"]
+    return total
+
+
+# ------------------------------------------------------------------------------------------------------ step time
+def step_time_models(task: Task, with_hra: bool) -> dict[str, nn.Module]:
+    """LoRA r=8 (PEFT), rotation r=8 and r=32 (ours), optionally HRA r=8 (PEFT), full fine-tuning; seed 0."""
+    models = {"lora_r8": peft_model(task.make_model(0), "lora", task)}
+    for rank in (8, 32):
+        models[f"rotation_r{rank}"] = ours_model(task.make_model(0), "rotation", "svdp", rank, task)
+    if with_hra:
+        models["hra_r8"] = peft_model(task.make_model(0), "hra", task)
+    models["full"] = task.make_model(0)
+    return models
+
+
+def time_steps(models: dict[str, nn.Module], inputs: dict, labels: torch.Tensor, rounds: int,
+               warmup: int) -> dict[str, list[float]]:
+    """Seconds of one training step per model, the models interleaved round by round (load changes hit all)."""
+    steps = {}
+    for name, model in models.items():
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, opt=opt):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(model, inputs), labels).backward()
+            opt.step()
+
+        steps[name] = step
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def step_time_mode(args, log) -> dict:
+    task = text_task()
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randperm(task.data["train"][1].shape[0], generator=gen)[:16]
+    inputs = {k: v[idx] for k, v in task.data["train"][0].items()}
+    width = int(inputs["attention_mask"].sum(1).max())
+    inputs = {k: v[:, :width] for k, v in inputs.items()}  # padded to the longest of the batch (≤ 128)
+    labels = task.data["train"][1][idx]
+    models = step_time_models(task, args.with_hra)
+    times = time_steps(models, inputs, labels, args.rounds, args.warmup)
+    median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    paths = {layer.last_path for name in ("rotation_r8", "rotation_r32") for _, layer in
+             adapter_layers(models[name])}
+    result = {"batch": 16, "tokens": width, "threads": torch.get_num_threads(), "rounds": args.rounds,
+              "median_ms": median, "rotation_paths": sorted(paths),
+              "ratio_to_lora": {n: m / median["lora_r8"] for n, m in median.items()}}
+    for name in median:
+        log(f"{name:12s} {median[name]:9.1f} ms  ×{result['ratio_to_lora'][name]:.2f} of LoRA r=8")
+    for rank in (8, 32):
+        log(target(f"rotation_r{rank}_step", result["ratio_to_lora"][f"rotation_r{rank}"], 1.25))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def study_mode(args, log) -> dict:
+    lrs = args.lrs or ([1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    methods = args.methods or METHODS
+    max_steps = args.max_steps or (4 if args.quick else None)
+    out = Path(args.out)
+    rows = []
+    full_steps = {}
+    for name in args.tasks:
+        task = text_task() if name == "text" else vision_task(out)
+        full_steps[name] = {"steps": math.ceil(task.epochs) * math.ceil(task.data["train"][1].shape[0]
+                                                                        / task.batch_size)}
+        if args.quick:
+            task.epochs = 1
+        rows += run_task(task, methods, lrs, seeds, max_steps, log)
+    summary = summarize(rows)
+    lines = study_targets(summary)
+    for line in lines:
+        log(line)
+    plot_study(summary, out / "adapters_study.png")
+    estimate = estimate_seconds(rows, {**full_steps, "lrs": 4, "seeds": 3})
+    log(f"estimated full study: {estimate / 3600:.2f} h at {torch.get_num_threads()} thread(s) "
+        f"({len(METHODS)} methods × 4 rates × 3 seeds per task)")
+    return {"rows": rows, "summary": summary, "targets": lines, "estimated_full_seconds": estimate,
+            "python": sys.version.split()[0], "torch": torch.__version__}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", action="store_true", help="run the accuracy study (default: the step time)")
+    parser.add_argument("--step-time", action="store_true", help="time one training step on MiniLM (default)")
+    parser.add_argument("--quick", action="store_true", help="study: 1 seed, 2 rates, 4 steps per run")
+    parser.add_argument("--tasks", nargs="+", default=["text", "vision"], choices=["text", "vision"])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    parser.add_argument("--lrs", nargs="+", type=float, default=None)
+    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap on the training steps of each run")
+    parser.add_argument("--rounds", type=int, default=15, help="step time: timed rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="step time: warm-up steps per model")
+    parser.add_argument("--with-hra", action="store_true", help="step time: also PEFT's HRA r=8 (slow)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "data" / "adapters"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    log(f"python {sys.version.split()[0]}, torch {torch.__version__}, {args.threads} thread(s)")
+    if args.study:
+        result = study_mode(args, log)
+        name = "study_quick.json" if args.quick else "study.json"
+    else:
+        result = step_time_mode(args, log)
+        name = "step_time.json"
+    (out / name).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
