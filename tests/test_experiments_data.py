@@ -277,7 +277,7 @@ def test_mnist5k_bad_args():
 
 def test_mnist1d_shapes_and_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_STTP_CACHE", str(tmp_path / "cache"))
-    D._mnist1d_arrays.cache_clear()
+    D.clear_memory_cache()
     try:
         state = np.random.get_state()
         tr = D.load_mnist1d("train")
@@ -291,11 +291,11 @@ def test_mnist1d_shapes_and_cache(tmp_path, monkeypatch):
         assert torch.isfinite(x).all()
         cached = tmp_path / "cache" / "mnist1d_seed0.npz"
         assert cached.is_file()
-        D._mnist1d_arrays.cache_clear()
+        D.clear_memory_cache()
         again = D.load_mnist1d("train").tensors  # now read back from the npz
         assert torch.equal(again[0], x) and torch.equal(again[1], y)
     finally:
-        D._mnist1d_arrays.cache_clear()
+        D.clear_memory_cache()
 
 
 def test_digits8x8():

@@ -43,6 +43,7 @@ from .frames import (
     init_frame_params,
     without_autocast,
 )
+from .layers import is_transposed_conv
 from .options import FRAME_INITS, INITS, check_init, check_method, check_rank, check_spectrum
 from .tt import (
     contract_train,
@@ -569,10 +570,6 @@ def parametrization_tensors(module: nn.Module, tensor_name: str = "weight") -> t
     return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
 
 
-def _is_transposed(module: nn.Module, tensor_name: str) -> bool:
-    return tensor_name == "weight" and isinstance(module, nn.modules.conv._ConvTransposeNd)
-
-
 def parametrize(
     module: nn.Module,
     method: str = "sttp",
@@ -598,7 +595,7 @@ def parametrize(
     weight = getattr(module, tensor_name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor {tensor_name!r} to parametrize")
-    p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, _is_transposed(module, tensor_name))
+    p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, tensor_name == "weight" and is_transposed_conv(module))
     p.to(weight.device)
     initial = None
     if init != "pretrained":

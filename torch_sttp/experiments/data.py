@@ -38,6 +38,7 @@ __all__ = [
     "DatasetFilesNotFoundError",
     "DATASET_NAMES",
     "cache_dir",
+    "clear_memory_cache",
     "get_dataset",
     "load_cifar10",
     "load_digits8x8",
@@ -234,6 +235,12 @@ def _generate_mnist1d(seed: int) -> Dict[str, np.ndarray]:
 def _mnist1d_arrays(seed: int) -> Dict[str, np.ndarray]:
     return _cached_arrays(f"mnist1d_seed{int(seed)}", ("x_train", "y_train", "x_test", "y_test"),
                           lambda: _generate_mnist1d(seed))
+
+
+def clear_memory_cache() -> None:
+    """Forget the generated data sets held in memory (the ``.npz`` files in :func:`cache_dir` stay): the next
+    load reads them back from disk, e.g. after ``TORCH_STTP_CACHE`` changed."""
+    _mnist1d_arrays.cache_clear()
 
 
 def load_mnist1d(split: str = "train", seed: int = 0) -> TensorDataset:
