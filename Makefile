@@ -20,12 +20,12 @@ test: venv
 demo: venv
 	$(VPY) -m torch_sttp.experiments.demo
 
+# The CPU speed benchmarks (each prints TARGET lines). The studies (compress_minilm.py, calibrated_cnn.py,
+# adapters.py: needs the [compare] extra) and the GPU check (gpu_check.sh) are run on their own.
+BENCHMARKS := benchmarks/frames.py benchmarks/weights.py benchmarks/surgery.py
+
 bench: venv
-	@set -e; for f in benchmarks/*.py; do \
-		[ -f "$$f" ] || continue; \
-		echo "==> $$f"; \
-		$(VPY) "$$f"; \
-	done
+	@set -e; for f in $(BENCHMARKS); do echo "==> $$f"; $(VPY) "$$f"; done
 
 clean-venv:
 	rm -rf $(VENV)
