@@ -30,20 +30,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from .allocation import RankCandidates
-from .calibration import Calibration, layer_kind
-from .layers import layout_shape, matrix_to_weight, select_layers, weight_matrix
+from .layers import layer_kind, layout_shape, matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
+if TYPE_CHECKING:  # the statistics' container sits above this module (it offers :class:`WhitenedProjector`)
+    from .calibration import Calibration
+
 __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
-           "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer",
+           "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer", "WhitenedProjector",
            "truncation_candidates"]
 
 DAMPING = 1e-3
@@ -334,6 +336,28 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
         proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters, compare)
     proj.weight = matrix_to_weight(module, proj.weight, module.weight.shape)
     return proj
+
+
+@dataclass(frozen=True)
+class WhitenedProjector:
+    """The data-aware weight of a layer for ``convert(..., init="pretrained", calibration=...)``: an object with
+    :meth:`project_weight` is what :func:`torch_sttp.convert` asks for each layer's Ŵ before loading it into the
+    parametrization (convert knows nothing about statistics or metrics). ``Calibration.projector(damping=…,
+    refine_iters=…)`` makes one; a :class:`~torch_sttp.calibration.Calibration` itself is one with the defaults."""
+
+    calibration: "Calibration"
+    damping: float = DAMPING
+    refine_iters: int = REFINE_ITERS
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        """Ŵ (``module.weight``'s shape, float64) minimising ‖(W − Ŵ)·L‖_F at rank cap ``rank`` (:func:`project_layer`
+        in the metric of layer ``name``). ``spectrum`` does not change Ŵ: the parametrization then loads it as it
+        loads any dense weight (exact for ``"free"``; scaled by 1/σ_max(Ŵ) for ``"normalized"``; unit singular values
+        for ``"identity"``)."""
+        check_spectrum(spectrum)
+        metric = layer_metric(self.calibration, name, module, self.damping)
+        with torch.no_grad():
+            return project_layer(module, method, rank, metric, self.refine_iters, compare=False).weight
 
 
 # ------------------------------------------------------------------------------------------- rank candidates
