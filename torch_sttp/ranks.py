@@ -365,6 +365,10 @@ def select_ranks(
         raise ValueError(f"select_ranks(calibration=...) makes the loss-aware plan; leave strategy='auto' and "
                          f"objective='svd' (got {strategy!r}, {objective!r}), or drop calibration= for that plan")
     selected = compressible_layers(model, include, exclude, layers)
+    missing = [n for n, _ in selected if calibration is not None and n not in calibration]
+    if missing:
+        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic; calibrate them "
+                         "(torch_sttp.calibrate(model, batches, include=...)) or leave them out (exclude=...)")
     spectra = _planned_spectra(selected, spectra, unfoldings=method == "sttp")
     dense = sum(s.dense for s in spectra)
     bdof = _budget_dof(budget, dense)
@@ -394,10 +398,6 @@ def _loss_aware_plan(model, selected, spectra, calibration, bdof: int, dense: in
     """The plan of :func:`select_ranks` with ``calibration``: relative whitened truncation losses allocated by
     :func:`torch_sttp.allocation.allocate_ranks` with ``floor``."""
     names = [n for n, _ in selected]
-    missing = [n for n in names if n not in calibration]
-    if missing:
-        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic; calibrate them "
-                         "(torch_sttp.calibrate(model, batches, include=...)) or leave them out (exclude=...)")
     candidates = truncation_candidates(model, method, calibration, layers=names, spectrum=spectrum, normalize=True)
     chosen = allocate_ranks(candidates, bdof, floor=floor)
     strategy = "uniform" if chosen == uniform_ranks(candidates, bdof) else "loss"
