@@ -123,7 +123,8 @@ class Calibration:
         n = self.samples(name)
         if n == 0:
             raise ValueError(f"layer {name!r} saw no input during calibration")
-        return self.total(name) / n
+        total = self.total(name)
+        return total / n if self.kind(name) == "embedding" else total.div_(n)  # a matrix is unpacked afresh
 
     @property
     def nbytes(self) -> int:

@@ -100,15 +100,15 @@ class Whitener:
 
 
 def _damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
-    """C + λ·mean(diag C)·I (a vector moment: c + λ·mean(c)); the identity when C is zero."""
+    """C + λ·mean(diag C)·I (a vector moment: c + λ·mean(c)), computed in place in ``moment`` (a fresh tensor);
+    the identity when C is zero."""
     diag = moment if moment.dim() == 1 else moment.diagonal()
     scale = float(diag.mean())
     if not scale > 0:
         return torch.ones_like(diag) if moment.dim() == 1 else torch.eye(len(diag), dtype=moment.dtype,
                                                                          device=moment.device)
-    if moment.dim() == 1:
-        return moment + damping * scale
-    return moment + torch.diag(torch.full_like(diag, damping * scale))
+    diag.add_(damping * scale)
+    return moment
 
 
 @dataclass

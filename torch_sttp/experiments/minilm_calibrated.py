@@ -94,16 +94,15 @@ def whitened_svd_baseline(model: nn.Module, ranks: dict, calibration=None, batch
     """Replace each Linear layer of ``ranks`` by two plain factors (SVD-LLM-style whitened SVD; data-free SVD when
     neither ``calibration`` nor ``batches`` is given); ``sequential`` recalibrates each group of layers on the
     compressed prefix. Returns the relative weight errors ‖W − BA‖_F/‖W‖_F."""
-    modules = dict(model.named_modules())
-    factors, errors = {}, {}
+    errors = {}
 
     def fit(name, stats):
-        w = modules[name].weight
-        factors[name] = _baseline_factors(w, None if stats is None else stats.moment(name), ranks[name], damping)
-        approx = factors[name][1] @ factors[name][0]
-        errors[name] = float((w.detach().double() - approx).norm() / w.detach().double().norm())
-        with torch.no_grad():
-            w.copy_(approx)  # later groups of a sequential run see the compressed layer
+        module = model.get_submodule(name)
+        w = module.weight.detach().double()
+        first, second = _baseline_factors(w, None if stats is None else stats.moment(name), ranks[name], damping)
+        errors[name] = float((w - second @ first).norm() / w.norm())
+        parent, _, child = name.rpartition(".")  # replaced at once: later groups of a sequential run see it
+        setattr(model.get_submodule(parent), child, _factor_pair(module, first, second))
 
     if sequential:
         for group, stats in sequential_statistics(model, batches, list(ranks)):
@@ -114,9 +113,6 @@ def whitened_svd_baseline(model: nn.Module, ranks: dict, calibration=None, batch
             calibration = calibrate(model, batches, layers=list(ranks))
         for name in ranks:
             fit(name, calibration)
-    for name, (first, second) in factors.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _factor_pair(modules[name], first, second))
     return errors
 
 
