@@ -66,13 +66,15 @@ def calibration_batches(tokenizer, sentences: Sequence[str], batch_size: int = 1
 
 # --------------------------------------------------------------------------------------------- the baseline
 def _baseline_factors(weight: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float):
-    """(A (r × d_in), B (d_out × r)) with B·A the rank-r minimiser of ‖(W − B·A)·L‖_F, L·Lᵀ = E[xxᵀ] + damping."""
+    """(A (r × d_in), B (d_out × r)) with B·A the rank-r minimiser of ‖(W − B·A)·L‖_F, L·Lᵀ = E[xxᵀ] + damping
+    (``moment`` is modified in place)."""
     w = weight.detach().double()
     if moment is None:
         chol = torch.eye(w.shape[1], dtype=torch.float64)
     else:
-        c = moment.double()
-        chol = torch.linalg.cholesky(c + damping * c.diagonal().mean() * torch.eye(len(c), dtype=torch.float64))
+        c = moment.double()  # a fresh moment: damped in place (no d_in × d_in temporaries)
+        c.diagonal().add_(damping * c.diagonal().mean())
+        chol = torch.linalg.cholesky(c)
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     first = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)
     return first, u[:, :rank] * s[:rank]
