@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from torch_sttp.allocation import RankCandidates, allocate_ranks, uniform_ranks  # noqa: E402
 from torch_sttp.calibration import calibrate  # noqa: E402
+from torch_sttp.checkpoint import load_checkpoint  # noqa: E402
 from torch_sttp.layers import layout_shape, weight_matrix  # noqa: E402
 from torch_sttp.ranks import project  # noqa: E402
 from torch_sttp.tt import count_dof, split_modes, tt_ranks  # noqa: E402
@@ -53,7 +54,7 @@ def train_dense(out: Path, epochs: int) -> nn.Module:
                            optimizer="adam", lr=3e-3, schedule="linear", seed=0, threads=1, out=str(out),
                            progress=False, resume=False)
     model = build_model("small-cnn", num_classes=10, in_channels=1)
-    model.load_state_dict(torch.load(summary["checkpoint"], map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(load_checkpoint(summary["checkpoint"], map_location="cpu")["model"])
     return model.eval()
 
 

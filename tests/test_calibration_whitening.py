@@ -223,3 +223,35 @@ def test_errors_name_the_fix_and_a_failure_restores_the_dense_weights():
     with pytest.raises(ValueError, match="does not fit its weight matrix"):
         layer_metric(stats, "0", nn.Linear(5, 3))
     assert math.isfinite(project_layer(model[0], "sttp", 2, layer_metric(None, "0", model[0])).loss)
+
+
+def test_row_block_update_is_the_best_row_side_given_the_column_side():
+    from torch_sttp.tt import contract_train, contract_train_from_right
+    from torch_sttp.whitening import row_block_update, whitened_train
+
+    layer, x, stats = _layer_and_stats(d_out=24, d_in=36, n=400, seed=5)
+    metric = layer_metric(stats, "", layer)
+    w = weight_matrix(layer).detach()
+    out_modes, in_modes = split_modes(layout_shape(layer), "sttp")
+    ranks = tt_ranks(out_modes + in_modes, 5)
+    wh, k = metric.whitener(), len(out_modes)
+    cores = whitened_train(w, out_modes, in_modes, ranks, wh)
+    updated = row_block_update(cores, w, wh, k)
+    assert [c.shape for c in updated] == [c.shape for c in cores]  # same train ranks
+    a = contract_train(cores[:k]).reshape(-1, ranks[k])
+    b = contract_train_from_right(cores[k:]).reshape(ranks[k], -1)
+    c = wh.gram
+    best = torch.linalg.solve(b @ c @ b.T, (w @ c @ b.T).T).T  # A* over all d_out × R matrices
+    loss = lambda a_, b_: wh.loss(w - a_ @ b_)  # noqa: E731
+    new_a = contract_train(updated[:k]).reshape(-1, ranks[k])
+    new_b = contract_train_from_right(updated[k:]).reshape(ranks[k], -1)
+    assert loss(best, b) <= loss(new_a, new_b) * (1 + 1e-9) <= loss(a, b) * (1 + 1e-9)
+    assert loss(new_a, new_b) < loss(a, b) * 0.999  # the whitened TT-SVD's row side was not optimal for this B
+    # with the row cores able to hold any A (full bonds on the d_out side), one step reaches A* exactly
+    full = tt_ranks(out_modes + in_modes, 24)
+    cores = whitened_train(w, out_modes, in_modes, [f if i < k else min(f, 5) for i, f in enumerate(full)], wh)
+    b = contract_train_from_right(cores[k:]).reshape(cores[k].shape[0], -1)
+    best = torch.linalg.solve(b @ c @ b.T, (w @ c @ b.T).T).T
+    updated = row_block_update(cores, w, wh, k)
+    got = contract_train(updated[:k]).reshape(24, -1) @ contract_train_from_right(updated[k:]).reshape(-1, 36)
+    assert wh.loss(w - got) == pytest.approx(wh.loss(w - best @ b), rel=1e-9)

@@ -41,29 +41,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import is_transposed_conv, select_layers
+from .layers import KINDS, layer_kind, select_layers
+from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
            "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric"]
 
-KINDS = ("linear", "conv", "conv_transpose", "embedding")
 FORMAT_VERSION = 1
 META_KEY = "torch_sttp_calibration"
 CHUNK_ROWS = 1 << 13  # columns x per float64 update (bounds the temporary copies)
-
-
-def layer_kind(module: nn.Module) -> str:
-    """"linear", "conv", "conv_transpose" or "embedding" for a supported layer (see :data:`KINDS`)."""
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if isinstance(module, nn.Embedding):
-        return "embedding"
-    if is_transposed_conv(module):
-        return "conv_transpose"
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return "conv"
-    raise ValueError(f"{type(module).__name__} has no calibration statistic; supported: Linear, Conv1/2/3d, "
-                     "ConvTranspose1/2/3d, Embedding")
 
 
 class Calibration:
@@ -137,12 +123,23 @@ class Calibration:
         n = self.samples(name)
         if n == 0:
             raise ValueError(f"layer {name!r} saw no input during calibration")
-        return self.total(name) / n
+        total = self.total(name)
+        return total / n if self.kind(name) == "embedding" else total.div_(n)  # a matrix is unpacked afresh
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the statistics (each shared one counted once)."""
         return sum(t.numel() * t.element_size() for t in self._sums.values())
+
+    def projector(self, damping: float = DAMPING, refine_iters: int = REFINE_ITERS) -> WhitenedProjector:
+        """The data-aware projection these statistics define (:class:`~torch_sttp.whitening.WhitenedProjector`),
+        with its damping λ and STTP refinement iterations; pass it as ``convert(..., calibration=...)``."""
+        return WhitenedProjector(self, damping, refine_iters)
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        """``self.projector().project_weight(...)``: the whitened Ŵ of layer ``name`` (``module.weight``'s shape,
+        float64), so that ``convert(model, ..., init="pretrained", calibration=stats)`` works with the defaults."""
+        return self.projector().project_weight(name, module, method, rank, spectrum)
 
     def save(self, path) -> None:
         """Write the statistics to a safetensors file (tensors as they are; layers and counts in the metadata)."""

@@ -18,7 +18,7 @@ from .calibration import Calibration, calibrate, sequential_statistics
 from .layers import select_layers
 from .options import check_method, check_rank, check_spectrum
 from .surgery import conversion, convert
-from .whitening import DAMPING, REFINE_ITERS, layer_metric, project_layer
+from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, layer_metric, project_layer
 
 __all__ = ["WhitenedProjection", "project_whitened"]
 
@@ -59,27 +59,38 @@ def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: in
     return proj
 
 
-def _project_all(model, method, ranks, calibration, batches, sequential, damping, refine_iters, progress, compare):
-    """Project every layer of ``ranks`` and write Ŵ into its dense weight (in place); returns
-    ({name: LayerProjection}, seconds spent in sequential calibration passes)."""
+def _project_sequential(model, method, ranks, batches, damping, refine_iters, progress, compare):
+    """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
+    model, writing Ŵ into the dense weights (in place); returns ({name: LayerProjection}, seconds spent in the
+    calibration passes)."""
     modules = dict(model.named_modules())
     out, calib_seconds = {}, 0.0
-    if sequential:
+    t = time.perf_counter()
+    for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
+        calib_seconds += time.perf_counter() - t
+        for name in group:
+            out[name] = _project(modules[name], method, ranks[name],
+                                 layer_metric(stats, name, modules[name], damping), refine_iters, compare)
         t = time.perf_counter()
-        for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
-            calib_seconds += time.perf_counter() - t
-            for name in group:
-                out[name] = _project(modules[name], method, ranks[name],
-                                     layer_metric(stats, name, modules[name], damping), refine_iters, compare)
-            t = time.perf_counter()
-        return out, calib_seconds
-    missing = [n for n in ranks if n not in calibration]
-    if missing:
-        raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
-    for name in ranks:
-        out[name] = _project(modules[name], method, ranks[name],
-                             layer_metric(calibration, name, modules[name], damping), refine_iters, compare)
     return out, calib_seconds
+
+
+def _convert_sequential(model, method, ranks, spectrum, batches, damping, refine_iters, progress, compare,
+                        convert_kwargs):
+    """Sequential projection then ``convert(init="pretrained")``; the dense weights are restored on an error.
+    Returns (projections, calibration seconds, the dense weights)."""
+    modules = dict(model.named_modules())
+    originals = {n: modules[n].weight.detach().clone() for n in ranks}
+    try:
+        layers, calib_seconds = _project_sequential(model, method, ranks, batches, damping, refine_iters, progress,
+                                                    compare)
+        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
+    except BaseException:
+        for n, w in originals.items():
+            if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
+                _write(modules[n], w)
+        raise
+    return layers, calib_seconds, originals
 
 
 def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
@@ -97,8 +108,9 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
     together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
     already projected (:func:`torch_sttp.calibration.sequential_statistics`), so later layers absorb the errors of
-    earlier ones. On an error the dense weights are restored. The relative weight errors are recorded on the
-    conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
+    earlier ones; non-sequential, ``convert(..., calibration=WhitenedProjector(...))`` loads each Ŵ without writing
+    it into (or copying) the dense weights. On an error the dense weights are restored. The relative weight errors
+    are recorded on the conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
     data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
     """
     check_method(method)
@@ -113,17 +125,19 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         if calibration is None and not sequential:
             calibration = calibrate(model, batches, layers=list(ranks), progress=progress)
     modules = dict(model.named_modules())
-    originals = {n: modules[n].weight.detach().clone() for n in ranks}
     t0 = time.perf_counter()
-    try:
-        layers, calib_seconds = _project_all(model, method, ranks, calibration, batches, sequential, damping,
-                                             refine_iters, progress, compare)
-        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
-    except BaseException:
-        for n, w in originals.items():
-            if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
-                _write(modules[n], w)
-        raise
+    if sequential:
+        layers, calib_seconds, originals = _convert_sequential(model, method, ranks, spectrum, batches, damping,
+                                                               refine_iters, progress, compare, convert_kwargs)
+    else:
+        missing = [n for n in ranks if n not in calibration]
+        if missing:
+            raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
+        originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
+        layers, calib_seconds = {}, 0.0
+        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers)
+        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
+                **convert_kwargs)
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():

@@ -15,8 +15,8 @@ from torch.nn.utils import parametrize as torch_parametrize
 from .options import check_ranks
 from .tt import layout_view, transposed_layout_shape
 
-__all__ = ["SUPPORTED_TYPES", "layout_shape", "weight_matrix", "matrix_to_weight", "is_transposed_conv", "as_patterns",
-           "matches", "select_layers"]
+__all__ = ["SUPPORTED_TYPES", "KINDS", "layer_kind", "layout_shape", "weight_matrix", "matrix_to_weight",
+           "is_transposed_conv", "as_patterns", "matches", "select_layers"]
 
 SUPPORTED_TYPES = (
     nn.Linear,
@@ -24,6 +24,23 @@ SUPPORTED_TYPES = (
     nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.Embedding,
 )
+
+
+KINDS = ("linear", "conv", "conv_transpose", "embedding")
+
+
+def layer_kind(module: nn.Module) -> str:
+    """"linear", "conv", "conv_transpose" or "embedding" for a supported layer (see :data:`KINDS`)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if is_transposed_conv(module):
+        return "conv_transpose"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    raise ValueError(f"{type(module).__name__} has no calibration statistic; supported: Linear, Conv1/2/3d, "
+                     "ConvTranspose1/2/3d, Embedding")
 
 
 def layout_shape(module: nn.Module, shape=None) -> tuple[int, ...]:

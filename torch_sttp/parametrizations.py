@@ -579,10 +579,12 @@ def parametrize(
     alpha: float = 1e-4,
     tensor_name: str = "weight",
     generator: torch.Generator | None = None,
+    pretrained: torch.Tensor | None = None,
 ) -> SpectralParametrization:
     """Register an SVDP/STTP parametrization on ``module.<tensor_name>`` and return it.
 
-    ``init="pretrained"`` projects the current weight (:meth:`SpectralParametrization.right_inverse`); the other
+    ``init="pretrained"`` projects the current weight (:meth:`SpectralParametrization.right_inverse`), or the dense
+    tensor ``pretrained`` (the weight's shape) when given, leaving the current weight's values untouched; the other
     inits ("identity", "random", "noisy_identity" with noise scale ``alpha``) start the frames afresh with S = 1.
     The parameters appear as ``module.parametrizations.<tensor_name>.original0`` (U reflectors), ``original1``
     (V reflectors) and ``original2`` (S, learned spectra only). :func:`torch_sttp.convert` builds every layer's
@@ -598,8 +600,16 @@ def parametrize(
     p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, tensor_name == "weight" and is_transposed_conv(module))
     p.to(weight.device)
     initial = None
+    if pretrained is not None and init != "pretrained":
+        raise ValueError(f"parametrize: a pretrained tensor is only used with init='pretrained', got init={init!r}")
     if init != "pretrained":
         initial = p.initial_parameters(init, alpha, generator, weight.dtype, weight.device)
+    elif pretrained is not None:
+        if tuple(pretrained.shape) != tuple(weight.shape):
+            raise ValueError(f"parametrize: pretrained tensor of shape {tuple(pretrained.shape)} does not match "
+                             f"{type(module).__name__}.{tensor_name} {tuple(weight.shape)}")
+        weight = pretrained.detach().to(dtype=weight.dtype, device=weight.device)
+        initial = p.right_inverse(weight)
     elif weight.is_meta:
         raise ValueError(f"init='pretrained' projects the current weight of {type(module).__name__}.{tensor_name}, "
                          "but it is on the meta device and has no values; load the pretrained weights first "

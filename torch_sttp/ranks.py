@@ -38,6 +38,9 @@ from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_s
 from .parametrizations import parametrization_tensors, spectral_parametrization
 from .surgery import conversion, convert, converted_layers
 from .tt import count_dof, split_modes, tt_ranks
+from .allocation import allocate_ranks, uniform_ranks
+from .data_aware import project_whitened
+from .whitening import truncation_candidates
 
 __all__ = [
     "RANK_METHODS",
@@ -198,7 +201,8 @@ class RankPlan(Mapping):
     """A rank per layer (a ``Mapping`` that ``convert(model, rank=plan)`` accepts), with what it costs and keeps.
 
     Attributes:
-        method, spectrum, objective, strategy: how it was made (``strategy`` is "greedy" or "uniform").
+        method, spectrum, objective, strategy: how it was made (``strategy`` is "greedy", "uniform" or — for a plan
+            made with ``select_ranks(calibration=...)``, ``objective`` "whitened" — "loss").
         dof: total free parameters of the planned layers (never above ``budget``).
         budget: the DOF budget it was made for; ``dense``: the planned layers' dense weight parameters.
         energy_retained: Σ_layers (top-r squared singular values) / Σ_layers ‖W‖²_F.
@@ -319,8 +323,11 @@ def select_ranks(
     objective: str = "svd",
     strategy: str = "auto",
     spectra: list[LayerSpectrum] | None = None,
+    calibration=None,
+    floor: float = 0.5,
 ) -> RankPlan:
-    """Choose a rank per layer maximising the retained spectral energy within a DOF budget.
+    """Choose a rank per layer maximising the retained spectral energy within a DOF budget — or, with
+    ``calibration``, minimising the measured whitened truncation loss.
 
     Args:
         budget: a float in (0, 1] — a fraction of the selected layers' dense weight parameters (Σ d_out·d_in;
@@ -334,7 +341,19 @@ def select_ranks(
             truncation of the inner bonds of the train.
         strategy: ``"auto"`` (the better of the greedy and the best uniform plan), ``"greedy"`` or ``"uniform"``.
         spectra: precomputed :func:`layer_spectra` of the same layers (to plan several budgets without new SVDs).
+        calibration: a :class:`~torch_sttp.calibration.Calibration` of the selected layers: the loss-aware plan
+            (``strategy="auto"`` and ``objective="svd"`` only). Each layer's loss at rank r is its relative whitened
+            truncation loss ‖(W − Ŵ_r)·L‖²_F / ‖W·L‖²_F (the relative error² of its output on the calibration data;
+            :func:`torch_sttp.whitening.truncation_candidates`): exact from the whitened spectrum for "svd"/"svdp",
+            the measured loss of the whitened TT-SVD on a grid of about 16 rank caps for "sttp". The budget goes to
+            the smallest total loss (:func:`torch_sttp.allocation.allocate_ranks`: a Lagrangian relaxation, the
+            leftover to the best loss decrease per DOF, kept only if it beats the uniform plan's loss).
+        floor: the loss-aware plan's per-layer floor: no layer gets a rank below ⌈floor · u_l⌉ (rounded up to a
+            candidate), u_l its rank in the uniform plan of the same budget, so a small layer with a steep loss
+            curve (a classifier) is never cut to rank 1; ``floor=0`` removes it (default 0.5, in [0, 1]).
 
+    With ``calibration`` the plan's ``strategy`` is ``"loss"`` (``"uniform"`` when the common rank leaves the
+    smaller loss) and its ``objective`` ``"whitened"``; its energy and error fields stay the data-free ones.
     The greedy allocation starts every layer at rank 1 and repeatedly applies the move — raising one layer's rank
     from r to any r' > r — with the largest energy gained per DOF spent that still fits the budget (looking at all
     r' rather than r + 1 matters: a layer's next singular value may be worth little while a few more are worth a
@@ -342,10 +361,19 @@ def select_ranks(
     Raises ``ValueError`` when the budget is below the all-rank-1 DOF (the message names that minimum).
     """
     _check_plan_options(method, spectrum, objective, strategy)
+    if calibration is not None and (strategy != "auto" or objective != "svd"):
+        raise ValueError(f"select_ranks(calibration=...) makes the loss-aware plan; leave strategy='auto' and "
+                         f"objective='svd' (got {strategy!r}, {objective!r}), or drop calibration= for that plan")
     selected = compressible_layers(model, include, exclude, layers)
+    missing = [n for n, _ in selected if calibration is not None and n not in calibration]
+    if missing:
+        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic; calibrate them "
+                         "(torch_sttp.calibrate(model, batches, include=...)) or leave them out (exclude=...)")
     spectra = _planned_spectra(selected, spectra, unfoldings=method == "sttp")
     dense = sum(s.dense for s in spectra)
     bdof = _budget_dof(budget, dense)
+    if calibration is not None:
+        return _loss_aware_plan(model, selected, spectra, calibration, bdof, dense, method, spectrum, floor)
     tables = [_rank_table(s, method, spectrum, objective) for s in spectra]
     minimum = int(sum(t.dof[1] for t in tables))
     if bdof < minimum:
@@ -363,6 +391,20 @@ def select_ranks(
             name, ranks = cand_name, cand_ranks
     return _make_plan(spectra, tables, ranks, bdof, dense, method=method, spectrum=spectrum, objective=objective,
                       strategy=name)
+
+
+def _loss_aware_plan(model, selected, spectra, calibration, bdof: int, dense: int, method: str, spectrum: str,
+                     floor: float) -> RankPlan:
+    """The plan of :func:`select_ranks` with ``calibration``: relative whitened truncation losses allocated by
+    :func:`torch_sttp.allocation.allocate_ranks` with ``floor``."""
+    names = [n for n, _ in selected]
+    candidates = truncation_candidates(model, method, calibration, layers=names, spectrum=spectrum, normalize=True)
+    chosen = allocate_ranks(candidates, bdof, floor=floor)
+    strategy = "uniform" if chosen == uniform_ranks(candidates, bdof) else "loss"
+    objective = "tt" if method == "sttp" else "svd"  # the DOF tables only; energies stay data-free
+    tables = [_rank_table(s, method, spectrum, objective) for s in spectra]
+    return _make_plan(spectra, tables, [chosen[n] for n in names], bdof, dense, method=method, spectrum=spectrum,
+                      objective="whitened", strategy=strategy)
 
 
 class _RankTable(NamedTuple):
@@ -488,6 +530,9 @@ def project(
     exclude=None,
     oversample: int = 10,
     niter: int = 2,
+    calibration=None,
+    sequential: bool = False,
+    batches=None,
     **convert_kwargs,
 ) -> nn.Module:
     """Convert ``model`` with projected pretrained weights and record each layer's approximation error.
@@ -504,8 +549,25 @@ def project(
     identity frames and their reflectors are then set from the computed factors. Errors are measured all the same.
     With a non-"free" spectrum the recorded error includes the change of scale (normalized) or of singular values
     (identity) that the projection makes.
+
+    **Data-aware** (``calibration`` — a :class:`~torch_sttp.calibration.Calibration` of the projected layers —,
+    ``batches`` alone (the statistics are computed from them), or ``sequential=True`` with ``batches``, a list):
+    each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data instead of ‖W − Ŵ‖_F, through
+    :func:`torch_sttp.data_aware.project_whitened` (sequential: layers in forward order, each group of layers
+    calibrated on the already projected model). The same record is written (relative weight errors, seconds);
+    ``randomized`` does not apply.
     """
     _check_projection(method, rank_or_plan, spectrum, randomized, convert_kwargs)
+    if calibration is not None or batches is not None or sequential:
+        if randomized:
+            raise ValueError("randomized=True is data-free; drop it to project with calibration/batches/sequential")
+        if sequential and calibration is not None:
+            raise ValueError("sequential=True collects each layer's statistics from batches on the partly projected "
+                             "model; pass batches=[...] and drop calibration=")
+        rank = dict(rank_or_plan) if isinstance(rank_or_plan, Mapping) else rank_or_plan
+        project_whitened(model, method, rank, calibration, batches=batches, sequential=sequential,
+                         spectrum=spectrum, include=include, exclude=exclude, progress=progress, **convert_kwargs)
+        return model
     originals = {name: m.weight for name, m in model.named_modules()
                  if isinstance(m, SUPPORTED_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     rank = dict(rank_or_plan) if isinstance(rank_or_plan, Mapping) else rank_or_plan

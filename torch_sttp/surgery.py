@@ -135,6 +135,7 @@ def convert(
     check_finite: bool = False,
     generator: torch.Generator | None = None,
     progress: bool = False,
+    calibration=None,
 ) -> nn.Module:
     """Reparameterize, in place, every supported layer selected in ``model``; returns ``model``.
 
@@ -151,18 +152,27 @@ def convert(
         check_finite: test the parameters for NaN/inf before each frame computation (one fused check) and raise
             :class:`NonFiniteParameterError` naming the first bad layer. Off by default; switch it on or off later
             with :func:`set_check_finite`.
+        calibration: with ``init="pretrained"``, data-aware projection. Any object with a method
+            ``project_weight(name, module, method, rank, spectrum) -> Tensor`` (the layer's weight shape): each
+            layer is loaded from the Ŵ it returns instead of from its current weight, which is left untouched.
+            ``torch_sttp.calibrate(...)``'s :class:`~torch_sttp.calibration.Calibration` is one (Ŵ minimises
+            ‖(W − Ŵ)·X‖_F on its data), ``stats.projector(damping=…, refine_iters=…)`` another with other settings.
+            The spectrum is applied to Ŵ as to any dense weight: ``"free"`` keeps Ŵ exactly, ``"normalized"``
+            keeps Ŵ/σ_max(Ŵ), ``"identity"`` gives Ŵ's singular values the value 1 (the whitened optimality holds
+            for ``"free"`` only).
 
     Unsupported modules (tied weights, ``nn.MultiheadAttention`` projections, sparse embeddings, …) are left alone
     and listed by :func:`skipped_layers` and in the report. On any error nothing is converted.
     """
     options = _check_options(model, method, rank, spectrum, init, path, batching)
+    _check_calibration(calibration, init)
     rank_map = options["rank"] if isinstance(options["rank"], dict) else None
     selected, skipped = select_layers(model, include, exclude, rank_map)
     if not selected:
         raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
                          + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
     planner = FramePlanner(batching, check_finite)
-    _convert_layers(selected, planner, options, rank_map, alpha, generator, progress)
+    _convert_layers(selected, planner, options, rank_map, alpha, generator, progress, calibration)
     hooks = (model.register_forward_pre_hook(planner.begin_forward),
              model.register_forward_hook(planner.end_forward, always_call=True))
     options.update(include=include, exclude=exclude, alpha=alpha)
@@ -211,8 +221,21 @@ def _check_options(model, method, rank, spectrum, init, path, batching) -> dict:
             "batching": batching}
 
 
-def _convert_layers(selected, planner: FramePlanner, options: dict, rank_map, alpha, generator, progress) -> None:
-    """Parametrize each selected layer (all or nothing: on any error the converted ones are restored)."""
+def _check_calibration(calibration, init: str) -> None:
+    if calibration is None:
+        return
+    if init != "pretrained":
+        raise ValueError(f"calibration= projects the pretrained weights; convert with init='pretrained' (got "
+                         f"init={init!r}), or drop calibration=")
+    if not callable(getattr(calibration, "project_weight", None)):
+        raise ValueError(f"calibration= must offer project_weight(name, module, method, rank, spectrum) (a "
+                         f"torch_sttp.Calibration from torch_sttp.calibrate), got a {type(calibration).__name__}")
+
+
+def _convert_layers(selected, planner: FramePlanner, options: dict, rank_map, alpha, generator, progress,
+                    calibration=None) -> None:
+    """Parametrize each selected layer (all or nothing: on any error the converted ones are restored); with
+    ``calibration`` each layer is loaded from ``calibration.project_weight(...)``."""
     done: list[tuple[nn.Module, type, dict]] = []
     iterator = selected
     if progress:
@@ -222,12 +245,15 @@ def _convert_layers(selected, planner: FramePlanner, options: dict, rank_map, al
     try:
         for name, module in iterator:
             r = rank_map[name] if rank_map is not None else options["rank"]
+            pretrained = None
+            if calibration is not None:  # its errors name the layer
+                pretrained = calibration.project_weight(name, module, options["method"], r, options["spectrum"])
             original_cls, original_params = module.__class__, dict(module._parameters)
             module.__class__ = spectral_class(original_cls)
             done.append((module, original_cls, original_params))
             try:
                 parametrize(module, options["method"], r, options["spectrum"], options["init"], alpha,
-                            generator=generator)
+                            generator=generator, pretrained=pretrained)
             except ValueError as e:
                 raise ValueError(f"layer {name!r} ({original_cls.__name__}): {e}") from None
             hook = module._register_load_state_dict_pre_hook(_load_dense_weight_hook, with_module=True)

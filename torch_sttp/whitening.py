@@ -10,9 +10,10 @@ With a layer's calibration statistic C = E[x xᵀ] (:mod:`torch_sttp.calibration
   of rank ≤ r, and its loss is Σ_{i>r} σ_i² (each dropped singular value of W·L costs exactly its square).
 * **STTP**: a TT-SVD in the whitened metric — the sweep over the d_out modes runs on W·L (left projections commute
   with the whitening, so each of these truncations is optimal in the metric), the d_in side is the TT-SVD of the
-  unwhitened remainder — then L-BFGS steps on ‖(W − Ŵ)·L‖² over the cores. The result is the best, in the
-  whitened metric, of the data-free TT-SVD, the whitened TT-SVD and the refined train: never worse than the
-  data-free projection.
+  unwhitened remainder — then a block step on the d_out cores (the exact optimum over all d_out-side factors given
+  the d_in side, re-compressed into the train: :func:`row_block_update`) and L-BFGS steps on ‖(W − Ŵ)·L‖² over
+  the cores. The result is the best, in the whitened metric, of the data-free TT-SVD, the whitened TT-SVD and the
+  refined train: never worse than the data-free projection.
 * **Embedding**: the metric weighs the rows, ‖diag(√f)·(W − Ŵ)‖_F with f the token frequencies; the same
   algorithms run on the transposed problem (the tensor with its modes reversed).
 
@@ -30,24 +31,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
 from .allocation import RankCandidates
-from .calibration import Calibration, layer_kind
-from .layers import layout_shape, matrix_to_weight, select_layers, weight_matrix
+from .layers import layer_kind, layout_shape, matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
+if TYPE_CHECKING:  # the statistics' container sits above this module (it offers :class:`WhitenedProjector`)
+    from .calibration import Calibration
+
 __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
-           "whitened_svd", "whitened_train", "refine_train", "LayerProjection", "project_layer",
+           "whitened_svd", "whitened_train", "row_block_update", "refine_train", "LayerProjection", "project_layer", "WhitenedProjector",
            "truncation_candidates"]
 
 DAMPING = 1e-3
-REFINE_ITERS = 5
+REFINE_ITERS = 2
 CANDIDATE_METHODS = ("svd", "svdp", "sttp")
 
 
@@ -97,15 +100,15 @@ class Whitener:
 
 
 def _damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
-    """C + λ·mean(diag C)·I (a vector moment: c + λ·mean(c)); the identity when C is zero."""
+    """C + λ·mean(diag C)·I (a vector moment: c + λ·mean(c)), computed in place in ``moment`` (a fresh tensor);
+    the identity when C is zero."""
     diag = moment if moment.dim() == 1 else moment.diagonal()
     scale = float(diag.mean())
     if not scale > 0:
         return torch.ones_like(diag) if moment.dim() == 1 else torch.eye(len(diag), dtype=moment.dtype,
                                                                          device=moment.device)
-    if moment.dim() == 1:
-        return moment + damping * scale
-    return moment + torch.diag(torch.full_like(diag, damping * scale))
+    diag.add_(damping * scale)
+    return moment
 
 
 @dataclass
@@ -225,11 +228,44 @@ def _train_matrix(cores, shape, split: int) -> torch.Tensor:
     return (left @ right).reshape(shape)
 
 
+def _train_loss(cores, matrix: torch.Tensor, whitener: Whitener, split: int) -> float:
+    return whitener.loss(matrix - _train_matrix(cores, matrix.shape, split))
+
+
+def row_block_update(cores, matrix: torch.Tensor, whitener: Whitener, split: int) -> list[torch.Tensor]:
+    """One block step on the row cores: with the train A·B (A = the first ``split`` cores contracted, d_rows × R;
+    B = the rest, R × d_cols) and B fixed, the best A over all matrices is A* = M·C·Bᵀ·G⁻¹ (G = B·C·Bᵀ), and for any
+    A, ‖(M − A·B)·L‖² = ‖(M − A*·B)·L‖² + ‖(A* − A)·N‖²_F with N·Nᵀ = G; the row cores are then the TT-SVD of A*·N
+    over the row modes (quasi-optimal in that metric), the factor left over (R × R) times N⁻¹ is folded into the
+    first column core. Returns ``cores`` itself when there is no row or no column core, or G is singular."""
+    if not 0 < split < len(cores):
+        return cores
+    r = cores[split].shape[0]
+    row_modes = [c.shape[1] for c in cores[:split]]
+    b = contract_train_from_right(cores[split:]).reshape(r, -1)
+    cb = whitener.gram_apply(b)  # B·C (C symmetric)
+    factor, info = torch.linalg.cholesky_ex(cb @ b.mT)
+    if int(info) != 0:
+        return cores
+    target = torch.linalg.solve_triangular(factor, (matrix @ cb.mT).mT, upper=False).mT  # A*·N = M·C·Bᵀ·N⁻ᵀ
+    ranks = [c.shape[0] for c in cores[:split]] + [r]
+    rows = tt_svd(target.reshape(row_modes + [r]), ranks + [1])
+    fold = torch.linalg.solve_triangular(factor, rows[-1].reshape(r, r), upper=False, left=False)  # T·N⁻¹
+    first = torch.einsum("ab,bnc->anc", fold, cores[split])
+    return rows[:-1] + [first] + list(cores[split + 1:])
+
+
 def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
-                 tolerance: float = 1e-6) -> list[torch.Tensor]:
-    """Cores after up to ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F,
-    stopping once an iteration gains less than ``tolerance`` of that relative loss; the gradient with respect to
-    the train is −2·(M − train)·C, backpropagated into the cores (the first ``split`` carry the row modes)."""
+                 tolerance: float = 1e-6, block: bool = True) -> list[torch.Tensor]:
+    """Cores after one :func:`row_block_update` (``block``; kept only if it lowers the loss) and then up to
+    ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F, stopping once an
+    iteration gains less than ``tolerance`` of that relative loss; the gradient with respect to the train is
+    −2·(M − train)·C, backpropagated into the cores (the first ``split`` carry the row modes)."""
+    if block:
+        updated = row_block_update(cores, matrix, whitener, split)
+        if updated is not cores and _train_loss(updated, matrix, whitener, split) < _train_loss(cores, matrix,
+                                                                                                 whitener, split):
+            cores = updated
     params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
     if iters <= 0 or not params:
         return [p.detach() for p in params]
@@ -334,6 +370,35 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
         proj = _sttp_projection(w, layout_shape(module), rank, metric, refine_iters, compare)
     proj.weight = matrix_to_weight(module, proj.weight, module.weight.shape)
     return proj
+
+
+@dataclass(frozen=True)
+class WhitenedProjector:
+    """The data-aware weight of a layer for ``convert(..., init="pretrained", calibration=...)``: an object with
+    :meth:`project_weight` is what :func:`torch_sttp.convert` asks for each layer's Ŵ before loading it into the
+    parametrization (convert knows nothing about statistics or metrics). ``Calibration.projector(damping=…,
+    refine_iters=…)`` makes one; a :class:`~torch_sttp.calibration.Calibration` itself is one with the defaults."""
+
+    calibration: "Calibration"
+    damping: float = DAMPING
+    refine_iters: int = REFINE_ITERS
+    compare: bool = False
+    record: dict | None = None
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        """Ŵ (``module.weight``'s shape, float64) minimising ‖(W − Ŵ)·L‖_F at rank cap ``rank`` (:func:`project_layer`
+        in the metric of layer ``name``, with ``compare``). ``spectrum`` does not change Ŵ: the parametrization then
+        loads it as it loads any dense weight (exact for ``"free"``; scaled by 1/σ_max(Ŵ) for ``"normalized"``; unit
+        singular values for ``"identity"``). With a ``record`` dict, its :class:`LayerProjection` (without the
+        weight) is stored there under ``name``."""
+        check_spectrum(spectrum)
+        metric = layer_metric(self.calibration, name, module, self.damping)
+        with torch.no_grad():
+            proj = project_layer(module, method, rank, metric, self.refine_iters, self.compare)
+        weight, proj.weight = proj.weight, None
+        if self.record is not None:
+            self.record[name] = proj
+        return weight
 
 
 # ------------------------------------------------------------------------------------------- rank candidates

@@ -12,6 +12,14 @@ converting a fresh copy of the model with the plan it records and loading the st
 Models come from ``--model minilm`` (the packaged all-MiniLM-L6-v2) or from a state_dict file plus
 ``--constructor package.module:callable`` (called with ``--constructor-kwargs`` JSON to build the empty model). A file
 holding a whole pickled ``nn.Module`` is only read with ``--trust-pickle``, since unpickling runs arbitrary code.
+
+Data-aware compression (``--calibration``, :func:`calibration_statistics`): each layer is projected to minimise
+its output error on calibration data, ‖(W − Ŵ)·X‖_F, and (with the default ``--strategy auto --objective svd``)
+the ranks are allocated by the whitened truncation loss per DOF (``select_ranks(calibration=...)``).
+``--calibration`` is a saved :class:`~torch_sttp.calibration.Calibration` (``.safetensors``, written by
+``torch_sttp.calibrate(...).save(path)`` on the same model: used as it is), or, for ``--model minilm``, a text file
+of sentences (one per line, blank lines skipped) or the word ``default`` (the MiniLM study's distillation
+sentences, never its evaluation ones). ``--calibration-samples N`` uses the first N sentences (default 256).
 """
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ..calibration import Calibration, calibrate
 from ..checkpoint import load_checkpoint as read_plain_file
 from ..ranks import RANK_METHODS, RankPlan, project, projection_errors, select_ranks
 from ..surgery import convert, to_dense, to_factorized
@@ -37,6 +46,9 @@ __all__ = [
     "save_compressed",
     "load_checkpoint",
     "build_compressed",
+    "DEFAULT_CALIBRATION_SAMPLES",
+    "check_calibration_args",
+    "calibration_statistics",
     "compress",
     "cli_compress",
     "cli_export",
@@ -46,6 +58,7 @@ __all__ = [
 
 FORMATS = ("spectral", "factorized", "dense")
 META_KEY = "torch_sttp"
+DEFAULT_CALIBRATION_SAMPLES = 256
 
 
 # --------------------------------------------------------------------------------------------------- inputs
@@ -224,17 +237,75 @@ def build_compressed(model: nn.Module, path) -> nn.Module:
     return model
 
 
+# ------------------------------------------------------------------------------------------------ calibration
+def check_calibration_args(calibration: str | None, samples: int | None, model: str, randomized: bool) -> str | None:
+    """What ``--calibration`` names — "saved" (a .safetensors Calibration), "sentences" (a text file or
+    ``default``) or None — after checking the arguments (before any model is loaded)."""
+    if calibration is None:
+        if samples is not None:
+            raise ValueError("--calibration-samples needs --calibration (a sentence file, 'default' or a saved "
+                             "calibration)")
+        return None
+    if samples is not None and samples < 1:
+        raise ValueError(f"--calibration-samples must be ≥ 1, got {samples}")
+    if randomized:
+        raise ValueError("--randomized is data-free; drop it or drop --calibration")
+    if calibration != "default" and not Path(calibration).is_file():
+        raise FileNotFoundError(f"--calibration file {calibration!r} does not exist; give a saved calibration "
+                                "(.safetensors), a text file of sentences, or 'default' (--model minilm)")
+    if calibration != "default" and Path(calibration).suffix == ".safetensors":
+        if samples is not None:
+            raise ValueError("--calibration-samples applies to sentences; a saved calibration is used as it is "
+                             "(calibrate again with fewer batches instead)")
+        return "saved"
+    if model != "minilm":
+        raise ValueError(f"--calibration {calibration!r}: sentences calibrate --model minilm only; for another model "
+                         "give a calibration saved with torch_sttp.calibrate(model, batches).save('FILE.safetensors')")
+    return "sentences"
+
+
+def _sentences(calibration: str, samples: int) -> list[str]:
+    if calibration == "default":
+        from .minilm import load_sentences
+
+        return load_sentences(192, None, 0)[1][:samples]  # the study's split: distillation sentences only
+    lines = [line.strip() for line in Path(calibration).read_text(encoding="utf-8").splitlines()]
+    sentences = [line for line in lines if line][:samples]
+    if not sentences:
+        raise ValueError(f"--calibration {calibration!r} holds no sentence (one per line)")
+    return sentences
+
+
+def calibration_statistics(model: nn.Module, tokenizer, calibration: str, kind: str, samples: int | None,
+                           include=None, exclude=None, progress: bool = False) -> tuple[Calibration, dict]:
+    """(statistics, a description for the report) for ``--calibration`` (see the module docstring): a saved file
+    read as it is, or the first ``samples`` sentences tokenized in batches of 16 and streamed through ``model``."""
+    if kind == "saved":
+        stats = Calibration.load(calibration)
+        return stats, {"calibration": str(calibration), "layers": len(stats)}
+    from .minilm_calibrated import calibration_batches
+
+    sentences = _sentences(calibration, samples or DEFAULT_CALIBRATION_SAMPLES)
+    stats = calibrate(model, calibration_batches(tokenizer, sentences), include=include, exclude=exclude,
+                      progress=progress)
+    return stats, {"calibration": str(calibration), "sentences": len(sentences), "layers": len(stats)}
+
+
 # --------------------------------------------------------------------------------------------------- compress
 def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "free", strategy: str = "auto",
              objective: str = "svd", include=None, exclude=None, randomized: bool = False,
-             progress: bool = True) -> tuple[nn.Module, RankPlan, dict]:
-    """Select ranks within ``budget``, project, and (for ``"svd"``) factorize; returns (model, plan, report)."""
+             progress: bool = True, calibration: Calibration | None = None) -> tuple[nn.Module, RankPlan, dict]:
+    """Select ranks within ``budget``, project, and (for ``"svd"``) factorize; returns (model, plan, report).
+
+    With ``calibration`` the projection is data-aware, and so is the plan for ``strategy="auto"`` with
+    ``objective="svd"`` (the loss-aware plan); other strategies/objectives plan data-free as asked."""
     t0 = time.perf_counter()
+    aware_plan = calibration is not None and strategy == "auto" and objective == "svd"
     plan = select_ranks(model, budget, method, spectrum, include=include, exclude=exclude, objective=objective,
-                        strategy=strategy)
+                        strategy=strategy, calibration=calibration if aware_plan else None)
     t1 = time.perf_counter()
     model = project(model, "svdp" if method == "svd" else method, plan, spectrum=spectrum, progress=progress,
-                    randomized=randomized)
+                    randomized=randomized, calibration=calibration)
     errors = projection_errors(model)
     t2 = time.perf_counter()
     if method == "svd":
@@ -252,16 +323,18 @@ def cli_compress(args: argparse.Namespace) -> int:
     """``sttp compress``: select ranks within a budget, project, write the compressed weights and a JSON report.
 
     Namespace fields: model, constructor, constructor_kwargs, trust_pickle, budget, method, spectrum, strategy,
-    objective, include, exclude, randomized, output (.safetensors or .pt), report (default: output + ".json"),
-    threads, quiet.
+    objective, include, exclude, randomized, calibration, calibration_samples (see the module docstring), output
+    (.safetensors or .pt), report (default: output + ".json"), threads, quiet.
     """
     budget = parse_budget(args.budget)  # every argument is checked before the model is loaded
     _check_threads(getattr(args, "threads", None))
     _check_output(args.output)
+    calib = getattr(args, "calibration", None)
+    kind = check_calibration_args(calib, getattr(args, "calibration_samples", None), args.model,
+                                  getattr(args, "randomized", False))
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    model, source = load_model(args.model, getattr(args, "constructor", None),
-                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
+    model, source, tokenizer = _load_for_compress(args, kind)
     include = getattr(args, "include", None) or None
     exclude = getattr(args, "exclude", None)
     if exclude is None and args.model == "minilm":
@@ -270,10 +343,17 @@ def cli_compress(args: argparse.Namespace) -> int:
         exclude = list(DEFAULT_EXCLUDE)
     if include is None and args.model == "minilm":
         include = [nn.Linear]
+    progress = not getattr(args, "quiet", False)
+    stats, described = None, None
+    if kind is not None:
+        stats, described = calibration_statistics(model, tokenizer, calib, kind,
+                                                  getattr(args, "calibration_samples", None), include,
+                                                  exclude or None, progress)
     model, plan, report = compress(model, budget, args.method, args.spectrum,
                                    getattr(args, "strategy", "auto"), getattr(args, "objective", "svd"),
-                                   include, exclude or None, getattr(args, "randomized", False),
-                                   not getattr(args, "quiet", False))
+                                   include, exclude or None, getattr(args, "randomized", False), progress, stats)
+    if described is not None:
+        report["calibration"] = described
     info = {"format": report["format"], "plan": report["plan"], "source": source, "batching": "shape"}
     out = save_compressed(model, args.output, info)
     report.update({"source": source, "output": str(out), "output_bytes": out.stat().st_size})
@@ -283,6 +363,18 @@ def cli_compress(args: argparse.Namespace) -> int:
         print(plan.summary())
         print(f"mean projection error {report['mean_projection_error']:.4f}; wrote {out} and {report_path}")
     return 0
+
+
+def _load_for_compress(args: argparse.Namespace, kind: str | None):
+    """(model, source, tokenizer): the tokenizer only when MiniLM is calibrated on sentences."""
+    if kind == "sentences":
+        from .minilm import load_minilm
+
+        model, tokenizer = load_minilm()
+        return model, {"model": "minilm"}, tokenizer
+    model, source = load_model(args.model, getattr(args, "constructor", None),
+                               getattr(args, "constructor_kwargs", None), getattr(args, "trust_pickle", False))
+    return model, source, None
 
 
 def cli_export(args: argparse.Namespace) -> int:
@@ -347,6 +439,14 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--include", nargs="*", help="layer-name globs to compress")
     parser.add_argument("--exclude", nargs="*", help="layer-name globs to leave dense")
     parser.add_argument("--randomized", action="store_true", help="randomized SVD (svdp only)")
+    parser.add_argument("--calibration", metavar="FILE",
+                        help="data-aware compression: project each layer to minimise its output error on calibration "
+                        "data (and, with --strategy auto --objective svd, allocate ranks by that loss). FILE: a "
+                        "calibration saved by torch_sttp.calibrate(...).save('FILE.safetensors') on the same model, "
+                        "used as it is; or, for --model minilm, a text file of sentences (one per line) or 'default' "
+                        "(the MiniLM study's distillation sentences)")
+    parser.add_argument("--calibration-samples", metavar="N", type=int,
+                        help=f"sentences of --calibration to use: the first N (default {DEFAULT_CALIBRATION_SAMPLES})")
     parser.add_argument("--output", required=True, help="output file: .safetensors or .pt (weights_only)")
     parser.add_argument("--report", help="JSON report path (default: OUTPUT.json)")
     parser.add_argument("--threads", type=int)

@@ -66,13 +66,15 @@ def calibration_batches(tokenizer, sentences: Sequence[str], batch_size: int = 1
 
 # --------------------------------------------------------------------------------------------- the baseline
 def _baseline_factors(weight: torch.Tensor, moment: torch.Tensor | None, rank: int, damping: float):
-    """(A (r × d_in), B (d_out × r)) with B·A the rank-r minimiser of ‖(W − B·A)·L‖_F, L·Lᵀ = E[xxᵀ] + damping."""
+    """(A (r × d_in), B (d_out × r)) with B·A the rank-r minimiser of ‖(W − B·A)·L‖_F, L·Lᵀ = E[xxᵀ] + damping
+    (``moment`` is modified in place)."""
     w = weight.detach().double()
     if moment is None:
         chol = torch.eye(w.shape[1], dtype=torch.float64)
     else:
-        c = moment.double()
-        chol = torch.linalg.cholesky(c + damping * c.diagonal().mean() * torch.eye(len(c), dtype=torch.float64))
+        c = moment.double()  # a fresh moment: damped in place (no d_in × d_in temporaries)
+        c.diagonal().add_(damping * c.diagonal().mean())
+        chol = torch.linalg.cholesky(c)
     u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
     first = torch.linalg.solve_triangular(chol, vh[:rank], upper=False, left=False)
     return first, u[:, :rank] * s[:rank]
@@ -94,16 +96,15 @@ def whitened_svd_baseline(model: nn.Module, ranks: dict, calibration=None, batch
     """Replace each Linear layer of ``ranks`` by two plain factors (SVD-LLM-style whitened SVD; data-free SVD when
     neither ``calibration`` nor ``batches`` is given); ``sequential`` recalibrates each group of layers on the
     compressed prefix. Returns the relative weight errors ‖W − BA‖_F/‖W‖_F."""
-    modules = dict(model.named_modules())
-    factors, errors = {}, {}
+    errors = {}
 
     def fit(name, stats):
-        w = modules[name].weight
-        factors[name] = _baseline_factors(w, None if stats is None else stats.moment(name), ranks[name], damping)
-        approx = factors[name][1] @ factors[name][0]
-        errors[name] = float((w.detach().double() - approx).norm() / w.detach().double().norm())
-        with torch.no_grad():
-            w.copy_(approx)  # later groups of a sequential run see the compressed layer
+        module = model.get_submodule(name)
+        w = module.weight.detach().double()
+        first, second = _baseline_factors(w, None if stats is None else stats.moment(name), ranks[name], damping)
+        errors[name] = float((w - second @ first).norm() / w.norm())
+        parent, _, child = name.rpartition(".")  # replaced at once: later groups of a sequential run see it
+        setattr(model.get_submodule(parent), child, _factor_pair(module, first, second))
 
     if sequential:
         for group, stats in sequential_statistics(model, batches, list(ranks)):
@@ -114,9 +115,6 @@ def whitened_svd_baseline(model: nn.Module, ranks: dict, calibration=None, batch
             calibration = calibrate(model, batches, layers=list(ranks))
         for name in ranks:
             fit(name, calibration)
-    for name, (first, second) in factors.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, _factor_pair(modules[name], first, second))
     return errors
 
 
