@@ -63,3 +63,21 @@ def test_uniform_ranks_are_the_largest_common_rank():
         more = sum(layer_dof(model.get_submodule(n), method, r + 1) for n in layers)
         assert cost <= budget < more
     assert layer_dof(model.layer[0]["a"], "wsvd", 5) == 5 * (24 + 16)
+
+
+def test_study_plot_draws_the_non_sequential_rows(tmp_path, monkeypatch):
+    from torch_sttp.experiments import minilm_calibrated as study
+    fields = ["method", "data", "strategy", "sequential", "kept_fraction", "mean_cosine_before", "mean_cosine_after"]
+    rows = [["svdp", "aware", "loss", "False", "0.3", "0.7", "0.8"], ["svdp", "aware", "loss", "False", "0.45", "0.8", "0.9"],
+            ["sttp", "free", "uniform", "False", "0.45", "0.4", "0.5"], ["svdp", "aware", "loss", "True", "0.45", "0.1", "0.2"]]
+    path = tmp_path / "study.csv"
+    path.write_text("\n".join(",".join(r) for r in [fields] + rows) + "\n")
+    drawn = []
+    real_plot = __import__("matplotlib.axes", fromlist=["Axes"]).Axes.plot
+    monkeypatch.setattr("matplotlib.axes.Axes.plot", lambda ax, x, y, **kw: drawn.append((kw["label"], x, y))
+                        or real_plot(ax, x, y, **kw))
+    png = study.plot_study(path, tmp_path / "study.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # two panels × two (method, data, strategy) series; the sequential row is left out
+    assert sorted(drawn) == sorted([("sttp free uniform", (0.45,), (0.4,)), ("svdp aware loss", (0.3, 0.45), (0.7, 0.8)),
+                                    ("sttp free uniform", (0.45,), (0.5,)), ("svdp aware loss", (0.3, 0.45), (0.8, 0.9))])

@@ -48,7 +48,7 @@ from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
 __all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof", "study_ranks",
-           "compress_config", "exported_cost", "run_calibrated_study", "main"]
+           "compress_config", "exported_cost", "run_calibrated_study", "plot_study", "main"]
 
 METHODS = ("wsvd", "svdp", "sttp")
 DATA = ("free", "aware")
@@ -292,6 +292,37 @@ QUICK = {"fractions": (0.45,), "strategies": ("uniform",), "sequential": (False,
          "n_eval": 64, "n_calib": 64}
 
 
+STYLE = {"wsvd": "tab:gray", "svdp": "tab:blue", "sttp": "tab:red"}
+
+
+def plot_study(csv_path, png_path) -> Path:
+    """Mean cosine to the original embeddings against the fraction kept (DOF / dense), before (left) and after
+    (right) distillation: one colour per method, solid data-aware, dashed data-free, ● loss-aware, ○ uniform ranks
+    (non-sequential rows). Returns the written PNG's path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    with open(csv_path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["sequential"] == "False"]
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, when in zip(axes, ("before", "after")):
+        for (method, data, strategy) in sorted({(r["method"], r["data"], r["strategy"]) for r in rows}):
+            pts = sorted((float(r["kept_fraction"]), float(r[f"mean_cosine_{when}"])) for r in rows
+                         if (r["method"], r["data"], r["strategy"]) == (method, data, strategy))
+            ax.plot(*zip(*pts), color=STYLE.get(method), linestyle="-" if data == "aware" else "--",
+                    marker="o", markerfacecolor=STYLE.get(method) if strategy == "loss" else "white",
+                    label=f"{method} {data} {strategy}")
+        ax.set_title(f"{when} distillation")
+        ax.set_xlabel("fraction of the Linear parameters kept")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean cosine to the original embedding")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    FigureCanvasAgg(fig).print_png(str(png_path))
+    return Path(png_path)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line of :func:`run_calibrated_study`."""
     parser = argparse.ArgumentParser(description="MiniLM: data-free vs data-aware compression study")
@@ -311,7 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-calib", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--plot", metavar="CSV", help="only draw the figure of a finished study's CSV into --out")
     a = parser.parse_args(argv)
+    if a.plot:
+        print(plot_study(a.plot, Path(a.out) / "minilm_calibrated.png"))
+        return 0
     settings = {"fractions": a.fractions, "strategies": a.strategies, "sequential": [s == "yes" for s in a.sequential],
                 "sequential_fractions": a.sequential_fractions,
                 "distill_steps": a.steps, "n_eval": a.n_eval, "n_calib": a.n_calib}
@@ -319,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings.update(QUICK)
     rows = run_calibrated_study(a.out, methods=a.methods, data=a.data, lr=a.lr, threads=a.threads,
                                 progress=not a.quiet, **settings)
+    plot_study(Path(a.out) / "minilm_calibrated.csv", Path(a.out) / "minilm_calibrated.png")
     print(f"{len(rows)} configurations written to {a.out}")
     return 0
 
