@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick] [--report PATH]
 #
-# Sections: the environment; the tests marked `cuda` (CUDA-graph capture of a training step, autocast fp16/bf16);
+# Sections: the environment; the tests marked `cuda` (today: CUDA-graph capture and replay of a training step);
 # benchmarks/frames.py in float32 and bfloat16; benchmarks/weights.py (operator calls and the weight path against
 # its three-GEMM floor); a converted WRN-28-10 training step and an SNGAN-32 D + G step against dense
 # (benchmarks/gpu_steps.py steps); the CUDA kernels of one converted training step (gpu_steps.py kernels).
