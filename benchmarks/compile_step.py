@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Callable
 
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # before torch is imported: a cold cache for this run only
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sttp-inductor-")
@@ -33,7 +34,7 @@ import torch  # noqa: E402
 from harness import PAPER_MODELS, build, machine_lines, model_input, time_it  # noqa: E402
 
 
-def sgd_step(model: torch.nn.Module, x: torch.Tensor, losses: list) -> callable:
+def sgd_step(model: torch.nn.Module, x: torch.Tensor, losses: list) -> Callable[[], None]:
     """zero_grad, forward, mean(output²), backward, SGD update; appends the loss to ``losses``."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
@@ -47,7 +48,8 @@ def sgd_step(model: torch.nn.Module, x: torch.Tensor, losses: list) -> callable:
     return step
 
 
-def timed_call(fn) -> float:
+def timed_call(fn: Callable[[], None]) -> float:
+    """Wall time (seconds) of one call of ``fn``."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
