@@ -8,9 +8,9 @@
 # its three-GEMM floor); a converted WRN-28-10 training step and an SNGAN-32 D + G step against dense
 # (benchmarks/gpu_steps.py steps); the CUDA kernels of one converted training step (gpu_steps.py kernels).
 # Every section runs under a time limit and the report lists the ones that failed; on a single GPU the whole
-# check takes about 5 minutes (limits add up to 8). With --device cpu the limits are three times as long (a CPU
-# smoke run on a shared machine is far slower than the GPU the limits are sized for). It needs only the project installed (`pip install -e .` with
-# torch present); the test section also needs pytest and is reported as skipped without it.
+# check takes about 5 minutes (limits add up to 8; with --device cpu they are three times as long: a CPU smoke
+# run on a shared machine is far slower than the GPU they are sized for). It needs only the project installed
+# (`pip install -e .` with torch present); the test section also needs pytest and is reported as skipped without it.
 #
 # The report goes to --report PATH, else to $OUT/gpu_check_report.txt when $OUT is set, else to
 # ./gpu_check_report.txt. CI runs `--device cpu --quick` as a smoke test (tests/test_weight_path.py).

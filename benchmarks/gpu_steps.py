@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("section", choices=["steps", "kernels"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 2, STTP only, one timed run without warm-up, kernels of SNGAN-32 D only (a smoke test)")
+                        help="batch 2, STTP only, one timed run without warm-up, kernels of SNGAN-32 D only "
+                             "(a smoke test)")
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
