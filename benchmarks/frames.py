@@ -10,12 +10,15 @@ For each batch shape (B, n, r) three workloads are timed, each as one forward pa
   gets few repetitions and ``--quick`` skips it for the tallest shape, n = 5760).
 
 Protocol: each timing is the median of ``--reps`` (default 30) timed runs after 3 warm-up runs, at ``--threads``
-(default 2) intra-op threads; ours and gemm are run interleaved (ours, gemm, ours, gemm, …) so that changes in
-machine load affect both alike, and the ratio is taken between the two medians of one run. One ``TARGET`` line per
+(default 2) intra-op threads, wall time (``--clock cpu``: the process's CPU time, which on a shared machine with
+``--threads 1`` leaves out the time spent waiting for a core); ours and gemm are run interleaved (ours, gemm, ours,
+gemm, …) so that changes in machine load affect both alike, and the ratio is taken between the two medians of one
+run. One ``TARGET`` line per
 shape reports ours/gemm against the goal of 1.25 (CPU; on a GPU the figures are printed, the verdict is not
 meaningful: both sides are launch-bound).
 
-    python benchmarks/frames.py [--device cpu|cuda] [--dtype float32|float64|bfloat16] [--reps N] [--quick]
+    python benchmarks/frames.py [--device cpu|cuda] [--dtype float32|float64|bfloat16] [--reps N] [--threads N]
+                                [--clock wall|cpu] [--quick] [--no-hprod]
 """
 from __future__ import annotations
 
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=20.0, help="seconds of timed runs after which a measurement stops early"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the process's CPU time (with --threads 1 on a shared machine)")
     parser.add_argument(
         "--quick", action="store_true", help="skip householder_product for the tallest shape (its backward is slow)"
     )
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
 
-    print("Householder frames: forward + backward (gradient of sum), median wall time")
+    print(f"Householder frames: forward + backward (gradient of sum), median {args.clock} time")
     print("\n".join(machine_lines(device)))
     print(f"device:  {device}   dtype: {args.dtype}   reps: {args.reps} interleaved after 3 warm-up runs "
           f"(householder_product: {args.hprod_reps})")
@@ -128,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     targets = []
     for b, n, r in SHAPES:
         work = make_workloads(b, n, r, dtype, device)
-        fwd = time_it({k: work[k][0] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
-        fwd_bwd = time_it({k: work[k][1] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget)
+        fwd = time_it({k: work[k][0] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget, args.clock)
+        fwd_bwd = time_it({k: work[k][1] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget, args.clock)
         (ours_f, _, _), (gemm_f, _, _) = fwd["ours"], fwd["gemm"]
         (ours_fb, ours_fb_min, _), (gemm_fb, gemm_fb_min, _) = fwd_bwd["ours"], fwd_bwd["gemm"]
         ratio = ours_fb / gemm_fb

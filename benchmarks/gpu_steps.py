@@ -51,7 +51,7 @@ def steps(args, device) -> None:
     ):
         dense = make(None)
         for method in variants:
-            times = time_it({"dense": dense, method: make(method)}, device, args.reps, 1)
+            times = time_it({"dense": dense, method: make(method)}, device, args.reps, 0 if args.quick else 1)
             ours, base = times[method][0], times["dense"][0]
             print(f"{label} {method}: step {ours * 1e3:.1f} ms, dense {base * 1e3:.1f} ms, ratio {ours / base:.2f} "
                   f"(batch {batch}, r=64, medians of {times[method][2]} interleaved runs)", flush=True)
@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     parser.add_argument("section", choices=["steps", "kernels"])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     parser.add_argument("--quick", action="store_true",
-                        help="batch 2, STTP only, one timed run, kernels of SNGAN-32 D only (a smoke test)")
+                        help="batch 2, STTP only, one timed run without warm-up, kernels of SNGAN-32 D only "
+                             "(a smoke test)")
     parser.add_argument("--reps", type=int, default=10)
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
