@@ -85,9 +85,9 @@ def adapter_parameters(model: nn.Module) -> int:
                and not n.startswith("head.") and "modules_to_save" not in n and ".copies." not in n)
 
 
-def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task) -> nn.Module:
+def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task, seed: int = 0) -> nn.Module:
     spec = targets(task)["ours"]
-    return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", **spec)
+    return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", seed=seed, **spec)
 
 
 def ours_parameter_count(layers: dict, kind: str, method: str, rank: int) -> int:
@@ -133,7 +133,7 @@ def build(task: Task, name: str, seed: int, ranks: dict) -> nn.Module:
     if name in PEFT_METHODS:
         return peft_model(model, name, task)
     kind, _, method = name.partition("-")
-    return ours_model(model, kind, method or "svdp", ranks[name], task)
+    return ours_model(model, kind, method or "svdp", ranks[name], task, seed)
 
 
 # --------------------------------------------------------------------------------------------------- train, eval

@@ -2,7 +2,7 @@
 
     sttp reproduce compression [--json]
     sttp report MODEL [--method sttp] [--rank 64] [--spectrum normalized] [--exclude GLOB …] [--json]
-    sttp train classify|gan …
+    sttp train classify|gan|adapt …
     sttp compress … / sttp export …
 
 Every subcommand has ``--help``. Experiment subcommands import their recipes lazily, so ``sttp report`` works with
@@ -69,17 +69,17 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _train_with(recipe):
-    """The handler of ``sttp train <recipe>``: run it, print its summary line, return its exit status."""
+def _train_with(recipe, run):
+    """The handler of ``sttp train <recipe>``: ``run`` it, print its summary line, return its exit status."""
     def handler(args) -> int:
-        summary = recipe.run_classify(args) if hasattr(recipe, "run_classify") else recipe.run_gan(args)
+        summary = run(args)
         print(recipe.summary_line(summary))
         return int(summary)
     return handler
 
 
 def _add_train(sub) -> None:
-    train = sub.add_parser("train", help="train a model with a recipe (classify, gan)")
+    train = sub.add_parser("train", help="train a model with a recipe (classify, gan, adapt)")
     recipes = train.add_subparsers(dest="recipe", required=True)
     try:
         from .experiments import classify
@@ -88,7 +88,7 @@ def _add_train(sub) -> None:
     else:
         p = recipes.add_parser("classify", help="image/sequence classification: dense, SN, SR, SVDP or STTP")
         classify.add_classify_arguments(p)
-        p.set_defaults(func=_train_with(classify))
+        p.set_defaults(func=_train_with(classify, classify.run_classify))
     try:
         from .experiments import gan
     except ImportError:
@@ -96,7 +96,16 @@ def _add_train(sub) -> None:
     else:
         p = recipes.add_parser("gan", help="SNGAN training with an SN, SR, SVDP or STTP discriminator")
         gan.add_gan_arguments(p)
-        p.set_defaults(func=_train_with(gan))
+        p.set_defaults(func=_train_with(gan, gan.run_gan))
+    try:
+        from .experiments import adapt
+    except ImportError:
+        pass
+    else:
+        p = recipes.add_parser("adapt", help="fine-tune a frozen pretrained model (MiniLM text topics, SmallCNN "
+                               "digits 5-9) with principal, delta or rotation adapters")
+        adapt.add_adapt_arguments(p)
+        p.set_defaults(func=_train_with(adapt, adapt.run_adapt))
 
 
 def _add_compress(sub) -> None:

@@ -112,9 +112,14 @@ class Task:
         return int(self.data[split][1].shape[0])
 
     def batch(self, split: str, idx: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """(inputs, labels) of the samples ``idx`` of ``split``."""
+        """(inputs, labels) of the samples ``idx`` of ``split``; token inputs cut to the batch's longest sentence
+        (the padding beyond it is masked out anyway)."""
         inputs, labels = self.data[split]
-        return {k: v[idx] for k, v in inputs.items()}, labels[idx]
+        batch = {k: v[idx] for k, v in inputs.items()}
+        if "attention_mask" in batch:
+            width = max(1, int(batch["attention_mask"].sum(1).max()))
+            batch = {k: v[:, :width] for k, v in batch.items()}
+        return batch, labels[idx]
 
     def batches(self, split: str, seed: int | None = None, batch_size: int | None = None):
         """The batches of ``split`` in order (or in a random order seeded with ``seed``), ``batch_size`` each."""

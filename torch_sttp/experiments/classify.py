@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -59,10 +57,11 @@ from torch import nn
 
 from ..checkpoint import set_rng_state
 from ..options import INITS, SPECTRA
-from .runner import (USER_ERRORS, MetricsLog, RunSummary, StopRequest, check_bool, check_choice, check_device,
-                     check_integer, check_number, check_rank_setting, check_resumable, explain_missing_data, jsonable,
-                     load_state, num_threads, one_line, progress_bar, rank_literal, read_config_file,
-                     resolve_settings, save_state, select_device, write_text)
+from .runner import (USER_ERRORS, MetricsLog, RecipeRun, RunSummary, check_bool, check_choice, check_device,
+                     check_integer, check_number, check_rank_setting, check_resumable, epoch_order,
+                     explain_missing_data, jsonable, lr_factor, mix_seed, num_threads, one_line, rank_literal,
+                     read_config_file, resolve_settings, save_state, select_device, steps_or_epochs, train_loop,
+                     write_text)
 
 __all__ = [
     "DEFAULTS",
@@ -151,7 +150,6 @@ SUMMARY_KEYS = ("status", "method", "rank", "spectrum", "penalty", "penalty_weig
 _CKPT = "checkpoint.pt"
 _CSV = "metrics.csv"
 _SUMMARY = "summary.json"
-_CONFIG = "config.json"
 
 
 class Summary(RunSummary):
@@ -232,22 +230,10 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 load_config_file = read_config_file
 
 
-def _layer(cfg: dict, settings: Mapping) -> None:
-    """Put one layer of settings on top of ``cfg``; a layer that sets steps (epochs) clears epochs (steps)."""
-    settings = dict(settings)
-    if settings.get("steps") is not None and settings.get("epochs") is not None:
-        raise ValueError("give either steps or epochs, not both")
-    if settings.get("steps") is not None:
-        cfg["epochs"] = None
-    if settings.get("epochs") is not None:
-        cfg["steps"] = None
-    cfg.update(settings)
-
-
 def resolve_config(args=None, **overrides) -> dict:
     """The full settings of a run: :data:`DEFAULTS` < ``config`` file < ``args`` (a namespace from
     :func:`add_classify_arguments` or a mapping) < ``overrides``. Unknown keys raise ``ValueError``."""
-    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_classify", apply=_layer)
+    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_classify", apply=steps_or_epochs)
     if config_file:
         cfg["_config_file"] = config_file
     return _validate(cfg)
@@ -360,19 +346,6 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), for per-epoch / per-step generators."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
-
-
 # ------------------------------------------------------------------------------------------------------------- model
 def build_model(cfg: Mapping, sample_x: torch.Tensor) -> nn.Module:
     """The dense model ``cfg["model"]`` sized for inputs like ``sample_x`` (10 classes)."""
@@ -403,7 +376,7 @@ def _apply_method(model: nn.Module, cfg: Mapping):
     if method in ("svdp", "sttp"):
         from ..surgery import convert
 
-        gen = torch.Generator().manual_seed(_mix(cfg["seed"], 2))
+        gen = torch.Generator().manual_seed(mix_seed(cfg["seed"], 2))
         convert(model, method=method, rank=cfg["rank"], spectrum=cfg["spectrum"], init=cfg["init"],
                 exclude=exclude, generator=gen)
     elif method == "sn":
@@ -427,18 +400,6 @@ def _make_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                nesterov=bool(cfg["nesterov"]) and float(cfg["momentum"]) > 0)
     return torch.optim.Adam(groups, lr=float(cfg["lr"]))
-
-
-def _lr_factor(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        span = max(1, total - warmup)
-        t = min(1.0, (step - warmup) / span)
-        return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-    return factor
 
 
 def _model_counts(model: nn.Module, cfg: Mapping, dense_params: int) -> tuple[float, int]:
@@ -506,7 +467,7 @@ def _empty_window() -> dict:
     return {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0, "batches": 0}
 
 
-class _Run:
+class _Run(RecipeRun):
     """One classification run: its settings, data, model, optimizer and schedule, counters and run folder."""
 
     def __init__(self, cfg: dict) -> None:
@@ -519,53 +480,33 @@ class _Run:
         self.ckpt_path, self.summary_path = self.out / _CKPT, self.out / _SUMMARY
         self.log = MetricsLog(self.out / _CSV, METRIC_COLUMNS)
         self.train_data, self.test_data = load_data(cfg)  # data and model first: their errors leave no folder
-        self._plan_steps()
+        self.plan_steps(len(self.train_data), int(cfg["batch"]))
         self._build()
         self.step, self.elapsed, self.best_acc = 0, 0.0, None
         self.window, self.last_row = _empty_window(), {}
-        self._t0 = time.perf_counter()
-
-    def _plan_steps(self) -> None:
-        cfg, n_train = self.cfg, len(self.train_data)
-        self.batch = min(int(cfg["batch"]), n_train)
-        self.steps_per_epoch = max(1, n_train // self.batch)
-        self.total = int(cfg["steps"]) if cfg["steps"] is not None else \
-            max(1, round(float(cfg["epochs"]) * self.steps_per_epoch))
-        self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
-        self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
-        self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+        self.skip_time()
 
     def _build(self) -> None:
         """Seed, then build the model, its method, the optimizer and the schedule (in this order: the numbers)."""
         from .models import state_dict_numel
 
         cfg, seed = self.cfg, int(self.cfg["seed"])
-        torch.manual_seed(_mix(seed, 0))
-        np.random.seed(_mix(seed, 3) % (2 ** 32))
-        random.seed(_mix(seed, 4))
+        torch.manual_seed(mix_seed(seed, 0))
+        np.random.seed(mix_seed(seed, 3) % (2 ** 32))
+        random.seed(mix_seed(seed, 4))
         self.model = build_model(cfg, self.train_data.example())
         self.dense_params = state_dict_numel(self.model)
         self.regularizer = _apply_method(self.model, cfg)
         self.model.to(self.device)
         self.optimizer = _make_optimizer(self.model, cfg)
-        factor = _lr_factor(cfg["schedule"], int(cfg["warmup"]), self.total)
+        factor = lr_factor(cfg["schedule"], int(cfg["warmup"]), self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         use_penalty = cfg["penalty"] != "none" and float(cfg["penalty_weight"]) != 0.0
         self.penalty_kind = cfg["penalty"] if use_penalty else None
 
-    # ------------------------------------------------------------------------------------------ start / resume
-    def start(self) -> None:
-        """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over."""
-        if self.cfg["resume"] and self.ckpt_path.is_file():
-            self._restore(load_state(self.ckpt_path))
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.log.start(keep_until=None)
-            if self.summary_path.exists():
-                self.summary_path.unlink()
-        write_text(self.out / _CONFIG, json.dumps(jsonable(self.cfg), indent=2) + "\n")
-
-    def _restore(self, state: dict) -> None:
+    # ------------------------------------------------------------------------------------------------- resume
+    def restore(self, state: dict) -> None:
+        """Load a checkpoint's state (settings checked) and drop the log rows written after it."""
         cfg = self.cfg
         check_resumable(state["config"], cfg, [k for k in DEFAULTS if k not in RESUMABLE_CHANGES], self.ckpt_path)
         if state["total_steps"] != self.total and cfg["schedule"] != "constant":
@@ -597,10 +538,10 @@ class _Run:
         """One optimizer step on the next batch of the fixed sample order; returns its loss."""
         cfg, seed = self.cfg, int(self.cfg["seed"])
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        idx = _epoch_order(seed, epoch, len(self.train_data))[offset * self.batch:(offset + 1) * self.batch]
+        idx = epoch_order(seed, epoch, len(self.train_data))[offset * self.batch:(offset + 1) * self.batch]
         x, y = self.train_data.batch(idx, self.device)
         if cfg["augment"] and x.dim() == 4:
-            x = _augment(x, torch.Generator().manual_seed(_mix(seed, 5, self.step)))
+            x = _augment(x, torch.Generator().manual_seed(mix_seed(seed, 5, self.step)))
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         total_loss = loss
@@ -644,49 +585,6 @@ class _Run:
         self.log.append(row)
         self.window, self.last_row = _empty_window(), row
         return row
-
-    def tick(self) -> None:
-        """Count the time since the last tick as training time."""
-        now = time.perf_counter()
-        self.elapsed += now - self._t0
-        self._t0 = now
-
-    def skip_time(self) -> None:
-        """Leave the time since the last tick out (writing a checkpoint is not counted)."""
-        self._t0 = time.perf_counter()
-
-
-def _train(run: _Run) -> tuple[str, str | None]:
-    """Train until ``stop_at``: a step, a log row every ``eval_every``, a checkpoint every ``checkpoint_every``
-    (and when stopping). Returns (status, the name of the signal that stopped it or None)."""
-    bar = progress_bar(bool(run.cfg["progress"]) and run.step < run.stop_at, run.stop_at, run.step,
-                       run_name(run.cfg), leave=True)
-    run.model.train()
-    status = "complete"
-    with StopRequest() as stop:
-        run.skip_time()
-        while run.step < run.stop_at:
-            loss = run.train_step()
-            if not math.isfinite(loss):
-                status = "diverged"
-            run.tick()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=run.last_row.get("test_acc", "-")[:6] if run.last_row else "-")
-            stopping = stop.requested is not None or run.step == run.stop_at or status == "diverged"
-            if run.step % run.eval_every == 0 or run.step == run.total:
-                run.log_row()
-                run.tick()
-            if run.step % run.ckpt_every == 0 or run.step == run.total or stopping:
-                run.save()
-                run.skip_time()
-            if stopping:
-                break
-    if bar is not None:
-        bar.close()
-    if status == "complete" and run.step < run.total:
-        status = "interrupted"
-    return status, stop.requested
 
 
 def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
@@ -733,7 +631,7 @@ def run_classify(args=None, **overrides) -> Summary:
         run = _Run(cfg)
         run.start()
         first = run.step
-        status, signal_name = _train(run)
+        status, signal_name = train_loop(run, run_name(cfg))
         summary = _summarize(run, status, signal_name)
     summary.trained_steps, summary.total_steps = run.step - first, run.total
     return summary

@@ -17,6 +17,9 @@ folder. This module owns everything in it that is not particular to one recipe:
   file with pickled code is refused without running it;
 * **the machine** — :func:`select_device` and :func:`num_threads`; :func:`explain_missing_data` turns a data set whose
   files are missing into one message saying where to put them;
+* **the loop** — :func:`mix_seed` and :func:`epoch_order` (the data stream as a fixed function of seed, epoch
+  and step, so a resumed run needs no saved data state), :func:`lr_factor` (the schedules), :func:`train_loop`
+  (steps, log rows, checkpoints, the progress bar, stop requests) over a recipe's run object;
 * **the loop's edges** — :class:`StopRequest` (SIGINT/SIGTERM become "stop after this step"),
   :func:`progress_bar`, and :class:`RunSummary`, what a recipe returns.
 """
@@ -33,6 +36,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -69,6 +73,12 @@ __all__ = [
     "num_threads",
     "StopRequest",
     "progress_bar",
+    "mix_seed",
+    "epoch_order",
+    "lr_factor",
+    "train_loop",
+    "steps_or_epochs",
+    "RecipeRun",
 ]
 
 #: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler, --debug): not settings.
@@ -157,6 +167,19 @@ def resolve_settings(defaults: Mapping, args=None, overrides: Mapping | None = N
         apply(cfg, read_config_file(path, known=defaults))
     apply(cfg, given)
     return cfg, (str(path) if path else None)
+
+
+def steps_or_epochs(cfg: dict, settings: Mapping) -> None:
+    """Put one layer of settings on top of ``cfg`` (an ``apply`` of :func:`resolve_settings`): a layer that sets
+    ``steps`` clears ``epochs`` and the other way round; both in one layer raise ValueError."""
+    settings = dict(settings)
+    if settings.get("steps") is not None and settings.get("epochs") is not None:
+        raise ValueError("give either steps or epochs, not both")
+    if settings.get("steps") is not None:
+        cfg["epochs"] = None
+    if settings.get("epochs") is not None:
+        cfg["steps"] = None
+    cfg.update(settings)
 
 
 def _names(key: str) -> str:
@@ -425,3 +448,109 @@ class RunSummary(dict):
 
     def __int__(self) -> int:
         return int(self.get("exit_code", 0))
+
+
+
+# -------------------------------------------------------------------------------------------------------- the loop
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), for per-epoch / per-step generators."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The sample order (a permutation of ``n``) of epoch ``epoch``: a fixed function of (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 1, epoch)))
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of step s (for ``LambdaLR``): (s+1)/warmup during ``warmup`` steps, then 1
+    (``constant``), 1 − t (``linear``) or (1 + cos πt)/2 (``cosine``), t = (s − warmup)/(total − warmup) ≤ 1."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        t = min(1.0, (step - warmup) / span)
+        return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return factor
+
+
+class RecipeRun:
+    """What a recipe's run object shares (subclassed by each recipe's run): the step plan, starting or resuming in
+    the run folder, and the training clock. A subclass sets ``cfg``, ``out``, ``ckpt_path``, ``summary_path`` and
+    ``log`` (a :class:`MetricsLog`) and defines ``restore(state)``, ``save()``, ``train_step()`` and ``log_row()``
+    (for :func:`train_loop`)."""
+
+    def plan_steps(self, n_train: int, batch: int) -> None:
+        """``batch`` (≤ n_train), ``steps_per_epoch`` (the last incomplete batch dropped), ``total`` (``steps``, or
+        ``epochs`` × steps per epoch), ``eval_every`` / ``ckpt_every`` (default once per epoch) and ``stop_at``."""
+        cfg = self.cfg
+        self.batch = min(int(batch), n_train)
+        self.steps_per_epoch = max(1, n_train // self.batch)
+        self.total = int(cfg["steps"]) if cfg["steps"] is not None else \
+            max(1, round(float(cfg["epochs"]) * self.steps_per_epoch))
+        self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
+        self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
+        self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+
+    def start(self) -> None:
+        """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over; write
+        ``config.json``."""
+        if self.cfg["resume"] and self.ckpt_path.is_file():
+            self.restore(load_state(self.ckpt_path))
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log.start(keep_until=None)
+            if self.summary_path.exists():
+                self.summary_path.unlink()
+        write_text(self.out / "config.json", json.dumps(jsonable(self.cfg), indent=2) + "\n")
+
+    def tick(self) -> None:
+        """Count the time since the last tick as training time (``elapsed``)."""
+        now = time.perf_counter()
+        self.elapsed += now - self._t0
+        self._t0 = now
+
+    def skip_time(self) -> None:
+        """Leave the time since the last tick out (writing a checkpoint is not counted)."""
+        self._t0 = time.perf_counter()
+
+
+def train_loop(run, desc: str, metric: str = "test_acc") -> tuple[str, str | None]:
+    """Train ``run`` until ``run.stop_at``: a step (``run.train_step()``, its loss), a log row (``run.log_row()``)
+    every ``run.eval_every`` steps and at ``run.total``, a checkpoint (``run.save()``) every ``run.ckpt_every``, at
+    the end and when stopping (a signal, ``stop_at``, a non-finite loss). ``run.tick()`` counts time as training,
+    ``run.skip_time()`` leaves it out; the bar (``run.cfg["progress"]``) shows the loss and ``metric`` of the last
+    row (as ``acc``). Returns (status: complete, interrupted or diverged; the signal that stopped it or None)."""
+    bar = progress_bar(bool(run.cfg["progress"]) and run.step < run.stop_at, run.stop_at, run.step, desc, leave=True)
+    run.model.train()
+    status = "complete"
+    with StopRequest() as stop:
+        run.skip_time()
+        while run.step < run.stop_at:
+            loss = run.train_step()
+            if not math.isfinite(loss):
+                status = "diverged"
+            run.tick()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=(run.last_row.get(metric) or "-")[:6])
+            stopping = stop.requested is not None or run.step == run.stop_at or status == "diverged"
+            if run.step % run.eval_every == 0 or run.step == run.total:
+                run.log_row()
+                run.tick()
+            if run.step % run.ckpt_every == 0 or run.step == run.total or stopping:
+                run.save()
+                run.skip_time()
+            if stopping:
+                break
+    if bar is not None:
+        bar.close()
+    if status == "complete" and run.step < run.total:
+        status = "interrupted"
+    return status, stop.requested
