@@ -29,6 +29,7 @@ at r=8 and r=32, and (``--with-hra``) PEFT's HRA r=8. Targets:
     TARGET unload_bit_exact ratio=<1 if every unload is bit-exact else 0> goal=1.0
 
     python benchmarks/adapters.py [--step-time] [--study [--quick]] [--threads N] [--out DIR]
+    python benchmarks/adapters.py --combine out-text/study.json out-vision/study.json --out DIR   # one summary
 
 Needs the ``[compare]`` extra (peft) and the ``transformers`` and ``experiments`` extras.
 """
@@ -391,6 +392,41 @@ def step_time_mode(args, log) -> dict:
     return result
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` as CSV (the union of their keys as the header, in first-seen order)."""
+    import csv
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The per-run rows of a study: the ``rows`` of its JSON result, or the JSON lines of its log (an unfinished
+    study), with each method's peak RSS growth where the log has it."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)["rows"]
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{"task"')]
+
+
+def combine_mode(args, log) -> dict:
+    """Summary, targets, CSV files and plot of the rows of several study results or logs (e.g. one per task)."""
+    rows = [r for path in args.combine for r in read_rows(Path(path))]
+    summary = summarize(rows)
+    lines = study_targets(summary)
+    for line in lines:
+        log(line)
+    out = Path(args.out)
+    write_csv(rows, out / "study_rows.csv")
+    write_csv(summary, out / "study_summary.csv")
+    plot_study(summary, Path(args.plot) if args.plot else out / "adapters_study.png")
+    return {"sources": [str(p) for p in args.combine], "summary": summary, "targets": lines,
+            "python": sys.version.split()[0], "torch": torch.__version__}
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def study_mode(args, log) -> dict:
     lrs = args.lrs or ([1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
@@ -433,6 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="step time: warm-up steps per model")
     parser.add_argument("--with-hra", action="store_true", help="step time: also PEFT's HRA r=8 (slow)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--combine", nargs="+", metavar="FILE", default=None,
+                        help="summarize the rows of study results (.json) or logs instead of running anything")
+    parser.add_argument("--plot", default=None, help="combine: path of the plot (default: <out>/adapters_study.png)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "data" / "adapters"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -440,7 +479,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, {args.threads} thread(s)")
-    if args.study:
+    if args.combine:
+        result = combine_mode(args, log)
+        name = "study_combined.json"
+    elif args.study:
         result = study_mode(args, log)
         name = "study_quick.json" if args.quick else "study.json"
     else:

@@ -1,7 +1,8 @@
 """Every recipe preset under configs/ starts through the installed ``sttp`` entry point, for one step.
 
 Presets whose data is bundled or generated locally (digits8x8, MNIST 5k, MNIST-1D; the adapter tasks' MiniLM and
-pydoc sentences) train one step and end with their summary line (adapter presets also write their adapters); those that need CIFAR-10 or STL-10 files are pointed at an empty data folder and must end with one
+pydoc sentences) train one step and end with their summary line (adapter presets also write their adapters);
+those that need CIFAR-10 or STL-10 files are pointed at an empty data folder and must end with one
 line saying where to put the data, exit status 2, and no run folder. Each preset runs in its own subprocess; the
 subprocesses run two at a time (their start-up, importing torch, is most of their cost).
 """

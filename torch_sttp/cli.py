@@ -16,6 +16,7 @@ one summary line (final metrics, run folder).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -78,34 +79,27 @@ def _train_with(recipe, run):
     return handler
 
 
+#: The training recipes: (name, help); each is the module ``experiments.<name>`` with ``add_<name>_arguments``,
+#: ``run_<name>`` and ``summary_line``.
+_RECIPES = (
+    ("classify", "image/sequence classification: dense, SN, SR, SVDP or STTP"),
+    ("gan", "SNGAN training with an SN, SR, SVDP or STTP discriminator"),
+    ("adapt", "fine-tune a frozen pretrained model (MiniLM text topics, SmallCNN digits 5-9) with principal, delta "
+              "or rotation adapters"),
+)
+
+
 def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train a model with a recipe (classify, gan, adapt)")
     recipes = train.add_subparsers(dest="recipe", required=True)
-    try:
-        from .experiments import classify
-    except ImportError:
-        pass
-    else:
-        p = recipes.add_parser("classify", help="image/sequence classification: dense, SN, SR, SVDP or STTP")
-        classify.add_classify_arguments(p)
-        p.set_defaults(func=_train_with(classify, classify.run_classify))
-    try:
-        from .experiments import gan
-    except ImportError:
-        pass
-    else:
-        p = recipes.add_parser("gan", help="SNGAN training with an SN, SR, SVDP or STTP discriminator")
-        gan.add_gan_arguments(p)
-        p.set_defaults(func=_train_with(gan, gan.run_gan))
-    try:
-        from .experiments import adapt
-    except ImportError:
-        pass
-    else:
-        p = recipes.add_parser("adapt", help="fine-tune a frozen pretrained model (MiniLM text topics, SmallCNN "
-                               "digits 5-9) with principal, delta or rotation adapters")
-        adapt.add_adapt_arguments(p)
-        p.set_defaults(func=_train_with(adapt, adapt.run_adapt))
+    for name, text in _RECIPES:
+        try:
+            recipe = importlib.import_module(f".experiments.{name}", __package__)
+        except ImportError:  # a recipe whose optional packages are missing is left out
+            continue
+        p = recipes.add_parser(name, help=text)
+        getattr(recipe, f"add_{name}_arguments")(p)
+        p.set_defaults(func=_train_with(recipe, getattr(recipe, f"run_{name}")))
 
 
 def _add_compress(sub) -> None:

@@ -41,13 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import set_rng_state
 from ..options import METHODS
 from .adapt_tasks import TASKS, adapter_targets, make_task
-from .runner import (USER_ERRORS, MetricsLog, RecipeRun, RunSummary, check_bool, check_choice, check_device,
-                     check_integer, check_number, check_rank_setting, check_resumable, epoch_order, jsonable,
-                     lr_factor, mix_seed, num_threads, one_line, resolve_settings, save_state, select_device,
-                     steps_or_epochs, train_loop, write_text)
+from .runner import (RUN_DEFAULTS, RUN_RESUMABLE, MetricsLog, RecipeRun, RunSummary, add_length_arguments,
+                     add_run_arguments, check_bool, check_choice, check_device, check_integer, check_length,
+                     check_number, check_rank_setting, check_resumable, epoch_order, jsonable, lr_factor, mix_seed,
+                     num_threads, recipe_main, resolve_settings, save_state, select_device, steps_or_epochs, train_loop,
+                     write_text)
 
 __all__ = ["DEFAULTS", "KINDS", "METRIC_COLUMNS", "SUMMARY_KEYS", "RESUMABLE_CHANGES", "Summary",
            "add_adapt_arguments", "resolve_config", "run_name", "evaluate", "run_adapt", "summary_line", "main"]
@@ -73,20 +73,11 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "schedule": "constant",
     "warmup": 0,
-    "seed": 0,
-    "device": "cpu",
-    "threads": None,
-    "out": None,
-    "eval_every": None,  # None: once per epoch
-    "checkpoint_every": None,  # None: once per epoch
-    "resume": True,
-    "stop_at": None,
-    "progress": True,
+    **RUN_DEFAULTS,
 }
 
 #: Keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
-                      "stop_at", "progress", "eval_batch", "cache_dir"}
+RESUMABLE_CHANGES = RUN_RESUMABLE | {"cache_dir"}
 
 METRIC_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "elapsed_s")
 SUMMARY_KEYS = ("status", "task", "kind", "method", "rank", "seed", "steps", "epochs", "val_accuracy", "val_loss",
@@ -108,21 +99,7 @@ def _help(text: str, key: str) -> str:
 def add_adapt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the recipe's options to ``parser``; options left out fall back to ``--config``, then :data:`DEFAULTS`."""
     S = argparse.SUPPRESS
-    g = parser.add_argument_group("run")
-    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
-    g.add_argument("--out", default=S, metavar="DIR", help="output folder (default: runs/adapt/<name>)")
-    g.add_argument("--seed", type=int, default=S, help=_help("seed of the head, frames and sample order", "seed"))
-    g.add_argument("--device", default=S, help=_help("cpu, cuda, cuda:N or auto", "device"))
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
-                   help=_help("continue from <out>/checkpoint.pt when present", "resume"))
-    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
-                   help="stop (checkpointed, resumable) once this global step is reached")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help=_help("tqdm bar", "progress"))
-    g.add_argument("--eval-every", type=int, default=S, metavar="STEPS", help="validate/log every N steps "
-                   "(default: once per epoch)")
-    g.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS", help="checkpoint every N steps "
-                   "(default: once per epoch)")
+    add_run_arguments(parser, DEFAULTS, "adapt", "seed of the head, frames and sample order")
 
     g = parser.add_argument_group("task and adapter")
     g.add_argument("--task", choices=TASKS, default=S, help=_help("text (MiniLM) or vision (SmallCNN)", "task"))
@@ -138,11 +115,7 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     g.add_argument("--cache-dir", default=S, metavar="DIR", help="vision: folder of the pretrained CNN "
                    "(default: the run folder)")
 
-    g = parser.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=S, help="optimizer steps (overrides epochs)")
-    g.add_argument("--epochs", type=float, default=S, help=_help("epochs, if steps is not given", "epochs"))
-    g.add_argument("--batch", type=int, default=S, help="training batch size (default: the task's, 16 / 32)")
-    g.add_argument("--eval-batch", type=int, default=S, help=_help("evaluation batch size", "eval_batch"))
+    g = add_length_arguments(parser, DEFAULTS, "training batch size (default: the task's, 16 / 32)")
     g.add_argument("--lr", type=float, default=S, help=_help("AdamW learning rate", "lr"))
     g.add_argument("--weight-decay", type=float, default=S, help=_help("AdamW weight decay", "weight_decay"))
     g.add_argument("--schedule", choices=SCHEDULES, default=S, help=_help("learning-rate schedule", "schedule"))
@@ -162,10 +135,7 @@ def _validate(cfg: dict) -> dict:
     """Check every setting before any work starts (names, types, ranges)."""
     for key, allowed in (("task", TASKS), ("kind", KINDS), ("method", METHODS), ("schedule", SCHEDULES)):
         check_choice(cfg, key, allowed)
-    if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
-    check_integer(cfg, "steps", 1, optional=True)
-    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+    check_length(cfg)
     check_rank_setting(cfg, "rank")
     if not isinstance(cfg["rank"], int):
         raise ValueError(f"rank must be an integer for adapters, got {cfg['rank']!r} (flag --rank, config key rank)")
@@ -252,13 +222,7 @@ class _Run(RecipeRun):
         """Load a checkpoint's state (settings checked) and drop the log rows written after it."""
         check_resumable(state["config"], self.cfg, [k for k in DEFAULTS if k not in RESUMABLE_CHANGES],
                         self.ckpt_path)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.step, self.elapsed, self.window = int(state["step"]), float(state["elapsed"]), dict(state["window"])
-        set_rng_state(state["rng"])
-        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
-        self.last_row = rows[-1] if rows else {}
+        self.restore_training(state)
 
     def save(self) -> None:
         """Checkpoint: model (base and adapters), optimizer, schedule, counters, settings and the RNG states."""
@@ -278,13 +242,7 @@ class _Run(RecipeRun):
         loss.backward()
         self.optimizer.step()
         self.scheduler.step()
-        self.step += 1
-        w = self.window
-        w["loss"] += float(loss.detach())
-        w["correct"] += int((logits.detach().argmax(1) == y).sum())
-        w["seen"] += int(y.shape[0])
-        w["batches"] += 1
-        return float(loss.detach())
+        return self.count_step(loss, logits, y)
 
     def log_row(self) -> dict:
         """Validate and append a row of the metrics since the last row to ``metrics.csv``."""
@@ -331,10 +289,7 @@ def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
         clamped=[list(c) for c in run.info.clamped], wall_time_s=run.elapsed, out=str(run.out),
         metrics_csv=str(run.log.path), checkpoint=str(run.ckpt_path),
         adapter_dir=str(adapter_dir) if adapter_dir else None, config=jsonable(cfg))
-    if status == "interrupted":
-        summary["exit_code"] = 130 if signal_name else 0
-    elif status == "diverged":
-        summary["exit_code"] = 1
+    summary.set_exit_code(signal_name)
     if finished:
         write_text(run.summary_path, json.dumps(dict(summary), indent=2) + "\n")
     return summary
@@ -359,32 +314,16 @@ def run_adapt(args=None, **overrides) -> Summary:
 
 def summary_line(summary: Summary) -> str:
     """One line closing a run: its status, steps, validation/test accuracy, parameters and its folder."""
-    steps = f"{summary['steps']}/{summary.total_steps} steps"
-    if summary["status"] == "complete" and summary.trained_steps == 0:
-        head = f"already complete ({steps}; nothing left to train)"
-    elif summary["status"] == "interrupted":
-        head = f"interrupted after {steps} (checkpointed; run the same command again to resume)"
-    else:
-        head = f"{summary['status']} after {steps}"
     saved = f"adapters in {summary['adapter_dir']}; " if summary["adapter_dir"] else ""
-    return (f"adapt {run_name(summary)}: {head}: val accuracy {summary['val_accuracy']:.4f}, "
+    return (f"adapt {run_name(summary)}: {summary.head()}: val accuracy {summary['val_accuracy']:.4f}, "
             f"test accuracy {summary['test_accuracy']:.4f}, {summary['trainable_params']} trainable of "
             f"{summary['total_params']} parameters; {saved}run folder {summary['out']}")
 
 
 def main(argv=None) -> int:
     """``python -m torch_sttp.experiments.adapt``: train one run, print its summary line."""
-    parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.adapt",
-                                     description=__doc__.splitlines()[0])
-    add_adapt_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        summary = run_adapt(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    print(summary_line(summary))
-    return int(summary)
+    return recipe_main(argv, "python -m torch_sttp.experiments.adapt", __doc__.splitlines()[0],
+                       add_adapt_arguments, run_adapt, summary_line)
 
 
 if __name__ == "__main__":

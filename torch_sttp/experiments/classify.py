@@ -55,13 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import set_rng_state
 from ..options import INITS, SPECTRA
-from .runner import (USER_ERRORS, MetricsLog, RecipeRun, RunSummary, check_bool, check_choice, check_device,
-                     check_integer, check_number, check_rank_setting, check_resumable, epoch_order,
-                     explain_missing_data, jsonable, lr_factor, mix_seed, num_threads, one_line, rank_literal,
-                     read_config_file, resolve_settings, save_state, select_device, steps_or_epochs, train_loop,
-                     write_text)
+from .runner import (RUN_DEFAULTS, RUN_RESUMABLE, MetricsLog, RecipeRun, RunSummary, add_length_arguments,
+                     add_run_arguments, check_bool, check_choice, check_device, check_integer, check_length,
+                     check_number, check_rank_setting, check_resumable, epoch_order, explain_missing_data, jsonable,
+                     lr_factor, mix_seed, num_threads, rank_literal, read_config_file, recipe_main, resolve_settings,
+                     save_state, select_device, steps_or_epochs, train_loop, write_text)
 
 __all__ = [
     "DEFAULTS",
@@ -126,21 +125,12 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "schedule": "linear",
     "warmup": 0,
-    "seed": 0,
-    "device": "cpu",
-    "threads": None,
     "deterministic": False,
-    "out": None,
-    "eval_every": None,  # None: once per epoch
-    "checkpoint_every": None,  # None: once per epoch
-    "resume": True,
-    "stop_at": None,
-    "progress": True,
+    **RUN_DEFAULTS,
 }
 
 #: Keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
-                      "stop_at", "progress", "data_root", "eval_batch"}
+RESUMABLE_CHANGES = RUN_RESUMABLE | {"data_root"}
 
 METRIC_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_acc", "penalty", "test_loss", "test_acc", "elapsed_s")
 SUMMARY_KEYS = ("status", "method", "rank", "spectrum", "penalty", "penalty_weight", "dataset", "model", "seed",
@@ -165,23 +155,9 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Add the recipe's options to ``parser``. Options left out on the command line fall back to ``--config`` and
     then to :data:`DEFAULTS` (they are absent from the parsed namespace)."""
     S = argparse.SUPPRESS
-    g = parser.add_argument_group("run")
-    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
-    g.add_argument("--out", default=S, metavar="DIR", help="output folder (default: runs/classify/<name>)")
-    g.add_argument("--seed", type=int, default=S, help=_help("seed of init, sample order, augmentation", "seed"))
-    g.add_argument("--device", default=S, help=_help("cpu, cuda, cuda:N or auto", "device"))
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
+    g = add_run_arguments(parser, DEFAULTS, "classify", "seed of init, sample order, augmentation")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
                    help=_help("torch.use_deterministic_algorithms (for CUDA runs)", "deterministic"))
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
-                   help=_help("continue from <out>/checkpoint.pt when present", "resume"))
-    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
-                   help="stop (checkpointed, resumable) once this global step is reached")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help=_help("tqdm bar", "progress"))
-    g.add_argument("--eval-every", type=int, default=S, metavar="STEPS", help="evaluate/log every N steps "
-                   "(default: once per epoch)")
-    g.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS", help="checkpoint every N steps "
-                   "(default: once per epoch)")
 
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=S, help=_help("layer treatment", "method"))
@@ -211,11 +187,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--widen", type=int, default=S, help=_help("WRN widening factor", "widen"))
     g.add_argument("--dropout", type=float, default=S, help=_help("WRN dropout", "dropout"))
 
-    g = parser.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=S, help="optimizer steps (overrides epochs)")
-    g.add_argument("--epochs", type=float, default=S, help=_help("epochs, if steps is not given", "epochs"))
-    g.add_argument("--batch", type=int, default=S, help=_help("training batch size", "batch"))
-    g.add_argument("--eval-batch", type=int, default=S, help=_help("evaluation batch size", "eval_batch"))
+    g = add_length_arguments(parser, DEFAULTS, _help("training batch size", "batch"))
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=_help("optimizer", "optimizer"))
     g.add_argument("--lr", type=float, default=S, help=_help("peak learning rate", "lr"))
     g.add_argument("--momentum", type=float, default=S, help=_help("SGD momentum", "momentum"))
@@ -249,10 +221,7 @@ def _validate(cfg: dict) -> dict:
                          ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("spectrum", SPECTRA),
                          ("init", INITS)):
         check_choice(cfg, key, allowed)
-    if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
-    check_integer(cfg, "steps", 1, optional=True)
-    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+    check_length(cfg)
     check_rank_setting(cfg, "rank")
     for key, minimum, optional in (("batch", 1, False), ("eval_batch", 1, False), ("sr_every", 1, False),
                                    ("warmup", 0, False), ("seed", 0, False), ("data_seed", 0, False),
@@ -514,16 +483,10 @@ class _Run(RecipeRun):
                           f"{cfg['schedule']} learning-rate schedule is stretched from the checkpoint on",
                           UserWarning, stacklevel=4)
         _upgrade_legacy_groups(state, self.model, self.optimizer)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.restore_training(state)
         if self.regularizer is not None and state.get("regularizer") is not None:
             self.regularizer.load_state_dict(state["regularizer"])
-        self.step, self.elapsed, self.best_acc = int(state["step"]), float(state["elapsed"]), state["best_acc"]
-        self.window = dict(state["window"])
-        set_rng_state(state["rng"])
-        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
-        self.last_row = rows[-1] if rows else {}
+        self.best_acc = state["best_acc"]
 
     def save(self) -> None:
         """Checkpoint: model, optimizer, schedule, SR state, counters, settings and the RNG states."""
@@ -557,13 +520,7 @@ class _Run(RecipeRun):
         self.scheduler.step()
         if self.regularizer is not None:
             self.regularizer.step()
-        self.step += 1
-        w = self.window
-        w["loss"] += float(loss.detach())
-        w["correct"] += int((logits.detach().argmax(1) == y).sum())
-        w["seen"] += int(y.shape[0])
-        w["batches"] += 1
-        return float(loss.detach())
+        return self.count_step(loss, logits, y)
 
     def log_row(self) -> dict:
         """Evaluate on the test set and append a row of the metrics since the last row to ``metrics.csv``."""
@@ -611,10 +568,7 @@ def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
         wall_time_s=run.elapsed, out=str(run.out), metrics_csv=str(run.log.path), checkpoint=str(run.ckpt_path),
         config=jsonable(cfg),
     )
-    if status == "interrupted":
-        summary["exit_code"] = 130 if signal_name else 0
-    elif status == "diverged":
-        summary["exit_code"] = 1
+    summary.set_exit_code(signal_name)
     if status != "interrupted":
         write_text(run.summary_path, json.dumps(dict(summary), indent=2) + "\n")
     return summary
@@ -639,14 +593,7 @@ def run_classify(args=None, **overrides) -> Summary:
 
 def summary_line(summary: Summary) -> str:
     """One line closing a run: its status, steps, final test metrics and compression, and its folder."""
-    steps = f"{summary['steps']}/{summary.total_steps} steps"
-    if summary["status"] == "complete" and summary.trained_steps == 0:
-        head = f"already complete ({steps}; nothing left to train)"
-    elif summary["status"] == "interrupted":
-        head = f"interrupted after {steps} (checkpointed; run the same command again to resume)"
-    else:
-        head = f"{summary['status']} after {steps}"
-    return (f"classify {summary['method']}: {head}: test accuracy {summary['accuracy']:.4f}, test loss "
+    return (f"classify {summary['method']}: {summary.head()}: test accuracy {summary['accuracy']:.4f}, test loss "
             f"{summary['test_loss']:.4f}, Z {summary['z']:.2f} % ({summary['dof']} of {summary['dense_params']} "
             f"parameters); run folder {summary['out']}")
 
@@ -654,19 +601,10 @@ def summary_line(summary: Summary) -> str:
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """``python -m torch_sttp.experiments.classify``: train one run, print a JSON line of its summary."""
-    parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.classify",
-                                     description=__doc__.splitlines()[0])
-    add_classify_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        summary = run_classify(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    brief = {k: summary[k] for k in ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy",
-                                     "z", "dof", "wall_time_s", "out")}
-    print(json.dumps(brief))
-    return int(summary)
+    keys = ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy", "z", "dof", "wall_time_s",
+            "out")
+    return recipe_main(argv, "python -m torch_sttp.experiments.classify", __doc__.splitlines()[0],
+                       add_classify_arguments, run_classify, lambda summary: json.dumps({k: summary[k] for k in keys}))
 
 
 if __name__ == "__main__":

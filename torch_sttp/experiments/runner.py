@@ -48,6 +48,8 @@ from ..options import check_rank
 
 __all__ = [
     "CLI_KEYS",
+    "RUN_DEFAULTS",
+    "RUN_RESUMABLE",
     "USER_ERRORS",
     "one_line",
     "RunSummary",
@@ -79,10 +81,31 @@ __all__ = [
     "train_loop",
     "steps_or_epochs",
     "RecipeRun",
+    "add_run_arguments",
+    "add_length_arguments",
+    "check_length",
+    "recipe_main",
 ]
 
 #: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler, --debug): not settings.
 CLI_KEYS = ("func", "command", "recipe", "cmd", "subcommand", "debug")
+
+#: The settings of a step-based recipe's run (:func:`add_run_arguments`, :class:`RecipeRun`) and their defaults.
+RUN_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "threads": None,
+    "out": None,
+    "eval_every": None,  # None: once per epoch
+    "checkpoint_every": None,  # None: once per epoch
+    "resume": True,
+    "stop_at": None,
+    "progress": True,
+}
+
+#: The settings that may differ between a checkpoint and the run resuming it, in every step-based recipe.
+RUN_RESUMABLE = frozenset({"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
+                           "stop_at", "progress", "eval_batch"})
 
 #: Exceptions that mean "the arguments are wrong" (a bad value, a missing file, settings that do not fit, a refused
 #: checkpoint, a missing optional package): a command line reports them in one line, exit status 2.
@@ -241,6 +264,14 @@ def check_number(cfg: dict, key: str, low: float | None = None, high: float | No
     cfg[key] = number
 
 
+def check_length(cfg: dict) -> None:
+    """A run's length: ``steps`` (an integer ≥ 1) or ``epochs`` (a number > 0), at least one of them given."""
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
+    check_integer(cfg, "steps", 1, optional=True)
+    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+
+
 def check_rank_setting(cfg: dict, key: str) -> None:
     """``cfg[key]`` must be a rank: :func:`torch_sttp.options.check_rank`, with its message."""
     try:
@@ -281,6 +312,48 @@ def check_resumable(saved: Mapping, cfg: Mapping, keys: Iterable[str], path) -> 
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diffs)
         raise ValueError(f"{path} was written with different settings ({detail}); use another --out, "
                          "--no-resume to start over, or the checkpoint's settings")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: Mapping, recipe: str, seed_help: str):
+    """Add the ``run`` option group every step-based recipe has (``--config``, ``--out``, ``--seed``, ``--device``,
+    ``--threads``, ``--resume``, ``--stop-at``, ``--progress``, ``--eval-every``, ``--checkpoint-every``), each
+    absent from the namespace unless given; returns the group (for a recipe's own run options)."""
+    S = argparse.SUPPRESS
+
+    def default(text: str, key: str) -> str:
+        return f"{text} (default: {defaults[key]!r})"
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
+    g.add_argument("--out", default=S, metavar="DIR", help=f"output folder (default: runs/{recipe}/<name>)")
+    g.add_argument("--seed", type=int, default=S, help=default(seed_help, "seed"))
+    g.add_argument("--device", default=S, help=default("cpu, cuda, cuda:N or auto", "device"))
+    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
+                   help=default("continue from <out>/checkpoint.pt when present", "resume"))
+    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
+                   help="stop (checkpointed, resumable) once this global step is reached")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S,
+                   help=default("tqdm bar", "progress"))
+    g.add_argument("--eval-every", type=int, default=S, metavar="STEPS", help="evaluate/log every N steps "
+                   "(default: once per epoch)")
+    g.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS", help="checkpoint every N steps "
+                   "(default: once per epoch)")
+    return g
+
+
+def add_length_arguments(parser: argparse.ArgumentParser, defaults: Mapping, batch_help: str):
+    """Add the ``optimization`` option group with a run's length and batch sizes (``--steps``, ``--epochs``,
+    ``--batch``, ``--eval-batch``); returns the group, for the recipe's optimizer options."""
+    S = argparse.SUPPRESS
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=S, help="optimizer steps (overrides epochs)")
+    g.add_argument("--epochs", type=float, default=S,
+                   help=f"epochs, if steps is not given (default: {defaults['epochs']!r})")
+    g.add_argument("--batch", type=int, default=S, help=batch_help)
+    g.add_argument("--eval-batch", type=int, default=S,
+                   help=f"evaluation batch size (default: {defaults['eval_batch']!r})")
+    return g
 
 
 # --------------------------------------------------------------------------------------------------------- run folder
@@ -449,6 +522,23 @@ class RunSummary(dict):
     def __int__(self) -> int:
         return int(self.get("exit_code", 0))
 
+    def set_exit_code(self, signal_name: str | None) -> None:
+        """``exit_code`` from ``status``: 130 for a run stopped by a signal, 1 for a diverged one, else none."""
+        if self["status"] == "interrupted":
+            self["exit_code"] = 130 if signal_name else 0
+        elif self["status"] == "diverged":
+            self["exit_code"] = 1
+
+    def head(self) -> str:
+        """How the run ended, for a summary line: "complete after 5/5 steps", "already complete (…)",
+        "interrupted after 3/5 steps (checkpointed; …)" (the steps from ``self["steps"]``)."""
+        steps = f"{self['steps']}/{self.total_steps} steps"
+        if self["status"] == "complete" and self.trained_steps == 0:
+            return f"already complete ({steps}; nothing left to train)"
+        if self["status"] == "interrupted":
+            return f"interrupted after {steps} (checkpointed; run the same command again to resume)"
+        return f"{self['status']} after {steps}"
+
 
 
 # -------------------------------------------------------------------------------------------------------- the loop
@@ -468,7 +558,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     """The learning-rate factor of step s (for ``LambdaLR``): (s+1)/warmup during ``warmup`` steps, then 1
-    (``constant``), 1 − t (``linear``) or (1 + cos πt)/2 (``cosine``), t = (s − warmup)/(total − warmup) ≤ 1."""
+    (``constant``), 1 − t (``linear``) or (1 + cos πt)/2 (``cosine``), t = (s − warmup)/(total − warmup),
+    at most 1."""
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
             return (step + 1) / warmup
@@ -497,6 +588,28 @@ class RecipeRun:
         self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
         self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
         self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+
+    def restore_training(self, state: dict) -> None:
+        """Load the model, optimizer and schedule states, the counters (``step``, ``elapsed``, ``window``) and the
+        RNG states of a checkpoint; drop the log rows written after it (``last_row``: the last one kept)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.elapsed, self.window = int(state["step"]), float(state["elapsed"]), dict(state["window"])
+        checkpoint.set_rng_state(state["rng"])
+        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
+        self.last_row = rows[-1] if rows else {}
+
+    def count_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Count one finished optimizer step: ``step`` + 1, and the batch's loss and correct predictions (logits
+        (B, C), labels (B,)) added to ``window`` (the metrics since the last log row); returns the loss."""
+        self.step += 1
+        w = self.window
+        w["loss"] += float(loss.detach())
+        w["correct"] += int((logits.detach().argmax(1) == labels).sum())
+        w["seen"] += int(labels.shape[0])
+        w["batches"] += 1
+        return float(loss.detach())
 
     def start(self) -> None:
         """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over; write
@@ -554,3 +667,19 @@ def train_loop(run, desc: str, metric: str = "test_acc") -> tuple[str, str | Non
     if status == "complete" and run.step < run.total:
         status = "interrupted"
     return status, stop.requested
+
+
+def recipe_main(argv, prog: str, description: str, add_arguments: Callable, run: Callable,
+                line: Callable[[RunSummary], str]) -> int:
+    """``python -m <recipe>``: parse ``argv`` with the recipe's ``add_arguments``, ``run`` it, print ``line(summary)``
+    and return the exit status; a user error (:data:`USER_ERRORS`) is one line ``<prog>: error: …``, status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        summary = run(args)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(line(summary))
+    return int(summary)
