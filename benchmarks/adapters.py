@@ -1,6 +1,6 @@
 """Adapters side by side with PEFT: accuracy at matched trainable parameters, step time, peak memory, merge.
 
-Two offline tasks (``--study``):
+Two offline tasks (``--study``; their data and models are :mod:`torch_sttp.experiments.adapt_tasks`):
 
 * **text** — all-MiniLM-L6-v2 (masked mean pooling, a new linear head) classifies sentences of Python's bundled
   documentation (``pydoc_data.topics``) by topic: the 20 topics with most sentences after dropping every sentence
@@ -29,6 +29,7 @@ at r=8 and r=32, and (``--with-hra``) PEFT's HRA r=8. Targets:
     TARGET unload_bit_exact ratio=<1 if every unload is bit-exact else 0> goal=1.0
 
     python benchmarks/adapters.py [--step-time] [--study [--quick]] [--threads N] [--out DIR]
+    python benchmarks/adapters.py --combine out-text/study.json out-vision/study.json --out DIR   # one summary
 
 Needs the ``[compare]`` extra (peft) and the ``transformers`` and ``experiments`` extras.
 """
@@ -39,11 +40,9 @@ import copy
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -56,169 +55,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch_sttp  # noqa: E402
 from torch_sttp.adapters import adapter_layers  # noqa: E402
+from torch_sttp.experiments.adapt_tasks import (TEXT_TARGETS, VISION_TARGETS, Task, adapter_targets,  # noqa: E402
+                                                text_task, vision_task)
 
-N_TOPICS = 20
-MAX_LENGTH = 128
 OURS = [("principal", "svdp"), ("principal", "sttp"), ("delta", "svdp"), ("delta", "sttp"), ("rotation", "svdp")]
 PEFT_METHODS = ["lora", "hra", "oft"]
 METHODS = ["probe", "full"] + PEFT_METHODS + [f"{k}-{m}" if k != "rotation" else k for k, m in OURS]
-TEXT_TARGETS = r".*encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|" \
-               r"intermediate\.dense|output\.dense)$"
-VISION_TARGETS = ["conv1", "conv2", "conv3", "fc"]
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-def topic_sentences() -> tuple[list[str], list[int], list[str]]:
-    """(sentences, labels, topic names): the 20 topics of ``pydoc_data.topics`` with most sentences, after
-    dropping every sentence that occurs in more than one topic (``specialnames`` repeats most of ``customization``)."""
-    from pydoc_data.topics import topics
-
-    from torch_sttp.experiments.minilm import split_sentences
-
-    per_topic = {k: list(dict.fromkeys(split_sentences(v))) for k, v in topics.items()}
-    counts = Counter(s for sentences in per_topic.values() for s in sentences)
-    unique = {k: [s for s in v if counts[s] == 1] for k, v in per_topic.items()}
-    names = sorted(unique, key=lambda k: (-len(unique[k]), k))[:N_TOPICS]
-    sentences = [s for k in names for s in unique[k]]
-    labels = [i for i, k in enumerate(names) for _ in unique[k]]
-    return sentences, labels, names
-
-
-def split_indices(labels: list[int], seed: int = 0, fractions=(0.6, 0.2)) -> dict[str, list[int]]:
-    """A seeded train / val / test split within each class (fractions of train and val; the rest is test)."""
-    rng = random.Random(seed)
-    out = {"train": [], "val": [], "test": []}
-    for c in sorted(set(labels)):
-        idx = [i for i, y in enumerate(labels) if y == c]
-        rng.shuffle(idx)
-        n_train, n_val = round(fractions[0] * len(idx)), round(fractions[1] * len(idx))
-        out["train"] += idx[:n_train]
-        out["val"] += idx[n_train:n_train + n_val]
-        out["test"] += idx[n_train + n_val:]
-    return out
-
-
-class TextClassifier(nn.Module):
-    """MiniLM encoder, masked mean pooling, a linear head."""
-
-    def __init__(self, encoder: nn.Module, n_classes: int):
-        super().__init__()
-        self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
-
-
-class VisionClassifier(nn.Module):
-    """A pretrained SmallCNN (10 outputs) followed by a new 5-way head."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(10, 5)
-
-    def forward(self, x):
-        return self.head(self.backbone(x))
-
-
-class Task:
-    """A task's data (lists of batches are built on demand), model factory and adapter targets."""
-
-    def __init__(self, name: str, make_model, data: dict, batch_size: int, epochs: float):
-        self.name, self.make_model, self.data = name, make_model, data
-        self.batch_size, self.epochs = batch_size, epochs
-
-    def batches(self, split: str, seed: int | None = None, batch_size: int | None = None):
-        inputs, labels = self.data[split]
-        n = labels.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if seed is not None else \
-            torch.arange(n)
-        bs = batch_size or self.batch_size
-        for i in range(0, n, bs):
-            idx = order[i:i + bs]
-            yield {k: v[idx] for k, v in inputs.items()}, labels[idx]
-
-
-def text_task(max_train: int | None = None) -> Task:
-    from torch_sttp.experiments.minilm import load_minilm
-
-    encoder, tokenizer = load_minilm()
-    sentences, labels, _ = topic_sentences()
-    parts = split_indices(labels)
-    data = {}
-    for split, idx in parts.items():
-        idx = idx[:max_train] if (max_train and split == "train") else idx
-        batch = tokenizer([sentences[i] for i in idx], padding=True, truncation=True, max_length=MAX_LENGTH,
-                          return_tensors="pt")
-        data[split] = ({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                       torch.tensor([labels[i] for i in idx]))
-
-    def make_model(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        return TextClassifier(copy.deepcopy(encoder), N_TOPICS).train()
-
-    return Task("text", make_model, data, batch_size=16, epochs=3)
-
-
-def pretrained_cnn(cache: Path, epochs: int = 4) -> dict:
-    """State of a SmallCNN trained on digits 0–4 of MNIST-5k (cached in ``cache``)."""
-    from torch_sttp.experiments.data import load_mnist5k
-    from torch_sttp.experiments.models import SmallCNN
-
-    path = cache / "smallcnn_digits0-4.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    train = load_mnist5k(split="train")
-    x, y = train.tensors
-    keep = y < 5
-    x, y = x[keep], y[keep]
-    torch.manual_seed(0)
-    model = SmallCNN(10).train()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch))
-        for i in range(0, len(y), 64):
-            idx = order[i:i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model.state_dict()
-
-
-def vision_task(cache: Path) -> Task:
-    from torch_sttp.experiments.data import load_mnist5k
-    from torch_sttp.experiments.models import SmallCNN
-
-    state = pretrained_cnn(cache)
-    train, test = load_mnist5k(split="train"), load_mnist5k(split="test")
-    x, y = train.tensors
-    keep = y >= 5
-    parts = split_indices((y[keep] - 5).tolist(), fractions=(0.8, 0.2))
-    xs, ys = x[keep], y[keep] - 5
-    tx, ty = test.tensors
-    data = {s: ({"x": xs[parts[s]]}, ys[parts[s]]) for s in ("train", "val")}
-    data["test"] = ({"x": tx[ty >= 5]}, ty[ty >= 5] - 5)
-
-    def make_model(seed: int) -> nn.Module:
-        torch.manual_seed(seed)
-        backbone = SmallCNN(10)
-        backbone.load_state_dict(state)
-        return VisionClassifier(backbone).train()
-
-    return Task("vision", make_model, data, batch_size=32, epochs=3)
 
 
 # -------------------------------------------------------------------------------------------------------- methods
 def targets(task: Task) -> dict:
     """Adapter targets of a task for ours (globs / types) and for PEFT (names or a regex)."""
-    if task.name == "text":
-        return {"ours": {"target": nn.Linear, "exclude": ["encoder.pooler.*", "head"]}, "peft": TEXT_TARGETS}
-    return {"ours": {"target": [f"backbone.{n}" for n in VISION_TARGETS]}, "peft": VISION_TARGETS}
+    peft_targets = TEXT_TARGETS if task.name == "text" else list(VISION_TARGETS)
+    return {"ours": adapter_targets(task.name), "peft": peft_targets}
 
 
 def peft_model(model: nn.Module, method: str, task: Task) -> nn.Module:
@@ -237,9 +86,9 @@ def adapter_parameters(model: nn.Module) -> int:
                and not n.startswith("head.") and "modules_to_save" not in n and ".copies." not in n)
 
 
-def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task) -> nn.Module:
+def ours_model(model: nn.Module, kind: str, method: str, rank: int, task: Task, seed: int = 0) -> nn.Module:
     spec = targets(task)["ours"]
-    return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", **spec)
+    return torch_sttp.add_adapters(model, kind, method, rank=rank, trainable="head", seed=seed, **spec)
 
 
 def ours_parameter_count(layers: dict, kind: str, method: str, rank: int) -> int:
@@ -285,7 +134,7 @@ def build(task: Task, name: str, seed: int, ranks: dict) -> nn.Module:
     if name in PEFT_METHODS:
         return peft_model(model, name, task)
     kind, _, method = name.partition("-")
-    return ours_model(model, kind, method or "svdp", ranks[name], task)
+    return ours_model(model, kind, method or "svdp", ranks[name], task, seed)
 
 
 # --------------------------------------------------------------------------------------------------- train, eval
@@ -543,6 +392,41 @@ def step_time_mode(args, log) -> dict:
     return result
 
 
+def write_csv(rows: list[dict], path: Path) -> None:
+    """``rows`` as CSV (the union of their keys as the header, in first-seen order)."""
+    import csv
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The per-run rows of a study: the ``rows`` of its JSON result, or the JSON lines of its log (an unfinished
+    study), with each method's peak RSS growth where the log has it."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)["rows"]
+    return [json.loads(line) for line in text.splitlines() if line.startswith('{"task"')]
+
+
+def combine_mode(args, log) -> dict:
+    """Summary, targets, CSV files and plot of the rows of several study results or logs (e.g. one per task)."""
+    rows = [r for path in args.combine for r in read_rows(Path(path))]
+    summary = summarize(rows)
+    lines = study_targets(summary)
+    for line in lines:
+        log(line)
+    out = Path(args.out)
+    write_csv(rows, out / "study_rows.csv")
+    write_csv(summary, out / "study_summary.csv")
+    plot_study(summary, Path(args.plot) if args.plot else out / "adapters_study.png")
+    return {"sources": [str(p) for p in args.combine], "summary": summary, "targets": lines,
+            "python": sys.version.split()[0], "torch": torch.__version__}
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def study_mode(args, log) -> dict:
     lrs = args.lrs or ([1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
@@ -585,6 +469,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="step time: warm-up steps per model")
     parser.add_argument("--with-hra", action="store_true", help="step time: also PEFT's HRA r=8 (slow)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--combine", nargs="+", metavar="FILE", default=None,
+                        help="summarize the rows of study results (.json) or logs instead of running anything")
+    parser.add_argument("--plot", default=None, help="combine: path of the plot (default: <out>/adapters_study.png)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "data" / "adapters"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -592,7 +479,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, {args.threads} thread(s)")
-    if args.study:
+    if args.combine:
+        result = combine_mode(args, log)
+        name = "study_combined.json"
+    elif args.study:
         result = study_mode(args, log)
         name = "study_quick.json" if args.quick else "study.json"
     else:

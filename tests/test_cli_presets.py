@@ -1,7 +1,8 @@
 """Every recipe preset under configs/ starts through the installed ``sttp`` entry point, for one step.
 
-Presets whose data is bundled or generated locally (digits8x8, MNIST 5k, MNIST-1D) train one step and end with their
-summary line; those that need CIFAR-10 or STL-10 files are pointed at an empty data folder and must end with one
+Presets whose data is bundled or generated locally (digits8x8, MNIST 5k, MNIST-1D; the adapter tasks' MiniLM and
+pydoc sentences) train one step and end with their summary line (adapter presets also write their adapters);
+those that need CIFAR-10 or STL-10 files are pointed at an empty data folder and must end with one
 line saying where to put the data, exit status 2, and no run folder. Each preset runs in its own subprocess; the
 subprocesses run two at a time (their start-up, importing torch, is most of their cost).
 """
@@ -35,11 +36,14 @@ def _entry_point() -> str:
 
 
 def _command(preset: Path, work: Path) -> list[str]:
-    recipe = preset.parent.name  # configs/classify, configs/gan
+    recipe = preset.parent.name  # configs/classify, configs/gan, configs/adapt
     cmd = [_entry_point(), "train", recipe, "--config", str(preset), "--steps", "1", "--no-progress",
            "--out", str(work / "run")]
     if recipe == "gan":
         cmd += ["--metrics", "none"]
+    elif recipe == "adapt":
+        # the step and its evaluations on small subsets; the vision backbone pretrained for 1 epoch, not 4
+        cmd += ["--device", "cpu", "--max-train", "64", "--max-eval", "48", "--pretrain-epochs", "1"]
     else:
         cmd += ["--device", "cpu"]  # the WRN preset asks for CUDA
     if _dataset(preset) in NEEDS_FILES:
@@ -48,7 +52,8 @@ def _command(preset: Path, work: Path) -> list[str]:
 
 
 def _dataset(preset: Path) -> str:
-    return (yaml.safe_load(preset.read_text()) or {})["dataset"]
+    settings = yaml.safe_load(preset.read_text()) or {}
+    return settings["dataset"] if preset.parent.name != "adapt" else settings["task"]
 
 
 def _run(preset: Path, work: Path) -> subprocess.CompletedProcess:
@@ -71,7 +76,8 @@ def results(tmp_path_factory):
 
 
 def test_every_recipe_has_presets():
-    assert {p.parent.name for p in PRESETS} == {"classify", "gan"} and len(PRESETS) >= 30
+    assert {p.parent.name for p in PRESETS} == {"classify", "gan", "adapt"} and len(PRESETS) >= 34
+    assert {_dataset(p) for p in PRESETS if p.parent.name == "adapt"} == {"text", "vision"}
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if _dataset(p) not in NEEDS_FILES],
@@ -84,10 +90,16 @@ def test_preset_trains_one_step(results, preset):
     assert lines and lines[-1].endswith(f"run folder {run}"), proc.stdout
     assert " after 1/1 " in lines[-1], lines[-1]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary.get("steps" if preset.parent.name == "classify" else "step") == 1
+    assert summary.get("step" if preset.parent.name == "gan" else "steps") == 1
     assert load_checkpoint(run / "checkpoint.pt")["step"] == 1
     rows = (run / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2 and rows[1].split(",")[0] == "1"
+    if preset.parent.name == "adapt":
+        config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+        wanted = yaml.safe_load(preset.read_text())
+        assert (config["kind"], config["rank"]) == (wanted["kind"], wanted["rank"])
+        assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+        assert 0 < summary["trainable_params"] < summary["total_params"]
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESETS if _dataset(p) in NEEDS_FILES],

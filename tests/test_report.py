@@ -322,3 +322,34 @@ def test_paper_setting_matches_real_conversion():
     convert(model, setting.method, rank=setting.rank, spectrum=setting.spectrum)
     ours = reproduce_compression([setting])[0].ours
     assert compression(model) == pytest.approx(ours, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+def test_report_counts_trainable_and_total_parameters_of_an_adapted_model():
+    """The counts from the shapes alone: U and V reflector blocks plus the spectrum of the delta adapter on a
+    (10, 12) Linear, 2 reflectors of length 12 for the rotation on another name, and the trainable copy of the
+    last layer (40 + 4); the base model's 174 entries stay frozen."""
+    from torch_sttp import add_adapters
+    from torch_sttp.parametrizations import SpectralParametrization
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 4))
+    base = sum(p.numel() for p in model.parameters())
+    assert base == 174
+    plain = report(model)
+    assert (plain.trainable_params, plain.total_params, plain.adapters) == (174, 174, [])
+    add_adapters(model, "delta", "svdp", rank=3, target=["0"], trainable=["2"])
+    add_adapters(model, "rotation", rank=2, target=["0"], name="rot")
+    p = SpectralParametrization((10, 12), 3, "svdp", "free")
+    delta = p.u_side.numel + p.v_side.numel + p.r_mid
+    rep = report(model)
+    assert [(a.name, a.kind, a.method, a.rank, a.layers, a.active) for a in rep.adapters] == \
+        [("default", "delta", "svdp", 3, 1, False), ("rot", "rotation", None, 2, 1, True)]
+    assert [a.params for a in rep.adapters] == [delta + 44, 2 * 12]
+    assert rep.trainable_params == 2 * 12  # only the active adapter trains; its trainable list is empty
+    assert rep.total_params == base + delta + 44 + 2 * 12
+    assert f"parameters: 24 trainable of {rep.total_params:,}" in rep.summary()
+    text = str(rep)
+    assert "rot (active): rotation rank 2 on 1 layers, 24 parameters" in text and "no reparameterized" not in text
+    saved = json.loads(json.dumps(rep.to_dict()))
+    assert (saved["trainable_params"], saved["total_params"]) == (24, rep.total_params)
+    assert saved["adapters"][0]["params"] == delta + 44

@@ -2,7 +2,7 @@
 
     sttp reproduce compression [--json]
     sttp report MODEL [--method sttp] [--rank 64] [--spectrum normalized] [--exclude GLOB …] [--json]
-    sttp train classify|gan …
+    sttp train classify|gan|adapt …
     sttp compress … / sttp export …
 
 Every subcommand has ``--help``. Experiment subcommands import their recipes lazily, so ``sttp report`` works with
@@ -16,6 +16,7 @@ one summary line (final metrics, run folder).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -69,34 +70,36 @@ def _cmd_report(args) -> int:
     return 0
 
 
-def _train_with(recipe):
-    """The handler of ``sttp train <recipe>``: run it, print its summary line, return its exit status."""
+def _train_with(recipe, run):
+    """The handler of ``sttp train <recipe>``: ``run`` it, print its summary line, return its exit status."""
     def handler(args) -> int:
-        summary = recipe.run_classify(args) if hasattr(recipe, "run_classify") else recipe.run_gan(args)
+        summary = run(args)
         print(recipe.summary_line(summary))
         return int(summary)
     return handler
 
 
+#: The training recipes: (name, help); each is the module ``experiments.<name>`` with ``add_<name>_arguments``,
+#: ``run_<name>`` and ``summary_line``.
+_RECIPES = (
+    ("classify", "image/sequence classification: dense, SN, SR, SVDP or STTP"),
+    ("gan", "SNGAN training with an SN, SR, SVDP or STTP discriminator"),
+    ("adapt", "fine-tune a frozen pretrained model (MiniLM text topics, SmallCNN digits 5-9) with principal, delta "
+              "or rotation adapters"),
+)
+
+
 def _add_train(sub) -> None:
-    train = sub.add_parser("train", help="train a model with a recipe (classify, gan)")
+    train = sub.add_parser("train", help="train a model with a recipe (classify, gan, adapt)")
     recipes = train.add_subparsers(dest="recipe", required=True)
-    try:
-        from .experiments import classify
-    except ImportError:
-        pass
-    else:
-        p = recipes.add_parser("classify", help="image/sequence classification: dense, SN, SR, SVDP or STTP")
-        classify.add_classify_arguments(p)
-        p.set_defaults(func=_train_with(classify))
-    try:
-        from .experiments import gan
-    except ImportError:
-        pass
-    else:
-        p = recipes.add_parser("gan", help="SNGAN training with an SN, SR, SVDP or STTP discriminator")
-        gan.add_gan_arguments(p)
-        p.set_defaults(func=_train_with(gan))
+    for name, text in _RECIPES:
+        try:
+            recipe = importlib.import_module(f".experiments.{name}", __package__)
+        except ImportError:  # a recipe whose optional packages are missing is left out
+            continue
+        p = recipes.add_parser(name, help=text)
+        getattr(recipe, f"add_{name}_arguments")(p)
+        p.set_defaults(func=_train_with(recipe, getattr(recipe, f"run_{name}")))
 
 
 def _add_compress(sub) -> None:

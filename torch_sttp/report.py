@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .adapters import active_adapter, adapter_info, adapter_names, adapter_state_dict, parameter_counts
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
 from .options import check_method, check_ranks, check_spectrum
@@ -34,7 +35,7 @@ from .parametrizations import spectral_parametrization
 from .surgery import converted_layers, skipped_layers
 from .tt import count_dof, split_modes, tt_ranks
 
-__all__ = ["LayerRow", "SkippedRow", "CompressionReport", "report", "compression", "count_model_dof"]
+__all__ = ["LayerRow", "SkippedRow", "AdapterRow", "CompressionReport", "report", "compression", "count_model_dof"]
 
 _PARAM_KEY = "parametrizations.weight.original"
 
@@ -95,6 +96,24 @@ class SkippedRow:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class AdapterRow:
+    """One named adapter of a model with adapters (:func:`torch_sttp.add_adapters`): its kind, frames (``method``;
+    None for a rotation), rank, the number of layers it adapts, ``params`` (the entries of its tensors and of its
+    trainable copies: what :func:`torch_sttp.save_adapters` writes) and whether it is the active adapter."""
+
+    name: str
+    kind: str
+    method: str | None
+    rank: int
+    layers: int
+    params: int
+    active: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class CompressionReport:
     """Result of :func:`report` / :func:`count_model_dof`.
@@ -104,12 +123,18 @@ class CompressionReport:
         skipped: :class:`SkippedRow` of the layers left alone by :func:`torch_sttp.convert`.
         other: C, the number of all other state-dict values (biases, BatchNorm, dense layers, buffers).
         source: ``"model"`` (read from a converted model) or ``"arithmetic"`` (:func:`count_model_dof`).
+        adapters: :class:`AdapterRow` of each named adapter of a model with adapters.
+        trainable_params, total_params: the model's parameter entries with ``requires_grad`` and all of them (each
+            tensor once; :func:`torch_sttp.adapters.parameter_counts`); None for :func:`count_model_dof`.
     """
 
     layers: list[LayerRow] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
     other: int = 0
     source: str = "model"
+    adapters: list[AdapterRow] = field(default_factory=list)
+    trainable_params: int | None = None
+    total_params: int | None = None
 
     @property
     def dof_total(self) -> int:
@@ -147,6 +172,9 @@ class CompressionReport:
             "source": self.source,
             "layers": [row.to_dict() for row in self.layers],
             "skipped": [row.to_dict() for row in self.skipped],
+            "adapters": [row.to_dict() for row in self.adapters],
+            "trainable_params": self.trainable_params,
+            "total_params": self.total_params,
         }
 
     def summary(self) -> str:
@@ -156,6 +184,9 @@ class CompressionReport:
                 f"{len(self.skipped)} skipped")
         if self.flops_per_sample is not None:
             line += f";  {_fmt_flops(self.flops_per_sample)} FLOPs/sample in those layers"
+        if self.total_params is not None:
+            share = 100 * self.trainable_params / self.total_params if self.total_params else 0.0
+            line += f";  parameters: {self.trainable_params:,} trainable of {self.total_params:,} ({share:.3g}%)"
         return line
 
     def __str__(self) -> str:
@@ -179,9 +210,14 @@ class CompressionReport:
 
             lines += [fmt(header), "  ".join("-" * w for w in widths)]
             lines += [fmt(r) for r in body]
-        else:
+        elif not self.adapters:
             lines.append("no reparameterized layers" + (" (for a dense model, use torch_sttp.count_model_dof)"
                                                         if self.source == "model" else ""))
+        if self.adapters:
+            lines.append("adapters:")
+            lines += [f"  {a.name}{' (active)' if a.active else ''}: {a.kind}"
+                      f"{'' if a.method is None else ' ' + a.method} rank {a.rank} on {a.layers} layers, "
+                      f"{a.params:,} parameters" for a in self.adapters]
         if self.skipped:
             lines.append("skipped:")
             w = max(len(s.name or "<root>") for s in self.skipped)
@@ -239,6 +275,17 @@ def _run_example(model: nn.Module, example_input) -> None:
             m.training = training
 
 
+def _adapter_rows(model: nn.Module) -> list[AdapterRow]:
+    active = active_adapter(model)
+    rows = []
+    for name in adapter_names(model):
+        info = adapter_info(model, name)
+        params = sum(t.numel() for t in adapter_state_dict(model, name).values())
+        rows.append(AdapterRow(name, info.kind, None if info.kind == "rotation" else info.method, info.rank,
+                               len(info.layers), params, name == active))
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- API
 def report(model: nn.Module, example_input=None, print_table: bool = False) -> CompressionReport:
     """Per-layer compression report of a converted model and its Z (paper eq. 11).
@@ -251,6 +298,9 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
             path and FLOPs per sample. The training flags of all modules are restored afterwards.
         print_table: also print the table (``str(report)``); off by default — the report is returned, and
             ``print(report(model))`` prints it once.
+
+    The report also counts the model's trainable and total parameters, and lists the adapters of a model with
+    adapters (:class:`AdapterRow`).
     """
     if example_input is not None:
         _run_example(model, example_input)
@@ -280,7 +330,10 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
             flops_per_sample=getattr(state, "last_flops_per_sample", None),
         ))
     skipped = [SkippedRow(*s) for s in skipped_layers(model)]
-    rep = CompressionReport(rows, skipped, _count_other(model, excluded), source="model")
+    counts = parameter_counts(model)
+    rep = CompressionReport(rows, skipped, _count_other(model, excluded), source="model",
+                            adapters=_adapter_rows(model), trainable_params=counts.trainable,
+                            total_params=counts.total)
     if print_table:
         print(rep)
     return rep

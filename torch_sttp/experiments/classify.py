@@ -44,10 +44,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,12 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import set_rng_state
 from ..options import INITS, SPECTRA
-from .runner import (USER_ERRORS, MetricsLog, RunSummary, StopRequest, check_bool, check_choice, check_device,
-                     check_integer, check_number, check_rank_setting, check_resumable, explain_missing_data, jsonable,
-                     load_state, num_threads, one_line, progress_bar, rank_literal, read_config_file,
-                     resolve_settings, save_state, select_device, write_text)
+from .runner import (RUN_DEFAULTS, RUN_RESUMABLE, MetricsLog, RecipeRun, RunSummary, add_length_arguments,
+                     add_run_arguments, check_bool, check_choice, check_device, check_integer, check_length,
+                     check_number, check_rank_setting, check_resumable, epoch_order, explain_missing_data, jsonable,
+                     lr_factor, mix_seed, num_threads, rank_literal, read_config_file, recipe_main, resolve_settings,
+                     save_state, select_device, steps_or_epochs, train_loop, write_text)
 
 __all__ = [
     "DEFAULTS",
@@ -127,21 +125,12 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "schedule": "linear",
     "warmup": 0,
-    "seed": 0,
-    "device": "cpu",
-    "threads": None,
     "deterministic": False,
-    "out": None,
-    "eval_every": None,  # None: once per epoch
-    "checkpoint_every": None,  # None: once per epoch
-    "resume": True,
-    "stop_at": None,
-    "progress": True,
+    **RUN_DEFAULTS,
 }
 
 #: Keys that may differ between a checkpoint and the run resuming it.
-RESUMABLE_CHANGES = {"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
-                      "stop_at", "progress", "data_root", "eval_batch"}
+RESUMABLE_CHANGES = RUN_RESUMABLE | {"data_root"}
 
 METRIC_COLUMNS = ("step", "epoch", "lr", "train_loss", "train_acc", "penalty", "test_loss", "test_acc", "elapsed_s")
 SUMMARY_KEYS = ("status", "method", "rank", "spectrum", "penalty", "penalty_weight", "dataset", "model", "seed",
@@ -151,7 +140,6 @@ SUMMARY_KEYS = ("status", "method", "rank", "spectrum", "penalty", "penalty_weig
 _CKPT = "checkpoint.pt"
 _CSV = "metrics.csv"
 _SUMMARY = "summary.json"
-_CONFIG = "config.json"
 
 
 class Summary(RunSummary):
@@ -167,23 +155,9 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     """Add the recipe's options to ``parser``. Options left out on the command line fall back to ``--config`` and
     then to :data:`DEFAULTS` (they are absent from the parsed namespace)."""
     S = argparse.SUPPRESS
-    g = parser.add_argument_group("run")
-    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
-    g.add_argument("--out", default=S, metavar="DIR", help="output folder (default: runs/classify/<name>)")
-    g.add_argument("--seed", type=int, default=S, help=_help("seed of init, sample order, augmentation", "seed"))
-    g.add_argument("--device", default=S, help=_help("cpu, cuda, cuda:N or auto", "device"))
-    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
+    g = add_run_arguments(parser, DEFAULTS, "classify", "seed of init, sample order, augmentation")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=S,
                    help=_help("torch.use_deterministic_algorithms (for CUDA runs)", "deterministic"))
-    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
-                   help=_help("continue from <out>/checkpoint.pt when present", "resume"))
-    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
-                   help="stop (checkpointed, resumable) once this global step is reached")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S, help=_help("tqdm bar", "progress"))
-    g.add_argument("--eval-every", type=int, default=S, metavar="STEPS", help="evaluate/log every N steps "
-                   "(default: once per epoch)")
-    g.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS", help="checkpoint every N steps "
-                   "(default: once per epoch)")
 
     g = parser.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=S, help=_help("layer treatment", "method"))
@@ -213,11 +187,7 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument("--widen", type=int, default=S, help=_help("WRN widening factor", "widen"))
     g.add_argument("--dropout", type=float, default=S, help=_help("WRN dropout", "dropout"))
 
-    g = parser.add_argument_group("optimization")
-    g.add_argument("--steps", type=int, default=S, help="optimizer steps (overrides epochs)")
-    g.add_argument("--epochs", type=float, default=S, help=_help("epochs, if steps is not given", "epochs"))
-    g.add_argument("--batch", type=int, default=S, help=_help("training batch size", "batch"))
-    g.add_argument("--eval-batch", type=int, default=S, help=_help("evaluation batch size", "eval_batch"))
+    g = add_length_arguments(parser, DEFAULTS, _help("training batch size", "batch"))
     g.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help=_help("optimizer", "optimizer"))
     g.add_argument("--lr", type=float, default=S, help=_help("peak learning rate", "lr"))
     g.add_argument("--momentum", type=float, default=S, help=_help("SGD momentum", "momentum"))
@@ -232,22 +202,10 @@ def add_classify_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
 load_config_file = read_config_file
 
 
-def _layer(cfg: dict, settings: Mapping) -> None:
-    """Put one layer of settings on top of ``cfg``; a layer that sets steps (epochs) clears epochs (steps)."""
-    settings = dict(settings)
-    if settings.get("steps") is not None and settings.get("epochs") is not None:
-        raise ValueError("give either steps or epochs, not both")
-    if settings.get("steps") is not None:
-        cfg["epochs"] = None
-    if settings.get("epochs") is not None:
-        cfg["steps"] = None
-    cfg.update(settings)
-
-
 def resolve_config(args=None, **overrides) -> dict:
     """The full settings of a run: :data:`DEFAULTS` < ``config`` file < ``args`` (a namespace from
     :func:`add_classify_arguments` or a mapping) < ``overrides``. Unknown keys raise ``ValueError``."""
-    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_classify", apply=_layer)
+    cfg, config_file = resolve_settings(DEFAULTS, args, overrides, where="run_classify", apply=steps_or_epochs)
     if config_file:
         cfg["_config_file"] = config_file
     return _validate(cfg)
@@ -263,10 +221,7 @@ def _validate(cfg: dict) -> dict:
                          ("schedule", SCHEDULES), ("optimizer", OPTIMIZERS), ("spectrum", SPECTRA),
                          ("init", INITS)):
         check_choice(cfg, key, allowed)
-    if cfg["steps"] is None and cfg["epochs"] is None:
-        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
-    check_integer(cfg, "steps", 1, optional=True)
-    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+    check_length(cfg)
     check_rank_setting(cfg, "rank")
     for key, minimum, optional in (("batch", 1, False), ("eval_batch", 1, False), ("sr_every", 1, False),
                                    ("warmup", 0, False), ("seed", 0, False), ("data_seed", 0, False),
@@ -360,19 +315,6 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out.permute(0, 3, 1, 2).contiguous()
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from integers (splitmix-style), for per-epoch / per-step generators."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
-
-
-def _epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
-
-
 # ------------------------------------------------------------------------------------------------------------- model
 def build_model(cfg: Mapping, sample_x: torch.Tensor) -> nn.Module:
     """The dense model ``cfg["model"]`` sized for inputs like ``sample_x`` (10 classes)."""
@@ -403,7 +345,7 @@ def _apply_method(model: nn.Module, cfg: Mapping):
     if method in ("svdp", "sttp"):
         from ..surgery import convert
 
-        gen = torch.Generator().manual_seed(_mix(cfg["seed"], 2))
+        gen = torch.Generator().manual_seed(mix_seed(cfg["seed"], 2))
         convert(model, method=method, rank=cfg["rank"], spectrum=cfg["spectrum"], init=cfg["init"],
                 exclude=exclude, generator=gen)
     elif method == "sn":
@@ -427,18 +369,6 @@ def _make_optimizer(model: nn.Module, cfg: Mapping) -> torch.optim.Optimizer:
         return torch.optim.SGD(groups, lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                                nesterov=bool(cfg["nesterov"]) and float(cfg["momentum"]) > 0)
     return torch.optim.Adam(groups, lr=float(cfg["lr"]))
-
-
-def _lr_factor(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        span = max(1, total - warmup)
-        t = min(1.0, (step - warmup) / span)
-        return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
-    return factor
 
 
 def _model_counts(model: nn.Module, cfg: Mapping, dense_params: int) -> tuple[float, int]:
@@ -506,7 +436,7 @@ def _empty_window() -> dict:
     return {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0, "batches": 0}
 
 
-class _Run:
+class _Run(RecipeRun):
     """One classification run: its settings, data, model, optimizer and schedule, counters and run folder."""
 
     def __init__(self, cfg: dict) -> None:
@@ -519,53 +449,33 @@ class _Run:
         self.ckpt_path, self.summary_path = self.out / _CKPT, self.out / _SUMMARY
         self.log = MetricsLog(self.out / _CSV, METRIC_COLUMNS)
         self.train_data, self.test_data = load_data(cfg)  # data and model first: their errors leave no folder
-        self._plan_steps()
+        self.plan_steps(len(self.train_data), int(cfg["batch"]))
         self._build()
         self.step, self.elapsed, self.best_acc = 0, 0.0, None
         self.window, self.last_row = _empty_window(), {}
-        self._t0 = time.perf_counter()
-
-    def _plan_steps(self) -> None:
-        cfg, n_train = self.cfg, len(self.train_data)
-        self.batch = min(int(cfg["batch"]), n_train)
-        self.steps_per_epoch = max(1, n_train // self.batch)
-        self.total = int(cfg["steps"]) if cfg["steps"] is not None else \
-            max(1, round(float(cfg["epochs"]) * self.steps_per_epoch))
-        self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
-        self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
-        self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+        self.skip_time()
 
     def _build(self) -> None:
         """Seed, then build the model, its method, the optimizer and the schedule (in this order: the numbers)."""
         from .models import state_dict_numel
 
         cfg, seed = self.cfg, int(self.cfg["seed"])
-        torch.manual_seed(_mix(seed, 0))
-        np.random.seed(_mix(seed, 3) % (2 ** 32))
-        random.seed(_mix(seed, 4))
+        torch.manual_seed(mix_seed(seed, 0))
+        np.random.seed(mix_seed(seed, 3) % (2 ** 32))
+        random.seed(mix_seed(seed, 4))
         self.model = build_model(cfg, self.train_data.example())
         self.dense_params = state_dict_numel(self.model)
         self.regularizer = _apply_method(self.model, cfg)
         self.model.to(self.device)
         self.optimizer = _make_optimizer(self.model, cfg)
-        factor = _lr_factor(cfg["schedule"], int(cfg["warmup"]), self.total)
+        factor = lr_factor(cfg["schedule"], int(cfg["warmup"]), self.total)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
         use_penalty = cfg["penalty"] != "none" and float(cfg["penalty_weight"]) != 0.0
         self.penalty_kind = cfg["penalty"] if use_penalty else None
 
-    # ------------------------------------------------------------------------------------------ start / resume
-    def start(self) -> None:
-        """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over."""
-        if self.cfg["resume"] and self.ckpt_path.is_file():
-            self._restore(load_state(self.ckpt_path))
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.log.start(keep_until=None)
-            if self.summary_path.exists():
-                self.summary_path.unlink()
-        write_text(self.out / _CONFIG, json.dumps(jsonable(self.cfg), indent=2) + "\n")
-
-    def _restore(self, state: dict) -> None:
+    # ------------------------------------------------------------------------------------------------- resume
+    def restore(self, state: dict) -> None:
+        """Load a checkpoint's state (settings checked) and drop the log rows written after it."""
         cfg = self.cfg
         check_resumable(state["config"], cfg, [k for k in DEFAULTS if k not in RESUMABLE_CHANGES], self.ckpt_path)
         if state["total_steps"] != self.total and cfg["schedule"] != "constant":
@@ -573,16 +483,10 @@ class _Run:
                           f"{cfg['schedule']} learning-rate schedule is stretched from the checkpoint on",
                           UserWarning, stacklevel=4)
         _upgrade_legacy_groups(state, self.model, self.optimizer)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.restore_training(state)
         if self.regularizer is not None and state.get("regularizer") is not None:
             self.regularizer.load_state_dict(state["regularizer"])
-        self.step, self.elapsed, self.best_acc = int(state["step"]), float(state["elapsed"]), state["best_acc"]
-        self.window = dict(state["window"])
-        set_rng_state(state["rng"])
-        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
-        self.last_row = rows[-1] if rows else {}
+        self.best_acc = state["best_acc"]
 
     def save(self) -> None:
         """Checkpoint: model, optimizer, schedule, SR state, counters, settings and the RNG states."""
@@ -597,10 +501,10 @@ class _Run:
         """One optimizer step on the next batch of the fixed sample order; returns its loss."""
         cfg, seed = self.cfg, int(self.cfg["seed"])
         epoch, offset = divmod(self.step, self.steps_per_epoch)
-        idx = _epoch_order(seed, epoch, len(self.train_data))[offset * self.batch:(offset + 1) * self.batch]
+        idx = epoch_order(seed, epoch, len(self.train_data))[offset * self.batch:(offset + 1) * self.batch]
         x, y = self.train_data.batch(idx, self.device)
         if cfg["augment"] and x.dim() == 4:
-            x = _augment(x, torch.Generator().manual_seed(_mix(seed, 5, self.step)))
+            x = _augment(x, torch.Generator().manual_seed(mix_seed(seed, 5, self.step)))
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
         total_loss = loss
@@ -616,13 +520,7 @@ class _Run:
         self.scheduler.step()
         if self.regularizer is not None:
             self.regularizer.step()
-        self.step += 1
-        w = self.window
-        w["loss"] += float(loss.detach())
-        w["correct"] += int((logits.detach().argmax(1) == y).sum())
-        w["seen"] += int(y.shape[0])
-        w["batches"] += 1
-        return float(loss.detach())
+        return self.count_step(loss, logits, y)
 
     def log_row(self) -> dict:
         """Evaluate on the test set and append a row of the metrics since the last row to ``metrics.csv``."""
@@ -644,49 +542,6 @@ class _Run:
         self.log.append(row)
         self.window, self.last_row = _empty_window(), row
         return row
-
-    def tick(self) -> None:
-        """Count the time since the last tick as training time."""
-        now = time.perf_counter()
-        self.elapsed += now - self._t0
-        self._t0 = now
-
-    def skip_time(self) -> None:
-        """Leave the time since the last tick out (writing a checkpoint is not counted)."""
-        self._t0 = time.perf_counter()
-
-
-def _train(run: _Run) -> tuple[str, str | None]:
-    """Train until ``stop_at``: a step, a log row every ``eval_every``, a checkpoint every ``checkpoint_every``
-    (and when stopping). Returns (status, the name of the signal that stopped it or None)."""
-    bar = progress_bar(bool(run.cfg["progress"]) and run.step < run.stop_at, run.stop_at, run.step,
-                       run_name(run.cfg), leave=True)
-    run.model.train()
-    status = "complete"
-    with StopRequest() as stop:
-        run.skip_time()
-        while run.step < run.stop_at:
-            loss = run.train_step()
-            if not math.isfinite(loss):
-                status = "diverged"
-            run.tick()
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=run.last_row.get("test_acc", "-")[:6] if run.last_row else "-")
-            stopping = stop.requested is not None or run.step == run.stop_at or status == "diverged"
-            if run.step % run.eval_every == 0 or run.step == run.total:
-                run.log_row()
-                run.tick()
-            if run.step % run.ckpt_every == 0 or run.step == run.total or stopping:
-                run.save()
-                run.skip_time()
-            if stopping:
-                break
-    if bar is not None:
-        bar.close()
-    if status == "complete" and run.step < run.total:
-        status = "interrupted"
-    return status, stop.requested
 
 
 def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
@@ -713,10 +568,7 @@ def _summarize(run: _Run, status: str, signal_name: str | None) -> Summary:
         wall_time_s=run.elapsed, out=str(run.out), metrics_csv=str(run.log.path), checkpoint=str(run.ckpt_path),
         config=jsonable(cfg),
     )
-    if status == "interrupted":
-        summary["exit_code"] = 130 if signal_name else 0
-    elif status == "diverged":
-        summary["exit_code"] = 1
+    summary.set_exit_code(signal_name)
     if status != "interrupted":
         write_text(run.summary_path, json.dumps(dict(summary), indent=2) + "\n")
     return summary
@@ -733,7 +585,7 @@ def run_classify(args=None, **overrides) -> Summary:
         run = _Run(cfg)
         run.start()
         first = run.step
-        status, signal_name = _train(run)
+        status, signal_name = train_loop(run, run_name(cfg))
         summary = _summarize(run, status, signal_name)
     summary.trained_steps, summary.total_steps = run.step - first, run.total
     return summary
@@ -741,14 +593,7 @@ def run_classify(args=None, **overrides) -> Summary:
 
 def summary_line(summary: Summary) -> str:
     """One line closing a run: its status, steps, final test metrics and compression, and its folder."""
-    steps = f"{summary['steps']}/{summary.total_steps} steps"
-    if summary["status"] == "complete" and summary.trained_steps == 0:
-        head = f"already complete ({steps}; nothing left to train)"
-    elif summary["status"] == "interrupted":
-        head = f"interrupted after {steps} (checkpointed; run the same command again to resume)"
-    else:
-        head = f"{summary['status']} after {steps}"
-    return (f"classify {summary['method']}: {head}: test accuracy {summary['accuracy']:.4f}, test loss "
+    return (f"classify {summary['method']}: {summary.head()}: test accuracy {summary['accuracy']:.4f}, test loss "
             f"{summary['test_loss']:.4f}, Z {summary['z']:.2f} % ({summary['dof']} of {summary['dense_params']} "
             f"parameters); run folder {summary['out']}")
 
@@ -756,19 +601,10 @@ def summary_line(summary: Summary) -> str:
 # ------------------------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     """``python -m torch_sttp.experiments.classify``: train one run, print a JSON line of its summary."""
-    parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.classify",
-                                     description=__doc__.splitlines()[0])
-    add_classify_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        summary = run_classify(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    brief = {k: summary[k] for k in ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy",
-                                     "z", "dof", "wall_time_s", "out")}
-    print(json.dumps(brief))
-    return int(summary)
+    keys = ("status", "method", "rank", "dataset", "model", "seed", "steps", "accuracy", "z", "dof", "wall_time_s",
+            "out")
+    return recipe_main(argv, "python -m torch_sttp.experiments.classify", __doc__.splitlines()[0],
+                       add_classify_arguments, run_classify, lambda summary: json.dumps({k: summary[k] for k in keys}))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ folder. This module owns everything in it that is not particular to one recipe:
   file with pickled code is refused without running it;
 * **the machine** — :func:`select_device` and :func:`num_threads`; :func:`explain_missing_data` turns a data set whose
   files are missing into one message saying where to put them;
+* **the loop** — :func:`mix_seed` and :func:`epoch_order` (the data stream as a fixed function of seed, epoch
+  and step, so a resumed run needs no saved data state), :func:`lr_factor` (the schedules), :func:`train_loop`
+  (steps, log rows, checkpoints, the progress bar, stop requests) over a recipe's run object;
 * **the loop's edges** — :class:`StopRequest` (SIGINT/SIGTERM become "stop after this step"),
   :func:`progress_bar`, and :class:`RunSummary`, what a recipe returns.
 """
@@ -33,6 +36,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -44,6 +48,8 @@ from ..options import check_rank
 
 __all__ = [
     "CLI_KEYS",
+    "RUN_DEFAULTS",
+    "RUN_RESUMABLE",
     "USER_ERRORS",
     "one_line",
     "RunSummary",
@@ -69,10 +75,37 @@ __all__ = [
     "num_threads",
     "StopRequest",
     "progress_bar",
+    "mix_seed",
+    "epoch_order",
+    "lr_factor",
+    "train_loop",
+    "steps_or_epochs",
+    "RecipeRun",
+    "add_run_arguments",
+    "add_length_arguments",
+    "check_length",
+    "recipe_main",
 ]
 
 #: Names the ``sttp`` command line adds to a recipe's namespace (sub-command names, the handler, --debug): not settings.
 CLI_KEYS = ("func", "command", "recipe", "cmd", "subcommand", "debug")
+
+#: The settings of a step-based recipe's run (:func:`add_run_arguments`, :class:`RecipeRun`) and their defaults.
+RUN_DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "device": "cpu",
+    "threads": None,
+    "out": None,
+    "eval_every": None,  # None: once per epoch
+    "checkpoint_every": None,  # None: once per epoch
+    "resume": True,
+    "stop_at": None,
+    "progress": True,
+}
+
+#: The settings that may differ between a checkpoint and the run resuming it, in every step-based recipe.
+RUN_RESUMABLE = frozenset({"steps", "epochs", "device", "threads", "out", "eval_every", "checkpoint_every", "resume",
+                           "stop_at", "progress", "eval_batch"})
 
 #: Exceptions that mean "the arguments are wrong" (a bad value, a missing file, settings that do not fit, a refused
 #: checkpoint, a missing optional package): a command line reports them in one line, exit status 2.
@@ -159,6 +192,19 @@ def resolve_settings(defaults: Mapping, args=None, overrides: Mapping | None = N
     return cfg, (str(path) if path else None)
 
 
+def steps_or_epochs(cfg: dict, settings: Mapping) -> None:
+    """Put one layer of settings on top of ``cfg`` (an ``apply`` of :func:`resolve_settings`): a layer that sets
+    ``steps`` clears ``epochs`` and the other way round; both in one layer raise ValueError."""
+    settings = dict(settings)
+    if settings.get("steps") is not None and settings.get("epochs") is not None:
+        raise ValueError("give either steps or epochs, not both")
+    if settings.get("steps") is not None:
+        cfg["epochs"] = None
+    if settings.get("epochs") is not None:
+        cfg["steps"] = None
+    cfg.update(settings)
+
+
 def _names(key: str) -> str:
     return f"(flag --{key.replace('_', '-')}, config key {key})"
 
@@ -218,6 +264,14 @@ def check_number(cfg: dict, key: str, low: float | None = None, high: float | No
     cfg[key] = number
 
 
+def check_length(cfg: dict) -> None:
+    """A run's length: ``steps`` (an integer ≥ 1) or ``epochs`` (a number > 0), at least one of them given."""
+    if cfg["steps"] is None and cfg["epochs"] is None:
+        raise ValueError("give steps or epochs (flag --steps N or --epochs E)")
+    check_integer(cfg, "steps", 1, optional=True)
+    check_number(cfg, "epochs", 0, low_open=True, optional=True)
+
+
 def check_rank_setting(cfg: dict, key: str) -> None:
     """``cfg[key]`` must be a rank: :func:`torch_sttp.options.check_rank`, with its message."""
     try:
@@ -258,6 +312,48 @@ def check_resumable(saved: Mapping, cfg: Mapping, keys: Iterable[str], path) -> 
         detail = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diffs)
         raise ValueError(f"{path} was written with different settings ({detail}); use another --out, "
                          "--no-resume to start over, or the checkpoint's settings")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, defaults: Mapping, recipe: str, seed_help: str):
+    """Add the ``run`` option group every step-based recipe has (``--config``, ``--out``, ``--seed``, ``--device``,
+    ``--threads``, ``--resume``, ``--stop-at``, ``--progress``, ``--eval-every``, ``--checkpoint-every``), each
+    absent from the namespace unless given; returns the group (for a recipe's own run options)."""
+    S = argparse.SUPPRESS
+
+    def default(text: str, key: str) -> str:
+        return f"{text} (default: {defaults[key]!r})"
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--config", default=S, metavar="FILE", help="YAML or JSON file of settings; flags override it")
+    g.add_argument("--out", default=S, metavar="DIR", help=f"output folder (default: runs/{recipe}/<name>)")
+    g.add_argument("--seed", type=int, default=S, help=default(seed_help, "seed"))
+    g.add_argument("--device", default=S, help=default("cpu, cuda, cuda:N or auto", "device"))
+    g.add_argument("--threads", type=int, default=S, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--resume", action=argparse.BooleanOptionalAction, default=S,
+                   help=default("continue from <out>/checkpoint.pt when present", "resume"))
+    g.add_argument("--stop-at", type=int, default=S, metavar="STEP",
+                   help="stop (checkpointed, resumable) once this global step is reached")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=S,
+                   help=default("tqdm bar", "progress"))
+    g.add_argument("--eval-every", type=int, default=S, metavar="STEPS", help="evaluate/log every N steps "
+                   "(default: once per epoch)")
+    g.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS", help="checkpoint every N steps "
+                   "(default: once per epoch)")
+    return g
+
+
+def add_length_arguments(parser: argparse.ArgumentParser, defaults: Mapping, batch_help: str):
+    """Add the ``optimization`` option group with a run's length and batch sizes (``--steps``, ``--epochs``,
+    ``--batch``, ``--eval-batch``); returns the group, for the recipe's optimizer options."""
+    S = argparse.SUPPRESS
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--steps", type=int, default=S, help="optimizer steps (overrides epochs)")
+    g.add_argument("--epochs", type=float, default=S,
+                   help=f"epochs, if steps is not given (default: {defaults['epochs']!r})")
+    g.add_argument("--batch", type=int, default=S, help=batch_help)
+    g.add_argument("--eval-batch", type=int, default=S,
+                   help=f"evaluation batch size (default: {defaults['eval_batch']!r})")
+    return g
 
 
 # --------------------------------------------------------------------------------------------------------- run folder
@@ -425,3 +521,165 @@ class RunSummary(dict):
 
     def __int__(self) -> int:
         return int(self.get("exit_code", 0))
+
+    def set_exit_code(self, signal_name: str | None) -> None:
+        """``exit_code`` from ``status``: 130 for a run stopped by a signal, 1 for a diverged one, else none."""
+        if self["status"] == "interrupted":
+            self["exit_code"] = 130 if signal_name else 0
+        elif self["status"] == "diverged":
+            self["exit_code"] = 1
+
+    def head(self) -> str:
+        """How the run ended, for a summary line: "complete after 5/5 steps", "already complete (…)",
+        "interrupted after 3/5 steps (checkpointed; …)" (the steps from ``self["steps"]``)."""
+        steps = f"{self['steps']}/{self.total_steps} steps"
+        if self["status"] == "complete" and self.trained_steps == 0:
+            return f"already complete ({steps}; nothing left to train)"
+        if self["status"] == "interrupted":
+            return f"interrupted after {steps} (checkpointed; run the same command again to resume)"
+        return f"{self['status']} after {steps}"
+
+
+
+# -------------------------------------------------------------------------------------------------------- the loop
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix-style), for per-epoch / per-step generators."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
+    """The sample order (a permutation of ``n``) of epoch ``epoch``: a fixed function of (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, 1, epoch)))
+
+
+def lr_factor(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """The learning-rate factor of step s (for ``LambdaLR``): (s+1)/warmup during ``warmup`` steps, then 1
+    (``constant``), 1 − t (``linear``) or (1 + cos πt)/2 (``cosine``), t = (s − warmup)/(total − warmup),
+    at most 1."""
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        span = max(1, total - warmup)
+        t = min(1.0, (step - warmup) / span)
+        return 1.0 - t if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
+    return factor
+
+
+class RecipeRun:
+    """What a recipe's run object shares (subclassed by each recipe's run): the step plan, starting or resuming in
+    the run folder, and the training clock. A subclass sets ``cfg``, ``out``, ``ckpt_path``, ``summary_path`` and
+    ``log`` (a :class:`MetricsLog`) and defines ``restore(state)``, ``save()``, ``train_step()`` and ``log_row()``
+    (for :func:`train_loop`)."""
+
+    def plan_steps(self, n_train: int, batch: int) -> None:
+        """``batch`` (≤ n_train), ``steps_per_epoch`` (the last incomplete batch dropped), ``total`` (``steps``, or
+        ``epochs`` × steps per epoch), ``eval_every`` / ``ckpt_every`` (default once per epoch) and ``stop_at``."""
+        cfg = self.cfg
+        self.batch = min(int(batch), n_train)
+        self.steps_per_epoch = max(1, n_train // self.batch)
+        self.total = int(cfg["steps"]) if cfg["steps"] is not None else \
+            max(1, round(float(cfg["epochs"]) * self.steps_per_epoch))
+        self.eval_every = int(cfg["eval_every"] or self.steps_per_epoch)
+        self.ckpt_every = int(cfg["checkpoint_every"] or self.steps_per_epoch)
+        self.stop_at = min(self.total, int(cfg["stop_at"])) if cfg["stop_at"] is not None else self.total
+
+    def restore_training(self, state: dict) -> None:
+        """Load the model, optimizer and schedule states, the counters (``step``, ``elapsed``, ``window``) and the
+        RNG states of a checkpoint; drop the log rows written after it (``last_row``: the last one kept)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.elapsed, self.window = int(state["step"]), float(state["elapsed"]), dict(state["window"])
+        checkpoint.set_rng_state(state["rng"])
+        rows = self.log.start(keep_until=self.step)  # rows logged after the checkpoint belong to the lost part
+        self.last_row = rows[-1] if rows else {}
+
+    def count_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Count one finished optimizer step: ``step`` + 1, and the batch's loss and correct predictions (logits
+        (B, C), labels (B,)) added to ``window`` (the metrics since the last log row); returns the loss."""
+        self.step += 1
+        w = self.window
+        w["loss"] += float(loss.detach())
+        w["correct"] += int((logits.detach().argmax(1) == labels).sum())
+        w["seen"] += int(labels.shape[0])
+        w["batches"] += 1
+        return float(loss.detach())
+
+    def start(self) -> None:
+        """Continue from the run folder's checkpoint when there is one (and ``resume``), else start over; write
+        ``config.json``."""
+        if self.cfg["resume"] and self.ckpt_path.is_file():
+            self.restore(load_state(self.ckpt_path))
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.log.start(keep_until=None)
+            if self.summary_path.exists():
+                self.summary_path.unlink()
+        write_text(self.out / "config.json", json.dumps(jsonable(self.cfg), indent=2) + "\n")
+
+    def tick(self) -> None:
+        """Count the time since the last tick as training time (``elapsed``)."""
+        now = time.perf_counter()
+        self.elapsed += now - self._t0
+        self._t0 = now
+
+    def skip_time(self) -> None:
+        """Leave the time since the last tick out (writing a checkpoint is not counted)."""
+        self._t0 = time.perf_counter()
+
+
+def train_loop(run, desc: str, metric: str = "test_acc") -> tuple[str, str | None]:
+    """Train ``run`` until ``run.stop_at``: a step (``run.train_step()``, its loss), a log row (``run.log_row()``)
+    every ``run.eval_every`` steps and at ``run.total``, a checkpoint (``run.save()``) every ``run.ckpt_every``, at
+    the end and when stopping (a signal, ``stop_at``, a non-finite loss). ``run.tick()`` counts time as training,
+    ``run.skip_time()`` leaves it out; the bar (``run.cfg["progress"]``) shows the loss and ``metric`` of the last
+    row (as ``acc``). Returns (status: complete, interrupted or diverged; the signal that stopped it or None)."""
+    bar = progress_bar(bool(run.cfg["progress"]) and run.step < run.stop_at, run.stop_at, run.step, desc, leave=True)
+    run.model.train()
+    status = "complete"
+    with StopRequest() as stop:
+        run.skip_time()
+        while run.step < run.stop_at:
+            loss = run.train_step()
+            if not math.isfinite(loss):
+                status = "diverged"
+            run.tick()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=(run.last_row.get(metric) or "-")[:6])
+            stopping = stop.requested is not None or run.step == run.stop_at or status == "diverged"
+            if run.step % run.eval_every == 0 or run.step == run.total:
+                run.log_row()
+                run.tick()
+            if run.step % run.ckpt_every == 0 or run.step == run.total or stopping:
+                run.save()
+                run.skip_time()
+            if stopping:
+                break
+    if bar is not None:
+        bar.close()
+    if status == "complete" and run.step < run.total:
+        status = "interrupted"
+    return status, stop.requested
+
+
+def recipe_main(argv, prog: str, description: str, add_arguments: Callable, run: Callable,
+                line: Callable[[RunSummary], str]) -> int:
+    """``python -m <recipe>``: parse ``argv`` with the recipe's ``add_arguments``, ``run`` it, print ``line(summary)``
+    and return the exit status; a user error (:data:`USER_ERRORS`) is one line ``<prog>: error: …``, status 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        summary = run(args)
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    print(line(summary))
+    return int(summary)
