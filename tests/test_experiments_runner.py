@@ -50,7 +50,16 @@ def test_gan_run_stopped_by_1637de1_resumes_to_its_finished_metrics(tmp_path):
     assert gan.main(GAN_ARGS + ["--out", str(out)]) == 0
     expected = _rows(LEGACY / "gan-finished-metrics.csv")
     assert [int(r["step"]) for r in expected] == [1, 2, 3, 4]
-    assert _rows(out / "metrics.csv") == expected
+    resumed = _rows(out / "metrics.csv")
+    assert resumed[:2] == expected[:2]  # the rows the old code wrote are kept as they were
+    # the resumed steps run today's batched weight path, whose float32 rounding differs from 1637de1's layer-by-layer
+    # products in the last digits (the two are equal to 1e-12 in float64: tests/test_weight_path.py)
+    assert [r.keys() for r in resumed] == [r.keys() for r in expected]
+    for got, want in zip(resumed[2:], expected[2:]):
+        assert got["step"] == want["step"] and [k for k in got if got[k] == ""] == [k for k in want if want[k] == ""]
+        for key in want:
+            if key != "step" and want[key] != "":
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-6, abs=1e-6), key
     assert f"out: {out}" in (out / "config.yaml").read_text()
 
 
