@@ -665,3 +665,11 @@ def test_spectral_update_is_a_planner_member():
     assert adapter.parametrization.spectrum == "free" and adapter.parametrization.weight_shape == (5, 6)
     with torch_sttp.adapters_disabled(model):
         assert adapter.planner_parametrization() is None
+
+
+def test_parameter_counts_name_an_uninitialised_lazy_layer():
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="'0.weight' is not initialized"):
+        torch_sttp.parameter_counts(model)
+    model(torch.randn(2, 5))
+    assert torch_sttp.parameter_counts(model) == (5 * 3 + 3 + 3 * 3 + 3, 5 * 3 + 3 + 3 * 3 + 3)

@@ -330,8 +330,9 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
             flops_per_sample=getattr(state, "last_flops_per_sample", None),
         ))
     skipped = [SkippedRow(*s) for s in skipped_layers(model)]
+    other = _count_other(model, excluded)  # first: it names an uninitialised lazy parameter
     counts = parameter_counts(model)
-    rep = CompressionReport(rows, skipped, _count_other(model, excluded), source="model",
+    rep = CompressionReport(rows, skipped, other, source="model",
                             adapters=_adapter_rows(model), trainable_params=counts.trainable,
                             total_params=counts.total)
     if print_table:

@@ -513,7 +513,12 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
 
 
 def parameter_counts(model: nn.Module) -> ParameterCounts:
-    """Trainable and total parameter entries of ``model`` (shared tensors counted once)."""
+    """Trainable and total parameter entries of ``model`` (shared tensors counted once). Raises ValueError naming
+    the first parameter of a lazy layer that is not initialised yet."""
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedTensorMixin):
+            raise ValueError(f"{name!r} is not initialized yet (a lazy layer), so it cannot be counted; run one "
+                             "forward pass of the model first")
     params = list(model.parameters())
     return ParameterCounts(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
 
