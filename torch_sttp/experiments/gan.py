@@ -51,10 +51,10 @@ import torch.nn.functional as F
 
 from ..checkpoint import atomic_write, set_rng_state
 from ..options import INITS
-from .runner import (USER_ERRORS, MetricsLog, RunSummary, check_bool, check_choice, check_device, check_integer,
-                     check_number, check_rank_setting, check_resumable, explain_missing_data, load_state, num_threads,
-                     one_line, progress_bar, rank_literal, read_config_file, resolve_settings, save_state,
-                     select_device, write_text)
+from .runner import (MetricsLog, RunSummary, check_bool, check_choice, check_device, check_integer, check_number,
+                     check_rank_setting, check_resumable, explain_missing_data, load_state, num_threads, progress_bar,
+                     rank_literal, read_config_file, recipe_main, resolve_settings, save_state, select_device,
+                     write_text)
 
 __all__ = ["DEFAULTS", "D_VARIANTS", "G_VARIANTS", "add_gan_arguments", "resolve_config", "run_gan", "summary_line",
            "main",
@@ -994,20 +994,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if opts.plot:
             plot_curves(opts.root, opts.plot)
         return 0
-    parser = argparse.ArgumentParser(prog="python -m torch_sttp.experiments.gan",
-                                     description=__doc__.split("\n\n")[0])
-    add_gan_arguments(parser)
-    parser.epilog = ("Also: --summarize ROOT [--plot CURVES.png] [--inception-samples N] prints a markdown table of "
-                     "the finished runs below ROOT (and plots their training curves).")
-    args = parser.parse_args(argv)
-    try:
-        res = run_gan(args)
-    except USER_ERRORS as e:
-        print(f"{parser.prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+    return recipe_main(argv, "python -m torch_sttp.experiments.gan", __doc__.split("\n\n")[0], add_gan_arguments,
+                       run_gan, _result_line, epilog=SUMMARIZE_HELP, exit_code=lambda _result: 0)
+
+
+SUMMARIZE_HELP = ("Also: --summarize ROOT [--plot CURVES.png] [--inception-samples N] prints a markdown table of the "
+                  "finished runs below ROOT (and plots their training curves).")
+
+
+def _result_line(res: dict) -> str:
     keys = ["status", "step", "z_d", "modes_classes_covered", "modes_kl_uniform", "cfid", "kid", "fid", "is"]
-    print(json.dumps({k: res[k] for k in keys if k in res}, default=float))
-    return 0
+    return json.dumps({k: res[k] for k in keys if k in res}, default=float)
 
 
 if __name__ == "__main__":

@@ -670,10 +670,12 @@ def train_loop(run, desc: str, metric: str = "test_acc") -> tuple[str, str | Non
 
 
 def recipe_main(argv, prog: str, description: str, add_arguments: Callable, run: Callable,
-                line: Callable[[RunSummary], str]) -> int:
+                line: Callable[[RunSummary], str], epilog: str | None = None,
+                exit_code: Callable[[RunSummary], int] = int) -> int:
     """``python -m <recipe>``: parse ``argv`` with the recipe's ``add_arguments``, ``run`` it, print ``line(summary)``
-    and return the exit status; a user error (:data:`USER_ERRORS`) is one line ``<prog>: error: …``, status 2."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    and return ``exit_code(summary)``; a user error (:data:`USER_ERRORS`) is one line ``<prog>: error: …``, status
+    2. ``epilog``: text after the options in ``--help``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -682,4 +684,4 @@ def recipe_main(argv, prog: str, description: str, add_arguments: Callable, run:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(line(summary))
-    return int(summary)
+    return exit_code(summary)
