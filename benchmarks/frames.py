@@ -4,8 +4,12 @@ For each batch shape (B, n, r) three workloads are timed, each as one forward pa
 ``output.sum()`` through autograd:
 
 * ``ours``  — ``torch_sttp.frames.householder_frame(params)`` (compact WY form, hand-written backward);
-* ``gemm``  — ``G = YᵀY; Q = Y·G`` on a random Y of the same shape: two n×r×r GEMMs forward and three backward,
-  the same GEMM work as ``ours`` without the small triangular solves, so the ratio ours/gemm measures overhead;
+* ``same``  — the same-FLOP GEMM reference: ``G = YᵀY; Q = Y·(G·G)`` on a random Y of the same shape, i.e.
+  2nr² + r³ multiply-adds forward and 3nr² + 2r³ backward, the products ``ours`` makes (YᵀY, T·Y_topᵀ and
+  Y·X forward; Yᵀ·∂Q, two r×r×r and two n×r×r products backward) without forming T, so the ratio ours/same
+  measures overhead;
+* ``gemm``  — the earlier reference ``G = YᵀY; Q = Y·G`` (5nr², no r³ term), printed so that ratios stay comparable
+  with older runs; it has fewer FLOPs than ``ours`` by the factor 1 + 3r/(5n) (1.30 at n = 2r);
 * ``hprod`` — ``torch.linalg.householder_product`` on the same reflectors (its CPU backward is very slow, so it
   gets few repetitions and ``--quick`` skips it for the tallest shape, n = 5760).
 
@@ -14,7 +18,7 @@ Protocol: each timing is the median of ``--reps`` (default 30) timed runs after 
 ``--threads 1`` leaves out the time spent waiting for a core); ours and gemm are run interleaved (ours, gemm, ours,
 gemm, …) so that changes in machine load affect both alike, and the ratio is taken between the two medians of one
 run. One ``TARGET`` line per
-shape reports ours/gemm against the goal of 1.25 (CPU; on a GPU the figures are printed, the verdict is not
+shape reports ours/same against the goal of 1.25 (CPU; on a GPU the figures are printed, the verdict is not
 meaningful: both sides are launch-bound).
 
     python benchmarks/frames.py [--device cpu|cuda] [--dtype float32|float64|bfloat16] [--reps N] [--threads N]
@@ -54,6 +58,10 @@ def make_workloads(b: int, n: int, r: int, dtype: torch.dtype, device: torch.dev
         gram = y_gemm.mT @ y_gemm
         return y_gemm @ gram
 
+    def same_fwd() -> torch.Tensor:
+        gram = y_gemm.mT @ y_gemm
+        return y_gemm @ (gram @ gram)
+
     def hprod_fwd() -> torch.Tensor:
         y = params * mask + eye
         tau = 2.0 / (y * y).sum(dim=-2)
@@ -76,12 +84,45 @@ def make_workloads(b: int, n: int, r: int, dtype: torch.dtype, device: torch.dev
     return {
         "ours": (fwd_only(ours_fwd), fwd_bwd(ours_fwd, params), ours_fwd),
         "gemm": (fwd_only(gemm_fwd), fwd_bwd(gemm_fwd, y_gemm), gemm_fwd),
+        "same": (fwd_only(same_fwd), fwd_bwd(same_fwd, y_gemm), same_fwd),
         "hprod": (fwd_only(hprod_fwd), fwd_bwd(hprod_fwd, params), hprod_fwd),
     }
 
 
 def fmt_ms(seconds: float | None) -> str:
     return "n/a" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def measure_shape(work: dict, device: torch.device, args, skip_hprod: bool) -> dict:
+    """Time one shape's workloads (ours, same, gemm interleaved; hprod apart); returns the ratio and the table row."""
+    names = ("ours", "same", "gemm")
+    fwd = time_it({k: work[k][0] for k in names[:2]}, device, args.reps, 3, args.budget, args.clock)
+    fwd_bwd = time_it({k: work[k][1] for k in names}, device, args.reps, 3, args.budget, args.clock)
+    (ours_f, _, _), (same_f, _, _) = fwd["ours"], fwd["same"]
+    (ours_fb, ours_min, _), (same_fb, same_min, _), (gemm_fb, _, _) = (fwd_bwd[k] for k in names)
+    ratio = ours_fb / same_fb
+    hprod_fb, note, diff = hprod_timing(work, device, args, skip_hprod)
+    hp_ratio = "n/a" if hprod_fb is None else f"{hprod_fb / ours_fb:.1f}x"
+    line = (f"{fmt_ms(ours_f):>9} {fmt_ms(same_f):>9} | {fmt_ms(ours_fb):>9} {fmt_ms(same_fb):>9} {ratio:>6.2f} "
+            f"{ours_min / same_min:>6.2f} | {fmt_ms(gemm_fb):>9} {ours_fb / gemm_fb:>6.2f} | {fmt_ms(hprod_fb):>10} "
+            f"{hp_ratio:>10} | {diff:>15}" + (f"   hprod: {note}" if note else ""))
+    return {"ratio": ratio, "line": line}
+
+
+def hprod_timing(work: dict, device: torch.device, args, skip: bool):
+    """(householder_product f+b seconds or None, a note, max |ours − hprod| as text)."""
+    hprod_fb, note, max_diff = None, "", None
+    try:
+        with torch.no_grad():
+            max_diff = (work["ours"][2]().float() - work["hprod"][2]().float()).abs().max().item()
+        if skip:
+            note = "skipped"
+        else:
+            hprod_fb, _, runs = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)["hprod"]
+            note = f"{runs} run{'s' if runs > 1 else ''}"
+    except RuntimeError as exc:  # e.g. no householder_product kernel for this dtype/device
+        note = f"unsupported ({str(exc).splitlines()[0][:60]})"
+    return hprod_fb, note, "n/a" if max_diff is None else f"{max_diff:.1e}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,47 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     # householder_product's CPU backward grows with n far faster than the GEMMs: the tallest frame is the slow one.
     largest = max(SHAPES, key=lambda s: s[1])
     header = (
-        f"{'B':>4} {'n':>6} {'r':>4} | {'ours fwd':>9} {'gemm fwd':>9} | {'ours f+b':>9} {'gemm f+b':>9} "
-        f"{'ratio':>6} {'(min)':>6} | {'hprod f+b':>10} {'hprod/ours':>10} | {'max|ours-hprod|':>15}"
+        f"{'B':>4} {'n':>6} {'r':>4} | {'ours fwd':>9} {'same fwd':>9} | {'ours f+b':>9} {'same f+b':>9} "
+        f"{'ratio':>6} {'(min)':>6} | {'gemm f+b':>9} {'/gemm':>6} | {'hprod f+b':>10} {'hprod/ours':>10} "
+        f"| {'max|ours-hprod|':>15}"
     )
-    print("times in ms (medians); ratio = ours f+b / gemm f+b, (min) = the same from the fastest runs;")
-    print("hprod = torch.linalg.householder_product")
+    print("times in ms (medians); ratio = ours f+b / same f+b (the same-FLOP reference), (min) = the same from the")
+    print("fastest runs; /gemm = ours f+b / gemm f+b (the earlier 5nr² reference); hprod = torch.linalg.householder_product")
     print(header)
     print("-" * len(header))
 
     targets = []
     for b, n, r in SHAPES:
-        work = make_workloads(b, n, r, dtype, device)
-        fwd = time_it({k: work[k][0] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget, args.clock)
-        fwd_bwd = time_it({k: work[k][1] for k in ("ours", "gemm")}, device, args.reps, 3, args.budget, args.clock)
-        (ours_f, _, _), (gemm_f, _, _) = fwd["ours"], fwd["gemm"]
-        (ours_fb, ours_fb_min, _), (gemm_fb, gemm_fb_min, _) = fwd_bwd["ours"], fwd_bwd["gemm"]
-        ratio = ours_fb / gemm_fb
-        ratio_min = ours_fb_min / gemm_fb_min
-
-        hprod_fb: float | None = None
-        hprod_note = ""
-        max_diff: float | None = None
-        try:
-            with torch.no_grad():
-                max_diff = (work["ours"][2]().float() - work["hprod"][2]().float()).abs().max().item()
-            if args.no_hprod or (args.quick and (b, n, r) == largest):
-                hprod_note = "skipped"
-            else:
-                timed = time_it({"hprod": work["hprod"][1]}, device, args.hprod_reps, 1, args.budget)
-                hprod_fb, _, runs = timed["hprod"]
-                hprod_note = f"{runs} run{'s' if runs > 1 else ''}"
-        except RuntimeError as exc:  # e.g. no householder_product kernel for this dtype/device
-            hprod_note = f"unsupported ({str(exc).splitlines()[0][:60]})"
-
-        hp_ratio = "n/a" if hprod_fb is None else f"{hprod_fb / ours_fb:.1f}x"
-        diff = "n/a" if max_diff is None else f"{max_diff:.1e}"
-        print(
-            f"{b:>4} {n:>6} {r:>4} | {fmt_ms(ours_f):>9} {fmt_ms(gemm_f):>9} | {fmt_ms(ours_fb):>9} "
-            f"{fmt_ms(gemm_fb):>9} {ratio:>6.2f} {ratio_min:>6.2f} | {fmt_ms(hprod_fb):>10} {hp_ratio:>10} | {diff:>15}"
-            + (f"   hprod: {hprod_note}" if hprod_note else "")
-        )
-        targets.append((b, n, r, ratio))
+        row = measure_shape(make_workloads(b, n, r, dtype, device), device, args,
+                            skip_hprod=args.no_hprod or (args.quick and (b, n, r) == largest))
+        print(f"{b:>4} {n:>6} {r:>4} | {row['line']}")
+        targets.append((b, n, r, row["ratio"]))
 
     print(f"load at end: {load_average()}")
     print()
