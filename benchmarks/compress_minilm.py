@@ -15,20 +15,23 @@ shared with other jobs, extra BLAS threads slow the SVDs down many times over.
 
 ``--calibrated`` measures data-aware compression instead (fraction 0.45 by default, 256 calibration sentences from
 the distillation part, non-sequential, before distillation): for the SVD-LLM-style whitened two-factor SVD
-baseline ("wsvd"), SVDP and STTP, each with uniform and loss-aware ranks, a fresh subprocess loads the model, resets
+baseline ("wsvd"), SVDP and STTP, each with uniform ranks, loss-aware ranks within layer roles and
+sensitivity-weighted loss-aware ranks across all layers (the study's three strategies), a fresh subprocess loads the model, resets
 the peak-RSS counter, calibrates the 36 encoder Linear layers, chooses the ranks, projects, and then scores the
 exported model on the 192 held-out sentences. Reported (wall and CPU seconds; peak RSS growth includes the
 statistics and is counted from the RSS after loading the model and encoding the held-out sentences with it once,
 i.e. over a warmed-up model: the first forward passes of a transformers model grow the heap by ~1.3× the model
 whatever follows):
 
-    TARGET minilm_calibrated_vs_baseline_<method> ratio=<min over strategies of cosine / baseline cosine> goal=1.0
+    TARGET minilm_calibrated_vs_baseline_<method> ratio=<best cosine of the method / best cosine of the baseline>
+           goal=1.0 (each at the same DOF budget, with its best rank strategy; the per-strategy ratios are printed
+           on the line after it)
     TARGET minilm_calibrated_best_cosine ratio=<best mean cosine / 0.82> goal=1.0  (stretch: / 0.85)
     TARGET minilm_calibration_seconds ratio=<slowest calibration seconds / 60> goal=1.0
     TARGET minilm_calibrated_projection_seconds ratio=<slowest projection seconds / 60> goal=1.0
     TARGET minilm_calibrated_memory ratio=<(peak RSS − RSS after load) / dense model bytes> goal=2.5
 
-    python benchmarks/compress_minilm.py --calibrated [--fraction 0.45] [--strategies uniform loss]
+    python benchmarks/compress_minilm.py --calibrated [--fraction 0.45] [--strategies uniform loss sensitivity]
 """
 from __future__ import annotations
 
@@ -127,8 +130,10 @@ def calibrated_child(method: str, strategy: str, fraction: float, threads: int, 
     stats = calibrate(model, batches, layers=layers)
     calib = lap()
     cands = None
-    if strategy == "loss":
-        cands = truncation_candidates(model, "svd" if method == "wsvd" else method, stats, layers=layers)
+    if strategy != "uniform":
+        weights = study.embedding_sensitivity(model, batches, layers) if strategy == "sensitivity" else None
+        cands = truncation_candidates(model, "svd" if method == "wsvd" else method, stats, layers=layers,
+                                      weights=weights)
     ranks = study.study_ranks(model, layers, method, int(math.floor(fraction * dense_linear)), strategy, cands)
     select = lap()
     dof = sum(study.layer_dof(model.get_submodule(n), method, r) for n, r in ranks.items())
@@ -186,10 +191,13 @@ def calibrated_main(args, env) -> int:
 
 def _calibrated_targets(results: list[dict]) -> None:
     cos = {(r["method"], r["strategy"]): r["mean_cosine"] for r in results}
+    baseline = max(v for (m, _), v in cos.items() if m == "wsvd")
     for method in ("svdp", "sttp"):
-        ratio = min(cos[(method, s)] / cos[("wsvd", s)] for m, s in cos if m == method)
+        ratio = max(v for (m, _), v in cos.items() if m == method) / baseline
+        per_strategy = ", ".join(f"{s} {cos[(method, s)] / cos[('wsvd', s)]:.4f}" for m, s in cos if m == method)
         print(f"TARGET minilm_calibrated_vs_baseline_{method} ratio={ratio:.4f} goal=1.0 "
               f"{'PASS' if ratio >= 1.0 else 'FAIL'}")
+        print(f"  {method} / baseline with the same strategy: {per_strategy}")
     best = max(v for (m, _), v in cos.items() if m != "wsvd")
     print(f"TARGET minilm_calibrated_best_cosine ratio={best / 0.82:.4f} goal=1.0 {'PASS' if best >= 0.82 else 'FAIL'}"
           f" (best {best:.4f}; stretch 0.85: ratio {best / 0.85:.4f})")
@@ -208,7 +216,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=["svdp", "sttp"])
     parser.add_argument("--calibrated", action="store_true", help="data-aware compression (see above)")
-    parser.add_argument("--strategies", nargs="+", default=["uniform", "loss"], choices=["uniform", "loss"])
+    parser.add_argument("--strategies", nargs="+", default=["uniform", "loss", "sensitivity"],
+                        choices=["uniform", "loss", "sensitivity"])
     parser.add_argument("--n-calib", type=int, default=256)
     parser.add_argument("--sequential", action="store_true", help="--calibrated: sequential projection (the "
                         "projection time then includes the per-group calibration passes)")

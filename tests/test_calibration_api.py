@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torch_sttp import conversion, convert, converted_layers, select_ranks
-from torch_sttp.allocation import plan_loss, uniform_ranks
+from torch_sttp.allocation import allocate_ranks, plan_loss, uniform_ranks
 from torch_sttp.calibration import calibrate
 from torch_sttp.data_aware import project_whitened
 from torch_sttp.layers import weight_matrix
@@ -170,6 +170,25 @@ def test_select_ranks_with_calibration_never_worse_than_uniform(method):
     # energy-greedy and uniform plans are unchanged by the new arguments' existence
     assert dict(select_ranks(model, 0.35, method, strategy="uniform")) == dict(select_ranks(model, 0.35, method,
                                                                                                  strategy="uniform"))
+
+
+def test_select_ranks_with_sensitivity_weighs_the_whitened_losses():
+    """sensitivity= replaces the relative losses by s_l·‖(W − Ŵ)·L‖²: the plan is the allocation of exactly those
+    candidates, and a layer made 10⁴× more sensitive gains rank at the others' expense."""
+    model, batches = _skewed()
+    stats = calibrate(model, batches)
+    even = {"0": 1.0, "2": 1.0, "4": 1.0}
+    steep = {"0": 1.0, "2": 1.0, "4": 1e4}
+    for sens in (even, steep):
+        plan = select_ranks(model, 0.35, "svdp", calibration=stats, sensitivity=sens)
+        cands = truncation_candidates(model, "svdp", stats, weights=sens)
+        assert dict(plan) == allocate_ranks(cands, plan.budget, floor=0.5) and plan.dof <= plan.budget
+    base, weighted = (select_ranks(model, 0.35, "svdp", calibration=stats, sensitivity=s) for s in (even, steep))
+    assert weighted["4"] > base["4"] and weighted["0"] + weighted["2"] < base["0"] + base["2"]
+    with pytest.raises(ValueError, match="pass calibration="):
+        select_ranks(model, 0.35, "svdp", sensitivity=even)
+    with pytest.raises(ValueError, match=r"\['4'\].*sensitivity"):
+        select_ranks(model, 0.35, "svdp", calibration=stats, sensitivity={"0": 1.0, "2": 1.0})
 
 
 def test_select_ranks_with_calibration_bad_input():

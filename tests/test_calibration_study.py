@@ -81,3 +81,32 @@ def test_study_plot_draws_the_non_sequential_rows(tmp_path, monkeypatch):
     # two panels × two (method, data, strategy) series; the sequential row is left out
     assert sorted(drawn) == sorted([("sttp free uniform", (0.45,), (0.4,)), ("svdp aware loss", (0.3, 0.45), (0.7, 0.8)),
                                     ("sttp free uniform", (0.45,), (0.5,)), ("svdp aware loss", (0.3, 0.45), (0.8, 0.9))])
+
+
+def test_loss_strategies_allocate_within_roles_or_across_layers():
+    """"loss" compares losses only between layers of one role; "sensitivity" allocates across all layers, so a
+    role whose (weighted) losses dominate draws DOF away from the other role."""
+    from torch_sttp.allocation import RankCandidates, plan_dof, plan_loss
+    layers = ["layer.0.a", "layer.0.b", "layer.1.a", "layer.1.b"]
+    ranks = tuple(range(1, 9))
+    dof = tuple(40 * r for r in ranks)
+
+    def table(scale):
+        return RankCandidates(ranks, dof, tuple(scale * 0.5 ** r for r in ranks))
+
+    cands = {n: table(100.0 if n.endswith(".a") else 1.0) for n in layers}
+    model, budget = Block(), 4 * 40 * 4
+    within = study_ranks(model, layers, "wsvd", budget, "loss", cands)
+    across = study_ranks(model, layers, "wsvd", budget, "sensitivity", cands)
+    assert within == {n: 4 for n in layers}  # each role keeps its uniform share
+    assert all(across[n] > 4 for n in layers if n.endswith(".a")) and all(across[n] < 4 for n in layers
+                                                                           if n.endswith(".b"))
+    assert plan_dof(cands, across) <= budget and plan_loss(cands, across) < plan_loss(cands, within)
+
+
+def test_sensitivity_configurations_are_data_aware_only():
+    from torch_sttp.experiments import minilm_calibrated as study
+    configs = study.study_configs((0.45,), ("svdp",), ("free", "aware"), study.RANK_STRATEGIES, (False,), (0.45,))
+    assert {(c["data"], c["strategy"]) for c in configs} == {("free", "uniform"), ("free", "loss"),
+                                                             ("aware", "uniform"), ("aware", "loss"),
+                                                             ("aware", "sensitivity")}

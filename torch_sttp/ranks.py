@@ -325,6 +325,7 @@ def select_ranks(
     spectra: list[LayerSpectrum] | None = None,
     calibration=None,
     floor: float = 0.5,
+    sensitivity: Mapping[str, float] | None = None,
 ) -> RankPlan:
     """Choose a rank per layer maximising the retained spectral energy within a DOF budget — or, with
     ``calibration``, minimising the measured whitened truncation loss.
@@ -351,6 +352,10 @@ def select_ranks(
         floor: the loss-aware plan's per-layer floor: no layer gets a rank below ⌈floor · u_l⌉ (rounded up to a
             candidate), u_l its rank in the uniform plan of the same budget, so a small layer with a steep loss
             curve (a classifier) is never cut to rank 1; ``floor=0`` removes it (default 0.5, in [0, 1]).
+        sensitivity: with ``calibration``, {layer: s_l} from :func:`torch_sttp.calibration.layer_sensitivity`
+            (how far the model's output moves per unit of error in the layer's output): each layer's loss is then
+            s_l·‖(W − Ŵ_r)·L‖²_F, the predicted change of the model's output, instead of the relative error, so
+            layers of different roles and depths are weighed by what they do to the output.
 
     With ``calibration`` the plan's ``strategy`` is ``"loss"`` (``"uniform"`` when the common rank leaves the
     smaller loss) and its ``objective`` ``"whitened"``; its energy and error fields stay the data-free ones.
@@ -365,15 +370,20 @@ def select_ranks(
         raise ValueError(f"select_ranks(calibration=...) makes the loss-aware plan; leave strategy='auto' and "
                          f"objective='svd' (got {strategy!r}, {objective!r}), or drop calibration= for that plan")
     selected = compressible_layers(model, include, exclude, layers)
+    if sensitivity is not None and calibration is None:
+        raise ValueError("select_ranks(sensitivity=...) weighs the whitened losses: pass calibration= as well")
     missing = [n for n, _ in selected if calibration is not None and n not in calibration]
+    missing += [n for n, _ in selected if sensitivity is not None and n not in sensitivity and n not in missing]
     if missing:
-        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic; calibrate them "
-                         "(torch_sttp.calibrate(model, batches, include=...)) or leave them out (exclude=...)")
+        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic or sensitivity; "
+                         "calibrate them (torch_sttp.calibrate / layer_sensitivity(model, batches, include=...)) or "
+                         "leave them out (exclude=...)")
     spectra = _planned_spectra(selected, spectra, unfoldings=method == "sttp")
     dense = sum(s.dense for s in spectra)
     bdof = _budget_dof(budget, dense)
     if calibration is not None:
-        return _loss_aware_plan(model, selected, spectra, calibration, bdof, dense, method, spectrum, floor)
+        return _loss_aware_plan(model, selected, spectra, calibration, bdof, dense, method, spectrum, floor,
+                                sensitivity)
     tables = [_rank_table(s, method, spectrum, objective) for s in spectra]
     minimum = int(sum(t.dof[1] for t in tables))
     if bdof < minimum:
@@ -394,11 +404,12 @@ def select_ranks(
 
 
 def _loss_aware_plan(model, selected, spectra, calibration, bdof: int, dense: int, method: str, spectrum: str,
-                     floor: float) -> RankPlan:
-    """The plan of :func:`select_ranks` with ``calibration``: relative whitened truncation losses allocated by
-    :func:`torch_sttp.allocation.allocate_ranks` with ``floor``."""
+                     floor: float, sensitivity=None) -> RankPlan:
+    """The plan of :func:`select_ranks` with ``calibration``: relative (or sensitivity-weighted) whitened
+    truncation losses allocated by :func:`torch_sttp.allocation.allocate_ranks` with ``floor``."""
     names = [n for n, _ in selected]
-    candidates = truncation_candidates(model, method, calibration, layers=names, spectrum=spectrum, normalize=True)
+    candidates = truncation_candidates(model, method, calibration, layers=names, spectrum=spectrum,
+                                       normalize=sensitivity is None, weights=sensitivity)
     chosen = allocate_ranks(candidates, bdof, floor=floor)
     strategy = "uniform" if chosen == uniform_ranks(candidates, bdof) else "loss"
     objective = "tt" if method == "sttp" else "svd"  # the DOF tables only; energies stay data-free

@@ -15,7 +15,9 @@ before and after a short distillation:
 * **ranks**: ``"uniform"`` — the largest common rank within the budget; ``"loss"`` — the measured truncation loss
   of each layer (whitened when data-aware, Frobenius when data-free) allocated by
   :func:`torch_sttp.allocation.allocate_ranks` within each layer role (query, key, …, FFN out across the 6 blocks),
-  floor 0.5.
+  floor 0.5; ``"sensitivity"`` (data-aware only) — the whitened losses weighted by each layer's output sensitivity
+  (:func:`torch_sttp.calibration.layer_sensitivity` of the sentence embedding on the calibration batches), which
+  puts the losses of all roles in one unit, allocated across all 36 layers at once (floor 0.5).
 * **sequential** (data-aware only): layers compressed in forward order on inputs from the compressed prefix.
 
 Each row also has the exported model's stored floats (all layers as plain factor pairs) and its evaluation
@@ -37,7 +39,7 @@ import torch
 from torch import nn
 
 from ..allocation import RankCandidates, allocate_ranks, role, uniform_ranks
-from ..calibration import calibrate, sequential_statistics
+from ..calibration import calibrate, layer_sensitivity, sequential_statistics
 from ..export import to_factorized
 from ..layers import layout_shape, weight_matrix
 from ..ranks import project, projection_errors
@@ -47,12 +49,13 @@ from ..whitening import DAMPING, truncation_candidates
 from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
-__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof", "study_ranks",
-           "compress_config", "exported_cost", "run_calibrated_study", "plot_study", "main"]
+__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof",
+           "study_ranks", "compress_config", "embedding_sensitivity", "study_configs", "exported_cost",
+           "run_calibrated_study", "plot_study", "main"]
 
 METHODS = ("wsvd", "svdp", "sttp")
 DATA = ("free", "aware")
-RANK_STRATEGIES = ("uniform", "loss")
+RANK_STRATEGIES = ("uniform", "loss", "sensitivity")
 FIELDS = ["method", "data", "strategy", "sequential", "fraction", "dof", "kept_fraction", "mean_rank", "min_rank",
           "max_rank", "mean_weight_error", "mean_cosine_before", "spearman_before", "min_cosine_before",
           "mean_cosine_after", "spearman_after", "min_cosine_after", "stored_floats", "stored_floats_linear",
@@ -139,7 +142,8 @@ def _max_rank(module: nn.Module, method: str) -> int:
 def study_ranks(model: nn.Module, layers: Sequence[str], method: str, budget: int, strategy: str,
                 candidates: dict | None = None) -> dict[str, int]:
     """Ranks for the study: the largest common rank within ``budget`` DOF ("uniform"), or the loss-aware plan from
-    ``candidates`` (:func:`truncation_candidates`) allocated within each layer role with floor 0.5 ("loss")."""
+    ``candidates`` (:func:`truncation_candidates`) with floor 0.5, allocated within each layer role ("loss") or
+    across all layers ("sensitivity": candidates whose losses are weighted by the layers' output sensitivity)."""
     modules = dict(model.named_modules())
     if strategy == "uniform":
         table = {}
@@ -148,7 +152,8 @@ def study_ranks(model: nn.Module, layers: Sequence[str], method: str, budget: in
             table[n] = RankCandidates(tuple(ranks), tuple(layer_dof(modules[n], method, r) for r in ranks),
                                       (0.0,) * len(ranks))
         return uniform_ranks(table, budget)
-    return allocate_ranks(candidates, budget, floor=0.5, groups={n: role(n) for n in layers})
+    groups = {n: role(n) for n in layers} if strategy == "loss" else None
+    return allocate_ranks(candidates, budget, floor=0.5, groups=groups)
 
 
 def compress_config(model: nn.Module, method: str, data: str, ranks: dict, calibration, batches,
@@ -193,12 +198,24 @@ def _setup(n_eval: int, n_calib: int, batch_size: int, seed: int) -> dict:
             "dense": sum(bert.get_submodule(n).weight.numel() for n in layers)}
 
 
-def _candidates(ctx: dict, method: str, data: str, calibration, cache: dict, grid: int) -> dict:
-    key = f"{'svd' if method == 'wsvd' else method}/{data}"
+def embedding_sensitivity(model: nn.Module, batches, layers: Sequence[str]) -> dict[str, float]:
+    """:func:`torch_sttp.calibration.layer_sensitivity` of the normalised sentence embedding, by layer name."""
+    found = layer_sensitivity(SentenceEncoder(model), batches, layers=[f"model.{n}" for n in layers])
+    return {n[len("model."):]: v for n, v in found.items()}
+
+
+def _candidates(ctx: dict, method: str, data: str, strategy: str, calibration, cache: dict, grid: int) -> dict:
+    """Truncation candidates of one (method, data, strategy), computed once and cached with their seconds."""
+    weighted = strategy == "sensitivity"
+    key = f"{'svd' if method == 'wsvd' else method}/{data}{'/sensitivity' if weighted else ''}"
     if key not in cache:
         t = time.perf_counter()
+        if weighted and "sensitivity" not in cache:
+            cache["sensitivity"] = (embedding_sensitivity(ctx["bert"], ctx["calib"], ctx["layers"]),
+                                    time.perf_counter() - t)
         found = truncation_candidates(ctx["bert"], key.split("/")[0], calibration if data == "aware" else None,
-                                      layers=ctx["layers"], grid=grid)
+                                      layers=ctx["layers"], grid=grid,
+                                      weights=cache["sensitivity"][0] if weighted else None)
         cache[key] = (found, time.perf_counter() - t)
     return cache[key][0]
 
@@ -209,7 +226,7 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
                                                                       "fraction"))
     budget = int(math.floor(fraction * ctx["dense"]))
     t0 = time.perf_counter()
-    cands = _candidates(ctx, method, data, calibration, cache, grid) if strategy == "loss" else None
+    cands = None if strategy == "uniform" else _candidates(ctx, method, data, strategy, calibration, cache, grid)
     ranks = study_ranks(ctx["bert"], ctx["layers"], method, budget, strategy, cands)
     t1 = time.perf_counter()
     student = copy.deepcopy(ctx["bert"])
@@ -237,10 +254,13 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
             "distill_loss_last": history["loss"][-1] if history["loss"] else float("nan")}
 
 
-def _configs(fractions, methods, data, strategies, sequential, sequential_fractions) -> list[dict]:
+def study_configs(fractions, methods, data, strategies, sequential, sequential_fractions) -> list[dict]:
+    """The study's rows: every combination, sequential ones data-aware at ``sequential_fractions`` only, the
+    sensitivity strategy data-aware only."""
     return [{"method": m, "data": d, "strategy": s, "sequential": q, "fraction": f}
             for m in methods for d in data for s in strategies for q in sequential for f in fractions
-            if not (q and (d == "free" or f not in sequential_fractions))]
+            if not (q and (d == "free" or f not in sequential_fractions))
+            and not (s == "sensitivity" and d == "free")]
 
 
 def run_calibrated_study(out_dir, fractions: Sequence[float] = (0.3, 0.45, 0.6), methods: Sequence[str] = METHODS,
@@ -262,7 +282,7 @@ def run_calibrated_study(out_dir, fractions: Sequence[float] = (0.3, 0.45, 0.6),
     calibration = calibrate(ctx["bert"], ctx["calib"], layers=ctx["layers"]) if "aware" in data else None
     calib_seconds = time.perf_counter() - t
     rows, cache = [], {}
-    configs = _configs(fractions, methods, data, strategies, sequential, sequential_fractions)
+    configs = study_configs(fractions, methods, data, strategies, sequential, sequential_fractions)
     for k, cfg in enumerate(configs):
         rows.append(_run_config(ctx, cfg, calibration, cache, distill_steps, lr, grid))
         if progress:
@@ -297,8 +317,8 @@ STYLE = {"wsvd": "tab:gray", "svdp": "tab:blue", "sttp": "tab:red"}
 
 def plot_study(csv_path, png_path) -> Path:
     """Mean cosine to the original embeddings against the fraction kept (DOF / dense), before (left) and after
-    (right) distillation: one colour per method, solid data-aware, dashed data-free, ● loss-aware, ○ uniform ranks
-    (non-sequential rows). Returns the written PNG's path."""
+    (right) distillation: one colour per method, solid data-aware, dashed data-free; ○ uniform ranks, ● loss-aware
+    within roles, ■ sensitivity-weighted (non-sequential rows). Returns the written PNG's path."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -311,7 +331,8 @@ def plot_study(csv_path, png_path) -> Path:
             pts = sorted((float(r["kept_fraction"]), float(r[f"mean_cosine_{when}"])) for r in rows
                          if (r["method"], r["data"], r["strategy"]) == (method, data, strategy))
             ax.plot(*zip(*pts), color=STYLE.get(method), linestyle="-" if data == "aware" else "--",
-                    marker="o", markerfacecolor=STYLE.get(method) if strategy == "loss" else "white",
+                    marker="s" if strategy == "sensitivity" else "o",
+                    markerfacecolor="white" if strategy == "uniform" else STYLE.get(method),
                     label=f"{method} {data} {strategy}")
         ax.set_title(f"{when} distillation")
         ax.set_xlabel("fraction of the Linear parameters kept")
