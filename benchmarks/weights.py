@@ -9,7 +9,9 @@ converted with SVDP and STTP at r ∈ {16, 64} with the normalized and the ident
 * **floor** — the three GEMMs any method needs per layer: W = (UΣ)·Vᵀ, ∂L/∂(UΣ) = G·V and ∂L/∂Vᵀ = (UΣ)ᵀ·G at
   the layer's middle rank.
 
-Protocol: ours and floor run interleaved after 2 warm-up runs, ``--reps`` timed runs each (default 15, fewer once
+Protocol: each case builds its model afresh (``harness.build`` collects the previous one first: a parametrized
+module sits in reference cycles, and a dead model left to the collector makes the next case's allocations fault in
+fresh pages); ours and floor run interleaved after 2 warm-up runs, ``--reps`` timed runs each (default 15, fewer once
 ``--budget`` seconds are spent on a case); ratio = median(ours) / median(floor), both from the same run. Goal
 ≤ 1.5 (≤ 2.0 for the SNGAN models at r = 16, where per-call overhead weighs most). On a GPU the figures are
 printed, not verdicts: both sides are launch-bound there.
@@ -57,7 +59,7 @@ def timing(args, device: torch.device) -> list[str]:
                     goal = time_goal(name, rank)
                     verdict = ("PASS" if ratio <= goal else "FAIL") if device.type == "cpu" else "(GPU: no verdict)"
                     targets.append(f"TARGET {case} ratio={ratio:.2f} goal={goal} {verdict}")
-                    del model
+                    del model  # collected by the next build()
     return targets
 
 
