@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_sttp
 from torch_sttp.experiments.models import build_model
+from torch_sttp.frames import frame_flops
 from torch_sttp.surgery import converted_layers, forward_pass, spectral_parametrization
 
 # the paper models of the weight-path measurements: registry name -> label
@@ -140,6 +141,18 @@ def gemm_floor_fn(model: torch.nn.Module) -> Callable[[], None]:
             us.mT @ grad
 
     return run
+
+
+def svdp_flop_bound(model: torch.nn.Module) -> float:
+    """(floor FLOPs + the frames' own FLOPs) / floor FLOPs of an SVDP-converted model: the ratio to the three-GEMM
+    floor that ours could not beat even at the floor's FLOP rate, since the floor leaves out forming U and V
+    (:func:`torch_sttp.frames.frame_flops` of the (d_out, r) and (d_in, r) frames of every layer)."""
+    floor = frames = 0.0
+    for _, m in converted_layers(model):
+        p = spectral_parametrization(m)
+        floor += 6.0 * p.d_out * p.d_in * p.r_mid
+        frames += frame_flops(p.d_out, p.r_mid) + frame_flops(p.d_in, p.r_mid)
+    return (floor + frames) / floor
 
 
 # ---------------------------------------------------------------------------------------------- operator calls

@@ -9,6 +9,9 @@ converted with SVDP and STTP at r ∈ {16, 64} with the normalized and the ident
 * **floor** — the three GEMMs any method needs per layer: W = (UΣ)·Vᵀ, ∂L/∂(UΣ) = G·V and ∂L/∂Vᵀ = (UΣ)ᵀ·G at
   the layer's middle rank.
 
+"FLOP bound" (SVDP cases): (floor FLOPs + the frames' own FLOPs) / floor FLOPs, the ratio ours could not beat at
+the floor's FLOP rate, since the floor leaves out forming U and V; where it exceeds the goal, so must the ratio.
+
 Protocol: each case builds its model afresh (``harness.build`` collects the previous one first: a parametrized
 module sits in reference cycles, and a dead model left to the collector makes the next case's allocations fault in
 fresh pages); ours and floor run interleaved after 2 warm-up runs, ``--reps`` timed runs each (default 15, fewer once
@@ -31,7 +34,8 @@ import sys
 
 import torch
 
-from harness import PAPER_MODELS, build, gemm_floor_fn, machine_lines, time_it, weight_path_calls, weights_fn
+from harness import (PAPER_MODELS, build, gemm_floor_fn, machine_lines, svdp_flop_bound, time_it, weight_path_calls,
+                     weights_fn)
 
 COUNT_CASES = (("sttp", 16), ("sttp", 64), ("svdp", 64))
 COUNT_GOAL = {"wrn28-10": 1600}  # every other paper model: 800
@@ -43,7 +47,7 @@ def time_goal(name: str, rank: int) -> float:
 
 def timing(args, device: torch.device) -> list[str]:
     """One line per case with both medians; returns the TARGET lines."""
-    print(f"{'case':<42} {'ours ms':>9} {'floor ms':>9} {'ratio':>6} {'runs':>5}")
+    print(f"{'case':<42} {'ours ms':>9} {'floor ms':>9} {'ratio':>6} {'runs':>5} {'FLOP bound':>10}")
     targets = []
     for name in args.models:
         for rank in args.ranks:
@@ -55,10 +59,13 @@ def timing(args, device: torch.device) -> list[str]:
                     (ours, _, runs), (floor, _, _) = times["ours"], times["floor"]
                     case = f"weights_{name}_{method}_r{rank}_{spectrum}"
                     ratio = ours / floor
-                    print(f"{case:<42} {ours * 1e3:>9.2f} {floor * 1e3:>9.2f} {ratio:>6.2f} {runs:>5}", flush=True)
+                    bound = f"{svdp_flop_bound(model):.2f}" if method == "svdp" else "-"
+                    print(f"{case:<42} {ours * 1e3:>9.2f} {floor * 1e3:>9.2f} {ratio:>6.2f} {runs:>5} {bound:>10}",
+                          flush=True)
                     goal = time_goal(name, rank)
                     verdict = ("PASS" if ratio <= goal else "FAIL") if device.type == "cpu" else "(GPU: no verdict)"
-                    targets.append(f"TARGET {case} ratio={ratio:.2f} goal={goal} {verdict}")
+                    note = f" (FLOP bound {bound})" if method == "svdp" else ""
+                    targets.append(f"TARGET {case} ratio={ratio:.2f} goal={goal} {verdict}{note}")
                     del model  # collected by the next build()
     return targets
 
