@@ -8,14 +8,14 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Collection, Mapping
 
 import torch
 from torch import nn
 
 from .calibration import Calibration, calibrate, sequential_statistics
-from .layers import select_layers
+from .layers import select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .surgery import conversion, convert
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, layer_metric, project_layer
@@ -28,13 +28,15 @@ class WhitenedProjection:
     """What :func:`project_whitened` did: per layer the :class:`LayerProjection` (without its weight), the relative
     weight error ‖W − Ŵ‖_F/‖W‖_F of the converted layer (``errors``, as :func:`torch_sttp.ranks.projection_errors`)
     and the relative whitened error (``whitened_errors``); the seconds spent projecting (statistics of a
-    sequential run included) and, for a sequential run, in its calibration passes."""
+    sequential run included) and, for a sequential run, in its calibration passes; the layers whose bias was
+    corrected (``centered``, see :func:`project_whitened`)."""
 
     layers: dict
     errors: dict
     whitened_errors: dict
     seconds: float
     calibration_seconds: float = 0.0
+    bias_corrected: list = field(default_factory=list)
 
 
 def _rank_map(model: nn.Module, rank, include, exclude) -> dict[str, int]:
@@ -59,43 +61,67 @@ def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: in
     return proj
 
 
-def _project_sequential(model, method, ranks, batches, damping, refine_iters, progress, compare):
+def _project_sequential(model, method, ranks, batches, metric_options, refine_iters, progress, compare):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
     model, writing Ŵ into the dense weights (in place); returns ({name: LayerProjection}, seconds spent in the
-    calibration passes)."""
+    calibration passes, {name: E[x]} of the centred layers)."""
     modules = dict(model.named_modules())
-    out, calib_seconds = {}, 0.0
+    damping, centered, scales = metric_options
+    out, calib_seconds, means = {}, 0.0, {}
     t = time.perf_counter()
-    for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
+    for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress, means=bool(centered)):
         calib_seconds += time.perf_counter() - t
         for name in group:
-            out[name] = _project(modules[name], method, ranks[name],
-                                 layer_metric(stats, name, modules[name], damping), refine_iters, compare)
+            metric = layer_metric(stats, name, modules[name], damping, centered, scales)
+            out[name] = _project(modules[name], method, ranks[name], metric, refine_iters, compare)
+            if _is_centered(name, centered):
+                means[name] = stats.mean(name)
         t = time.perf_counter()
-    return out, calib_seconds
+    return out, calib_seconds, means
 
 
-def _convert_sequential(model, method, ranks, spectrum, batches, damping, refine_iters, progress, compare,
+def _is_centered(name: str, centered) -> bool:
+    return centered if isinstance(centered, bool) else name in centered
+
+
+def _correct_biases(modules, originals, means) -> list[str]:
+    """b ← b + (W − Ŵ)·E[x] for each layer of ``means`` with a bias (groups = 1): its output mean on the
+    calibration data is then the dense layer's. Returns the corrected layers."""
+    done = []
+    with torch.no_grad():
+        for name, mu in means.items():
+            module = modules[name]
+            if getattr(module, "bias", None) is None or getattr(module, "groups", 1) != 1:
+                continue
+            w = weight_matrix(module, originals[name]).double()
+            delta = (w - weight_matrix(module).double()) @ mu.to(w)
+            module.bias.add_(delta.to(module.bias))
+            done.append(name)
+    return done
+
+
+def _convert_sequential(model, method, ranks, spectrum, batches, metric_options, refine_iters, progress, compare,
                         convert_kwargs):
     """Sequential projection then ``convert(init="pretrained")``; the dense weights are restored on an error.
-    Returns (projections, calibration seconds, the dense weights)."""
+    Returns (projections, calibration seconds, the dense weights, the centred layers' input means)."""
     modules = dict(model.named_modules())
     originals = {n: modules[n].weight.detach().clone() for n in ranks}
     try:
-        layers, calib_seconds = _project_sequential(model, method, ranks, batches, damping, refine_iters, progress,
-                                                    compare)
+        layers, calib_seconds, means = _project_sequential(model, method, ranks, batches, metric_options,
+                                                           refine_iters, progress, compare)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
     except BaseException:
         for n, w in originals.items():
             if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
                 _write(modules[n], w)
         raise
-    return layers, calib_seconds, originals
+    return layers, calib_seconds, originals, means
 
 
 def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
                      batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
                      damping: float = DAMPING, refine_iters: int = REFINE_ITERS, compare: bool = False,
+                     centered: bool | Collection[str] = False, output_scales: Mapping[str, torch.Tensor] | None = None,
                      progress: bool = False, **convert_kwargs) -> WhitenedProjection:
     """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
 
@@ -112,6 +138,14 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     it into (or copying) the dense weights. On an error the dense weights are restored. The relative weight errors
     are recorded on the conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
     data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
+
+    ``centered`` (True or layer names) and ``output_scales`` ({layer: g}, e.g.
+    :func:`torch_sttp.calibration.batchnorm_scales`) choose the metric of :func:`layer_metric`: the centred one
+    needs statistics with means (``calibrate(..., means=True)``; computed so when ``calibration`` is None) and
+    ignores the output mean error (W − Ŵ)·E[x], which is then removed where the layer has a bias (groups = 1):
+    b ← b + (W − Ŵ)·E[x] (``bias_corrected``). Centre only layers whose output mean is so restored, or that feed a
+    batch norm whose statistics are re-estimated afterwards
+    (:func:`torch_sttp.calibration.reestimate_batchnorm`).
     """
     check_method(method)
     check_spectrum(spectrum)
@@ -123,21 +157,24 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             raise ValueError("project_whitened needs calibration statistics or batches (sequential=True needs "
                              "batches)")
         if calibration is None and not sequential:
-            calibration = calibrate(model, batches, layers=list(ranks), progress=progress)
+            calibration = calibrate(model, batches, layers=list(ranks), progress=progress, means=bool(centered))
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
+    options = (damping, centered, output_scales)
     if sequential:
-        layers, calib_seconds, originals = _convert_sequential(model, method, ranks, spectrum, batches, damping,
-                                                               refine_iters, progress, compare, convert_kwargs)
+        layers, calib_seconds, originals, means = _convert_sequential(model, method, ranks, spectrum, batches, options,
+                                                                      refine_iters, progress, compare, convert_kwargs)
     else:
         missing = [n for n in ranks if n not in calibration]
         if missing:
             raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
         originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
         layers, calib_seconds = {}, 0.0
-        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers)
+        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
+        means = {n: calibration.mean(n) for n in ranks if _is_centered(n, centered)}
+    corrected = _correct_biases(modules, originals, means)
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():
@@ -147,4 +184,4 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             errors[n] = diff / norm if norm > 0 else diff
     conversion(model).record_projection(errors, seconds)
     return WhitenedProjection(layers, errors, {n: p.relative_error for n, p in layers.items()}, seconds,
-                              calib_seconds)
+                              calib_seconds, corrected)
