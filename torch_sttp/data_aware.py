@@ -158,6 +158,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
                              "batches)")
         if calibration is None and not sequential:
             calibration = calibrate(model, batches, layers=list(ranks), progress=progress, means=bool(centered))
+    if centered and not sequential and not calibration.has_means:
+        raise ValueError("project_whitened(centered=...) needs the input means: calibrate with means=True")
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
     options = (damping, centered, output_scales)
