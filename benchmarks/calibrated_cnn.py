@@ -13,10 +13,14 @@ parameters of the dense model) — with one rank for all layers ("uniform") or t
 * ``aware-nobn``: whitened projection (``project_whitened`` on E[x xᵀ]; SVDP also weighs each output channel by
   its batch norm's γ/σ, ``batchnorm_scales``), batch-norm statistics as trained;
 * ``aware`` — *the data-aware method of the targets*: the centred whitened metric (the input covariance: conv2 and
-  conv3 feed batch norms that are re-estimated, fc's mean output error is removed by its bias), SVDP with the
-  γ/σ output weighting, then ``reestimate_batchnorm``. Whether to weigh the outputs (SVDP) and whether to
-  project sequentially are chosen per method on a validation split (1 000 training images outside the calibration
-  set; uniform ranks, mean accuracy over the Z grid), never on the test set. No gradient step anywhere.
+  conv3 feed batch norms that are re-estimated, fc's mean output error is removed by its bias), then
+  ``reestimate_batchnorm``. Whether to weigh the outputs by γ/σ (SVDP) and the projection mode are chosen per
+  method on a validation split (1 000 training images outside the calibration
+  set; uniform ranks, mean accuracy over the Z grid), never on the test set. The projection modes: one-shot (all
+  layers on the dense model's statistics), sequential (``sequential=True, batchnorm=True``: layer by layer on the
+  partly compressed model, batch norms re-estimated after each layer) and compensated (the same with
+  ``compensate=True``: each layer fits the dense model's outputs from the inputs it now gets). No gradient step
+  anywhere.
 
     TARGET smallcnn_data_aware_vs_free[_z<Z>] ratio=<min over method, ranks of aware acc − free acc (points)> goal=0.0
     TARGET smallcnn_within_1_point[_z<Z>] ratio=<dense acc − best aware acc (points), Z ≤ 50> goal=1.0
@@ -112,18 +116,20 @@ def compress(dense, method, budget, strategy, data, calib, settings):
         full = data == "aware"
         metric = _aware_metric(method, scales, settings["weigh"] if full else True, centered=full)
         ranks = plan(model, method, budget, strategy, stats, metric)
-        sequential = full and settings["sequential"]
+        sequential = full and settings["mode"] != "one-shot"
+        layer_wise = {"compensate": settings["mode"] == "compensated", "batchnorm": True} if sequential else {}
         project_whitened(model, method, ranks, None if sequential else stats, batches=batches,
-                         sequential=sequential, **metric)
+                         sequential=sequential, **metric, **layer_wise)
     if data in ("free+bn", "aware"):
         reestimate_batchnorm(model, batches)
     return model, ranks
 
 
 def select_settings(dense, method, budgets, calib, val) -> dict:
-    """The aware settings (output weighting, sequential) with the best mean validation accuracy (uniform ranks)."""
-    options = [{"weigh": w, "sequential": q} for w in ((True, False) if method == "svdp" else (False,))
-               for q in (False, True)]
+    """The aware settings (output weighting; one-shot, sequential or compensated projection) with the best mean
+    validation accuracy (uniform ranks)."""
+    options = [{"weigh": w, "mode": q} for w in ((True, False) if method == "svdp" else (False,))
+               for q in ("one-shot", "sequential", "compensated")]
     scores = []
     for settings in options:
         accs = [accuracy(compress(dense, method, b, "uniform", "aware", calib, settings)[0], val) for b in budgets]

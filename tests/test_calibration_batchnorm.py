@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_sttp.calibration import Calibration, batchnorm_scales, calibrate, reestimate_batchnorm
+from torch_sttp.calibration import Calibration, batchnorm_scales, calibrate, paired_statistics, reestimate_batchnorm
 from torch_sttp.data_aware import project_whitened
 from torch_sttp.layers import weight_matrix
 from torch_sttp.whitening import layer_metric, project_layer, truncation_candidates
@@ -177,3 +177,81 @@ def test_means_are_saved_and_loaded_bit_exactly(tmp_path):
         assert torch.equal(back.mean(n), stats.mean(n)) and torch.equal(back.total(n), stats.total(n))
     plain.save(tmp_path / "p.safetensors")
     assert not Calibration.load(tmp_path / "p.safetensors").has_means
+
+
+def _mlp(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5)).double()
+    gen = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(60, 6, generator=gen, dtype=torch.float64) + 1.0 for _ in range(2)]
+    return model, xs
+
+
+def test_paired_statistics_are_the_cross_moments_of_the_two_models():
+    model, xs = _mlp(5)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other[0].weight.mul_(0.7)
+    paired = paired_statistics(model, other, xs, ["2"])
+    x = torch.cat(xs)
+    ref, own = torch.tanh(model[0](x)).detach(), torch.tanh(other[0](x)).detach()
+    n = len(x)
+    torch.testing.assert_close(paired.cross_moment("2"), ref.T @ own / n, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(paired.model.moment("2"), own.T @ own / n, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(paired.reference_mean("2"), ref.mean(0), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(paired.cross_covariance("2"), (ref - ref.mean(0)).T @ (own - own.mean(0)) / n,
+                               rtol=1e-11, atol=1e-12)
+    with pytest.raises(ValueError, match="embedding"):
+        paired_statistics(nn.Embedding(3, 2), nn.Embedding(3, 2), [torch.tensor([1, 2])], [""])
+
+
+@pytest.mark.parametrize("centered", [False, True])
+def test_compensated_sequential_projection_fits_the_dense_outputs_optimally(centered):
+    model, xs = _mlp(6)
+    dense = copy.deepcopy(model)
+    x = torch.cat(xs)
+    result = project_whitened(model, "svdp", {"0": 2, "2": 3}, batches=xs, sequential=True, compensate=True,
+                              centered=centered, damping=0.0)
+    with torch.no_grad():
+        target = dense(x)                            # W·X (+ b) of the last layer: the dense model's output
+        inputs = torch.tanh(model[0](x))             # X̂: what the last layer now gets
+        out = model(x)
+    # reference optimum: the least-squares W' (with an intercept when centred), then Eckart–Young on W'·X̂
+    if centered:
+        mean_in, mean_out = inputs.mean(0), target.mean(0)
+        a, b = inputs - mean_in, target - mean_out
+    else:
+        a, b = inputs, target - dense[2].bias.detach()
+    w_ls = torch.linalg.lstsq(a, b).solution.T       # (5 × 8): min ‖b − a·Wᵀ‖
+    s = torch.linalg.svdvals(w_ls @ a.T)
+    best = float(((b - a @ w_ls.T) ** 2).sum() + (s[3:] ** 2).sum())
+    got = out - mean_out if centered else out - dense[2].bias.detach()
+    assert float(((b - got) ** 2).sum()) == pytest.approx(best, rel=1e-8)
+    assert torch.linalg.matrix_rank(weight_matrix(model[2]).detach()).item() == 3
+    if centered:
+        assert result.bias_corrected == ["0", "2"]
+        torch.testing.assert_close(out.mean(0), target.mean(0), rtol=1e-10, atol=1e-10)  # the output mean is exact
+    plain = copy.deepcopy(dense)
+    project_whitened(plain, "svdp", {"0": 2, "2": 3}, batches=xs, sequential=True, centered=centered, damping=0.0)
+    with torch.no_grad():
+        assert float(((plain(x) - target) ** 2).sum()) > float(((out - target) ** 2).sum())
+
+
+def test_sequential_batchnorm_reestimation_and_restoring_on_an_error():
+    net, batches = _net(7)
+    layers = {"conv2": 2, "fc1": 2}
+    project_whitened(net, "svdp", layers, batches=batches, sequential=True, compensate=True, batchnorm=True,
+                     centered=True)
+    stats = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    reestimate_batchnorm(net, batches)  # already the exact statistics of the final model: nothing moves
+    for k, v in net.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, stats[k], rtol=1e-9, atol=1e-11)
+    fresh, _ = _net(7)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown path"):
+        project_whitened(fresh, "svdp", layers, batches=batches, sequential=True, compensate=True, batchnorm=True,
+                         centered=True, path="nowhere")
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # weights, biases, BN restored
+    with pytest.raises(ValueError, match="sequential=True"):
+        project_whitened(fresh, "svdp", layers, batches=batches, compensate=True)

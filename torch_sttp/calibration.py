@@ -46,7 +46,7 @@ from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
            "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric",
-           "reestimate_batchnorm", "batchnorm_scales"]
+           "reestimate_batchnorm", "batchnorm_scales", "PairedStatistics", "paired_statistics"]
 
 FORMAT_VERSION = 1
 META_KEY = "torch_sttp_calibration"
@@ -516,7 +516,7 @@ def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=N
 
 
 def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progress: bool = False,
-                          means: bool = False):
+                          means: bool = False, reference: nn.Module | None = None):
     """For sequential compression: yields ``(group, statistics)`` for each group of layers fed by the same input,
     in forward order, computing each group's statistics on the model *as it is when the group's turn comes*.
 
@@ -524,7 +524,8 @@ def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progr
     so that each later layer is calibrated on the outputs of the already compressed ones. ``batches`` must be
     re-iterable (a list); the order and the groups come from one forward pass of the first batch; each group then
     costs one pass over ``batches`` stopped after the group's layers (``stop_early``); ``means`` as in
-    :func:`calibrate`.
+    :func:`calibrate`. With a ``reference`` model (a dense copy), each group's statistics are instead its
+    :func:`paired_statistics` against it (full passes of both models).
     """
     names = list(names)
     if iter(batches) is batches:
@@ -533,7 +534,77 @@ def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progr
     if first is None:
         raise ValueError("sequential compression: no batch given")
     for group in forward_groups(model, first, layers=names):
-        yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True, means=means)
+        if reference is not None:
+            yield group, paired_statistics(reference, model, batches, group)
+        else:
+            yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True, means=means)
+
+
+class PairedStatistics:
+    """Statistics of the same layers in two models fed the same data: x the input of a layer in the ``reference``
+    model, x̂ its input in the (partly compressed) model. ``model`` is the :class:`Calibration` of x̂ (with means);
+    :meth:`cross_moment` E[x x̂ᵀ], :meth:`cross_covariance` E[(x − μ)(x̂ − μ̂)ᵀ] and :meth:`reference_mean` μ = E[x]
+    come from the float64 sums ``cross`` (Σ x x̂ᵀ) and ``reference_sums`` (Σ x)."""
+
+    def __init__(self, model: Calibration, cross: Mapping[str, torch.Tensor], reference_sums: Mapping[str, torch.Tensor]):
+        self.model, self.cross, self.reference_sums = model, dict(cross), dict(reference_sums)
+
+    def cross_moment(self, name: str) -> torch.Tensor:
+        """E[x x̂ᵀ] (d_in × d_in)."""
+        return self.cross[name] / self.model.samples(name)
+
+    def reference_mean(self, name: str) -> torch.Tensor:
+        """μ = E[x] (d_in,)."""
+        return self.reference_sums[name] / self.model.samples(name)
+
+    def cross_covariance(self, name: str) -> torch.Tensor:
+        """E[x x̂ᵀ] − μ·μ̂ᵀ."""
+        return self.cross_moment(name) - torch.outer(self.reference_mean(name), self.model.mean(name))
+
+
+def paired_statistics(reference: nn.Module, model: nn.Module, batches, names: Iterable[str]) -> PairedStatistics:
+    """Stream ``batches`` through ``reference`` and ``model`` (eval mode, no gradients, flags restored) and sum, for
+    each layer of ``names`` (present in both under the same name, called in the same order), Σ x x̂ᵀ, Σ x̂ x̂ᵀ, Σ x
+    and Σ x̂ over the input columns (as :func:`calibrate`; masked positions left out). Embedding and grouped
+    ConvTranspose layers are refused (their inputs are not compared column by column)."""
+    names = list(names)
+    pairs = [(n, reference.get_submodule(n), model.get_submodule(n)) for n in names]
+    for n, _, m in pairs:
+        kind = layer_kind(m)
+        if kind == "embedding" or (kind == "conv_transpose" and m.groups > 1):
+            raise ValueError(f"layer {n!r}: paired statistics are not defined for a {kind} layer"
+                             + (" with groups > 1" if kind == "conv_transpose" else "") + "; leave it out")
+    sums = {n: {} for n in names}
+    for batch in batches:
+        mask = _attention_mask(batch)
+        cols = [_batch_columns(net, [(n, mod) for n, mod, _ in pairs] if net is reference
+                               else [(n, mod) for n, _, mod in pairs], batch, mask) for net in (reference, model)]
+        for n in names:
+            if not cols[0][n] or not cols[1][n]:
+                continue
+            x, y = torch.cat(cols[0][n]).double(), torch.cat(cols[1][n]).double()
+            if x.shape != y.shape:
+                raise ValueError(f"layer {n!r} saw inputs of shape {tuple(x.shape)} in the reference and "
+                                 f"{tuple(y.shape)} in the model; pair models of the same architecture")
+            for key, value in (("xy", x.mT @ y), ("yy", y.mT @ y), ("x", x.sum(0)), ("y", y.sum(0)),
+                               ("n", x.shape[0])):
+                sums[n][key] = sums[n].get(key, 0) + value
+    missing = [n for n in names if not sums[n]]
+    if missing:
+        raise ValueError(f"paired_statistics: layers {missing[:4]} never ran on the batches")
+    stats = Calibration({n: (n, layer_kind(m)) for n, _, m in pairs}, {n: sums[n]["yy"] for n in names},
+                        {n: sums[n]["n"] for n in names}, column_sums={n: sums[n]["y"] for n in names})
+    return PairedStatistics(stats, {n: sums[n]["xy"] for n in names}, {n: sums[n]["x"] for n in names})
+
+
+def _batch_columns(net: nn.Module, layers, batch, mask) -> dict[str, list[torch.Tensor]]:
+    """The input columns of each of ``layers`` ((name, module) of ``net``) in one forward pass of ``batch``."""
+    found: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+
+    def observe(name, module, args):
+        found[name].append(_columns(module, layer_kind(module), args[0].detach(), mask))
+    _first_calls(net, layers, batch, observe=observe)
+    return found
 
 
 def _output_tensor(output) -> torch.Tensor:
