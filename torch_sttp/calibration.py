@@ -45,8 +45,9 @@ from .layers import KINDS, layer_kind, select_layers
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
-           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric",
-           "reestimate_batchnorm", "batchnorm_scales", "PairedStatistics", "paired_statistics"]
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch",
+           "pack_symmetric", "unpack_symmetric", "reestimate_batchnorm", "batchnorm_scales", "PairedStatistics",
+           "paired_statistics"]
 
 FORMAT_VERSION = 1
 META_KEY = "torch_sttp_calibration"
@@ -546,7 +547,8 @@ class PairedStatistics:
     :meth:`cross_moment` E[x x̂ᵀ], :meth:`cross_covariance` E[(x − μ)(x̂ − μ̂)ᵀ] and :meth:`reference_mean` μ = E[x]
     come from the float64 sums ``cross`` (Σ x x̂ᵀ) and ``reference_sums`` (Σ x)."""
 
-    def __init__(self, model: Calibration, cross: Mapping[str, torch.Tensor], reference_sums: Mapping[str, torch.Tensor]):
+    def __init__(self, model: Calibration, cross: Mapping[str, torch.Tensor],
+                 reference_sums: Mapping[str, torch.Tensor]):
         self.model, self.cross, self.reference_sums = model, dict(cross), dict(reference_sums)
 
     def cross_moment(self, name: str) -> torch.Tensor:

@@ -161,7 +161,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
     together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
     already projected (:func:`torch_sttp.calibration.sequential_statistics`), so each layer is fitted in the metric
-    of the inputs it will receive (to absorb earlier errors, add ``compensate``, below); non-sequential, ``convert(..., calibration=WhitenedProjector(...))`` loads each Ŵ without writing
+    of the inputs it will receive (to absorb earlier errors, add ``compensate``, below); non-sequential,
+    ``convert(..., calibration=WhitenedProjector(...))`` loads each Ŵ without writing
     it into (or copying) the dense weights. On an error the dense weights are restored. The relative weight errors
     are recorded on the conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
     data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
