@@ -180,7 +180,7 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     :func:`torch_sttp.calibration.paired_statistics`): the whitened projection of W' = W·K·C⁻¹ (K = E[x x̂ᵀ], C the
     damped E[x̂ x̂ᵀ]; both centred with ``centered``, and the bias correction then b ← b + W·μ − Ŵ·μ̂), so later
     layers absorb the errors of earlier ones — without it each layer fits W·X̂, the dense layer on the perturbed
-    inputs. It keeps one copy of the model. ``batchnorm`` re-estimates every batch norm on ``batches`` after each
+    inputs. It keeps one copy of the model; Embedding layers are refused. ``batchnorm`` re-estimates every batch norm on ``batches`` after each
     group (:func:`~torch_sttp.calibration.reestimate_batchnorm`), so that the next group's inputs are normalised
     with current statistics; the model leaves with re-estimated batch norms. On an error, weights, biases and
     batch-norm statistics are restored.
