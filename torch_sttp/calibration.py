@@ -45,10 +45,13 @@ from .layers import KINDS, layer_kind, select_layers
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
-           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch", "pack_symmetric", "unpack_symmetric"]
+           "load_calibration", "forward_groups", "sequential_statistics", "layer_sensitivity", "run_batch",
+           "pack_symmetric", "unpack_symmetric", "reestimate_batchnorm", "batchnorm_scales", "PairedStatistics",
+           "paired_statistics"]
 
 FORMAT_VERSION = 1
 META_KEY = "torch_sttp_calibration"
+COLUMN_SUM_PREFIX = "column_sum:"  # the file's name of a statistic's Σ x (calibrate(..., means=True))
 CHUNK_ROWS = 1 << 13  # columns x per float64 update (bounds the temporary copies)
 
 
@@ -57,14 +60,20 @@ class Calibration:
     triangles), or token counts (num_embeddings,) for an Embedding, with their sample counts N; layers that share
     an input share one entry. ``sums`` holds full matrices, or with ``packed`` their :func:`pack_symmetric` form.
 
-    ``names`` lists the layers in the order they first ran in the forward pass.
+    ``names`` lists the layers in the order they first ran in the forward pass. ``column_sums`` (optional, from
+    ``calibrate(..., means=True)``): Σ x (d_in,) per matrix statistic, for :meth:`mean` and :meth:`covariance`.
     """
 
     def __init__(self, layers: Mapping[str, tuple[str, str]], sums: Mapping[str, torch.Tensor],
-                 samples: Mapping[str, int], packed: bool = False):
+                 samples: Mapping[str, int], packed: bool = False,
+                 column_sums: Mapping[str, torch.Tensor] | None = None):
         self._layers = {n: (str(k), str(kind)) for n, (k, kind) in layers.items()}
         self._sums = {k: t if packed or t.dim() == 1 else pack_symmetric(t) for k, t in sums.items()}
         self._samples = {k: int(v) for k, v in samples.items()}
+        self._column_sums = dict(column_sums or {})
+        for key in self._column_sums:
+            if key not in self._sums:
+                raise ValueError(f"calibration: a column sum refers to a missing statistic {key!r}")
         for name, (key, kind) in self._layers.items():
             if key not in self._sums or key not in self._samples:
                 raise ValueError(f"calibration: layer {name!r} refers to a missing statistic {key!r}")
@@ -127,9 +136,30 @@ class Calibration:
         return total / n if self.kind(name) == "embedding" else total.div_(n)  # a matrix is unpacked afresh
 
     @property
+    def has_means(self) -> bool:
+        """Whether the column sums Σ x were collected (``calibrate(..., means=True)``)."""
+        return bool(self._column_sums)
+
+    def mean(self, name: str) -> torch.Tensor:
+        """E[x] = Σ x / N (d_in,), float64; needs ``calibrate(..., means=True)`` (not for an Embedding)."""
+        key = self.key(name)
+        if key not in self._column_sums:
+            raise ValueError(f"layer {name!r}: no input mean in these statistics; calibrate with means=True "
+                             "(Embedding layers have none)")
+        n = self.samples(name)
+        if n == 0:
+            raise ValueError(f"layer {name!r} saw no input during calibration")
+        return self._column_sums[key] / n
+
+    def covariance(self, name: str) -> torch.Tensor:
+        """E[(x − μ)(x − μ)ᵀ] = E[x xᵀ] − μ·μᵀ with μ = E[x] (d_in × d_in, float64); see :meth:`mean`."""
+        mu = self.mean(name)
+        return self.moment(name).sub_(torch.outer(mu, mu))
+
+    @property
     def nbytes(self) -> int:
-        """Bytes held by the statistics (each shared one counted once)."""
-        return sum(t.numel() * t.element_size() for t in self._sums.values())
+        """Bytes held by the statistics (each shared one counted once; column sums included)."""
+        return sum(t.numel() * t.element_size() for t in [*self._sums.values(), *self._column_sums.values()])
 
     def projector(self, damping: float = DAMPING, refine_iters: int = REFINE_ITERS) -> WhitenedProjector:
         """The data-aware projection these statistics define (:class:`~torch_sttp.whitening.WhitenedProjector`),
@@ -146,8 +176,9 @@ class Calibration:
         from safetensors.torch import save_file
 
         meta = {"version": FORMAT_VERSION, "layers": {n: list(v) for n, v in self._layers.items()},
-                "samples": self._samples}
+                "samples": self._samples, "column_sums": sorted(self._column_sums)}
         tensors = {k: t.detach().cpu().contiguous() for k, t in self._sums.items()}
+        tensors.update({COLUMN_SUM_PREFIX + k: t.detach().cpu().contiguous() for k, t in self._column_sums.items()})
         save_file(tensors, str(path), metadata={META_KEY: json.dumps(meta)})
 
     @classmethod
@@ -164,8 +195,10 @@ class Calibration:
             if info.get("version", 0) > FORMAT_VERSION:
                 raise ValueError(f"{path}: calibration format {info.get('version')} is newer than this torch-sttp "
                                  f"reads ({FORMAT_VERSION}); upgrade torch-sttp")
-            sums = {k: f.get_tensor(k) for k in f.keys()}
-        return cls({n: tuple(v) for n, v in info["layers"].items()}, sums, info["samples"])
+            column_keys = set(info.get("column_sums", []))
+            stored = {k: f.get_tensor(k) for k in f.keys()}
+        columns = {k: stored.pop(COLUMN_SUM_PREFIX + k) for k in column_keys}
+        return cls({n: tuple(v) for n, v in info["layers"].items()}, stored, info["samples"], column_sums=columns)
 
     def __repr__(self) -> str:
         return f"Calibration(layers={len(self)}, statistics={len(self._sums)}, MiB={self.nbytes / 2**20:.1f})"
@@ -308,10 +341,13 @@ class _Collector:
     """Forward pre-hooks that accumulate each selected layer's statistic, sharing it between layers fed by the same
     tensor (tracked with weak references, so that no input is kept alive)."""
 
-    def __init__(self, selected: list[tuple[str, nn.Module]], stop_early: bool, measure: bool = True):
+    def __init__(self, selected: list[tuple[str, nn.Module]], stop_early: bool, measure: bool = True,
+                 means: bool = False):
         self.selected = selected
         self.stop_early = stop_early
         self.measure = measure
+        self.means = means
+        self.column_sums: dict[str, torch.Tensor] = {}
         self.kinds = {name: layer_kind(m) for name, m in selected}
         self.layers: dict[str, tuple[str, str]] = {}
         self.sums: dict[str, torch.Tensor] = {}
@@ -361,6 +397,10 @@ class _Collector:
             self.masks[(d, device)] = torch.ones(d, d, dtype=torch.bool, device=device).triu()
         _accumulate(self.sums[key], module, kind, cols, self.masks.get((d, device)))
         self.samples[key] += int(cols.shape[0])
+        if self.means and kind != "embedding" and not (kind == "conv_transpose" and module.groups > 1):
+            total = self.column_sums.setdefault(key, torch.zeros(d, dtype=torch.float64, device=device))
+            for chunk in cols.split(CHUNK_ROWS):
+                total += chunk.to(torch.float64).sum(0)
 
     def end(self, batch_index: int) -> None:
         """Check that layers sharing a statistic were fed the same tensors in this batch."""
@@ -408,7 +448,7 @@ def _select(model: nn.Module, include, exclude, layers) -> list[tuple[str, nn.Mo
 
 
 def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, progress: bool, stop_early: bool,
-             measure: bool) -> _Collector:
+             measure: bool, means: bool = False) -> _Collector:
     """Run the batches with the hooks of a :class:`_Collector` on the selected layers (eval mode, no gradients,
     training flags restored)."""
     selected = _select(model, include, exclude, layers)
@@ -416,7 +456,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
         raise ValueError("calibrate: no layer selected; check include/exclude (supported: Linear, Conv1/2/3d, "
                          "ConvTranspose1/2/3d, Embedding; converted layers are calibrated on the dense model)")
     flags = {m: m.training for m in model.modules()}
-    collector = _Collector(selected, stop_early, measure)
+    collector = _Collector(selected, stop_early, measure, means)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -444,7 +484,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
 
 
 def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, progress: bool = False,
-              stop_early: bool = False, layers: Iterable[str] | None = None) -> Calibration:
+              stop_early: bool = False, layers: Iterable[str] | None = None, means: bool = False) -> Calibration:
     """Stream ``batches`` through ``model`` (eval mode, no gradients) and return each selected layer's statistic.
 
     Args:
@@ -455,12 +495,15 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
         stop_early: end each forward pass as soon as every selected layer has seen its input (when only some
             early layers are calibrated; assumes each selected layer runs once per forward).
         layers: qualified names; only these layers (each must be selectable) are calibrated.
+        means: also sum the columns, Σ x, for :meth:`Calibration.mean` / :meth:`Calibration.covariance` (the centred
+            metric of :func:`torch_sttp.whitening.layer_metric`); d_in more values per statistic (none for an
+            Embedding or a grouped ConvTranspose).
 
     Every module's training flag is restored afterwards. Raises ValueError if no layer is selected, if a selected
     layer never runs, or if layers that shared an input stop sharing it in a later batch.
     """
-    c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True)
-    return Calibration(c.layers, c.sums, c.samples, packed=True)
+    c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True, means=means)
+    return Calibration(c.layers, c.sums, c.samples, packed=True, column_sums=c.column_sums)
 
 
 def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=None) -> list[list[str]]:
@@ -473,14 +516,17 @@ def forward_groups(model: nn.Module, batch, include=None, exclude=None, layers=N
     return list(groups.values())
 
 
-def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progress: bool = False):
+def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progress: bool = False,
+                          means: bool = False, reference: nn.Module | None = None):
     """For sequential compression: yields ``(group, statistics)`` for each group of layers fed by the same input,
     in forward order, computing each group's statistics on the model *as it is when the group's turn comes*.
 
     The caller compresses the layers of ``group`` (in place, keeping their names) before asking for the next group,
     so that each later layer is calibrated on the outputs of the already compressed ones. ``batches`` must be
     re-iterable (a list); the order and the groups come from one forward pass of the first batch; each group then
-    costs one pass over ``batches`` stopped after the group's layers (``stop_early``).
+    costs one pass over ``batches`` stopped after the group's layers (``stop_early``); ``means`` as in
+    :func:`calibrate`. With a ``reference`` model (a dense copy), each group's statistics are instead its
+    :func:`paired_statistics` against it (full passes of both models).
     """
     names = list(names)
     if iter(batches) is batches:
@@ -489,7 +535,78 @@ def sequential_statistics(model: nn.Module, batches, names: Iterable[str], progr
     if first is None:
         raise ValueError("sequential compression: no batch given")
     for group in forward_groups(model, first, layers=names):
-        yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True)
+        if reference is not None:
+            yield group, paired_statistics(reference, model, batches, group)
+        else:
+            yield group, calibrate(model, batches, layers=group, progress=progress, stop_early=True, means=means)
+
+
+class PairedStatistics:
+    """Statistics of the same layers in two models fed the same data: x the input of a layer in the ``reference``
+    model, x̂ its input in the (partly compressed) model. ``model`` is the :class:`Calibration` of x̂ (with means);
+    :meth:`cross_moment` E[x x̂ᵀ], :meth:`cross_covariance` E[(x − μ)(x̂ − μ̂)ᵀ] and :meth:`reference_mean` μ = E[x]
+    come from the float64 sums ``cross`` (Σ x x̂ᵀ) and ``reference_sums`` (Σ x)."""
+
+    def __init__(self, model: Calibration, cross: Mapping[str, torch.Tensor],
+                 reference_sums: Mapping[str, torch.Tensor]):
+        self.model, self.cross, self.reference_sums = model, dict(cross), dict(reference_sums)
+
+    def cross_moment(self, name: str) -> torch.Tensor:
+        """E[x x̂ᵀ] (d_in × d_in)."""
+        return self.cross[name] / self.model.samples(name)
+
+    def reference_mean(self, name: str) -> torch.Tensor:
+        """μ = E[x] (d_in,)."""
+        return self.reference_sums[name] / self.model.samples(name)
+
+    def cross_covariance(self, name: str) -> torch.Tensor:
+        """E[x x̂ᵀ] − μ·μ̂ᵀ."""
+        return self.cross_moment(name) - torch.outer(self.reference_mean(name), self.model.mean(name))
+
+
+def paired_statistics(reference: nn.Module, model: nn.Module, batches, names: Iterable[str]) -> PairedStatistics:
+    """Stream ``batches`` through ``reference`` and ``model`` (eval mode, no gradients, flags restored) and sum, for
+    each layer of ``names`` (present in both under the same name, called in the same order), Σ x x̂ᵀ, Σ x̂ x̂ᵀ, Σ x
+    and Σ x̂ over the input columns (as :func:`calibrate`; masked positions left out). Embedding and grouped
+    ConvTranspose layers are refused (their inputs are not compared column by column)."""
+    names = list(names)
+    pairs = [(n, reference.get_submodule(n), model.get_submodule(n)) for n in names]
+    for n, _, m in pairs:
+        kind = layer_kind(m)
+        if kind == "embedding" or (kind == "conv_transpose" and m.groups > 1):
+            raise ValueError(f"layer {n!r}: paired statistics are not defined for a {kind} layer"
+                             + (" with groups > 1" if kind == "conv_transpose" else "") + "; leave it out")
+    sums = {n: {} for n in names}
+    for batch in batches:
+        mask = _attention_mask(batch)
+        cols = [_batch_columns(net, [(n, mod) for n, mod, _ in pairs] if net is reference
+                               else [(n, mod) for n, _, mod in pairs], batch, mask) for net in (reference, model)]
+        for n in names:
+            if not cols[0][n] or not cols[1][n]:
+                continue
+            x, y = torch.cat(cols[0][n]).double(), torch.cat(cols[1][n]).double()
+            if x.shape != y.shape:
+                raise ValueError(f"layer {n!r} saw inputs of shape {tuple(x.shape)} in the reference and "
+                                 f"{tuple(y.shape)} in the model; pair models of the same architecture")
+            for key, value in (("xy", x.mT @ y), ("yy", y.mT @ y), ("x", x.sum(0)), ("y", y.sum(0)),
+                               ("n", x.shape[0])):
+                sums[n][key] = sums[n].get(key, 0) + value
+    missing = [n for n in names if not sums[n]]
+    if missing:
+        raise ValueError(f"paired_statistics: layers {missing[:4]} never ran on the batches")
+    stats = Calibration({n: (n, layer_kind(m)) for n, _, m in pairs}, {n: sums[n]["yy"] for n in names},
+                        {n: sums[n]["n"] for n in names}, column_sums={n: sums[n]["y"] for n in names})
+    return PairedStatistics(stats, {n: sums[n]["xy"] for n in names}, {n: sums[n]["x"] for n in names})
+
+
+def _batch_columns(net: nn.Module, layers, batch, mask) -> dict[str, list[torch.Tensor]]:
+    """The input columns of each of ``layers`` ((name, module) of ``net``) in one forward pass of ``batch``."""
+    found: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
+
+    def observe(name, module, args):
+        found[name].append(_columns(module, layer_kind(module), args[0].detach(), mask))
+    _first_calls(net, layers, batch, observe=observe)
+    return found
 
 
 def _output_tensor(output) -> torch.Tensor:
@@ -559,3 +676,107 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
         for m, flag in flags.items():
             m.training = flag
     return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}
+
+
+# ------------------------------------------------------------------------------------------------ batch norm
+def _batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Batch-norm layers that keep running statistics."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _first_calls(model: nn.Module, modules: list[tuple[str, nn.Module]], batch, observe=None) -> list[str]:
+    """Names of ``modules`` in the order they first run on ``batch`` (eval mode, no gradients, flags restored);
+    ``observe(name, module, args)`` is called on every call (a forward pre-hook)."""
+    order: list[str] = []
+
+    def hook_for(name, module):
+        def hook(_module, args):
+            if name not in order:
+                order.append(name)
+            if observe is not None:
+                observe(name, module, args)
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules]
+    model.eval()
+    try:
+        with torch.no_grad():
+            run_batch(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return order
+
+
+def reestimate_batchnorm(model: nn.Module, batches, include=None) -> dict[str, int]:
+    """Set every batch norm's running statistics to the exact ones of its inputs on ``batches`` (no gradient step).
+
+    For each BatchNorm1d/2d/3d with running statistics (``include``: qualified names, default all), in forward
+    order: running_mean ← E[x_c] and running_var ← Σ (x_c − E[x_c])² / (N − 1) (PyTorch's unbiased convention),
+    over every sample and position x_c of channel c seen in all batches, accumulated in float64; each layer's
+    inputs are those of the model whose earlier batch norms are already re-estimated. After compressing the layers
+    before a batch norm, this restores the normalisation the trained model had (a layer followed by a
+    re-estimated batch norm is blind to per-channel shifts of its output). ``batches`` must be re-iterable (one
+    pass per batch norm); eval mode, training flags restored. Returns {name: N}.
+    """
+    if iter(batches) is batches:
+        raise ValueError("reestimate_batchnorm needs re-iterable batches (a list), not a one-shot iterator")
+    norms = [(n, m) for n, m in _batchnorms(model) if include is None or n in set(include)]
+    first = next(iter(batches), None)
+    if first is None or not norms:
+        raise ValueError("reestimate_batchnorm: " + ("no batch given" if first is None else
+                                                      "the model has no batch norm with running statistics"))
+    modules = dict(norms)
+    counts = {}
+    for name in _first_calls(model, norms, first):
+        sums = {}
+
+        def observe(_name, module, args, sums=sums):
+            x = args[0].detach().to(torch.float64).movedim(1, -1).reshape(-1, module.num_features)
+            sums["n"] = sums.get("n", 0) + x.shape[0]
+            sums["s"] = sums.get("s", 0) + x.sum(0)
+            sums["q"] = sums.get("q", 0) + (x * x).sum(0)
+        for batch in batches:
+            _first_calls(model, [(name, modules[name])], batch, observe=observe)
+        n, mean = sums["n"], sums["s"] / sums["n"]
+        if n < 2:
+            raise ValueError(f"reestimate_batchnorm: layer {name!r} saw {n} value per channel; give more data")
+        var = (sums["q"] - n * mean * mean).clamp_min(0) / (n - 1)
+        bn = modules[name]
+        with torch.no_grad():
+            bn.running_mean.copy_(mean.to(bn.running_mean))
+            bn.running_var.copy_(var.to(bn.running_var))
+        counts[name] = n
+    return counts
+
+
+def batchnorm_scales(model: nn.Module, batch, layers=None) -> dict[str, torch.Tensor]:
+    """g = |γ| / √(running_var + ε) (d_out,), float64, for each selected layer (``layers``: names; default every
+    supported one) whose output is the very input of a batch norm in one forward pass of ``batch``.
+
+    The error of such a layer after the normalisation (in eval mode) is diag(g)·(W − Ŵ)·X: ``output_scale`` of
+    :func:`torch_sttp.whitening.layer_metric` makes it the metric (γ = 1 without affine parameters)."""
+    selected = _select(model, None, None, layers)
+    outputs: list = []  # (weak reference to a selected layer's output, its name): no output is kept alive
+    followers: dict[str, nn.Module] = {}
+
+    def match(_name, module, args):
+        source = next((n for ref, n in outputs if ref() is args[0]), None)
+        if source is not None:
+            followers.setdefault(source, module)
+    hooks = [m.register_forward_hook(lambda _m, _a, out, n=n: outputs.append((weakref.ref(out), n)))
+             for n, m in selected]
+    try:
+        _first_calls(model, _batchnorms(model), batch, observe=match)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, bn in followers.items():
+        gamma = bn.weight.detach().abs().double() if bn.affine else torch.ones(bn.num_features, dtype=torch.float64)
+        out[name] = gamma / torch.sqrt(bn.running_var.detach().double() + bn.eps)
+    return out

@@ -7,15 +7,16 @@
 """
 from __future__ import annotations
 
+import copy
 import time
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Collection, Mapping
 
 import torch
 from torch import nn
 
-from .calibration import Calibration, calibrate, sequential_statistics
-from .layers import select_layers
+from .calibration import Calibration, calibrate, reestimate_batchnorm, sequential_statistics
+from .layers import matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .surgery import conversion, convert
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, layer_metric, project_layer
@@ -28,13 +29,15 @@ class WhitenedProjection:
     """What :func:`project_whitened` did: per layer the :class:`LayerProjection` (without its weight), the relative
     weight error ‖W − Ŵ‖_F/‖W‖_F of the converted layer (``errors``, as :func:`torch_sttp.ranks.projection_errors`)
     and the relative whitened error (``whitened_errors``); the seconds spent projecting (statistics of a
-    sequential run included) and, for a sequential run, in its calibration passes."""
+    sequential run included) and, for a sequential run, in its calibration passes; the layers whose bias was
+    corrected (``centered``, see :func:`project_whitened`)."""
 
     layers: dict
     errors: dict
     whitened_errors: dict
     seconds: float
     calibration_seconds: float = 0.0
+    bias_corrected: list = field(default_factory=list)
 
 
 def _rank_map(model: nn.Module, rank, include, exclude) -> dict[str, int]:
@@ -59,44 +62,94 @@ def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: in
     return proj
 
 
-def _project_sequential(model, method, ranks, batches, damping, refine_iters, progress, compare):
+def _compensated_target(module, stats, name, metric, centered: bool) -> None:
+    """Write W' = W·K·C⁻¹ into the dense weight (K = E[x x̂ᵀ] or its centred form, C the metric's damped
+    statistic of x̂): ‖W·X − Ŵ·X̂‖² = ‖(W' − Ŵ)·L‖² + const, so the whitened projection of W' fits the reference
+    outputs."""
+    w = weight_matrix(module).detach().to(metric.gram.dtype)
+    cross = (stats.cross_covariance(name) if centered else stats.cross_moment(name)).to(w)
+    target = torch.linalg.solve(metric.gram, (w @ cross).mT).mT  # C symmetric
+    _write(module, matrix_to_weight(module, target, module.weight.shape))
+
+
+def _correct_bias(module, dense_weight, reference_mean, mean) -> bool:
+    """b ← b + W·μ − Ŵ·μ̂ (W the dense weight, μ = E[x] of the reference inputs, μ̂ = E[x̂] of the layer's; μ = μ̂
+    without a reference) for a layer with a bias and groups = 1: its output mean on the calibration data is then the
+    dense layer's (on the reference inputs). Returns whether it corrected."""
+    if getattr(module, "bias", None) is None or getattr(module, "groups", 1) != 1:
+        return False
+    with torch.no_grad():
+        w = weight_matrix(module, dense_weight).double()
+        delta = w @ reference_mean.to(w) - weight_matrix(module).double() @ mean.to(w)
+        module.bias.add_(delta.to(module.bias))
+    return True
+
+
+def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
-    model, writing Ŵ into the dense weights (in place); returns ({name: LayerProjection}, seconds spent in the
-    calibration passes)."""
+    model (paired with the dense copy with ``compensate``), writing Ŵ into the dense weights (in place), correcting
+    biases of centred layers and re-estimating batch norms after each group (``batchnorm``); returns ({name:
+    LayerProjection}, seconds spent in the calibration passes, the bias-corrected layers)."""
     modules = dict(model.named_modules())
-    out, calib_seconds = {}, 0.0
+    damping, centered, scales, compensate, batchnorm = options
+    reference = copy.deepcopy(model) if compensate else None
+    out, calib_seconds, corrected = {}, 0.0, []
     t = time.perf_counter()
-    for group, stats in sequential_statistics(model, batches, list(ranks), progress=progress):
+    for group, stats in sequential_statistics(model, batches, list(ranks), progress, bool(centered), reference):
         calib_seconds += time.perf_counter() - t
+        own = stats.model if compensate else stats
         for name in group:
-            out[name] = _project(modules[name], method, ranks[name],
-                                 layer_metric(stats, name, modules[name], damping), refine_iters, compare)
+            module, center = modules[name], _is_centered(name, centered)
+            dense = module.weight.detach().clone()
+            metric = layer_metric(own, name, module, damping, centered, scales)
+            if compensate:
+                _compensated_target(module, stats, name, metric, center)
+            out[name] = _project(module, method, ranks[name], metric, refine_iters, compare)
+            if center and _correct_bias(module, dense, stats.reference_mean(name) if compensate else
+                                        own.mean(name), own.mean(name)):
+                corrected.append(name)
         t = time.perf_counter()
-    return out, calib_seconds
+        if batchnorm:
+            reestimate_batchnorm(model, batches)
+    return out, calib_seconds, corrected
 
 
-def _convert_sequential(model, method, ranks, spectrum, batches, damping, refine_iters, progress, compare,
+def _is_centered(name: str, centered) -> bool:
+    return centered if isinstance(centered, bool) else name in centered
+
+
+def _convert_sequential(model, method, ranks, spectrum, batches, options, refine_iters, progress, compare,
                         convert_kwargs):
-    """Sequential projection then ``convert(init="pretrained")``; the dense weights are restored on an error.
-    Returns (projections, calibration seconds, the dense weights)."""
+    """Sequential projection then ``convert(init="pretrained")``; on an error the dense weights, the biases and the
+    batch-norm statistics are restored. Returns (projections, calibration seconds, the dense weights, the
+    bias-corrected layers)."""
     modules = dict(model.named_modules())
     originals = {n: modules[n].weight.detach().clone() for n in ranks}
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if k.endswith((".bias", "running_mean", "running_var", "num_batches_tracked"))}
     try:
-        layers, calib_seconds = _project_sequential(model, method, ranks, batches, damping, refine_iters, progress,
-                                                    compare)
+        layers, calib_seconds, corrected = _project_sequential(model, method, ranks, batches, options,
+                                                               refine_iters, progress, compare)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
     except BaseException:
         for n, w in originals.items():
             if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
                 _write(modules[n], w)
+        state = model.state_dict()
+        with torch.no_grad():
+            for k, v in saved.items():
+                if k in state and state[k].shape == v.shape:
+                    state[k].copy_(v)
         raise
-    return layers, calib_seconds, originals
+    return layers, calib_seconds, originals, corrected
 
 
 def project_whitened(model: nn.Module, method: str, rank, calibration: Calibration | None = None, *,
                      batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
                      damping: float = DAMPING, refine_iters: int = REFINE_ITERS, compare: bool = False,
-                     progress: bool = False, **convert_kwargs) -> WhitenedProjection:
+                     centered: bool | Collection[str] = False, output_scales: Mapping[str, torch.Tensor] | None = None,
+                     compensate: bool = False, batchnorm: bool = False, progress: bool = False,
+                     **convert_kwargs) -> WhitenedProjection:
     """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
 
     ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
@@ -107,11 +160,30 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     Non-sequential: ``calibration`` holds the statistics of every projected layer (computed from ``batches`` when
     None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
     together), each group's statistics collected from ``batches`` (a list) on the model whose earlier layers are
-    already projected (:func:`torch_sttp.calibration.sequential_statistics`), so later layers absorb the errors of
-    earlier ones; non-sequential, ``convert(..., calibration=WhitenedProjector(...))`` loads each Ŵ without writing
+    already projected (:func:`torch_sttp.calibration.sequential_statistics`), so each layer is fitted in the metric
+    of the inputs it will receive (to absorb earlier errors, add ``compensate``, below); non-sequential,
+    ``convert(..., calibration=WhitenedProjector(...))`` loads each Ŵ without writing
     it into (or copying) the dense weights. On an error the dense weights are restored. The relative weight errors
     are recorded on the conversion record, as :func:`torch_sttp.ranks.project` does. ``compare`` also measures, per layer, the
     data-free projection's loss and the rank-R bound in the whitened metric (see :func:`project_layer`; extra SVDs).
+
+    ``centered`` (True or layer names) and ``output_scales`` ({layer: g}, e.g.
+    :func:`torch_sttp.calibration.batchnorm_scales`) choose the metric of :func:`layer_metric`: the centred one
+    needs statistics with means (``calibrate(..., means=True)``; computed so when ``calibration`` is None) and
+    ignores the output mean error (W − Ŵ)·E[x], which is then removed where the layer has a bias (groups = 1):
+    b ← b + (W − Ŵ)·E[x] (``bias_corrected``). Centre only layers whose output mean is so restored, or that feed a
+    batch norm whose statistics are re-estimated afterwards
+    (:func:`torch_sttp.calibration.reestimate_batchnorm`).
+
+    Sequential only: ``compensate`` makes each layer fit the *dense* model's outputs from the inputs it now gets,
+    Ŵ = argmin ‖W·X − Ŵ·X̂‖_F (X its inputs in a dense copy of the model, X̂ in the partly projected one,
+    :func:`torch_sttp.calibration.paired_statistics`): the whitened projection of W' = W·K·C⁻¹ (K = E[x x̂ᵀ], C the
+    damped E[x̂ x̂ᵀ]; both centred with ``centered``, and the bias correction then b ← b + W·μ − Ŵ·μ̂), so later
+    layers absorb the errors of earlier ones — without it each layer fits W·X̂, the dense layer on the perturbed
+    inputs. It keeps one copy of the model; Embedding layers are refused. ``batchnorm`` re-estimates every batch norm on ``batches`` after each
+    group (:func:`~torch_sttp.calibration.reestimate_batchnorm`), so that the next group's inputs are normalised
+    with current statistics; the model leaves with re-estimated batch norms. On an error, weights, biases and
+    batch-norm statistics are restored.
     """
     check_method(method)
     check_spectrum(spectrum)
@@ -123,21 +195,30 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             raise ValueError("project_whitened needs calibration statistics or batches (sequential=True needs "
                              "batches)")
         if calibration is None and not sequential:
-            calibration = calibrate(model, batches, layers=list(ranks), progress=progress)
+            calibration = calibrate(model, batches, layers=list(ranks), progress=progress, means=bool(centered))
+    if centered and not sequential and not calibration.has_means:
+        raise ValueError("project_whitened(centered=...) needs the input means: calibrate with means=True")
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
+    if (compensate or batchnorm) and not sequential:
+        raise ValueError("project_whitened: compensate and batchnorm work layer by layer; pass sequential=True (or "
+                         "call torch_sttp.calibration.reestimate_batchnorm after a non-sequential projection)")
     if sequential:
-        layers, calib_seconds, originals = _convert_sequential(model, method, ranks, spectrum, batches, damping,
-                                                               refine_iters, progress, compare, convert_kwargs)
+        options = (damping, centered, output_scales, compensate, batchnorm)
+        layers, calib_seconds, originals, corrected = _convert_sequential(model, method, ranks, spectrum, batches,
+                                                                          options, refine_iters, progress, compare,
+                                                                          convert_kwargs)
     else:
         missing = [n for n in ranks if n not in calibration]
         if missing:
             raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
         originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
         layers, calib_seconds = {}, 0.0
-        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers)
+        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
+        corrected = [n for n in ranks if _is_centered(n, centered)
+                     and _correct_bias(modules[n], originals[n], calibration.mean(n), calibration.mean(n))]
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():
@@ -147,4 +228,4 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             errors[n] = diff / norm if norm > 0 else diff
     conversion(model).record_projection(errors, seconds)
     return WhitenedProjection(layers, errors, {n: p.relative_error for n, p in layers.items()}, seconds,
-                              calib_seconds)
+                              calib_seconds, corrected)

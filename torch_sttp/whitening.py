@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Collection, Mapping
 
 import numpy as np
 import torch
@@ -113,11 +113,13 @@ def _damped(moment: torch.Tensor, damping: float) -> torch.Tensor:
 
 @dataclass
 class LayerMetric:
-    """A layer's whitened metric: ``gram`` is the damped E[x xᵀ] on the d_in columns of W (d_in × d_in), or — with
-    ``rows`` — the damped token frequencies on its d_out rows (an Embedding)."""
+    """A layer's whitened metric: ``gram`` is the damped E[x xᵀ] (or the centred covariance) on the d_in columns of W
+    (d_in × d_in), or — with ``rows`` — the damped token frequencies on its d_out rows (an Embedding). ``scale``
+    (d_out,), positive, weighs the rows: the metric is then ‖diag(g)·(W − Ŵ)·L‖_F (see :func:`layer_metric`)."""
 
     gram: torch.Tensor
     rows: bool = False
+    scale: torch.Tensor | None = None
     _whitener: Whitener | None = field(default=None, repr=False)
 
     @classmethod
@@ -135,36 +137,58 @@ class LayerMetric:
         return Whitener(self.gram.reshape(modes).permute(*reversed(range(len(modes)))).reshape(-1))
 
     def working(self, w: torch.Tensor, out_modes, in_modes) -> torch.Tensor:
-        """The matrix the algorithms run on, the metric on its columns: W itself, or for a row metric the tensor W
-        (out_modes + in_modes) with its axes reversed, as a (d_in × d_out) matrix."""
+        """The matrix the algorithms run on, the metric on its columns: W itself (diag(g)·W with a ``scale``), or
+        for a row metric the tensor W (out_modes + in_modes) with its axes reversed, as a (d_in × d_out) matrix."""
         if not self.rows:
-            return w
+            return w if self.scale is None else w * self.scale[:, None]
         modes = list(out_modes) + list(in_modes)
         return w.reshape(modes).permute(*reversed(range(len(modes)))).reshape(w.shape[1], w.shape[0])
 
     def restore(self, m: torch.Tensor, out_modes, in_modes) -> torch.Tensor:
         """Inverse of :meth:`working`."""
         if not self.rows:
-            return m
+            return m if self.scale is None else m / self.scale[:, None]
         modes = list(out_modes) + list(in_modes)
         d_out = math.prod(out_modes)
         return m.reshape(modes[::-1]).permute(*reversed(range(len(modes)))).reshape(d_out, -1)
 
     def loss(self, w: torch.Tensor, approx: torch.Tensor) -> float:
-        """‖(W − Ŵ)·L‖²_F (or ‖diag(√f)(W − Ŵ)‖²_F for a row metric)."""
+        """‖diag(g)·(W − Ŵ)·L‖²_F (g = 1 without ``scale``; ‖diag(√f)(W − Ŵ)‖²_F for a row metric)."""
         e = (w - approx).to(self.gram.dtype)
+        if self.scale is not None:
+            e = e * self.scale[:, None]
         if self.rows:
             return float((e * e * self.gram[:, None]).sum())
         return self.whitener().loss(e)
 
 
-def layer_metric(calibration: Calibration | None, name: str, module: nn.Module,
-                 damping: float = DAMPING) -> LayerMetric:
+def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, damping: float = DAMPING,
+                 centered: bool | Collection[str] = False,
+                 output_scale: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> LayerMetric:
     """The whitened metric of layer ``name`` from its calibration statistic (damped, see the module docstring);
-    ``calibration=None`` gives the data-free metric. Raises ValueError when the statistic does not fit the layer."""
+    ``calibration=None`` gives the data-free metric. Raises ValueError when the statistic does not fit the layer.
+
+    ``centered``: C is the covariance E[(x − μ)(x − μ)ᵀ] instead of E[x xᵀ] (needs ``calibrate(..., means=True)``),
+    so the metric ignores the mean output error (W − Ŵ)·μ: right for a layer whose output mean is restored
+    afterwards (a bias correction, a following batch norm re-estimated on the data). ``output_scale`` g (d_out,):
+    the metric becomes ‖diag(g)·(W − Ŵ)·L‖_F, e.g. g = γ/√(σ² + ε) of a following batch norm
+    (:func:`torch_sttp.calibration.batchnorm_scales`), so each output row counts as much as it does after the
+    normalisation. |g| is used, floored at 10⁻⁶·max|g| (an invertible weighting); the SVDP optimum is then the
+    truncated SVD of diag(g)·W·L mapped back, diag(g)⁻¹·P_rΣ_rQ_rᵀ·L⁻¹ (exact). STTP refuses a ``scale``: a row
+    scaling of a tensor train is not a train of the same ranks. Both may be given for many layers at once:
+    ``centered`` a collection of layer names, ``output_scale`` a mapping {name: g} (layers not in it: no scale)."""
     d_out, d_in = weight_matrix(module).shape
+    if not isinstance(centered, bool):
+        centered = name in centered
+    if isinstance(output_scale, Mapping):
+        output_scale = output_scale.get(name)
+    scale = _row_scale(name, output_scale, d_out, module.weight.device)
     if calibration is None:
-        return LayerMetric.identity(d_in, device=module.weight.device)
+        if centered:
+            raise ValueError(f"layer {name!r}: a centred metric needs calibration statistics")
+        metric = LayerMetric.identity(d_in, device=module.weight.device)
+        metric.scale = scale
+        return metric
     kind = layer_kind(module)
     if name not in calibration:
         raise ValueError(f"layer {name!r} has no calibration statistic; calibrate the model with this layer "
@@ -172,14 +196,28 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module,
     if calibration.kind(name) != kind:
         raise ValueError(f"layer {name!r} is a {kind} layer but its statistic is of a {calibration.kind(name)} "
                          "layer; calibrate this model again")
-    moment = calibration.moment(name).to(device=module.weight.device)
+    if kind == "embedding" and (centered or scale is not None):
+        raise ValueError(f"layer {name!r}: an Embedding's metric has no centred or output-scaled form; leave "
+                         "centered/output_scale out for it")
+    moment = (calibration.covariance(name) if centered else calibration.moment(name)).to(device=module.weight.device)
     want = (d_out,) if kind == "embedding" else (d_in, d_in)
     if tuple(moment.shape) != want:
         raise ValueError(f"layer {name!r}: calibration statistic of shape {tuple(moment.shape)} does not fit its "
                          f"weight matrix ({d_out} × {d_in}, needs {want}); calibrate this model again")
     if not damping >= 0:
         raise ValueError(f"damping must be ≥ 0, got {damping!r}")
-    return LayerMetric(_damped(moment, damping), rows=kind == "embedding")
+    return LayerMetric(_damped(moment, damping), rows=kind == "embedding", scale=scale)
+
+
+def _row_scale(name: str, scale, d_out: int, device) -> torch.Tensor | None:
+    """|g| floored at 10⁻⁶·max|g| (float64, d_out), or None."""
+    if scale is None:
+        return None
+    g = torch.as_tensor(scale, dtype=torch.float64, device=device).abs().reshape(-1)
+    if g.numel() != d_out or not bool(torch.isfinite(g).all()) or not float(g.max()) > 0:
+        raise ValueError(f"layer {name!r}: output_scale needs {d_out} finite values, not all zero (one per output "
+                         f"row of its {d_out}-row weight matrix), got {tuple(torch.as_tensor(scale).shape)}")
+    return g.clamp_min(1e-6 * float(g.max()))
 
 
 # ------------------------------------------------------------------------------------------------ algorithms
@@ -363,6 +401,7 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
     informative ``bound`` (and for SVDP ``data_free_loss``) are NaN, saving an SVD each."""
     check_method(method)
     check_rank(rank)
+    _check_scale(method, metric)
     w = weight_matrix(module).detach().to(metric.gram.dtype)
     if method == "svdp":
         proj = _svd_projection(w, rank, metric, compare)
@@ -372,18 +411,27 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
     return proj
 
 
+def _check_scale(method: str, metric: LayerMetric) -> None:
+    if method == "sttp" and metric.scale is not None:
+        raise ValueError("method 'sttp' does not take an output_scale (a row scaling of a tensor train is not a train "
+                         "of the same ranks); use it with 'svdp' or 'svd', or leave it out")
+
+
 @dataclass(frozen=True)
 class WhitenedProjector:
     """The data-aware weight of a layer for ``convert(..., init="pretrained", calibration=...)``: an object with
     :meth:`project_weight` is what :func:`torch_sttp.convert` asks for each layer's Ŵ before loading it into the
     parametrization (convert knows nothing about statistics or metrics). ``Calibration.projector(damping=…,
-    refine_iters=…)`` makes one; a :class:`~torch_sttp.calibration.Calibration` itself is one with the defaults."""
+    refine_iters=…)`` makes one; a :class:`~torch_sttp.calibration.Calibration` itself is one with the defaults.
+    ``centered`` and ``output_scales`` are those of :func:`layer_metric` (a bool or layer names; {name: g})."""
 
     calibration: "Calibration"
     damping: float = DAMPING
     refine_iters: int = REFINE_ITERS
     compare: bool = False
     record: dict | None = None
+    centered: bool | Collection[str] = False
+    output_scales: Mapping[str, torch.Tensor] | None = None
 
     def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
         """Ŵ (``module.weight``'s shape, float64) minimising ‖(W − Ŵ)·L‖_F at rank cap ``rank`` (:func:`project_layer`
@@ -392,7 +440,7 @@ class WhitenedProjector:
         singular values for ``"identity"``). With a ``record`` dict, its :class:`LayerProjection` (without the
         weight) is stored there under ``name``."""
         check_spectrum(spectrum)
-        metric = layer_metric(self.calibration, name, module, self.damping)
+        metric = layer_metric(self.calibration, name, module, self.damping, self.centered, self.output_scales)
         with torch.no_grad():
             proj = project_layer(module, method, rank, metric, self.refine_iters, self.compare)
         weight, proj.weight = proj.weight, None
@@ -442,7 +490,8 @@ def _sttp_curve(w: torch.Tensor, shape, metric: LayerMetric, ranks: list[int]) -
 def truncation_candidates(model: nn.Module, method: str, calibration: Calibration | None = None, include=None,
                           exclude=None, layers=None, spectrum: str = "free", damping: float = DAMPING,
                           normalize: bool = False, weights: Mapping[str, float] | None = None,
-                          grid: int = 16) -> dict[str, RankCandidates]:
+                          grid: int = 16, centered: bool | Collection[str] = False,
+                          output_scales: Mapping[str, torch.Tensor] | None = None) -> dict[str, RankCandidates]:
     """Per layer, candidate ranks with their DOF and measured whitened truncation loss, for
     :func:`torch_sttp.allocation.allocate_ranks`.
 
@@ -453,6 +502,7 @@ def truncation_candidates(model: nn.Module, method: str, calibration: Calibratio
     ``normalize`` divides each layer's losses by its ‖W·L‖²_F (relative output error²), ``weights`` ({layer:
     factor}, e.g. :func:`torch_sttp.calibration.layer_sensitivity`) multiplies them. ``calibration=None``: the
     data-free metric (losses are then the Frobenius truncation errors). ``layers`` (names) restricts the selection.
+    ``centered`` / ``output_scales``: the metric of :func:`layer_metric` (an output scale not for "sttp").
     """
     if method not in CANDIDATE_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {CANDIDATE_METHODS}")
@@ -464,7 +514,8 @@ def truncation_candidates(model: nn.Module, method: str, calibration: Calibratio
     out = {}
     with torch.no_grad():
         for name, module in selected:
-            metric = layer_metric(calibration, name, module, damping)
+            metric = layer_metric(calibration, name, module, damping, centered, output_scales)
+            _check_scale(method, metric)
             w = weight_matrix(module).detach().to(metric.gram.dtype)
             shape = layout_shape(module)
             if method == "sttp":
