@@ -174,8 +174,14 @@ def test_rotation_input_and_weight_paths_agree(case, two_sided):
 def test_rotation_auto_path_follows_the_costs():
     model = nn.Sequential(nn.Linear(64, 16))
     torch_sttp.add_adapters(model, "rotation", rank=8)
-    model(torch.randn(4, 64))
+    model(torch.randn(4, 64, requires_grad=True))
     assert model[0].last_path == "input"  # training: the weight path would also form a dense gradient of W'
+    model(torch.randn(4, 64))
+    assert model[0].last_path == "lowrank"  # an input without gradient: no G·W at all on the low-rank path
+    square = nn.Sequential(nn.Linear(64, 64))
+    torch_sttp.add_adapters(square, "rotation", rank=8)
+    square(torch.randn(256, 16, 64, requires_grad=True))
+    assert square[0].last_path == "lowrank"  # many rows: no new (rows, 64) tensors for x·Hᵀ and its gradient
     with torch.no_grad():
         model(torch.randn(512, 64))
     assert model[0].last_path == "weight"  # inference with many rows: rotating the 16 × 64 weight is cheaper
