@@ -176,8 +176,8 @@ class LinearOps(LayerOps):
         copies = (4.0 if grad else 2.0) * rows * d_in * element_flops(x.device)
         frozen_grad = dense_grad if not x.requires_grad else 0.0
         return {"input": passes * 4.0 * rows * d_in * r_in + out_side + copies + frozen_grad,
-                "lowrank": passes * 2.0 * rows * r_in * (d_in + d_out) + (2.0 if grad else 1.0) * 2.0 * d_out * d_in * r_in
-                + out_side,
+                "lowrank": passes * 2.0 * rows * r_in * (d_in + d_out) + out_side
+                + (2.0 if grad else 1.0) * 2.0 * d_out * d_in * r_in,  # W·Y, and Wᵀ·(Gᵀ·C) in the backward
                 "weight": passes * 4.0 * d_out * d_in * (r_in + r_out) + dense_grad}
 
     def rotate(self, layer, x, rot, path):
