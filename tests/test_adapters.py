@@ -155,25 +155,6 @@ def test_adapted_layer_equals_dense_reference(case, kind, method):
                                    atol=1e-10)
 
 
-@pytest.mark.parametrize("case", ["linear", "linear_3d_input_no_bias", "hf_conv1d"])
-@pytest.mark.parametrize("two_sided", [False, True])
-def test_rotation_input_and_weight_paths_agree(case, two_sided):
-    model, x = make(case)
-    torch_sttp.add_adapters(model, "rotation", rank=4, two_sided=two_sided)
-    perturb_adapters(model)
-    wrapper = model[0]
-    outs = {}
-    for path in ("input", "lowrank", "weight"):
-        wrapper.path = path
-        outs[path] = model(x)
-        assert wrapper.last_path == path
-    torch.testing.assert_close(outs["input"], outs["weight"], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(outs["lowrank"], outs["weight"], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(outs["input"], reference_output(wrapper, x), rtol=1e-12, atol=1e-12)
-    with pytest.raises(ValueError, match="unknown rotation path 'cols'"):
-        wrapper.path = "cols"
-
-
 def dense_rotated_output(wrapper, x, ys):
     """x·(H_out·W·H)ᵀ + b with every H a dense product of the reflectors ``ys`` (differentiable in x and ys)."""
     base = wrapper.base_layer
@@ -185,7 +166,9 @@ def dense_rotated_output(wrapper, x, ys):
 
 @pytest.mark.parametrize("case", ["linear", "linear_3d_input_no_bias", "hf_conv1d"])
 @pytest.mark.parametrize("two_sided", [False, True])
-def test_rotation_paths_give_the_dense_reference_gradients(case, two_sided):
+def test_rotation_input_and_weight_paths_agree(case, two_sided):
+    """The three paths of a Linear / Conv1D rotation: outputs and gradients (x and every Y) equal, and equal to
+    x·(H_out·W·H)ᵀ + b with dense H (fp64)."""
     model, x = make(case)
     torch_sttp.add_adapters(model, "rotation", rank=4, two_sided=two_sided)
     perturb_adapters(model)
@@ -194,12 +177,18 @@ def test_rotation_paths_give_the_dense_reference_gradients(case, two_sided):
     ys = wrapper.adapters["default"].reflectors()
     probe = torch.randn(dense_rotated_output(wrapper, x, ys).shape, generator=gen(5), dtype=F64)
     expected = torch.autograd.grad((dense_rotated_output(wrapper, x, ys) * probe).sum(), (x, *ys))
+    outs = {}
     for path in ("input", "lowrank", "weight"):
         wrapper.path = path
-        grads = torch.autograd.grad((model(x) * probe).sum(), (x, *ys))
+        outs[path] = model(x)
         assert wrapper.last_path == path
-        for got, want in zip(grads, expected):
+        for got, want in zip(torch.autograd.grad((outs[path] * probe).sum(), (x, *ys)), expected):
             torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(outs["input"], outs["weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs["lowrank"], outs["weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs["input"], reference_output(wrapper, x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="unknown rotation path 'cols'"):
+        wrapper.path = "cols"
 
 
 def test_rotated_linear_equals_the_dense_product_and_passes_gradcheck():
