@@ -28,7 +28,8 @@ at r=8 and r=32, and (``--with-hra``) PEFT's HRA r=8. Targets:
     TARGET merge_error ratio=<largest merge error of ours / 1e-6> goal=1.0
     TARGET unload_bit_exact ratio=<1 if every unload is bit-exact else 0> goal=1.0
 
-    python benchmarks/adapters.py [--step-time] [--study [--quick]] [--threads N] [--out DIR]
+    python benchmarks/adapters.py [--step-time [--clock wall|cpu] [--rounds N]] [--study [--quick]] [--threads N]
+                                  [--out DIR]
     python benchmarks/adapters.py --combine out-text/study.json out-vision/study.json --out DIR   # one summary
 
 Needs the ``[compare]`` extra (peft) and the ``transformers`` and ``experiments`` extras.
@@ -57,6 +58,9 @@ import torch_sttp  # noqa: E402
 from torch_sttp.adapters import adapter_layers  # noqa: E402
 from torch_sttp.experiments.adapt_tasks import (TEXT_TARGETS, VISION_TARGETS, Task, adapter_targets,  # noqa: E402
                                                 text_task, vision_task)
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from harness import CLOCKS, load_average  # noqa: E402
 
 OURS = [("principal", "svdp"), ("principal", "sttp"), ("delta", "svdp"), ("delta", "sttp"), ("rotation", "svdp")]
 PEFT_METHODS = ["lora", "hra", "oft"]
@@ -345,8 +349,11 @@ def step_time_models(task: Task, with_hra: bool) -> dict[str, nn.Module]:
 
 
 def time_steps(models: dict[str, nn.Module], inputs: dict, labels: torch.Tensor, rounds: int,
-               warmup: int) -> dict[str, list[float]]:
-    """Seconds of one training step per model, the models interleaved round by round (load changes hit all)."""
+               warmup: int, clock: str = "wall") -> dict[str, list[float]]:
+    """Seconds of one training step per model, the models interleaved round by round (load changes hit all);
+    ``clock``: "wall" (elapsed) or "cpu" (the process's CPU time, which leaves out the waits for a core on a
+    shared machine; meaningful with one thread)."""
+    now = CLOCKS[clock]
     steps = {}
     for name, model in models.items():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -363,9 +370,9 @@ def time_steps(models: dict[str, nn.Module], inputs: dict, labels: torch.Tensor,
     times = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t = time.perf_counter()
+            t = now()
             step()
-            times[name].append(time.perf_counter() - t)
+            times[name].append(now() - t)
     return times
 
 
@@ -378,15 +385,21 @@ def step_time_mode(args, log) -> dict:
     inputs = {k: v[:, :width] for k, v in inputs.items()}  # padded to the longest of the batch (≤ 128)
     labels = task.data["train"][1][idx]
     models = step_time_models(task, args.with_hra)
-    times = time_steps(models, inputs, labels, args.rounds, args.warmup)
+    load = load_average()
+    times = time_steps(models, inputs, labels, args.rounds, args.warmup, args.clock)
     median = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    paths = {layer.last_path for name in ("rotation_r8", "rotation_r32") for _, layer in
-             adapter_layers(models[name])}
+    paths = {name: sorted({layer.last_path for _, layer in adapter_layers(models[name])})
+             for name in ("rotation_r8", "rotation_r32")}
     result = {"batch": 16, "tokens": width, "threads": torch.get_num_threads(), "rounds": args.rounds,
-              "median_ms": median, "rotation_paths": sorted(paths),
+              "clock": args.clock, "load_before": load, "load_after": load_average(),
+              "median_ms": median, "min_ms": {name: min(t) * 1e3 for name, t in times.items()},
+              "rotation_paths": paths,
               "ratio_to_lora": {n: m / median["lora_r8"] for n, m in median.items()}}
+    log(f"{args.clock} clock, {width} tokens, load {load} before, {result['load_after']} after; rotation paths "
+        + ", ".join(f"{name}: {'/'.join(p)}" for name, p in paths.items()))
     for name in median:
-        log(f"{name:12s} {median[name]:9.1f} ms  ×{result['ratio_to_lora'][name]:.2f} of LoRA r=8")
+        log(f"{name:12s} {median[name]:9.1f} ms  ×{result['ratio_to_lora'][name]:.2f} of LoRA r=8   "
+            f"(fastest round {result['min_ms'][name]:.1f} ms)")
     for rank in (8, 32):
         log(target(f"rotation_r{rank}_step", result["ratio_to_lora"][f"rotation_r{rank}"], 1.25))
     return result
@@ -468,6 +481,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="step time: timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="step time: warm-up steps per model")
     parser.add_argument("--with-hra", action="store_true", help="step time: also PEFT's HRA r=8 (slow)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="step time: wall time, or the process's CPU time (with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--combine", nargs="+", metavar="FILE", default=None,
                         help="summarize the rows of study results (.json) or logs instead of running anything")

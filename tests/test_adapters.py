@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_sttp
 from torch_sttp import frames, weight_path
@@ -26,6 +27,7 @@ from torch_sttp.adapters import (
     delete_adapter,
     read_adapter_config,
 )
+from torch_sttp.adapters.ops import rotated_linear
 
 F64 = torch.float64
 KINDS = ["principal", "delta", "rotation"]
@@ -153,29 +155,112 @@ def test_adapted_layer_equals_dense_reference(case, kind, method):
                                    atol=1e-10)
 
 
+def dense_rotated_output(wrapper, x, ys):
+    """x·(H_out·W·H)ᵀ + b with every H a dense product of the reflectors ``ys`` (differentiable in x and ys)."""
+    base = wrapper.base_layer
+    m = to_matrix(base, base.weight.detach()) @ dense_product(ys[0])
+    if len(ys) > 1:
+        m = dense_product(ys[1]) @ m
+    return x @ m.T + (0 if base.bias is None else base.bias.detach())
+
+
 @pytest.mark.parametrize("case", ["linear", "linear_3d_input_no_bias", "hf_conv1d"])
 @pytest.mark.parametrize("two_sided", [False, True])
 def test_rotation_input_and_weight_paths_agree(case, two_sided):
+    """The three paths of a Linear / Conv1D rotation: outputs and gradients (x and every Y) equal, and equal to
+    x·(H_out·W·H)ᵀ + b with dense H (fp64)."""
     model, x = make(case)
     torch_sttp.add_adapters(model, "rotation", rank=4, two_sided=two_sided)
     perturb_adapters(model)
     wrapper = model[0]
+    x.requires_grad_(True)
+    ys = wrapper.adapters["default"].reflectors()
+    probe = torch.randn(dense_rotated_output(wrapper, x, ys).shape, generator=gen(5), dtype=F64)
+    expected = torch.autograd.grad((dense_rotated_output(wrapper, x, ys) * probe).sum(), (x, *ys))
     outs = {}
-    for path in ("input", "weight"):
+    for path in ("input", "lowrank", "weight"):
         wrapper.path = path
         outs[path] = model(x)
         assert wrapper.last_path == path
+        for got, want in zip(torch.autograd.grad((outs[path] * probe).sum(), (x, *ys)), expected):
+            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(outs["input"], outs["weight"], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(outs["lowrank"], outs["weight"], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(outs["input"], reference_output(wrapper, x), rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="unknown rotation path 'cols'"):
         wrapper.path = "cols"
 
 
+def test_rotated_linear_equals_the_dense_product_and_passes_gradcheck():
+    g = gen(11)
+    x = torch.randn(2, 5, 7, generator=g, dtype=F64, requires_grad=True)
+    w = torch.randn(4, 7, generator=g, dtype=F64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=F64, requires_grad=True)
+    y = torch.randn(7, 3, generator=g, dtype=F64, requires_grad=True)
+    t = frames.householder_t(y.detach()).requires_grad_()
+    h = torch.eye(7, dtype=F64) - y @ t @ y.T
+    ops = (x, w, b, y, t)
+    probe = torch.randn(2, 5, 4, generator=g, dtype=F64)
+    expected = x @ (w @ h).T + b
+    torch.testing.assert_close(rotated_linear(*ops), expected, rtol=0, atol=1e-13)
+    torch.testing.assert_close(rotated_linear(x, w, None, y, t), expected - b, rtol=0, atol=1e-13)
+    torch.testing.assert_close(rotated_linear(x, w, b, y, frames.householder_t(y)), x @ (w @ dense_product(y)).T + b,
+                               rtol=0, atol=1e-13)
+    for got, want in zip(torch.autograd.grad((rotated_linear(*ops) * probe).sum(), ops),
+                         torch.autograd.grad((expected * probe).sum(), ops)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(rotated_linear, ops)
+    assert torch.autograd.gradgradcheck(rotated_linear, ops)
+    assert torch.autograd.gradcheck(lambda a, c: rotated_linear(a, w.detach(), None, c, frames.householder_t(c)),
+                                    (x, y))
+    with pytest.raises(ValueError, match=r"rotated_linear: x \(2, 5, 7\), weight \(4, 6\)"):
+        rotated_linear(x, w[:, :6], b, y, t)
+
+
+class RowProducts(TorchDispatchMode):
+    """(operator, output shape) of every matrix product with an operand that has ``rows`` rows or columns."""
+
+    def __init__(self, rows: int):
+        super().__init__()
+        self.rows, self.calls = rows, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_", "bmm", "matmul", "linear") and any(
+                isinstance(a, torch.Tensor) and self.rows in a.shape for a in args):
+            self.calls.append((name, tuple(out.shape)))
+        return out
+
+
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_rotation_lowrank_path_operator_counts(x_grad):
+    model = nn.Sequential(nn.Linear(12, 5)).to(F64)  # d_in 12, d_out 5, rank 4, 7 rows
+    torch_sttp.add_adapters(model, "rotation", rank=4)
+    model[0].path = "lowrank"
+    x = torch.randn(7, 12, dtype=F64, requires_grad=x_grad)
+    model(x).sum().backward()  # warm-up
+    with RowProducts(7) as products:
+        model(x).sum().backward()
+    forward = [("mm", (7, 4)), ("mm", (7, 4)), ("addmm", (7, 5)), ("addmm_", (7, 5))]  # P, C = P·Tᵀ, x·Wᵀ + b, − C·Qᵀ
+    backward = [("mm", (7, 4)), ("mm", (7, 4)), ("mm", (5, 4))]  # G·Q, A = (G·Q)·T, Gᵀ·C
+    backward += [("mm", (7, 12)), ("addmm_", (7, 12))] if x_grad else []  # ∂x = G·W − A·Yᵀ, only when asked for
+    backward += [("mm", (12, 4)), ("mm", (4, 4))]  # xᵀ·A (then + Wᵀ·(Gᵀ·C) in place), (G·Q)ᵀ·P
+    assert products.calls == forward + backward
+    assert model[0].last_path == "lowrank"
+
+
 def test_rotation_auto_path_follows_the_costs():
     model = nn.Sequential(nn.Linear(64, 16))
     torch_sttp.add_adapters(model, "rotation", rank=8)
-    model(torch.randn(4, 64))
+    model(torch.randn(4, 64, requires_grad=True))
     assert model[0].last_path == "input"  # training: the weight path would also form a dense gradient of W'
+    model(torch.randn(4, 64))
+    assert model[0].last_path == "lowrank"  # an input without gradient: no G·W at all on the low-rank path
+    square = nn.Sequential(nn.Linear(64, 64))
+    torch_sttp.add_adapters(square, "rotation", rank=8)
+    square(torch.randn(256, 16, 64, requires_grad=True))
+    assert square[0].last_path == "lowrank"  # many rows: no new (rows, 64) tensors for x·Hᵀ and its gradient
     with torch.no_grad():
         model(torch.randn(512, 64))
     assert model[0].last_path == "weight"  # inference with many rows: rotating the 16 × 64 weight is cheaper

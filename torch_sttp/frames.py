@@ -63,6 +63,7 @@ __all__ = [
     "householder_t",
     "householder_ts_grouped",
     "apply_householder",
+    "operand_dtype",
 ]
 
 def _check_shape(n: int, r: int) -> None:
@@ -493,11 +494,15 @@ def init_frame_params(
 
 
 # ------------------------------------------------------------------------------------------------------ rotations
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The autocast dtype active for ``device``'s type, or None (also for devices without autocast, e.g. meta)."""
+def operand_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``tensors`` on ``device`` runs in: the autocast dtype where autocast is on for the
+    device's type, else the promoted dtype of the tensors."""
     if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return None
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def householder_t(y: torch.Tensor) -> torch.Tensor:
@@ -576,7 +581,7 @@ def apply_householder(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None =
         raise ValueError(f"apply_householder: x {tuple(x.shape)}, y {tuple(y.shape)}, t {tuple(t.shape)} do not fit; "
                          "expected x (…, d), y (d, r), t (r, r) or x (B, N, d), y (B, d, r), t (B, r, r)")
     device = x.device
-    work = _autocast_dtype(device) or torch.promote_types(torch.promote_types(x.dtype, y.dtype), t.dtype)
+    work = operand_dtype(device, x, y, t)
     with without_autocast(device):
         if batched:
             return _ApplyWY.apply(x.to(work), y.to(work), t.to(work))

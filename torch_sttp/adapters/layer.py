@@ -14,7 +14,7 @@ from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate, full_prec
 
 __all__ = ["AdapterLayer", "TrainableCopies", "ROTATION_PATHS"]
 
-ROTATION_PATHS = ("auto", "input", "weight")
+ROTATION_PATHS = ("auto", "input", "lowrank", "weight")
 
 
 class _Delegating(nn.Module):
@@ -36,9 +36,10 @@ class AdapterLayer(_Delegating):
 
     Forward: base(x) + ΔW·x for a :class:`SpectralUpdate` (x ↦ Vᵀx ↦ σ ↦ U, for a conv an R-filter
     convolution then a 1×1 one; a grouped conv runs with W + ΔW), the layer with W' = H_out·W·H for a
-    :class:`RotationUpdate`, and base(x) when no adapter is active. ``path`` ("auto", "input", "weight") picks how a
-    rotation is applied where both ways exist (Linear, Conv1D): to the input or to the weight; "auto" takes the
-    cheaper by :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
+    :class:`RotationUpdate`, and base(x) when no adapter is active. ``path`` ("auto", "input", "lowrank",
+    "weight") picks how a rotation is applied where several ways exist (Linear, Conv1D): to the input, as the frozen
+    layer plus a rank-r correction x·Wᵀ − ((x·Y)·Tᵀ)·(W·Y)ᵀ, or to the weight; "auto" takes the cheapest by
+    :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
     """
 
     def __init__(self, base_layer: nn.Module, ops: LayerOps, frame_planner: FramePlanner,

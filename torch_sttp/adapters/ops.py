@@ -8,7 +8,8 @@ matrix view is the one of :func:`torch_sttp.layers.weight_matrix`: W (d_out, C_i
 
 Rotations never form H (d × d): :func:`torch_sttp.frames.apply_householder` applies the compact-WY form either to
 the layer input, x ↦ x·Hᵀ before the layer (Linear, Conv1D), to the looked-up rows (Embedding), or to the weight,
-W ↦ W·H (convolutions, and Linear when that is cheaper, see :meth:`LayerOps.rotation_costs`).
+W ↦ W·H (convolutions, and Linear when that is cheaper, see :meth:`LayerOps.rotation_costs`); a Linear (or Conv1D)
+can also run W·H as the frozen layer plus a rank-r correction, x·Wᵀ − ((x·Y)·Tᵀ)·(W·Y)ᵀ (:func:`rotated_linear`).
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..frames import apply_householder
+from ..cost import element_flops
+from ..frames import apply_householder, operand_dtype, without_autocast
 from ..layers import is_transposed_conv
 from ..modules import conv_function
 
 __all__ = ["Rotation", "LayerOps", "LinearOps", "Conv1DOps", "ConvOps", "EmbeddingOps", "layer_ops", "conv1d_class",
-           "rotated_matrix", "SUPPORTED_NAMES"]
+           "rotated_matrix", "rotated_linear", "SUPPORTED_NAMES"]
 
 SUPPORTED_NAMES = "Linear, Conv1d/2d/3d, Embedding, transformers Conv1D"
 
@@ -45,6 +47,60 @@ def rotated_matrix(matrix: torch.Tensor, rot: Rotation) -> torch.Tensor:
     if rot.y_out is not None:
         out = apply_householder(out.mT, rot.y_out, rot.t_out.mT).mT
     return out
+
+
+class _RotatedLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b − C·Qᵀ with P = x·Y, C = P·Tᵀ, Q = W·Y, for x (N, d_in), W (d_out, d_in), b (d_out,) or None,
+    Y (d_in, r), T (r, r); hand-written backward with G = ∂y, A = (G·Q)·T: ∂x = G·W − A·Yᵀ (in place on G·W),
+    ∂Y = −(xᵀ·A + Wᵀ·(Gᵀ·C)), ∂T = −(G·Q)ᵀ·P, ∂W = Gᵀ·x − (Gᵀ·C)·Yᵀ, ∂b = Σ_rows G; only the gradients asked for
+    are formed (no G·W for an input that needs none)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, y, t):
+        p = x @ y
+        c = p @ t.mT
+        q = w @ y
+        ctx.save_for_backward(x, w, y, t, p, c, q)
+        return F.linear(x, w, b).addmm_(c, q.mT, alpha=-1)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, y, t, p, c, q = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: the products inside the graph
+            p = x @ y
+            c = p @ t.mT
+            q = w @ y
+        need_x, need_w, need_b, need_y, need_t = ctx.needs_input_grad
+        gq = g @ q
+        a = gq @ t if need_x or need_y else None
+        gc = g.mT @ c if need_y or need_w else None
+        grad_x = (g @ w).addmm_(a, y.mT, alpha=-1) if need_x else None
+        grad_w = (g.mT @ x).addmm_(gc, y.mT, alpha=-1) if need_w else None
+        grad_b = g.sum(0) if need_b else None
+        grad_y = (x.mT @ a).addmm_(w.mT, gc).neg_() if need_y else None
+        grad_t = (gq.mT @ p).neg_() if need_t else None
+        return grad_x, grad_w, grad_b, grad_y, grad_t
+
+
+def rotated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                   t: torch.Tensor) -> torch.Tensor:
+    """x·(W·H)ᵀ + b for H = I − Y·T·Yᵀ, without forming W·H or x·Hᵀ: x·Wᵀ + b − ((x·Y)·Tᵀ)·(W·Y)ᵀ, the frozen layer
+    plus a rank-r correction; O(N·r·(d_in + d_out) + d_out·d_in·r), no new (N, d_in) tensor, forward or backward.
+
+    ``x`` (…, d_in), ``weight`` W (d_out, d_in), ``bias`` (d_out,) or None, ``y`` (d_in, r), ``t`` (r, r) →
+    (…, d_out). Runs in the common dtype of the operands (under autocast: the autocast dtype, as the layer's matmul
+    would); differentiable in every operand (twice).
+    """
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in or y.shape[-2] != d_in or t.shape != (y.shape[-1],) * 2 or y.dim() != 2:
+        raise ValueError(f"rotated_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, y {tuple(y.shape)}, "
+                         f"t {tuple(t.shape)} do not fit; expected x (…, d_in), weight (d_out, d_in), y (d_in, r), "
+                         "t (r, r)")
+    work = operand_dtype(x.device, x, weight, y, t)
+    with without_autocast(x.device):
+        b = None if bias is None else bias.to(work)
+        out = _RotatedLinear.apply(x.reshape(-1, d_in).to(work), weight.to(work), b, y.to(work), t.to(work))
+    return out.reshape(*x.shape[:-1], d_out)
 
 
 def conv1d_class() -> type | None:
@@ -85,7 +141,8 @@ class LayerOps:
     def rotation_costs(self, layer: nn.Module, x: torch.Tensor, rot: Rotation) -> dict[str, float]:
         """Estimated FLOPs of the rotation paths available for this input: "weight" (form H_out·W·H, then the
         layer's op; when training, the frozen layer then also forms the dense gradient of W') and, where the layer
-        allows it, "input" (x·Hᵀ before the layer, the output rotated by H_out after it)."""
+        allows it, "input" (x·Hᵀ before the layer, the output rotated by H_out after it) and "lowrank" (the frozen
+        layer plus a rank-r correction, :func:`rotated_linear`)."""
         return {"weight": 0.0}
 
     def rotate(self, layer: nn.Module, x: torch.Tensor, rot: Rotation, path: str) -> torch.Tensor:
@@ -105,22 +162,35 @@ class LinearOps(LayerOps):
         return F.linear(_scaled(F.linear(x, vt), sigma), u)
 
     def rotation_costs(self, layer, x, rot):
+        """FLOPs of "input" (x·Hᵀ, then the layer), "lowrank" (:func:`rotated_linear`) and "weight". Training
+        counts three passes of each product; the input path's x·Hᵀ and its gradient are new (rows, d_in) tensors
+        (two passes each, at :func:`~torch_sttp.cost.element_flops`), and its frozen layer forms G·W even where x
+        needs no gradient."""
         d_out, d_in = self.matrix(layer).shape
         rows = x.numel() // max(d_in, 1)
         r_in, r_out = rot.y_in.shape[-1], 0 if rot.y_out is None else rot.y_out.shape[-1]
         grad = torch.is_grad_enabled()
         passes = 3.0 if grad else 1.0  # forward, and the backward's two products per forward product
+        out_side = passes * 4.0 * rows * d_out * r_out
         dense_grad = 2.0 * rows * d_out * d_in if grad else 0.0
-        return {"input": passes * 4.0 * rows * (d_in * r_in + d_out * r_out),
+        copies = (4.0 if grad else 2.0) * rows * d_in * element_flops(x.device)
+        frozen_grad = dense_grad if not x.requires_grad else 0.0
+        return {"input": passes * 4.0 * rows * d_in * r_in + out_side + copies + frozen_grad,
+                "lowrank": passes * 2.0 * rows * r_in * (d_in + d_out) + out_side
+                + (2.0 if grad else 1.0) * 2.0 * d_out * d_in * r_in,  # W·Y, and Wᵀ·(Gᵀ·C) in the backward
                 "weight": passes * 4.0 * d_out * d_in * (r_in + r_out) + dense_grad}
 
     def rotate(self, layer, x, rot, path):
         if path == "weight":
             return super().rotate(layer, x, rot, path)
-        z = apply_householder(x, rot.y_in, rot.t_in.mT)  # x·Hᵀ: then W·(H·x) per row
-        if rot.y_out is None:
-            return self.run(layer, z, layer.weight)
-        out = apply_householder(self.run(layer, z, layer.weight, bias=False), rot.y_out, rot.t_out.mT)
+        one_sided = rot.y_out is None
+        if path == "lowrank":
+            out = rotated_linear(x, self.matrix(layer), layer.bias if one_sided else None, rot.y_in, rot.t_in)
+        else:
+            out = self.run(layer, apply_householder(x, rot.y_in, rot.t_in.mT), layer.weight, bias=one_sided)
+        if one_sided:
+            return out
+        out = apply_householder(out, rot.y_out, rot.t_out.mT)  # H_out on the output side
         return out if layer.bias is None else out + layer.bias
 
 
