@@ -633,6 +633,8 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     error δ of layer l's output that is spread evenly over its d_out outputs moves the model's output by about
     s_l·‖δ‖², so s_l·‖(W − Ŵ)·L‖²_F makes the whitened losses of different layers comparable. Masked positions
     are left out as in :func:`calibrate`; training flags are restored, parameter gradients are left untouched.
+    Each batch takes one forward and backward pass, so the peak memory is that of a training step at the batch's
+    size: pass smaller batches to bound it (the estimate is per column, so the batch size does not change it).
     """
     selected = _select(model, include, exclude, layers)
     kinds = {n: layer_kind(m) for n, m in selected}
