@@ -18,6 +18,7 @@ Targets (each printed as ``TARGET <name> ratio=<measured> goal=<bound> PASS|FAIL
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import resource
@@ -46,6 +47,7 @@ def _median_time(fn, reps: int, warmup: int = 1) -> float:
 
 
 def _model(args, variant: str):
+    gc.collect()  # the previous variant's converted model sits in reference cycles: free it first (see harness.build)
     torch.manual_seed(0)
     model = WideResNet(depth=args.depth, widen=args.width)
     if variant != "dense":
@@ -127,6 +129,7 @@ def main(argv=None) -> None:
         _target(f"wrn_eval_cached_{variant}", evalt / dense_eval, 1.05)
         print(f"wrn_eval_uncached_{variant}: ratio={eval_fresh / dense_eval:.3f} (frames recomputed every pass; "
               "no goal)")
+        del model  # collected by the next _model()
 
     lin = torch.nn.Linear(4096, 4096).eval()
     conv = torch.nn.Linear(4096, 4096)
