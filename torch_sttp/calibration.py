@@ -32,6 +32,7 @@ Sums are accumulated in float64 on the inputs' device.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import weakref
@@ -447,6 +448,18 @@ def _select(model: nn.Module, include, exclude, layers) -> list[tuple[str, nn.Mo
     return chosen
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block; every module's training flag restored afterwards."""
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, progress: bool, stop_early: bool,
              measure: bool, means: bool = False) -> _Collector:
     """Run the batches with the hooks of a :class:`_Collector` on the selected layers (eval mode, no gradients,
@@ -455,16 +468,14 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
     if not selected:
         raise ValueError("calibrate: no layer selected; check include/exclude (supported: Linear, Conv1/2/3d, "
                          "ConvTranspose1/2/3d, Embedding; converted layers are calibrated on the dense model)")
-    flags = {m: m.training for m in model.modules()}
     collector = _Collector(selected, stop_early, measure, means)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="calibrate", unit="batch")
-    model.eval()
     try:
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             for i, batch in enumerate(iterator):
                 collector.begin(_attention_mask(batch))
                 try:
@@ -474,8 +485,6 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
                 collector.end(i)
     finally:
         collector.close()
-        for m, flag in flags.items():
-            m.training = flag
     missing = [n for n, _ in selected if n not in collector.layers]
     if missing:
         raise ValueError(f"calibrate: layers {missing[:4]} never ran on the batches; exclude them or check the "
@@ -651,33 +660,36 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
             return out
         return hook
 
-    flags = {m: m.training for m in model.modules()}
     handles = [m.register_forward_hook(hook_for(n)) for n, m in selected]
-    model.eval()
     try:
-        for batch in batches:
-            outputs.clear()
-            with torch.enable_grad():
-                out = _output_tensor(run_batch(model, batch))
-                probe = torch.randn(out.shape, generator=generator).to(out)
-                grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
-            mask = _attention_mask(batch)
-            for name, g in zip(list(outputs), grads):
-                if g is None:
-                    continue
-                if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
-                    g = g[mask.to(device=g.device, dtype=torch.bool)]
-                if kinds[name] in ("conv", "conv_transpose"):
-                    g = g.movedim(1, -1)  # channels last: one column per output position
-                cols = g.reshape(-1, g.shape[-1])
-                totals[name] += float((cols.double() ** 2).sum()) / cols.shape[1]
-                counts[name] += cols.shape[0]
+        with _eval_mode(model):
+            for batch in batches:
+                outputs.clear()
+                with torch.enable_grad():
+                    out = _output_tensor(run_batch(model, batch))
+                    probe = torch.randn(out.shape, generator=generator).to(out)
+                    grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
+                _add_squared_gradients(dict(zip(list(outputs), grads)), _attention_mask(batch), kinds, totals,
+                                       counts)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}
+
+
+def _add_squared_gradients(grads: Mapping[str, torch.Tensor | None], mask, kinds, totals, counts) -> None:
+    """Add Σ‖g_t‖² / d_out and the column count of each layer's output gradient (one column per token or output
+    position; masked positions left out) to ``totals`` / ``counts``."""
+    for name, g in grads.items():
+        if g is None:
+            continue
+        if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
+            g = g[mask.to(device=g.device, dtype=torch.bool)]
+        if kinds[name] in ("conv", "conv_transpose"):
+            g = g.movedim(1, -1)  # channels last: one column per output position
+        cols = g.reshape(-1, g.shape[-1])
+        totals[name] += float((cols.double() ** 2).sum()) / cols.shape[1]
+        counts[name] += cols.shape[0]
 
 
 # ------------------------------------------------------------------------------------------------ batch norm
@@ -700,17 +712,13 @@ def _first_calls(model: nn.Module, modules: list[tuple[str, nn.Module]], batch, 
                 observe(name, module, args)
         return hook
 
-    flags = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook_for(n, m)) for n, m in modules]
-    model.eval()
     try:
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             run_batch(model, batch)
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
     return order
 
 
