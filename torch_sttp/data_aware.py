@@ -19,7 +19,7 @@ from .calibration import Calibration, calibrate, reestimate_batchnorm, sequentia
 from .layers import matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_rank, check_spectrum
 from .surgery import conversion, convert
-from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, layer_metric, project_layer
+from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, is_centered, layer_metric, project_layer
 
 __all__ = ["WhitenedProjection", "project_whitened"]
 
@@ -85,11 +85,12 @@ def _correct_bias(module, dense_weight, reference_mean, mean) -> bool:
     return True
 
 
-def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare):
+def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare, originals):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
     model (paired with the dense copy with ``compensate``), writing Ŵ into the dense weights (in place), correcting
-    biases of centred layers and re-estimating batch norms after each group (``batchnorm``); returns ({name:
-    LayerProjection}, seconds spent in the calibration passes, the bias-corrected layers)."""
+    biases of centred layers (against ``originals``, the dense weights) and re-estimating batch norms after each
+    group (``batchnorm``); returns ({name: LayerProjection}, seconds spent in the calibration passes, the
+    bias-corrected layers)."""
     modules = dict(model.named_modules())
     damping, centered, scales, compensate, batchnorm = options
     reference = copy.deepcopy(model) if compensate else None
@@ -99,13 +100,12 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
         calib_seconds += time.perf_counter() - t
         own = stats.model if compensate else stats
         for name in group:
-            module, center = modules[name], _is_centered(name, centered)
-            dense = module.weight.detach().clone()
+            module, center = modules[name], is_centered(name, centered)
             metric = layer_metric(own, name, module, damping, centered, scales)
             if compensate:
                 _compensated_target(module, stats, name, metric, center)
             out[name] = _project(module, method, ranks[name], metric, refine_iters, compare)
-            if center and _correct_bias(module, dense, stats.reference_mean(name) if compensate else
+            if center and _correct_bias(module, originals[name], stats.reference_mean(name) if compensate else
                                         own.mean(name), own.mean(name)):
                 corrected.append(name)
         t = time.perf_counter()
@@ -113,9 +113,6 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
             reestimate_batchnorm(model, batches)
     return out, calib_seconds, corrected
 
-
-def _is_centered(name: str, centered) -> bool:
-    return centered if isinstance(centered, bool) else name in centered
 
 
 def _convert_sequential(model, method, ranks, spectrum, batches, options, refine_iters, progress, compare,
@@ -129,7 +126,7 @@ def _convert_sequential(model, method, ranks, spectrum, batches, options, refine
              if k.endswith((".bias", "running_mean", "running_var", "num_batches_tracked"))}
     try:
         layers, calib_seconds, corrected = _project_sequential(model, method, ranks, batches, options,
-                                                               refine_iters, progress, compare)
+                                                               refine_iters, progress, compare, originals)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
     except BaseException:
         for n, w in originals.items():
@@ -217,7 +214,7 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
-        corrected = [n for n in ranks if _is_centered(n, centered)
+        corrected = [n for n in ranks if is_centered(n, centered)
                      and _correct_bias(modules[n], originals[n], calibration.mean(n), calibration.mean(n))]
     seconds = time.perf_counter() - t0
     errors = {}

@@ -373,11 +373,14 @@ def select_ranks(
     if sensitivity is not None and calibration is None:
         raise ValueError("select_ranks(sensitivity=...) weighs the whitened losses: pass calibration= as well")
     missing = [n for n, _ in selected if calibration is not None and n not in calibration]
-    missing += [n for n, _ in selected if sensitivity is not None and n not in sensitivity and n not in missing]
     if missing:
-        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic or sensitivity; "
-                         "calibrate them (torch_sttp.calibrate / layer_sensitivity(model, batches, include=...)) or "
-                         "leave them out (exclude=...)")
+        raise ValueError(f"select_ranks: layers {missing[:4]} have no calibration statistic; calibrate them "
+                         "(torch_sttp.calibrate(model, batches, include=...)) or leave them out (exclude=...)")
+    missing = [n for n, _ in selected if sensitivity is not None and n not in sensitivity]
+    if missing:
+        raise ValueError(f"select_ranks: layers {missing[:4]} have no sensitivity; measure them "
+                         "(torch_sttp.calibration.layer_sensitivity(model, batches, include=...)) or leave them out "
+                         "(exclude=...)")
     spectra = _planned_spectra(selected, spectra, unfoldings=method == "sttp")
     dense = sum(s.dense for s in spectra)
     bdof = _budget_dof(budget, dense)

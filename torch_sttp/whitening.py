@@ -45,7 +45,7 @@ from .tt import contract_train, contract_train_from_right, count_dof, split_mode
 if TYPE_CHECKING:  # the statistics' container sits above this module (it offers :class:`WhitenedProjector`)
     from .calibration import Calibration
 
-__all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric",
+__all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric", "is_centered",
            "whitened_svd", "whitened_train", "row_block_update", "refine_train", "LayerProjection", "project_layer", "WhitenedProjector",
            "truncation_candidates"]
 
@@ -178,8 +178,7 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, 
     scaling of a tensor train is not a train of the same ranks. Both may be given for many layers at once:
     ``centered`` a collection of layer names, ``output_scale`` a mapping {name: g} (layers not in it: no scale)."""
     d_out, d_in = weight_matrix(module).shape
-    if not isinstance(centered, bool):
-        centered = name in centered
+    centered = is_centered(name, centered)
     if isinstance(output_scale, Mapping):
         output_scale = output_scale.get(name)
     scale = _row_scale(name, output_scale, d_out, module.weight.device)
@@ -207,6 +206,11 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, 
     if not damping >= 0:
         raise ValueError(f"damping must be ≥ 0, got {damping!r}")
     return LayerMetric(_damped(moment, damping), rows=kind == "embedding", scale=scale)
+
+
+def is_centered(name: str, centered: bool | Collection[str]) -> bool:
+    """Whether layer ``name`` gets the centred metric under a ``centered`` setting (True/False or layer names)."""
+    return centered if isinstance(centered, bool) else name in centered
 
 
 def _row_scale(name: str, scale, d_out: int, device) -> torch.Tensor | None:
