@@ -443,7 +443,7 @@ def combine_mode(args, log) -> dict:
 # ----------------------------------------------------------------------------------------------------------- main
 def study_mode(args, log) -> dict:
     lrs = args.lrs or ([1e-3, 3e-3] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3])
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    seeds = list(range(args.first_seed, args.first_seed + (args.seeds or (1 if args.quick else 3))))
     methods = args.methods or METHODS
     max_steps = args.max_steps or (4 if args.quick else None)
     out = Path(args.out)
@@ -476,7 +476,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="+", default=["text", "vision"], choices=["text", "vision"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None)
     parser.add_argument("--lrs", nargs="+", type=float, default=None)
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; --quick: 1)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds first-seed … first-seed + seeds − 1 (to add seeds to an earlier run; --combine)")
     parser.add_argument("--max-steps", type=int, default=None, help="cap on the training steps of each run")
     parser.add_argument("--rounds", type=int, default=15, help="step time: timed rounds")
     parser.add_argument("--warmup", type=int, default=3, help="step time: warm-up steps per model")

@@ -255,3 +255,49 @@ def test_row_block_update_is_the_best_row_side_given_the_column_side():
     updated = row_block_update(cores, w, wh, k)
     got = contract_train(updated[:k]).reshape(24, -1) @ contract_train_from_right(updated[k:]).reshape(-1, 36)
     assert wh.loss(w - got) == pytest.approx(wh.loss(w - best @ b), rel=1e-9)
+
+
+def test_factored_loss_is_the_whitened_loss_with_its_exact_gradient():
+    from torch_sttp.whitening import factored_loss
+
+    layer, x, stats = _layer_and_stats(d_out=12, d_in=10, n=300, seed=7)
+    wh = layer_metric(stats, "", layer).whitener()
+    w = weight_matrix(layer).detach()
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(12, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, 10, generator=g, dtype=torch.float64, requires_grad=True)
+    mc, energy = wh.gram_apply(w), wh.loss(w)
+    value = factored_loss(a, b, wh, mc, energy)
+    explicit = ((w - a @ b) @ wh.factor).square().sum()
+    assert float(value) == pytest.approx(float(explicit), rel=1e-12)
+    grads = torch.autograd.grad(value, (a, b))
+    reference = torch.autograd.grad(explicit, (a, b))
+    for got, want in zip(grads, reference):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(lambda a_, b_: factored_loss(a_, b_, wh, mc, energy), (a, b))
+
+
+def test_refinement_lowers_the_whitened_loss_with_more_iterations():
+    from torch_sttp.whitening import refine_train, whitened_train
+
+    layer, x, stats = _layer_and_stats(d_out=24, d_in=36, n=400, seed=5)
+    wh = layer_metric(stats, "", layer).whitener()
+    w = weight_matrix(layer).detach()
+    out_modes, in_modes = split_modes(layout_shape(layer), "sttp")
+    ranks = tt_ranks(out_modes + in_modes, 4)
+    cores = whitened_train(w, out_modes, in_modes, ranks, wh)
+    k = len(out_modes)
+    losses = []
+    for iters in (0, 2, 10):
+        refined = refine_train(cores, w, wh, k, iters)
+        assert [c.shape for c in refined] == [c.shape for c in cores]
+        got = _train_product(refined, k).reshape(w.shape)
+        losses.append(wh.loss(w - got))
+    assert losses[2] <= losses[1] * (1 + 1e-12) <= losses[0] * (1 + 1e-12)
+    assert losses[2] < losses[0] * 0.999
+
+
+def _train_product(cores, split):
+    from torch_sttp.tt import contract_train, contract_train_from_right
+
+    return contract_train(cores[:split]) @ contract_train_from_right(cores[split:])

@@ -46,11 +46,11 @@ if TYPE_CHECKING:  # the statistics' container sits above this module (it offers
     from .calibration import Calibration
 
 __all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric", "is_centered",
-           "whitened_svd", "whitened_train", "row_block_update", "refine_train", "LayerProjection", "project_layer", "WhitenedProjector",
-           "truncation_candidates"]
+           "whitened_svd", "whitened_train", "row_block_update", "factored_loss", "refine_train", "LayerProjection",
+           "project_layer", "WhitenedProjector", "truncation_candidates"]
 
 DAMPING = 1e-3
-REFINE_ITERS = 2
+REFINE_ITERS = 10
 CANDIDATE_METHODS = ("svd", "svdp", "sttp")
 
 
@@ -297,12 +297,55 @@ def row_block_update(cores, matrix: torch.Tensor, whitener: Whitener, split: int
     return rows[:-1] + [first] + list(cores[split + 1:])
 
 
+class _FactoredLoss(torch.autograd.Function):
+    """tr(M·C·Mᵀ) − 2·⟨A, (M·C)·Bᵀ⟩ + ⟨AᵀA, B·C·Bᵀ⟩ with the gradients written out, so that B·C is formed once
+    per evaluation (autograd would form (·)·C again for ∂/∂B):
+    ∂/∂A = 2·(A·S − (M·C)·Bᵀ), ∂/∂B = 2·((AᵀA)·(B·C) − Aᵀ·(M·C)), S = B·C·Bᵀ."""
+
+    @staticmethod
+    def forward(ctx, left, right, whitener, matrix_gram, energy):
+        right_gram = whitener.gram_apply(right)
+        projected = matrix_gram @ right.mT
+        small = right_gram @ right.mT
+        gram_left = left.mT @ left
+        ctx.save_for_backward(left, right_gram, projected, small, gram_left, matrix_gram)
+        return energy - 2.0 * (left * projected).sum() + (gram_left * small).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        left, right_gram, projected, small, gram_left, matrix_gram = ctx.saved_tensors
+        grad_left = (2.0 * grad) * (left @ small - projected)
+        grad_right = (2.0 * grad) * (gram_left @ right_gram - left.mT @ matrix_gram)
+        return grad_left, grad_right, None, None, None
+
+
+def factored_loss(left: torch.Tensor, right: torch.Tensor, whitener: Whitener, matrix_gram: torch.Tensor,
+                  energy: float) -> torch.Tensor:
+    """‖(M − A·B)·L‖²_F = tr(M·C·Mᵀ) − 2·⟨A, (M·C)·Bᵀ⟩ + ⟨AᵀA, B·C·Bᵀ⟩ for A = ``left`` (m × R) and B = ``right``
+    (R × d), from ``matrix_gram`` = M·C (m × d, :meth:`Whitener.gram_apply`) and ``energy`` = tr(M·C·Mᵀ).
+    Differentiable in A and B. One evaluation with its gradient costs R·d² + 3·m·R·d multiply-adds (B·C once),
+    where weighing the error M − A·B costs m·d² + 3·m·R·d."""
+    return _FactoredLoss.apply(left, right, whitener, matrix_gram, energy)
+
+
+def _train_objective(params, matrix: torch.Tensor, whitener: Whitener, split: int, matrix_gram: torch.Tensor,
+                     energy: float) -> torch.Tensor:
+    """‖(M − train)·L‖²_F as a differentiable function of the cores; through the middle bond when there is one."""
+    if 0 < split < len(params):
+        left = contract_train(params[:split]).reshape(matrix.shape[0], -1)
+        right = contract_train_from_right(params[split:]).reshape(left.shape[1], -1)
+        return factored_loss(left, right, whitener, matrix_gram, energy)
+    err = matrix - _train_matrix(params, matrix.shape, split)
+    return (err * whitener.gram_apply(err)).sum()
+
+
 def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
                  tolerance: float = 1e-6, block: bool = True) -> list[torch.Tensor]:
     """Cores after one :func:`row_block_update` (``block``; kept only if it lowers the loss) and then up to
     ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F, stopping once an
-    iteration gains less than ``tolerance`` of that relative loss; the gradient with respect to the train is
-    −2·(M − train)·C, backpropagated into the cores (the first ``split`` carry the row modes)."""
+    iteration gains less than ``tolerance`` of that relative loss. The loss is evaluated through the middle bond
+    (:func:`factored_loss` with the train's two halves A·B), never forming the m × d error; the first ``split``
+    cores carry the row modes."""
     if block:
         updated = row_block_update(cores, matrix, whitener, split)
         if updated is not cores and _train_loss(updated, matrix, whitener, split) < _train_loss(cores, matrix,
@@ -311,17 +354,17 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
     params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
     if iters <= 0 or not params:
         return [p.detach() for p in params]
-    scale = 1.0 / max(whitener.loss(matrix), 1e-300)
+    matrix_gram = whitener.gram_apply(matrix)
+    energy = float((matrix * matrix_gram).sum())
+    scale = 1.0 / max(energy, 1e-300)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=5, tolerance_grad=1e-12,
                             tolerance_change=tolerance, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=True)
-        approx = _train_matrix(params, matrix.shape, split)
-        err = matrix - approx.detach()
-        weighted = whitener.gram_apply(err)
-        approx.backward(-2.0 * scale * weighted)
-        return (err * weighted).sum() * scale
+        loss = _train_objective(params, matrix, whitener, split, matrix_gram, energy) * scale
+        loss.backward()
+        return loss.detach()
 
     with torch.enable_grad():
         opt.step(closure)
