@@ -13,9 +13,11 @@ Methods: PEFT's LoRA (r=8, alpha 16, dropout 0), HRA (r=8) and OFT (block 32); o
 and STTP) and rotation — each at the largest rank whose adapter parameters do not exceed LoRA r=8's; a linear probe
 (head only) and full fine-tuning. Every method trains with AdamW on the same learning-rate grid; the rate is chosen
 per method on the validation split (mean over seeds) and the test accuracy is the mean over the seeds at that rate.
-Also recorded: the median training-step time, the peak RSS growth over training steps (from ``/proc/self/status``,
-reset through ``/proc/self/clear_refs``), the merge time and merge error (‖Δlogits‖/‖logits‖ on the test split,
-float32) and whether unloading gives the original weights bit for bit.
+Also recorded: the median training-step time, the merge time and merge error (‖Δlogits‖/‖logits‖ on the test split,
+float32) and whether unloading gives the original weights bit for bit. ``--memory`` measures each method's peak RSS
+growth over three training steps (from ``/proc/self/status``, reset through ``/proc/self/clear_refs``), one fresh
+process per task and method: inside the study's long-running process the heap already holds the pages a later run
+needs, and the growth reads 0.
 
 ``--step-time`` (the default) times one training step (forward, loss, backward, AdamW step) on MiniLM, batch 16 of
 the text task's sentences, max length 128, median over interleaved rounds after warm-up, for LoRA r=8, our rotation
@@ -28,8 +30,8 @@ at r=8 and r=32, and (``--with-hra``) PEFT's HRA r=8. Targets:
     TARGET merge_error ratio=<largest merge error of ours / 1e-6> goal=1.0
     TARGET unload_bit_exact ratio=<1 if every unload is bit-exact else 0> goal=1.0
 
-    python benchmarks/adapters.py [--step-time [--clock wall|cpu] [--rounds N]] [--study [--quick]] [--threads N]
-                                  [--out DIR]
+    python benchmarks/adapters.py [--step-time [--clock wall|cpu] [--rounds N]] [--study [--quick]] [--memory]
+                                  [--tasks text vision] [--threads N] [--out DIR]
     python benchmarks/adapters.py --combine out-text/study.json out-vision/study.json --out DIR   # one summary
 
 Needs the ``[compare]`` extra (peft) and the ``transformers`` and ``experiments`` extras.
@@ -38,10 +40,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -192,7 +196,9 @@ def merge_metrics(model: nn.Module, name: str, task: Task, logits: torch.Tensor,
 
 
 def peak_rss_growth_mib(model: nn.Module, task: Task, lr: float, steps: int = 3) -> float | None:
-    """Peak RSS over ``steps`` training steps minus the RSS before them (MiB), or None without /proc."""
+    """Peak RSS over ``steps`` training steps minus the RSS before them (MiB), or None without /proc. Meaningful in a
+    fresh process only (:func:`memory_mode`): once earlier runs have grown the heap, the steps reuse freed pages."""
+    gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -201,6 +207,33 @@ def peak_rss_growth_mib(model: nn.Module, task: Task, lr: float, steps: int = 3)
         return None
     train(model, task, lr, seed=12345, max_steps=steps)
     return (memory_status()["VmHWM"] - before) / 1024
+
+
+def memory_child(task_name: str, name: str, out: Path) -> dict:
+    """One method's peak RSS growth over three training steps (rate 1e-3), in this (fresh) process."""
+    task = text_task() if task_name == "text" else vision_task(out)
+    ranks, _ = study_ranks(task, [name])
+    model = build(task, name, 0, ranks)
+    return {"task": task_name, "method": name, "rank": ranks.get(name),
+            "adapter_params": adapter_parameters(model),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "peak_rss_growth_mib": peak_rss_growth_mib(model, task, 1e-3)}
+
+
+def memory_mode(args, log) -> dict:
+    """Every (task, method) of ``--memory`` in its own process, so that each starts from an unused heap."""
+    rows = []
+    for task_name in args.tasks:
+        for name in args.methods or METHODS:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", f"{task_name}:{name}",
+                   "--threads", str(args.threads), "--out", args.out]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
+            found = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(f"memory child {task_name}:{name} failed:\n{proc.stderr[-3000:]}")
+            rows.append(json.loads(found[-1][len("RESULT "):]))
+            log(json.dumps(rows[-1]))
+    return {"rows": rows, "python": sys.version.split()[0], "torch": torch.__version__}
 
 
 def memory_status() -> dict[str, int]:
@@ -248,10 +281,6 @@ def run_task(task: Task, methods: list[str], lrs: list[float], seeds: list[int],
                 row["budget"] = budget
                 rows.append(row)
                 log(json.dumps(row))
-        memory = peak_rss_growth_mib(build(task, name, 0, ranks), task, lrs[0])
-        for row in rows:
-            if row["method"] == name:
-                row["peak_rss_growth_mib"] = memory
     return rows
 
 
@@ -266,8 +295,7 @@ def summarize(rows: list[dict]) -> list[dict]:
             chosen = by_lr[lr]
             entry = {"task": task, "method": name, "lr": lr, "rank": chosen[0]["rank"],
                      "adapter_params": chosen[0]["adapter_params"], "trainable": chosen[0]["trainable"],
-                     "budget": chosen[0]["budget"], "seeds": len(chosen),
-                     "peak_rss_growth_mib": chosen[0].get("peak_rss_growth_mib")}
+                     "budget": chosen[0]["budget"], "seeds": len(chosen)}
             for key in ("val_acc", "test_acc", "step_ms", "merge_ms", "merge_error"):
                 values = [r[key] for r in chosen if r.get(key) is not None]
                 entry[key] = statistics.mean(values) if values else None
@@ -488,6 +516,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--combine", nargs="+", metavar="FILE", default=None,
                         help="summarize the rows of study results (.json) or logs instead of running anything")
+    parser.add_argument("--memory", action="store_true", help="peak RSS growth of three training steps, one fresh "
+                        "process per task and method")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     parser.add_argument("--plot", default=None, help="combine: path of the plot (default: <out>/adapters_study.png)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "data" / "adapters"))
     args = parser.parse_args(argv)
@@ -495,10 +526,17 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.memory_child:
+        task_name, name = args.memory_child.split(":")
+        print("RESULT " + json.dumps(memory_child(task_name, name, out)))
+        return 0
     log(f"python {sys.version.split()[0]}, torch {torch.__version__}, {args.threads} thread(s)")
     if args.combine:
         result = combine_mode(args, log)
         name = "study_combined.json"
+    elif args.memory:
+        result = memory_mode(args, log)
+        name = "memory.json"
     elif args.study:
         result = study_mode(args, log)
         name = "study_quick.json" if args.quick else "study.json"
