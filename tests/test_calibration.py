@@ -208,3 +208,24 @@ def test_sensitivity_is_the_jacobian_norm_per_output():
     assert s["0"] == pytest.approx(expected, rel=0.05)
     assert s["1"] == pytest.approx(1.0, rel=0.05)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_sensitivity_equals_the_hutchinson_sum_of_each_layers_output_gradient():
+    # the per-batch probe v ~ N(0, I) drawn from a generator seeded with `seed`; s_l = Σ_t ‖(∂vᵀy/∂o_l)_t‖² / d_out
+    # over the unmasked columns t, divided by their count — computed here with one autograd.grad per layer
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    batches = [torch.randn(7, 6, dtype=torch.float64) for _ in range(3)]
+    s = layer_sensitivity(model, batches, layers=["0", "2"], seed=11)
+    generator = torch.Generator().manual_seed(11)
+    totals, counts = {"0": 0.0, "2": 0.0}, {"0": 0, "2": 0}
+    for x in batches:
+        h0 = model[0](x)
+        y = model[2](model[1](h0))
+        v = torch.randn(y.shape, generator=generator).to(y)
+        g0, g2 = torch.autograd.grad((y * v).sum(), [h0, y])
+        for name, g in (("0", g0), ("2", g2)):
+            totals[name] += float((g ** 2).sum()) / g.shape[1]
+            counts[name] += g.shape[0]
+    assert s == pytest.approx({n: totals[n] / counts[n] for n in totals}, rel=1e-12)
+    assert all(p.grad is None for p in model.parameters())

@@ -644,19 +644,25 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     are left out as in :func:`calibrate`; training flags are restored, parameter gradients are left untouched.
     Each batch takes one forward and backward pass, so the peak memory is that of a training step at the batch's
     size: pass smaller batches to bound it (the estimate is per column, so the batch size does not change it).
+    Each layer's output gradient is reduced to its sum of squares as the backward pass produces it (a tensor hook;
+    the pass differentiates with respect to one scalar leaf added to every selected output), so no layer's gradient
+    outlives its step of the backward pass; a layer called more than once per forward counts every call.
     """
     selected = _select(model, include, exclude, layers)
     kinds = {n: layer_kind(m) for n, m in selected}
     generator = torch.Generator().manual_seed(seed)
     totals = {n: 0.0 for n, _ in selected}
     counts = {n: 0 for n, _ in selected}
-    outputs: dict[str, torch.Tensor] = {}
+    mask: list = [None]
+    leaf = torch.zeros((), requires_grad=True)  # on every hooked output's path: one backward reaches them all
 
     def hook_for(name):
+        def consume(g):  # each output gradient is reduced as backward produces it, then freed
+            _add_squared_gradients({name: g}, mask[0], kinds, totals, counts)
+
         def hook(_module, _args, out):
-            out = out + torch.zeros((), dtype=out.dtype, device=out.device, requires_grad=True)
-            out.retain_grad()
-            outputs[name] = out
+            out = out + leaf.to(dtype=out.dtype, device=out.device)
+            out.register_hook(consume)
             return out
         return hook
 
@@ -664,13 +670,11 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     try:
         with _eval_mode(model):
             for batch in batches:
-                outputs.clear()
+                mask[0] = _attention_mask(batch)
                 with torch.enable_grad():
                     out = _output_tensor(run_batch(model, batch))
                     probe = torch.randn(out.shape, generator=generator).to(out)
-                    grads = torch.autograd.grad((out * probe).sum(), list(outputs.values()), allow_unused=True)
-                _add_squared_gradients(dict(zip(list(outputs), grads)), _attention_mask(batch), kinds, totals,
-                                       counts)
+                    torch.autograd.grad((out * probe).sum(), [leaf], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
