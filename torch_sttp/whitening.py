@@ -30,7 +30,7 @@ whitened optimality holds only for ``"free"``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection, Mapping
 
 import numpy as np
@@ -65,12 +65,28 @@ class Whitener:
         if self.diagonal:
             if not bool((gram > 0).all()):
                 raise ValueError(f"metric weights must be positive: {fix}")
-            self.factor = gram.sqrt()
+            self._factor = gram.sqrt()
         else:
             factor, info = torch.linalg.cholesky_ex(gram)
             if int(info) != 0:
                 raise ValueError(f"metric is not positive definite: {fix}")
-            self.factor = factor
+            self._factor = factor
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """L (lower triangular, L·Lᵀ = C), or √c for a diagonal metric."""
+        if self._factor is None:
+            self._factor = torch.linalg.cholesky(self.gram)
+        return self._factor
+
+    def without_factor(self) -> "Whitener":
+        """The same metric holding C alone (L is computed again if it is used): for the steps that need only e·C
+        and losses, so that L's d × d entries are freed."""
+        if self.diagonal:
+            return self
+        out = object.__new__(Whitener)
+        out.gram, out.diagonal, out._factor = self.gram, False, None
+        return out
 
     def apply(self, m: torch.Tensor) -> torch.Tensor:
         """m·L."""
@@ -120,7 +136,6 @@ class LayerMetric:
     gram: torch.Tensor
     rows: bool = False
     scale: torch.Tensor | None = None
-    _whitener: Whitener | None = field(default=None, repr=False)
 
     @classmethod
     def identity(cls, d_in: int, dtype=torch.float64, device=None) -> "LayerMetric":
@@ -130,9 +145,7 @@ class LayerMetric:
     def whitener(self, out_modes=None) -> Whitener:
         """The :class:`Whitener` of the working matrix (see :meth:`working`)."""
         if not self.rows:
-            if self._whitener is None:
-                self._whitener = Whitener(self.gram)
-            return self._whitener
+            return Whitener(self.gram)
         modes = list(out_modes) if out_modes else [len(self.gram)]
         return Whitener(self.gram.reshape(modes).permute(*reversed(range(len(modes)))).reshape(-1))
 
@@ -159,7 +172,7 @@ class LayerMetric:
             e = e * self.scale[:, None]
         if self.rows:
             return float((e * e * self.gram[:, None]).sum())
-        return self.whitener().loss(e)
+        return float((e * (e @ self.gram if self.gram.dim() == 2 else e * self.gram)).sum())
 
 
 def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, damping: float = DAMPING,
@@ -357,7 +370,7 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
     matrix_gram = whitener.gram_apply(matrix)
     energy = float((matrix * matrix_gram).sum())
     scale = 1.0 / max(energy, 1e-300)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=5, tolerance_grad=1e-12,
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=3, tolerance_grad=1e-12,
                             tolerance_change=tolerance, line_search_fn="strong_wolfe")
 
     def closure():
@@ -434,6 +447,7 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
     trains = {"data_free": data_free, "whitened": whitened_train(m, row_modes, col_modes, ranks, whitener)}
     losses = {k: whitener.loss(m - _train_matrix(c, m.shape, split)) for k, c in trains.items()}
     start = min(losses, key=losses.get)
+    whitener = whitener.without_factor()  # the refinement needs C alone: free L
     trains["refined"] = refine_train(trains[start], m, whitener, split, iters)
     losses["refined"] = whitener.loss(m - _train_matrix(trains["refined"], m.shape, split))
     best = min(losses, key=losses.get)
