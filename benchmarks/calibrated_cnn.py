@@ -19,8 +19,14 @@ parameters of the dense model) — with one rank for all layers ("uniform") or t
   set; uniform ranks, mean accuracy over the Z grid), never on the test set. The projection modes: one-shot (all
   layers on the dense model's statistics), sequential (``sequential=True, batchnorm=True``: layer by layer on the
   partly compressed model, batch norms re-estimated after each layer) and compensated (the same with
-  ``compensate=True``: each layer fits the dense model's outputs from the inputs it now gets). No gradient step
-  anywhere.
+  ``compensate=True``: each layer fits the dense model's outputs from the inputs it now gets). A second
+  validation round then chooses, for that mode, the damping (10⁻³ or 10⁻²) and, for STTP, the L-BFGS refinement
+  iterations of the whitened projection (``refine_iters`` 2, 30 or 100). No gradient step on the model's
+  parameters anywhere.
+
+Not a target: at Z ≈ 10 and 20 the loss-aware "aware" models are also fine-tuned with gradient steps
+(:func:`trained_reference`, 5 epochs on the labelled training images) to show what training reaches at the
+same ranks (``smallcnn_trained_reference.json``).
 
     TARGET smallcnn_data_aware_vs_free[_z<Z>] ratio=<min over method, ranks of aware acc − free acc (points)> goal=0.0
     TARGET smallcnn_within_1_point[_z<Z>] ratio=<dense acc − best aware acc (points), Z ≤ 50> goal=1.0
