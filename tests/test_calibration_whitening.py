@@ -275,29 +275,3 @@ def test_factored_loss_is_the_whitened_loss_with_its_exact_gradient():
     for got, want in zip(grads, reference):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert torch.autograd.gradcheck(lambda a_, b_: factored_loss(a_, b_, wh, mc, energy), (a, b))
-
-
-def test_refinement_lowers_the_whitened_loss_with_more_iterations():
-    from torch_sttp.whitening import refine_train, whitened_train
-
-    layer, x, stats = _layer_and_stats(d_out=24, d_in=36, n=400, seed=5)
-    wh = layer_metric(stats, "", layer).whitener()
-    w = weight_matrix(layer).detach()
-    out_modes, in_modes = split_modes(layout_shape(layer), "sttp")
-    ranks = tt_ranks(out_modes + in_modes, 4)
-    cores = whitened_train(w, out_modes, in_modes, ranks, wh)
-    k = len(out_modes)
-    losses = []
-    for iters in (0, 2, 10):
-        refined = refine_train(cores, w, wh, k, iters)
-        assert [c.shape for c in refined] == [c.shape for c in cores]
-        got = _train_product(refined, k).reshape(w.shape)
-        losses.append(wh.loss(w - got))
-    assert losses[2] <= losses[1] * (1 + 1e-12) <= losses[0] * (1 + 1e-12)
-    assert losses[2] < losses[0] * 0.999
-
-
-def _train_product(cores, split):
-    from torch_sttp.tt import contract_train, contract_train_from_right
-
-    return contract_train(cores[:split]) @ contract_train_from_right(cores[split:])
