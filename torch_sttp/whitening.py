@@ -283,10 +283,6 @@ def _train_matrix(cores, shape, split: int) -> torch.Tensor:
     return (left @ right).reshape(shape)
 
 
-def _train_loss(cores, matrix: torch.Tensor, whitener: Whitener, split: int) -> float:
-    return whitener.loss(matrix - _train_matrix(cores, matrix.shape, split))
-
-
 def row_block_update(cores, matrix: torch.Tensor, whitener: Whitener, split: int) -> list[torch.Tensor]:
     """One block step on the row cores: with the train A·B (A = the first ``split`` cores contracted, d_rows × R;
     B = the rest, R × d_cols) and B fixed, the best A over all matrices is A* = M·C·Bᵀ·G⁻¹ (G = B·C·Bᵀ), and for any
@@ -352,23 +348,32 @@ def _train_objective(params, matrix: torch.Tensor, whitener: Whitener, split: in
     return (err * whitener.gram_apply(err)).sum()
 
 
+def _train_loss(cores, matrix: torch.Tensor, whitener: Whitener, split: int, matrix_gram: torch.Tensor,
+                energy: float) -> float:
+    """‖(M − train)·L‖²_F through the middle bond (for comparing candidates; it loses the digits of the energy that
+    the loss does not have, so a reported loss is computed from the error itself)."""
+    with torch.no_grad():
+        return float(_train_objective(cores, matrix, whitener, split, matrix_gram, energy))
+
+
 def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
-                 tolerance: float = 1e-6, block: bool = True) -> list[torch.Tensor]:
+                 tolerance: float = 1e-6, block: bool = True,
+                 matrix_gram: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Cores after one :func:`row_block_update` (``block``; kept only if it lowers the loss) and then up to
     ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F, stopping once an
     iteration gains less than ``tolerance`` of that relative loss. The loss is evaluated through the middle bond
     (:func:`factored_loss` with the train's two halves A·B), never forming the m × d error; the first ``split``
-    cores carry the row modes."""
+    cores carry the row modes. ``matrix_gram``: M·C when the caller has it."""
+    matrix_gram = whitener.gram_apply(matrix) if matrix_gram is None else matrix_gram
+    energy = float((matrix * matrix_gram).sum())
     if block:
         updated = row_block_update(cores, matrix, whitener, split)
-        if updated is not cores and _train_loss(updated, matrix, whitener, split) < _train_loss(cores, matrix,
-                                                                                                 whitener, split):
+        if updated is not cores and (_train_loss(updated, matrix, whitener, split, matrix_gram, energy)
+                                     < _train_loss(cores, matrix, whitener, split, matrix_gram, energy)):
             cores = updated
     params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
     if iters <= 0 or not params:
         return [p.detach() for p in params]
-    matrix_gram = whitener.gram_apply(matrix)
-    energy = float((matrix * matrix_gram).sum())
     scale = 1.0 / max(energy, 1e-300)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=3, tolerance_grad=1e-12,
                             tolerance_change=tolerance, line_search_fn="strong_wolfe")
@@ -445,14 +450,18 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
         row_modes, col_modes = out_modes, in_modes
     split = len(row_modes)
     trains = {"data_free": data_free, "whitened": whitened_train(m, row_modes, col_modes, ranks, whitener)}
-    losses = {k: whitener.loss(m - _train_matrix(c, m.shape, split)) for k, c in trains.items()}
-    start = min(losses, key=losses.get)
-    whitener = whitener.without_factor()  # the refinement needs C alone: free L
-    trains["refined"] = refine_train(trains[start], m, whitener, split, iters)
-    losses["refined"] = whitener.loss(m - _train_matrix(trains["refined"], m.shape, split))
+    whitener = whitener.without_factor()  # from here on C alone: free L
+    m_gram = whitener.gram_apply(m)
+    m_energy = float((m * m_gram).sum())
+    losses = {k: _train_loss(c, m, whitener, split, m_gram, m_energy) for k, c in trains.items()}
+    trains["refined"] = refine_train(trains[min(losses, key=losses.get)], m, whitener, split, iters,
+                                     matrix_gram=m_gram)
+    losses["refined"] = _train_loss(trains["refined"], m, whitener, split, m_gram, m_energy)
     best = min(losses, key=losses.get)
-    w_hat = metric.restore(_train_matrix(trains[best], m.shape, split), out_modes, in_modes)
-    return LayerProjection(w_hat, losses[best], energy, losses["data_free"], bound, losses["whitened"], best)
+    approx = _train_matrix(trains[best], m.shape, split)
+    loss = whitener.loss(m - approx)
+    return LayerProjection(metric.restore(approx, out_modes, in_modes), loss, energy, losses["data_free"], bound,
+                           losses["whitened"], best)
 
 
 def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric,
