@@ -21,8 +21,8 @@ parameters of the dense model) — with one rank for all layers ("uniform") or t
   partly compressed model, batch norms re-estimated after each layer) and compensated (the same with
   ``compensate=True``: each layer fits the dense model's outputs from the inputs it now gets). A second
   validation round then chooses, for that mode, the damping (10⁻³ or 10⁻²) and, for STTP, the L-BFGS refinement
-  iterations of the whitened projection (``refine_iters`` 2, 30 or 100). No gradient step on the model's
-  parameters anywhere.
+  iterations of the whitened projection (``refine_iters``: the library's default ``REFINE_ITERS``, 30 or 100). No
+  gradient step on the model's parameters anywhere.
 
 Not a target: at Z ≈ 10 and 20 the loss-aware "aware" models are also fine-tuned with gradient steps
 (:func:`trained_reference`, 5 epochs on the labelled training images) to show what training reaches at the

@@ -658,7 +658,9 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
 
     def hook_for(name):
         def consume(g):  # each output gradient is reduced as backward produces it, then freed
-            _add_squared_gradients({name: g}, mask[0], kinds, totals, counts)
+            total, columns = _squared_gradient_sum(g, mask[0], kinds[name])
+            totals[name] += total
+            counts[name] += columns
 
         def hook(_module, _args, out):
             out = out + leaf.to(dtype=out.dtype, device=out.device)
@@ -681,19 +683,15 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}
 
 
-def _add_squared_gradients(grads: Mapping[str, torch.Tensor | None], mask, kinds, totals, counts) -> None:
-    """Add Σ‖g_t‖² / d_out and the column count of each layer's output gradient (one column per token or output
-    position; masked positions left out) to ``totals`` / ``counts``."""
-    for name, g in grads.items():
-        if g is None:
-            continue
-        if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
-            g = g[mask.to(device=g.device, dtype=torch.bool)]
-        if kinds[name] in ("conv", "conv_transpose"):
-            g = g.movedim(1, -1)  # channels last: one column per output position
-        cols = g.reshape(-1, g.shape[-1])
-        totals[name] += float((cols.double() ** 2).sum()) / cols.shape[1]
-        counts[name] += cols.shape[0]
+def _squared_gradient_sum(g: torch.Tensor, mask, kind: str) -> tuple[float, int]:
+    """(Σ‖g_t‖² / d_out, the number of columns) of one layer's output gradient ``g``, one column g_t per token or
+    output position (masked positions left out)."""
+    if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
+        g = g[mask.to(device=g.device, dtype=torch.bool)]
+    if kind in ("conv", "conv_transpose"):
+        g = g.movedim(1, -1)  # channels last: one column per output position
+    cols = g.reshape(-1, g.shape[-1])
+    return float((cols.double() ** 2).sum()) / cols.shape[1], cols.shape[0]
 
 
 # ------------------------------------------------------------------------------------------------ batch norm

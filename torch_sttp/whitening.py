@@ -56,17 +56,19 @@ CANDIDATE_METHODS = ("svd", "svdp", "sttp")
 
 class Whitener:
     """The metric ‖E‖²_C = tr(E·C·Eᵀ) on the columns of a matrix E (…, d): C (d × d, symmetric positive definite,
-    factor L lower triangular with L·Lᵀ = C) or a positive diagonal c (d,) (factor √c)."""
+    factor L lower triangular with L·Lᵀ = C) or a positive diagonal c (d,) (factor √c). ``factored=False`` holds C
+    alone, for e·C and losses: L is then neither formed nor checked until it is used."""
 
-    def __init__(self, gram: torch.Tensor):
+    def __init__(self, gram: torch.Tensor, factored: bool = True):
         self.gram = gram
         self.diagonal = gram.dim() == 1
+        self._factor = None
         fix = "the statistic is singular; use damping > 0 (layer_metric(..., damping=...))"
         if self.diagonal:
             if not bool((gram > 0).all()):
                 raise ValueError(f"metric weights must be positive: {fix}")
             self._factor = gram.sqrt()
-        else:
+        elif factored:
             factor, info = torch.linalg.cholesky_ex(gram)
             if int(info) != 0:
                 raise ValueError(f"metric is not positive definite: {fix}")
@@ -82,11 +84,7 @@ class Whitener:
     def without_factor(self) -> "Whitener":
         """The same metric holding C alone (L is computed again if it is used): for the steps that need only e·C
         and losses, so that L's d × d entries are freed."""
-        if self.diagonal:
-            return self
-        out = object.__new__(Whitener)
-        out.gram, out.diagonal, out._factor = self.gram, False, None
-        return out
+        return self if self.diagonal else Whitener(self.gram, factored=False)
 
     def apply(self, m: torch.Tensor) -> torch.Tensor:
         """m·L."""
@@ -172,7 +170,7 @@ class LayerMetric:
             e = e * self.scale[:, None]
         if self.rows:
             return float((e * e * self.gram[:, None]).sum())
-        return float((e * (e @ self.gram if self.gram.dim() == 2 else e * self.gram)).sum())
+        return Whitener(self.gram, factored=False).loss(e)
 
 
 def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, damping: float = DAMPING,
@@ -435,9 +433,8 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
     out_modes, in_modes = split_modes(shape, "sttp")
     modes = out_modes + in_modes
     ranks = tt_ranks(modes, rank)
-    energy = metric.loss(w, torch.zeros_like(w))
     if ranks == tt_ranks(modes, math.prod(modes)):  # no bond is truncated: exact
-        return LayerProjection(w.clone(), 0.0, energy, 0.0, 0.0, 0.0, "exact")
+        return LayerProjection(w.clone(), 0.0, metric.loss(w, torch.zeros_like(w)), 0.0, 0.0, 0.0, "exact")
     m = metric.working(w, out_modes, in_modes)
     whitener = metric.whitener(out_modes)
     bound = math.nan
@@ -452,11 +449,11 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
     trains = {"data_free": data_free, "whitened": whitened_train(m, row_modes, col_modes, ranks, whitener)}
     whitener = whitener.without_factor()  # from here on C alone: free L
     m_gram = whitener.gram_apply(m)
-    m_energy = float((m * m_gram).sum())
-    losses = {k: _train_loss(c, m, whitener, split, m_gram, m_energy) for k, c in trains.items()}
+    energy = float((m * m_gram).sum())  # ‖W·L‖²: the working matrix carries the metric's scale or row weights
+    losses = {k: _train_loss(c, m, whitener, split, m_gram, energy) for k, c in trains.items()}
     trains["refined"] = refine_train(trains[min(losses, key=losses.get)], m, whitener, split, iters,
                                      matrix_gram=m_gram)
-    losses["refined"] = _train_loss(trains["refined"], m, whitener, split, m_gram, m_energy)
+    losses["refined"] = _train_loss(trains["refined"], m, whitener, split, m_gram, energy)
     best = min(losses, key=losses.get)
     approx = _train_matrix(trains[best], m.shape, split)
     loss = whitener.loss(m - approx)
