@@ -215,22 +215,25 @@ def load_calibration(path) -> Calibration:
     return Calibration.load(path)
 
 
+def _upper_mask(d: int, device=None) -> torch.Tensor:
+    """The (d × d) boolean mask of the upper triangle, diagonal included (the packing order is its row-major order)."""
+    return torch.ones(d, d, dtype=torch.bool, device=device).triu()
+
+
 def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
     """The upper triangle (row by row) of a symmetric (d × d) matrix: d(d + 1)/2 values."""
-    d = matrix.shape[0]
-    rows, cols = torch.triu_indices(d, d, device=matrix.device)
-    return matrix[rows, cols].contiguous()
+    return matrix[_upper_mask(matrix.shape[0], matrix.device)]
 
 
 def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
-    """The symmetric matrix of :func:`pack_symmetric`'s output."""
+    """The symmetric matrix of :func:`pack_symmetric`'s output (no temporaries beyond the d × d boolean mask)."""
     d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
     if d * (d + 1) // 2 != packed.numel():
         raise ValueError(f"a packed symmetric statistic has a triangular number of values, got {packed.numel()}")
-    rows, cols = torch.triu_indices(d, d, device=packed.device)
+    upper = _upper_mask(d, packed.device)
     out = packed.new_zeros(d, d)
-    out[rows, cols] = packed
-    out[cols, rows] = packed
+    out.masked_scatter_(upper, packed)
+    out.mT.masked_scatter_(upper, packed)  # the lower triangle, column by column
     return out
 
 
@@ -395,7 +398,7 @@ class _Collector:
                                          device=device)
             self.samples[key] = 0
         if kind != "embedding" and (d, device) not in self.masks:
-            self.masks[(d, device)] = torch.ones(d, d, dtype=torch.bool, device=device).triu()
+            self.masks[(d, device)] = _upper_mask(d, device)
         _accumulate(self.sums[key], module, kind, cols, self.masks.get((d, device)))
         self.samples[key] += int(cols.shape[0])
         if self.means and kind != "embedding" and not (kind == "conv_transpose" and module.groups > 1):

@@ -354,13 +354,67 @@ def _train_loss(cores, matrix: torch.Tensor, whitener: Whitener, split: int, mat
         return float(_train_objective(cores, matrix, whitener, split, matrix_gram, energy))
 
 
+def _two_loop(grad: torch.Tensor, pairs: list) -> torch.Tensor:
+    """The L-BFGS direction −H·∇f from the stored pairs (s, y, 1/yᵀs), oldest first (steepest descent without
+    pairs); one new vector."""
+    q = grad.neg()
+    alphas = []
+    for s, y, rho in reversed(pairs):
+        alphas.append(rho * float(s @ q))
+        q.add_(y, alpha=-alphas[-1])
+    if pairs:
+        s, y, _ = pairs[-1]
+        q.mul_(float(s @ y) / float(y @ y))
+    for (s, y, rho), a in zip(pairs, reversed(alphas)):
+        q.add_(s, alpha=a - rho * float(y @ q))
+    return q
+
+
+def _lbfgs(evaluate, x: torch.Tensor, iters: int, tolerance: float, history: int = 3) -> float:
+    """Minimise f over the flat vector ``x`` in place and return f(x); ``evaluate(x)`` gives (f, ∇f). L-BFGS: the
+    two-loop recursion over the last ``history`` pairs (s, y) (a pair with yᵀs ≤ 0 is not stored), a backtracking
+    line search on the Armijo condition f(x + t·d) ≤ f(x) + 10⁻⁴·t·∇fᵀd (t = 1, halved; the first step
+    min(1, 1/‖∇f‖₁)); stops after ``iters`` iterations or ⌈1.25·iters⌉ evaluations, once an iteration lowers f by
+    less than ``tolerance``, or when no step lowers it (x then stays). Holds x, two gradients, the direction and
+    2·``history`` vectors."""
+    f, grad = evaluate(x)
+    pairs: list = []
+    evals, budget = 1, math.ceil(1.25 * iters)
+    for _ in range(iters):
+        direction = _two_loop(grad, pairs)
+        slope = float(grad @ direction)
+        if not slope < 0:
+            break
+        t = 1.0 if pairs else min(1.0, 1.0 / max(float(grad.abs().sum()), 1e-300))
+        x.add_(direction, alpha=t)
+        f_new, grad_new = evaluate(x)
+        evals += 1
+        while f_new > f + 1e-4 * t * slope and evals < budget:
+            x.add_(direction, alpha=-t / 2)
+            t /= 2
+            f_new, grad_new = evaluate(x)
+            evals += 1
+        if f_new > f + 1e-4 * t * slope:
+            x.add_(direction, alpha=-t)
+            break
+        step, change = direction.mul_(t), grad.neg_().add_(grad_new)  # s and y, in the old buffers
+        curvature = float(change @ step)
+        if curvature > 0:
+            pairs = (pairs + [(step, change, 1.0 / curvature)])[-history:]
+        gain, f, grad = f - f_new, f_new, grad_new
+        if gain < tolerance or evals >= budget:
+            break
+    return f
+
+
 def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, iters: int = REFINE_ITERS,
                  tolerance: float = 1e-6, block: bool = True,
                  matrix_gram: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Cores after one :func:`row_block_update` (``block``; kept only if it lowers the loss) and then up to
-    ``iters`` L-BFGS iterations (strong Wolfe line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F, stopping once an
-    iteration gains less than ``tolerance`` of that relative loss. The loss is evaluated through the middle bond
-    (:func:`factored_loss` with the train's two halves A·B), never forming the m × d error; the first ``split``
+    ``iters`` L-BFGS iterations (history 3, backtracking Armijo line search) on ‖(M − train)·L‖²_F / ‖M·L‖²_F,
+    stopping once an iteration gains less than ``tolerance`` of that relative loss. The loss is evaluated through
+    the middle bond (:func:`factored_loss` with the train's two halves A·B), never forming the m × d error; the
+    cores are one flat vector, so the optimiser holds about ten copies of the train's size. The first ``split``
     cores carry the row modes. ``matrix_gram``: M·C when the caller has it."""
     matrix_gram = whitener.gram_apply(matrix) if matrix_gram is None else matrix_gram
     energy = float((matrix * matrix_gram).sum())
@@ -369,22 +423,21 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
         if updated is not cores and (_train_loss(updated, matrix, whitener, split, matrix_gram, energy)
                                      < _train_loss(cores, matrix, whitener, split, matrix_gram, energy)):
             cores = updated
-    params = [c.detach().clone(memory_format=torch.contiguous_format).requires_grad_(True) for c in cores]
-    if iters <= 0 or not params:
-        return [p.detach() for p in params]
-    scale = 1.0 / max(energy, 1e-300)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=3, tolerance_grad=1e-12,
-                            tolerance_change=tolerance, line_search_fn="strong_wolfe")
+    shapes = [c.shape for c in cores]
+    flat = torch.cat([c.reshape(-1) for c in cores]) if cores else matrix.new_zeros(0)
+    if iters > 0 and cores:
+        scale = 1.0 / max(energy, 1e-300)
 
-    def closure():
-        opt.zero_grad(set_to_none=True)
-        loss = _train_objective(params, matrix, whitener, split, matrix_gram, energy) * scale
-        loss.backward()
-        return loss.detach()
+        def evaluate(x):
+            leaf = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                params = [v.view(s) for v, s in zip(leaf.split([s.numel() for s in shapes]), shapes)]
+                loss = _train_objective(params, matrix, whitener, split, matrix_gram, energy) * scale
+                grad, = torch.autograd.grad(loss, leaf)
+            return float(loss.detach()), grad
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return [p.detach() for p in params]
+        _lbfgs(evaluate, flat, iters, tolerance)
+    return [v.view(s) for v, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
 
 
 def _reverse_train(cores) -> list[torch.Tensor]:
@@ -451,10 +504,11 @@ def _sttp_projection(w: torch.Tensor, shape, rank: int, metric: LayerMetric, ite
     m_gram = whitener.gram_apply(m)
     energy = float((m * m_gram).sum())  # ‖W·L‖²: the working matrix carries the metric's scale or row weights
     losses = {k: _train_loss(c, m, whitener, split, m_gram, energy) for k, c in trains.items()}
-    trains["refined"] = refine_train(trains[min(losses, key=losses.get)], m, whitener, split, iters,
-                                     matrix_gram=m_gram)
+    start = min(losses, key=losses.get)
+    trains = {start: trains[start]}  # the other start's loss is kept, its cores are not needed again
+    trains["refined"] = refine_train(trains[start], m, whitener, split, iters, matrix_gram=m_gram)
     losses["refined"] = _train_loss(trains["refined"], m, whitener, split, m_gram, energy)
-    best = min(losses, key=losses.get)
+    best = min(trains, key=losses.get)
     approx = _train_matrix(trains[best], m.shape, split)
     loss = whitener.loss(m - approx)
     return LayerProjection(metric.restore(approx, out_modes, in_modes), loss, energy, losses["data_free"], bound,
