@@ -17,8 +17,9 @@ shared with other jobs, extra BLAS threads slow the SVDs down many times over.
 the distillation part, non-sequential, before distillation): for the SVD-LLM-style whitened two-factor SVD
 baseline ("wsvd"), SVDP and STTP, each with uniform ranks, loss-aware ranks within layer roles and
 sensitivity-weighted loss-aware ranks across all layers (the study's three strategies), a fresh subprocess loads the model, resets
-the peak-RSS counter, calibrates the 36 encoder Linear layers, chooses the ranks, projects, and then scores the
-exported model on the 192 held-out sentences. Reported (wall and CPU seconds; peak RSS growth includes the
+the peak-RSS counter, calibrates the 36 encoder Linear layers, chooses the ranks, projects (SVDP and STTP free each
+layer's statistic once it is projected, ``project_whitened(release_statistics=True)``: the statistics are not
+used again), and then scores the exported model on the 192 held-out sentences. Reported (wall and CPU seconds; peak RSS growth includes the
 statistics and is counted from the RSS after loading the model and encoding the held-out sentences with it once,
 i.e. over a warmed-up model: the first forward passes of a transformers model grow the heap by ~1.3× the model
 whatever follows):
@@ -137,7 +138,7 @@ def calibrated_child(method: str, strategy: str, fraction: float, threads: int, 
     ranks = study.study_ranks(model, layers, method, int(math.floor(fraction * dense_linear)), strategy, cands)
     select = lap()
     dof = sum(study.layer_dof(model.get_submodule(n), method, r) for n, r in ranks.items())
-    errors = study.compress_config(model, method, "aware", ranks, stats, batches, sequential)
+    errors = study.compress_config(model, method, "aware", ranks, stats, batches, sequential, release=True)
     proj = lap()
     peak = _status_kib("VmHWM") * 1024
     del stats

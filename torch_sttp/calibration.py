@@ -157,6 +157,20 @@ class Calibration:
         mu = self.mean(name)
         return self.moment(name).sub_(torch.outer(mu, mu))
 
+    def release(self, names) -> None:
+        """Remove layers ``names`` from these statistics and free each stored statistic (with its column sums) that
+        no remaining layer refers to: for a pipeline that has used them and wants the memory back. Raises KeyError
+        (naming the layer) before changing anything if a name is not calibrated."""
+        names = list(names)
+        for name in names:
+            self._entry(name)
+        for name in names:
+            del self._layers[name]
+        kept = {key for key, _ in self._layers.values()}
+        for key in [k for k in self._sums if k not in kept]:
+            del self._sums[key], self._samples[key]
+            self._column_sums.pop(key, None)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the statistics (each shared one counted once; column sums included)."""

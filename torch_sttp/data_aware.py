@@ -54,6 +54,25 @@ def _write(module: nn.Module, weight: torch.Tensor) -> None:
         module.weight.copy_(weight.to(module.weight.dtype))
 
 
+class _ReleasingProjector:
+    """``convert``'s projector (see :class:`WhitenedProjector`) that frees each statistic of ``calibration`` once
+    every layer of ``names`` sharing it has been projected (:meth:`Calibration.release`)."""
+
+    def __init__(self, projector: WhitenedProjector, calibration: Calibration, names):
+        self.projector, self.calibration = projector, calibration
+        self.pending: dict[str, set] = {}
+        for name in names:
+            self.pending.setdefault(calibration.key(name), set()).add(name)
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        weight = self.projector.project_weight(name, module, method, rank, spectrum)
+        waiting = self.pending[self.calibration.key(name)]
+        waiting.discard(name)
+        if not waiting:
+            self.calibration.release(self.calibration.shared(name))
+        return weight
+
+
 def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: int, compare: bool):
     """Project one layer and write Ŵ into its dense weight; the returned record keeps no weight."""
     proj = project_layer(module, method, rank, metric, refine_iters, compare)
@@ -145,8 +164,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
                      batches=None, sequential: bool = False, spectrum: str = "free", include=None, exclude=None,
                      damping: float = DAMPING, refine_iters: int = REFINE_ITERS, compare: bool = False,
                      centered: bool | Collection[str] = False, output_scales: Mapping[str, torch.Tensor] | None = None,
-                     compensate: bool = False, batchnorm: bool = False, progress: bool = False,
-                     **convert_kwargs) -> WhitenedProjection:
+                     compensate: bool = False, batchnorm: bool = False, release_statistics: bool = False,
+                     progress: bool = False, **convert_kwargs) -> WhitenedProjection:
     """Convert ``model`` (in place) with data-aware projections of its pretrained weights.
 
     ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
@@ -181,6 +200,12 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     group (:func:`~torch_sttp.calibration.reestimate_batchnorm`), so that the next group's inputs are normalised
     with current statistics; the model leaves with re-estimated batch norms. On an error, weights, biases and
     batch-norm statistics are restored.
+
+    Non-sequential only: ``release_statistics`` frees each layer's statistic in ``calibration`` as soon as every
+    projected layer sharing it has been projected (:meth:`~torch_sttp.calibration.Calibration.release`; layers
+    sharing a freed statistic leave ``calibration`` with it), so that the peak memory holds the statistics not yet
+    used instead of all of them. The calibration is then consumed: those layers are gone from it, also after an
+    error (the dense weights are still restored).
     """
     check_method(method)
     check_spectrum(spectrum)
@@ -197,6 +222,9 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         raise ValueError("project_whitened(centered=...) needs the input means: calibrate with means=True")
     modules = dict(model.named_modules())
     t0 = time.perf_counter()
+    if release_statistics and sequential:
+        raise ValueError("project_whitened: release_statistics frees the statistics of a non-sequential projection; "
+                         "a sequential one collects its own per group (leave release_statistics out)")
     if (compensate or batchnorm) and not sequential:
         raise ValueError("project_whitened: compensate and batchnorm work layer by layer; pass sequential=True (or "
                          "call torch_sttp.calibration.reestimate_batchnorm after a non-sequential projection)")
@@ -210,12 +238,14 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         if missing:
             raise ValueError(f"layers {missing[:4]} have no calibration statistic; calibrate them (include=...)")
         originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
+        means = {n: calibration.mean(n) for n in ranks if is_centered(n, centered)}
         layers, calib_seconds = {}, 0.0
         projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
+        if release_statistics:
+            projector = _ReleasingProjector(projector, calibration, ranks)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
-        corrected = [n for n in ranks if is_centered(n, centered)
-                     and _correct_bias(modules[n], originals[n], calibration.mean(n), calibration.mean(n))]
+        corrected = [n for n, mu in means.items() if _correct_bias(modules[n], originals[n], mu, mu)]
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():

@@ -157,8 +157,10 @@ def study_ranks(model: nn.Module, layers: Sequence[str], method: str, budget: in
 
 
 def compress_config(model: nn.Module, method: str, data: str, ranks: dict, calibration, batches,
-                    sequential: bool) -> dict[str, float]:
-    """Compress ``model`` (in place) with one configuration of the study; returns the relative weight errors."""
+                    sequential: bool, release: bool = False) -> dict[str, float]:
+    """Compress ``model`` (in place) with one configuration of the study; returns the relative weight errors.
+    ``release``: SVDP/STTP free each statistic once its layers are projected (``project_whitened``'s
+    ``release_statistics``, non-sequential only), for a caller that does not use ``calibration`` again."""
     if method == "wsvd":
         aware = data == "aware"
         return whitened_svd_baseline(model, ranks, calibration if aware else None, batches if aware else None,
@@ -167,7 +169,7 @@ def compress_config(model: nn.Module, method: str, data: str, ranks: dict, calib
         project(model, method, ranks, spectrum="free", progress=False)
         return projection_errors(model)
     return project_whitened(model, method, ranks, None if sequential else calibration, batches=batches,
-                            sequential=sequential).errors
+                            sequential=sequential, release_statistics=release and not sequential).errors
 
 
 def exported_cost(student: nn.Module, tokenizer, sentences: Sequence[str], layers: Sequence[str]):
