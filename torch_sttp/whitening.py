@@ -244,9 +244,11 @@ def whitened_svd(matrix: torch.Tensor, whitener: Whitener, rank: int) -> tuple[t
     return whitener.solve((p[:, :r] * s[:r]) @ qh[:r]), s
 
 
-def whitened_train(matrix: torch.Tensor, row_modes, col_modes, ranks, whitener: Whitener) -> list[torch.Tensor]:
+def whitened_train(matrix: torch.Tensor, row_modes, col_modes, ranks, whitener: Whitener,
+                   whitened: torch.Tensor | None = None) -> list[torch.Tensor]:
     """TT cores (R_{k−1}, n_k, R_k) over ``row_modes + col_modes`` with bond ranks ``ranks`` (a TT-SVD in the
-    whitened metric). ``matrix`` is (∏row_modes × ∏col_modes), the metric on its columns.
+    whitened metric). ``matrix`` is (∏row_modes × ∏col_modes), the metric on its columns; ``whitened``: M·L when
+    the caller has it (several ranks of one matrix).
 
     Row-mode bonds: the TT-SVD sweep runs on M·L (a projection from the left commutes with the whitening, so each
     truncation is the optimal one in the metric given the previous ones). Column-mode bond k (its left part holds
@@ -257,7 +259,9 @@ def whitened_train(matrix: torch.Tensor, row_modes, col_modes, ranks, whitener: 
     if not col_modes:
         return tt_svd(matrix.reshape(row_modes or [1]), ranks if row_modes else [1, 1])
     k, d_cols = len(row_modes), matrix.shape[1]
-    left = tt_svd(whitener.apply(matrix).reshape(row_modes + [d_cols]), list(ranks[:k + 1]) + [1])
+    whitened = whitener.apply(matrix) if whitened is None else whitened
+    left = tt_svd(whitened.reshape(row_modes + [d_cols]), list(ranks[:k + 1]) + [1])
+    del whitened
     rest = whitener.solve(left[-1].reshape(ranks[k], d_cols))
     cores, lead = left[:-1], 1
     for j, n in enumerate(col_modes[:-1]):
@@ -599,12 +603,14 @@ def _sttp_curve(w: torch.Tensor, shape, metric: LayerMetric, ranks: list[int]) -
     m = metric.working(w, out_modes, in_modes)
     whitener = metric.whitener(out_modes)
     rows, cols = (in_modes[::-1], out_modes[::-1]) if metric.rows else (out_modes, in_modes)
+    whitened = whitener.apply(m)  # M·L, shared by every rank
     losses = []
     for r in ranks:
         bonds = tt_ranks(modes, r)
         bonds = bonds[::-1] if metric.rows else bonds
-        train = whitened_train(m, rows, cols, bonds, whitener)
-        losses.append(whitener.loss(m - _train_matrix(train, m.shape, len(rows))))
+        train = whitened_train(m, rows, cols, bonds, whitener, whitened)
+        error = whitener.apply(_train_matrix(train, m.shape, len(rows))).sub_(whitened)  # (M̂ − M)·L
+        losses.append(float(torch.linalg.vector_norm(error)) ** 2)
     return losses
 
 
