@@ -67,3 +67,18 @@ def test_release_keeps_the_statistics_of_layers_not_projected_and_refuses_sequen
     other, _, _ = _setup()
     with pytest.raises(ValueError, match="release_statistics"):
         project_whitened(other, "svdp", 2, batches=batches, sequential=True, release_statistics=True)
+
+
+def test_ranks_project_passes_release_on_and_refuses_it_without_statistics():
+    from torch_sttp.ranks import project
+
+    model, batches, stats = _setup()
+    reference = copy.deepcopy(model)
+    project(reference, "svdp", {"a": 3, "c": 2}, calibration=copy.deepcopy(stats), progress=False)
+    project(model, "svdp", {"a": 3, "c": 2}, calibration=stats, progress=False, release_statistics=True)
+    assert stats.names == ["b"]  # a's shared statistic stays with b, which was not projected
+    for name in ("a", "c"):
+        assert torch.equal(getattr(model, name).weight, getattr(reference, name).weight)
+    other, _, _ = _setup()
+    with pytest.raises(ValueError, match="release_statistics"):
+        project(other, "svdp", 2, progress=False, release_statistics=True)

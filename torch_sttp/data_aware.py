@@ -55,21 +55,15 @@ def _write(module: nn.Module, weight: torch.Tensor) -> None:
 
 
 class _ReleasingProjector:
-    """``convert``'s projector (see :class:`WhitenedProjector`) that frees each statistic of ``calibration`` once
-    every layer of ``names`` sharing it has been projected (:meth:`Calibration.release`)."""
+    """``convert``'s projector (see :class:`WhitenedProjector`) that removes each layer from ``calibration`` once
+    it is projected (:meth:`Calibration.release`: a statistic is freed with the last layer that refers to it)."""
 
-    def __init__(self, projector: WhitenedProjector, calibration: Calibration, names):
+    def __init__(self, projector: WhitenedProjector, calibration: Calibration):
         self.projector, self.calibration = projector, calibration
-        self.pending: dict[str, set] = {}
-        for name in names:
-            self.pending.setdefault(calibration.key(name), set()).add(name)
 
     def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
         weight = self.projector.project_weight(name, module, method, rank, spectrum)
-        waiting = self.pending[self.calibration.key(name)]
-        waiting.discard(name)
-        if not waiting:
-            self.calibration.release(self.calibration.shared(name))
+        self.calibration.release([name])
         return weight
 
 
@@ -201,11 +195,11 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     with current statistics; the model leaves with re-estimated batch norms. On an error, weights, biases and
     batch-norm statistics are restored.
 
-    Non-sequential only: ``release_statistics`` frees each layer's statistic in ``calibration`` as soon as every
-    projected layer sharing it has been projected (:meth:`~torch_sttp.calibration.Calibration.release`; layers
-    sharing a freed statistic leave ``calibration`` with it), so that the peak memory holds the statistics not yet
-    used instead of all of them. The calibration is then consumed: those layers are gone from it, also after an
-    error (the dense weights are still restored).
+    Non-sequential only: ``release_statistics`` removes each layer from ``calibration`` as soon as it is projected
+    (:meth:`~torch_sttp.calibration.Calibration.release`: a statistic is freed with the last layer that refers to
+    it; layers not projected keep theirs), so that the peak memory holds the statistics not yet used instead of
+    all of them. The projected layers are then gone from ``calibration``, also after an error (the dense weights
+    are still restored).
     """
     check_method(method)
     check_spectrum(spectrum)
@@ -242,7 +236,7 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         layers, calib_seconds = {}, 0.0
         projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
         if release_statistics:
-            projector = _ReleasingProjector(projector, calibration, ranks)
+            projector = _ReleasingProjector(projector, calibration)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
         corrected = [n for n, mu in means.items() if _correct_bias(modules[n], originals[n], mu, mu)]

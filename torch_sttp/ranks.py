@@ -547,6 +547,7 @@ def project(
     calibration=None,
     sequential: bool = False,
     batches=None,
+    release_statistics: bool = False,
     **convert_kwargs,
 ) -> nn.Module:
     """Convert ``model`` with projected pretrained weights and record each layer's approximation error.
@@ -569,7 +570,8 @@ def project(
     each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data instead of ‖W − Ŵ‖_F, through
     :func:`torch_sttp.data_aware.project_whitened` (sequential: layers in forward order, each group of layers
     calibrated on the already projected model). The same record is written (relative weight errors, seconds);
-    ``randomized`` does not apply.
+    ``randomized`` does not apply. ``release_statistics`` frees each layer's statistic in ``calibration`` once it
+    is projected (see :func:`~torch_sttp.data_aware.project_whitened`; the calibration is consumed).
     """
     _check_projection(method, rank_or_plan, spectrum, randomized, convert_kwargs)
     if calibration is not None or batches is not None or sequential:
@@ -580,8 +582,12 @@ def project(
                              "model; pass batches=[...] and drop calibration=")
         rank = dict(rank_or_plan) if isinstance(rank_or_plan, Mapping) else rank_or_plan
         project_whitened(model, method, rank, calibration, batches=batches, sequential=sequential,
-                         spectrum=spectrum, include=include, exclude=exclude, progress=progress, **convert_kwargs)
+                         spectrum=spectrum, include=include, exclude=exclude, progress=progress,
+                         release_statistics=release_statistics, **convert_kwargs)
         return model
+    if release_statistics:
+        raise ValueError("release_statistics frees calibration statistics; a data-free projection has none (pass "
+                         "calibration= or drop release_statistics)")
     originals = {name: m.weight for name, m in model.named_modules()
                  if isinstance(m, SUPPORTED_TYPES) and isinstance(getattr(m, "weight", None), torch.Tensor)}
     rank = dict(rank_or_plan) if isinstance(rank_or_plan, Mapping) else rank_or_plan

@@ -298,14 +298,16 @@ def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "fr
     """Select ranks within ``budget``, project, and (for ``"svd"``) factorize; returns (model, plan, report).
 
     With ``calibration`` the projection is data-aware, and so is the plan for ``strategy="auto"`` with
-    ``objective="svd"`` (the loss-aware plan); other strategies/objectives plan data-free as asked."""
+    ``objective="svd"`` (the loss-aware plan); other strategies/objectives plan data-free as asked. The calibration
+    is consumed: each statistic is freed once its layers are projected (``release_statistics``), which lowers the
+    peak memory."""
     t0 = time.perf_counter()
     aware_plan = calibration is not None and strategy == "auto" and objective == "svd"
     plan = select_ranks(model, budget, method, spectrum, include=include, exclude=exclude, objective=objective,
                         strategy=strategy, calibration=calibration if aware_plan else None)
     t1 = time.perf_counter()
     model = project(model, "svdp" if method == "svd" else method, plan, spectrum=spectrum, progress=progress,
-                    randomized=randomized, calibration=calibration)
+                    randomized=randomized, calibration=calibration, release_statistics=calibration is not None)
     errors = projection_errors(model)
     t2 = time.perf_counter()
     if method == "svd":
