@@ -8,6 +8,7 @@ from torch import nn
 
 from torch_sttp.calibration import calibrate
 from torch_sttp.data_aware import project_whitened
+from torch_sttp.ranks import project
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,8 +71,6 @@ def test_release_keeps_the_statistics_of_layers_not_projected_and_refuses_sequen
 
 
 def test_ranks_project_passes_release_on_and_refuses_it_without_statistics():
-    from torch_sttp.ranks import project
-
     model, batches, stats = _setup()
     reference = copy.deepcopy(model)
     project(reference, "svdp", {"a": 3, "c": 2}, calibration=copy.deepcopy(stats), progress=False)

@@ -391,14 +391,15 @@ def _lbfgs(evaluate, x: torch.Tensor, iters: int, tolerance: float, history: int
             break
         t = 1.0 if pairs else min(1.0, 1.0 / max(float(grad.abs().sum()), 1e-300))
         x.add_(direction, alpha=t)
-        f_new, grad_new = evaluate(x)
-        evals += 1
-        while f_new > f + 1e-4 * t * slope and evals < budget:
-            x.add_(direction, alpha=-t / 2)
-            t /= 2
+        while True:  # backtrack: halve t until the Armijo condition holds or the budget is spent
             f_new, grad_new = evaluate(x)
             evals += 1
-        if f_new > f + 1e-4 * t * slope:
+            accepted = f_new <= f + 1e-4 * t * slope
+            if accepted or evals >= budget:
+                break
+            x.add_(direction, alpha=-t / 2)
+            t /= 2
+        if not accepted:
             x.add_(direction, alpha=-t)
             break
         step, change = direction.mul_(t), grad.neg_().add_(grad_new)  # s and y, in the old buffers
@@ -428,6 +429,11 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
                                      < _train_loss(cores, matrix, whitener, split, matrix_gram, energy)):
             cores = updated
     shapes = [c.shape for c in cores]
+    sizes = [s.numel() for s in shapes]
+
+    def unflatten(x):
+        return [v.view(s) for v, s in zip(x.split(sizes), shapes)]
+
     flat = torch.cat([c.reshape(-1) for c in cores]) if cores else matrix.new_zeros(0)
     if iters > 0 and cores:
         scale = 1.0 / max(energy, 1e-300)
@@ -435,13 +441,12 @@ def refine_train(cores, matrix: torch.Tensor, whitener: Whitener, split: int, it
         def evaluate(x):
             leaf = x.detach().requires_grad_(True)
             with torch.enable_grad():
-                params = [v.view(s) for v, s in zip(leaf.split([s.numel() for s in shapes]), shapes)]
-                loss = _train_objective(params, matrix, whitener, split, matrix_gram, energy) * scale
+                loss = _train_objective(unflatten(leaf), matrix, whitener, split, matrix_gram, energy) * scale
                 grad, = torch.autograd.grad(loss, leaf)
             return float(loss.detach()), grad
 
         _lbfgs(evaluate, flat, iters, tolerance)
-    return [v.view(s) for v, s in zip(flat.split([s.numel() for s in shapes]), shapes)]
+    return unflatten(flat)
 
 
 def _reverse_train(cores) -> list[torch.Tensor]:
