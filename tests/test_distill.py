@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from torch_sttp.experiments.distill import distill, first_tensor
+from torch_sttp.experiments.distill import distill, first_tensor, schedule_factor
 from torch_sttp.ranks import project
 
 
@@ -67,6 +67,24 @@ def test_one_shot_iterator_is_replayed_and_params_restrict_training():
     assert torch.equal(student[0].weight, frozen)
 
 
+def test_cosine_schedule_steps_with_the_decayed_rates():
+    """With one parameter far from its target, each Adam step moves it by about that step's rate; the rates
+    follow lr·½(1 + cos(π·k/steps)) for k = 0 … steps − 1."""
+    teacher = nn.Linear(1, 1, bias=False)
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        teacher.weight.fill_(1.0)
+        student.weight.fill_(100.0)
+    steps, lr = 8, 0.5
+    seen = []
+    student.register_forward_pre_hook(lambda m, a: seen.append(float(m.weight)))
+    distill(student, teacher, [torch.ones(4, 1)], steps, lr, schedule="cosine", clip_grad=None, progress=False)
+    moves = [a - b for a, b in zip(seen[:-1], seen[1:])] + [seen[-1] - float(student.weight)]
+    expected = [lr * schedule_factor("cosine", k, steps) for k in range(steps)]
+    assert moves == pytest.approx(expected, rel=1e-2)  # Adam: |step| ≈ rate while the gradient keeps its sign
+    assert expected[0] == lr and schedule_factor("constant", 5, steps) == 1.0
+
+
 def test_dict_batches_and_model_outputs():
     class Net(nn.Module):
         def __init__(self):
@@ -100,6 +118,8 @@ def test_errors():
         distill(student, teacher, _inputs(), -1, 1e-3)
     with pytest.raises(ValueError, match="lr"):
         distill(student, teacher, _inputs(), 1, 0.0)
+    with pytest.raises(ValueError, match="schedule"):
+        distill(student, teacher, _inputs(), 1, 1e-3, schedule="linear")
     with pytest.raises(ValueError, match="no batch"):
         distill(student, teacher, [], 2, 1e-3, progress=False)
     assert distill(student, teacher, _inputs(), 0, 1e-3)["loss"] == []

@@ -19,10 +19,11 @@ from torch import nn
 
 from ..calibration import run_batch
 
-__all__ = ["LOSSES", "TARGETS", "distill", "first_tensor"]
+__all__ = ["LOSSES", "SCHEDULES", "TARGETS", "distill", "first_tensor", "schedule_factor"]
 
 LOSSES = ("mse", "cosine")
 TARGETS = ("outputs", "hidden")
+SCHEDULES = ("constant", "cosine")
 
 
 def first_tensor(output) -> torch.Tensor:
@@ -108,6 +109,7 @@ def distill(
     params: Iterable[torch.Tensor] | None = None,
     weight_decay: float = 0.0,
     clip_grad: float | None = 1.0,
+    schedule: str = "constant",
     dropout: bool = False,
     progress: bool = True,
     log_every: int = 10,
@@ -124,10 +126,12 @@ def distill(
         select: maps a model/submodule output to the tensor compared (default :func:`first_tensor`).
         params: what to train (default: every student parameter with ``requires_grad``).
         clip_grad: global gradient-norm clip (None: off).
+        schedule: the learning rate of step k = 0 … steps − 1: ``"constant"`` lr, or ``"cosine"``
+            lr·½(1 + cos(π·k/steps)) (no warm-up).
         dropout: run the student in train mode (dropout on); by default it is kept in eval mode so that the only
             difference from the teacher is the compression. The models' modes are restored afterwards.
     """
-    _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules)
+    _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules, schedule)
     select = select or first_tensor
     params = [p for p in (student.parameters() if params is None else params) if p.requires_grad]
     if not params:
@@ -137,6 +141,7 @@ def distill(
         return history
     optimizer = (torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay) if weight_decay
                  else torch.optim.Adam(params, lr=lr))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: schedule_factor(schedule, k, steps))
     modes = (student.training, teacher.training)
     student.train(dropout)
     teacher.eval()
@@ -151,6 +156,7 @@ def distill(
             value = _loss(student, teacher, next(batches), caps, hidden_modules if on == "hidden" else None,
                           select, loss)
             _update(optimizer, value, params, clip_grad)
+            scheduler.step()
             history["loss"].append(float(value.detach()))
             if bar is not None:
                 bar.update(1)
@@ -184,8 +190,16 @@ def _update(optimizer: torch.optim.Optimizer, value: torch.Tensor, params: list,
     optimizer.step()
 
 
-def _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules) -> None:
+def schedule_factor(schedule: str, step: int, steps: int) -> float:
+    """The factor of the learning rate at ``step`` (0 … steps − 1): 1 (``"constant"``) or
+    ½(1 + cos(π·step/steps)) (``"cosine"``)."""
+    return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
+def _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules, schedule) -> None:
     """Raise ValueError for arguments :func:`distill` cannot use."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     if on not in TARGETS:

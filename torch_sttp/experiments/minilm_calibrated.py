@@ -50,8 +50,8 @@ from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
 __all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof",
-           "study_ranks", "compress_config", "embedding_sensitivity", "study_configs", "exported_cost",
-           "run_calibrated_study", "plot_study", "main"]
+           "study_ranks", "compress_config", "embedding_sensitivity", "distill_layers", "study_configs",
+           "exported_cost", "run_calibrated_study", "plot_study", "main"]
 
 METHODS = ("wsvd", "svdp", "sttp")
 DATA = ("free", "aware")
@@ -242,11 +242,7 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
     t2 = time.perf_counter()
     _, emb, total, linear, seconds = exported_cost(student, ctx["tokenizer"], ctx["eval"], ctx["layers"])
     before = embedding_agreement(ctx["reference"], emb)
-    params = [p for n in ctx["layers"] for p in student.get_submodule(n).parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    history = distill(SentenceEncoder(student), ctx["teacher"], ctx["distill"], steps, lr, loss="cosine",
-                      params=params, progress=False)
+    history = distill_layers(student, ctx["teacher"], ctx["distill"], ctx["layers"], steps, lr)
     after = embedding_agreement(ctx["reference"], exported_cost(student, ctx["tokenizer"], ctx["eval"],
                                                                 ctx["layers"])[1])
     modules = dict(ctx["bert"].named_modules())
@@ -260,6 +256,18 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
             "stored_floats": total, "stored_floats_linear": linear, "eval_seconds": seconds,
             "ranks_seconds": t1 - t0, "project_seconds": t2 - t1, "distill_seconds": history["seconds"],
             "distill_loss_last": history["loss"][-1] if history["loss"] else float("nan")}
+
+
+def distill_layers(student: nn.Module, teacher: nn.Module, batches, layers: Sequence[str], steps: int,
+                   lr: float, schedule: str = "constant") -> dict:
+    """The study's distillation: Adam on the parameters of ``layers`` of ``student`` (a BertModel) only, loss
+    1 − cos(e_student, e_teacher) of the sentence embeddings (``teacher`` a :class:`SentenceEncoder`), ``steps``
+    batches of ``batches`` in turn, the rate constant or cosine-decayed (:func:`distill`); returns its history."""
+    params = [p for n in layers for p in student.get_submodule(n).parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return distill(SentenceEncoder(student), teacher, batches, steps, lr, loss="cosine", params=params,
+                   schedule=schedule, progress=False)
 
 
 def study_configs(fractions, methods, data, strategies, sequential, sequential_fractions) -> list[dict]:
