@@ -81,6 +81,58 @@ def _target(name: str, ratio: float, goal: float, lower_is_better: bool = True) 
     print(f"TARGET {name} ratio={ratio:.3f} goal={goal} {'PASS' if ok else 'FAIL'}")
 
 
+def _dense_times(args) -> tuple[float, float, torch.Tensor]:
+    """(dense training step, dense eval forward, the eval batch) in seconds, medians of ``--reps``."""
+    dense = _model(args, "dense")
+    dense_step = _median_time(classification_step(dense, args.batch), args.reps)
+    x_eval = torch.randn(args.batch, 3, 32, 32)
+    dense.eval()
+    with torch.no_grad():
+        dense_eval = _median_time(lambda: dense(x_eval), args.reps)
+    print(f"dense: train step {dense_step:.3f} s, eval forward {dense_eval:.3f} s")
+    return dense_step, dense_eval, x_eval
+
+
+def _converted_targets(args, variant: str, dense_step: float, dense_eval: float, x_eval: torch.Tensor) -> None:
+    """Weights, training step and eval (fresh and cached) of the converted WRN against the dense one."""
+    model = _model(args, variant)
+    weights = _median_time(weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
+    floor = _median_time(gemm_floor_fn(model), max(args.reps, 11))
+    step = _median_time(classification_step(model, args.batch), args.reps)
+    model.eval()
+    with torch.no_grad():
+        eval_fresh = _median_time(lambda: model(x_eval), args.reps)
+    with cached(model), torch.no_grad():
+        evalt = _median_time(lambda: model(x_eval), args.reps)
+    paths = {}
+    for _, m in converted_layers(model):
+        path = layer_state(m).last_path
+        paths[path] = paths.get(path, 0) + 1
+    print(f"{variant}: weights fwd+bwd {weights:.3f} s (their three GEMMs alone {floor:.3f} s), "
+          f"train step {step:.3f} s, eval {eval_fresh:.3f} s (inside torch_sttp.cached {evalt:.3f} s), "
+          f"paths {paths}")
+    _target(f"wrn_weights_fwd_bwd_{variant}", weights / dense_step, 0.02)
+    _target(f"wrn_train_step_{variant}", step / dense_step, 1.0)
+    _target(f"wrn_eval_cached_{variant}", evalt / dense_eval, 1.05)
+    print(f"wrn_eval_uncached_{variant}: ratio={eval_fresh / dense_eval:.3f} (frames recomputed every pass; "
+          "no goal)")
+
+
+def _linear_eval_target() -> None:
+    """Batch-1 eval of a cached STTP r=64 Linear 4096² against the dense layer."""
+    lin = torch.nn.Linear(4096, 4096).eval()
+    conv = torch.nn.Linear(4096, 4096)
+    convert(conv, method="sttp", rank=64, path="lowrank")
+    conv.eval()
+    x1 = torch.randn(1, 4096)
+    with cached(conv), torch.no_grad():
+        conv(x1)
+        t_dense = _median_time(lambda: lin(x1), 200, warmup=10)
+        t_ours = _median_time(lambda: conv(x1), 200, warmup=10)
+    print(f"Linear 4096² eval batch 1: dense {t_dense * 1e6:.1f} µs, STTP r=64 {t_ours * 1e6:.1f} µs")
+    _target("linear4096_sttp_eval_speedup", t_dense / t_ours, 5.0, lower_is_better=False)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=64)
@@ -98,51 +150,10 @@ def main(argv=None) -> None:
     print(f"# {time.strftime('%Y-%m-%d %H:%M')} | {platform.processor() or platform.machine()} | "
           f"torch {torch.__version__} | threads {torch.get_num_threads()} | WRN-{args.depth}-{args.width}, "
           f"batch {args.batch}, r={args.rank}")
-
-    dense = _model(args, "dense")
-    dense_step = _median_time(classification_step(dense, args.batch), args.reps)
-    x_eval = torch.randn(args.batch, 3, 32, 32)
-    dense.eval()
-    with torch.no_grad():
-        dense_eval = _median_time(lambda: dense(x_eval), args.reps)
-    print(f"dense: train step {dense_step:.3f} s, eval forward {dense_eval:.3f} s")
-
+    dense_step, dense_eval, x_eval = _dense_times(args)
     for variant in ("svdp", "sttp"):
-        model = _model(args, variant)
-        weights = _median_time(weights_fn(model), max(args.reps, 11))  # ~0.2 s each: more repetitions are cheap
-        floor = _median_time(gemm_floor_fn(model), max(args.reps, 11))
-        step = _median_time(classification_step(model, args.batch), args.reps)
-        model.eval()
-        with torch.no_grad():
-            eval_fresh = _median_time(lambda: model(x_eval), args.reps)
-        with cached(model), torch.no_grad():
-            evalt = _median_time(lambda: model(x_eval), args.reps)
-        paths = {}
-        for _, m in converted_layers(model):
-            path = layer_state(m).last_path
-            paths[path] = paths.get(path, 0) + 1
-        print(f"{variant}: weights fwd+bwd {weights:.3f} s (their three GEMMs alone {floor:.3f} s), "
-              f"train step {step:.3f} s, eval {eval_fresh:.3f} s (inside torch_sttp.cached {evalt:.3f} s), "
-              f"paths {paths}")
-        _target(f"wrn_weights_fwd_bwd_{variant}", weights / dense_step, 0.02)
-        _target(f"wrn_train_step_{variant}", step / dense_step, 1.0)
-        _target(f"wrn_eval_cached_{variant}", evalt / dense_eval, 1.05)
-        print(f"wrn_eval_uncached_{variant}: ratio={eval_fresh / dense_eval:.3f} (frames recomputed every pass; "
-              "no goal)")
-        del model  # collected by the next _model()
-
-    lin = torch.nn.Linear(4096, 4096).eval()
-    conv = torch.nn.Linear(4096, 4096)
-    convert(conv, method="sttp", rank=64, path="lowrank")
-    conv.eval()
-    x1 = torch.randn(1, 4096)
-    with cached(conv), torch.no_grad():
-        conv(x1)
-        t_dense = _median_time(lambda: lin(x1), 200, warmup=10)
-        t_ours = _median_time(lambda: conv(x1), 200, warmup=10)
-    print(f"Linear 4096² eval batch 1: dense {t_dense * 1e6:.1f} µs, STTP r=64 {t_ours * 1e6:.1f} µs")
-    _target("linear4096_sttp_eval_speedup", t_dense / t_ours, 5.0, lower_is_better=False)
-
+        _converted_targets(args, variant, dense_step, dense_eval, x_eval)
+    _linear_eval_target()
     if not args.skip_memory:
         base = _memory(args, "dense")
         for variant in ("svdp", "sttp"):
