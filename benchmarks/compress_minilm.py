@@ -52,7 +52,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # --calibrated: the best configuration's distillation, Adam with a cosine-decayed rate (about 2 s a step, 1 thread)
-DISTILL_STEPS = 256
+DISTILL_STEPS = 512
 DISTILL_LR = 1e-4
 
 
