@@ -1,5 +1,6 @@
 """Tests for torch_sttp.experiments.distill on small synthetic models."""
 import copy
+import math
 
 import pytest
 import torch
@@ -77,12 +78,15 @@ def test_cosine_schedule_steps_with_the_decayed_rates():
         student.weight.fill_(100.0)
     steps, lr = 8, 0.5
     seen = []
-    student.register_forward_pre_hook(lambda m, a: seen.append(float(m.weight)))
+    student.register_forward_pre_hook(lambda m, a: seen.append(m.weight.item()))
     distill(student, teacher, [torch.ones(4, 1)], steps, lr, schedule="cosine", clip_grad=None, progress=False)
-    moves = [a - b for a, b in zip(seen[:-1], seen[1:])] + [seen[-1] - float(student.weight)]
-    expected = [lr * schedule_factor("cosine", k, steps) for k in range(steps)]
+    moves = [a - b for a, b in zip(seen[:-1], seen[1:])] + [seen[-1] - student.weight.item()]
+    expected = [lr * 0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
     assert moves == pytest.approx(expected, rel=1e-2)  # Adam: |step| ≈ rate while the gradient keeps its sign
-    assert expected[0] == lr and schedule_factor("constant", 5, steps) == 1.0
+    assert [schedule_factor("cosine", k, steps) for k in range(steps)] == pytest.approx([e / lr for e in expected])
+    assert schedule_factor("constant", 5, steps) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        schedule_factor("linear", 0, steps)
 
 
 def test_dict_batches_and_model_outputs():

@@ -193,13 +193,14 @@ def _update(optimizer: torch.optim.Optimizer, value: torch.Tensor, params: list,
 def schedule_factor(schedule: str, step: int, steps: int) -> float:
     """The factor of the learning rate at ``step`` (0 … steps − 1): 1 (``"constant"``) or
     ½(1 + cos(π·step/steps)) (``"cosine"``)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
     return 1.0 if schedule == "constant" else 0.5 * (1.0 + math.cos(math.pi * step / steps))
 
 
 def _check_arguments(student, teacher, steps, lr, loss, on, hidden_modules, schedule) -> None:
     """Raise ValueError for arguments :func:`distill` cannot use."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {SCHEDULES}")
+    schedule_factor(schedule, 0, 1)  # raises for an unknown schedule
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     if on not in TARGETS:

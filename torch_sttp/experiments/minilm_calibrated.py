@@ -260,9 +260,10 @@ def _run_config(ctx: dict, cfg: dict, calibration, cache: dict, steps: int, lr: 
 
 def distill_layers(student: nn.Module, teacher: nn.Module, batches, layers: Sequence[str], steps: int,
                    lr: float, schedule: str = "constant") -> dict:
-    """The study's distillation: Adam on the parameters of ``layers`` of ``student`` (a BertModel) only, loss
-    1 − cos(e_student, e_teacher) of the sentence embeddings (``teacher`` a :class:`SentenceEncoder`), ``steps``
-    batches of ``batches`` in turn, the rate constant or cosine-decayed (:func:`distill`); returns its history."""
+    """The study's distillation: Adam on the parameters of ``layers`` of ``student`` (a BertModel) only (they are
+    left with ``requires_grad=True``), loss mean over the batch of 1 − cos(e_student, e_teacher), e the (batch, 384)
+    sentence embeddings (``teacher`` a :class:`SentenceEncoder`); ``steps`` batches of ``batches`` in turn, the rate
+    constant or cosine-decayed (:func:`distill`'s ``schedule``); returns its history."""
     params = [p for n in layers for p in student.get_submodule(n).parameters()]
     for p in params:
         p.requires_grad_(True)
