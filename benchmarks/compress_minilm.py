@@ -34,10 +34,9 @@ whatever follows):
     TARGET minilm_calibrated_distilled_cosine ratio=<mean cosine after distillation / 0.90> goal=1.0
 
 The last line distils the SVDP or STTP configuration with the best mean cosine (in a fresh child: the same
-compression, then
-``--distill-steps`` Adam steps on batches of 16 distillation sentences, rate ``--distill-lr`` decayed along a
-cosine, only the compressed layers train, loss 1 − cosine of the sentence embeddings) and scores it on the same
-held-out sentences; its memory and time are not part of the other lines.
+compression, then ``--distill-steps`` Adam steps on batches of 16 distillation sentences, rate ``--distill-lr``
+decayed along a cosine, only the compressed layers train, loss 1 − cosine of the sentence embeddings) and scores
+it on the same held-out sentences; its memory and time are not part of the other lines.
 
     python benchmarks/compress_minilm.py --calibrated [--fraction 0.45] [--strategies uniform loss sensitivity]
                                          [--distill-steps 512] [--distill-lr 1e-4]
@@ -159,8 +158,8 @@ def calibrated_child(method: str, strategy: str, fraction: float, threads: int, 
     _, emb, total, linear, seconds = study.exported_cost(model, tokenizer, eval_set, layers)
     distilled = {}
     if distill_steps:
-        history = study.distill_layers(model, teacher, study.calibration_batches(tokenizer, distill_set)[:-1],
-                                       layers, distill_steps, distill_lr, "cosine")
+        history = study.distill_layers(model, teacher, study.distillation_batches(tokenizer, distill_set), layers,
+                                       distill_steps, distill_lr, "cosine")
         after = study.exported_cost(model, tokenizer, eval_set, layers)[1]
         distilled = {"distill_steps": distill_steps, "distill_lr": distill_lr, "distill_schedule": "cosine",
                      "distill_seconds": history["seconds"], "distill_loss_last": history["loss"][-1],
@@ -191,11 +190,7 @@ def calibrated_main(args, env) -> int:
     results = []
     for method in ("wsvd", "svdp", "sttp"):
         for strategy in args.strategies:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrated-child", f"{method}:{strategy}",
-                   "--fraction", str(args.fraction), "--threads", str(args.threads), "--n-calib", str(args.n_calib),
-                   "--distill-steps", "0"]  # the distillation is a child of its own
-            cmd += ["--sequential"] if args.sequential else []
-            r = _run_child(cmd, env, f"{method}/{strategy}")
+            r = _run_child(_calibrated_cmd(args, method, strategy, 0), env, f"{method}/{strategy}")
             if r is None:
                 return 1
             results.append(r)
@@ -218,20 +213,25 @@ def calibrated_main(args, env) -> int:
     return 0
 
 
+def _calibrated_cmd(args, method: str, strategy: str, distill_steps: int) -> list[str]:
+    """The command line of one ``--calibrated-child`` (``distill_steps`` 0: compression and scores only)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrated-child", f"{method}:{strategy}",
+           "--fraction", str(args.fraction), "--threads", str(args.threads), "--n-calib", str(args.n_calib),
+           "--distill-steps", str(distill_steps), "--distill-lr", str(args.distill_lr)]
+    return cmd + (["--sequential"] if args.sequential else [])
+
+
 def _distill_best(args, env, results: list[dict]) -> dict | None:
     """The SVDP/STTP configuration with the best mean cosine, compressed again in a child and distilled
     ``--distill-steps``; its row is marked ``"stage": "distilled"`` (None when the child failed)."""
     best = max((r for r in results if r["method"] != "wsvd"), key=lambda r: r["mean_cosine"])
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--calibrated-child", f"{best['method']}:{best['strategy']}",
-           "--fraction", str(args.fraction), "--threads", str(args.threads), "--n-calib", str(args.n_calib),
-           "--distill-steps", str(args.distill_steps), "--distill-lr", str(args.distill_lr)]
-    cmd += ["--sequential"] if args.sequential else []
-    r = _run_child(cmd, env, f"{best['method']}/{best['strategy']} distillation")
+    r = _run_child(_calibrated_cmd(args, best["method"], best["strategy"], args.distill_steps), env,
+                   f"{best['method']}/{best['strategy']} distillation")
     if r is not None:
         r["stage"] = "distilled"
         print(f"{r['method']}/{r['strategy']} distilled {r['distill_steps']} steps (lr {r['distill_lr']:g}, cosine "
-              f"decay): mean cosine {r['mean_cosine']:.4f} -> {r['mean_cosine_distilled']:.4f}, spearman {r['spearman']:.4f} -> "
-              f"{r['spearman_distilled']:.4f}, {r['distill_seconds']:.0f} s", flush=True)
+              f"decay): mean cosine {r['mean_cosine']:.4f} -> {r['mean_cosine_distilled']:.4f}, spearman "
+              f"{r['spearman']:.4f} -> {r['spearman_distilled']:.4f}, {r['distill_seconds']:.0f} s", flush=True)
     return r
 
 

@@ -49,9 +49,9 @@ from ..whitening import DAMPING, truncation_candidates
 from .distill import distill
 from .minilm import DEFAULT_EXCLUDE, SentenceEncoder, embedding_agreement, encode, load_minilm, load_sentences, tokenize
 
-__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "whitened_svd_baseline", "layer_dof",
-           "study_ranks", "compress_config", "embedding_sensitivity", "distill_layers", "study_configs",
-           "exported_cost", "run_calibrated_study", "plot_study", "main"]
+__all__ = ["METHODS", "DATA", "RANK_STRATEGIES", "calibration_batches", "distillation_batches",
+           "whitened_svd_baseline", "layer_dof", "study_ranks", "compress_config", "embedding_sensitivity",
+           "distill_layers", "study_configs", "exported_cost", "run_calibrated_study", "plot_study", "main"]
 
 METHODS = ("wsvd", "svdp", "sttp")
 DATA = ("free", "aware")
@@ -65,6 +65,12 @@ FIELDS = ["method", "data", "strategy", "sequential", "fraction", "dof", "kept_f
 def calibration_batches(tokenizer, sentences: Sequence[str], batch_size: int = 16) -> list[dict]:
     """Tokenized batches (dicts with ``attention_mask``) of ``sentences``, the last one possibly shorter."""
     return [tokenize(tokenizer, sentences[i:i + batch_size]) for i in range(0, len(sentences), batch_size)]
+
+
+def distillation_batches(tokenizer, sentences: Sequence[str], batch_size: int = 16) -> list[dict]:
+    """:func:`calibration_batches` of ``sentences`` without a shorter last batch (every distillation step sees
+    ``batch_size`` sentences)."""
+    return calibration_batches(tokenizer, sentences[:len(sentences) - len(sentences) % batch_size], batch_size)
 
 
 # --------------------------------------------------------------------------------------------- the baseline
@@ -195,7 +201,7 @@ def _setup(n_eval: int, n_calib: int, batch_size: int, seed: int) -> dict:
     layers = [n for n, m in bert.named_modules() if isinstance(m, nn.Linear) and not n.startswith("pooler")]
     return {"bert": bert, "tokenizer": tokenizer, "teacher": teacher, "eval": eval_set, "layers": layers,
             "calib": calibration_batches(tokenizer, distill_set[:n_calib], batch_size),
-            "distill": calibration_batches(tokenizer, distill_set, batch_size)[:-1],
+            "distill": distillation_batches(tokenizer, distill_set, batch_size),
             "reference": encode(teacher, tokenizer, eval_set),
             "dense": sum(bert.get_submodule(n).weight.numel() for n in layers)}
 
