@@ -1071,6 +1071,28 @@ def test_torch_compile_fullgraph_without_graph_breaks(path):
         assert {layer_state(m).last_path for _, m in S.converted_layers(model)} == {"tt"}
 
 
+def test_tt_contraction_carries_the_flag_torch_compiler_sets():
+    # cost marks the contraction plan constant for dynamo without importing torch._dynamo; if torch changes how
+    # assume_constant_result marks a function, this fails instead of the TT path silently graph-breaking
+    from torch_sttp import cost
+
+    def probe():
+        return 0
+
+    marked = torch.compiler.assume_constant_result(probe)
+    flags = {k: v for k, v in vars(marked).items()}
+    assert flags and all(getattr(cost.tt_contraction, k, None) == v for k, v in flags.items())
+
+
+def test_import_does_not_load_dynamo():
+    import subprocess
+    import sys
+
+    code = "import sys, torch_sttp; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 # ================================================================================= conversion record
 def test_conversion_record_is_public_and_deepcopy_gets_its_own():
     import copy

@@ -140,9 +140,13 @@ def conv_transpose_output_size(spatial: Sequence[int], conv, output_padding: Seq
 
 
 def _constant_result(fn):
-    """Mark ``fn`` as returning a constant under torch.compile (evaluated while tracing, not traced)."""
-    mark = getattr(torch.compiler, "assume_constant_result", None)
-    return mark(fn) if mark is not None else fn
+    """Mark ``fn`` as returning a constant under torch.compile (evaluated while tracing, not traced).
+
+    This is the flag ``torch.compiler.assume_constant_result`` sets; calling that function instead would import
+    torch._dynamo (about 2 s) with every ``import torch_sttp``. A test checks that both set the same flag.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_result
