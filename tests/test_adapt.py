@@ -108,6 +108,7 @@ def test_resume_refuses_other_settings(tmp_path, cache):
 @pytest.mark.parametrize("flags, message", [
     (["--kind", "rotation", "--rank", "3"], "a rotation adapter needs an even rank"),
     (["--kind", "delta", "--two-sided"], "two_sided applies to rotation adapters only"),
+    (["--kind", "rotation", "--method", "sttp"], "method 'sttp' does not apply to rotation adapters"),
     (["--lr", "0"], "lr must be a number > 0"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["--steps", "0"], "steps must be an integer ≥ 1"),

@@ -544,6 +544,9 @@ def test_bad_settings():
         torch_sttp.add_adapters(model, "delta", method="tt")
     with pytest.raises(ValueError, match="adapter name must be"):
         torch_sttp.add_adapters(model, "delta", name="a.b")
+    with pytest.raises(ValueError, match="method='sttp' does not apply to rotation adapters"):
+        torch_sttp.add_adapters(model, "rotation", "sttp", rank=2)
+    assert adapter_record(model) is None  # nothing was added by the refused calls
     torch_sttp.add_adapters(model, "delta")
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         torch_sttp.add_adapters(model, "rotation", rank=2)
@@ -560,6 +563,47 @@ def test_unsupported_targets_are_listed_as_skipped():
     assert "tied" in skipped["emb"] and "transposed" in skipped["up"]
     assert "MultiheadAttention" in skipped["attn.out_proj"] and "LayerNorm" in skipped["norm"]
     assert [n for n, _ in adapter_layers(model)] == ["fc"]
+
+
+def test_layers_that_cannot_carry_adapters_are_named_with_the_reason_under_the_default_target():
+    converted = torch_sttp.convert(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), "svdp", 4)
+    with pytest.raises(ValueError, match=r"no layer can carry the adapter \(skipped: '0': weight has a "
+                                         r"parametrization .*to_dense first; '2': "):
+        torch_sttp.add_adapters(converted, "delta", rank=2)
+    with pytest.raises(ValueError, match=r"skipped: '0': transposed convolutions are not supported"):
+        torch_sttp.add_adapters(nn.Sequential(nn.ConvTranspose2d(4, 6, 3)), "delta", rank=2)
+    mixed = nn.Sequential(nn.Linear(6, 6), nn.ConvTranspose1d(6, 2, 3))
+    torch_sttp.add_adapters(mixed, "delta", rank=2)
+    assert [(n, why) for n, _, why in adapter_info(mixed).skipped] == [
+        ("1", "transposed convolutions are not supported by adapters")]
+
+
+@pytest.mark.parametrize("trainable", [(), ("2",)])
+def test_convert_refuses_a_model_with_adapters_and_changes_nothing(trainable):
+    # converting the base layer inside an adapter layer would lose the adapter at merge or export
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    torch_sttp.add_adapters(model, "delta", rank=2, target=["0"], trainable=trainable)
+    with torch.no_grad():
+        model[0].adapters["default"].spectrum.fill_(0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inside = "'0.base_layer': it is inside '0', which carries adapters; merge them"
+    for call in (lambda: torch_sttp.convert(model, "svdp", 4),
+                 lambda: torch_sttp.project(model, "svdp", 4)):
+        with pytest.raises(ValueError, match=f"cannot convert layer {inside}"):
+            call()
+    if trainable:
+        with pytest.raises(ValueError, match="cannot convert layer '2.original': it is inside '2', which holds the "
+                                             "trainable copies"):
+            torch_sttp.convert(model, "svdp", 4, include="2*")
+    assert torch_sttp.converted_layers(model) == []
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and before.keys() == \
+        model.state_dict().keys()
+    x = torch.randn(3, 8, generator=gen(1))
+    adapted = model(x)
+    torch_sttp.merge_adapters(model)
+    torch_sttp.convert(model, "svdp", 8, spectrum="free", init="pretrained")  # merged: plain layers again
+    torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-6)
 
 
 def test_nan_at_merge_raises_and_leaves_the_model_untouched():
@@ -618,7 +662,7 @@ def test_rotation_t_factors_in_one_call_per_shape(monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_compile_aot_eager_matches_eager(kind):
     model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(24, 6)).double()
-    torch_sttp.add_adapters(model, kind, "sttp", rank=2)
+    torch_sttp.add_adapters(model, kind, "svdp" if kind == "rotation" else "sttp", rank=2)
     perturb_adapters(model)
     x = torch.randn(3, 2, 6, dtype=F64)
     expected = model(x)
@@ -657,7 +701,7 @@ class _Segmented(nn.Module):
 def test_activation_checkpointing_matches_plain_training(kind, mode):
     torch.manual_seed(0)
     plain = _Segmented().double()
-    torch_sttp.add_adapters(plain, kind, "sttp", rank=2)
+    torch_sttp.add_adapters(plain, kind, "svdp" if kind == "rotation" else "sttp", rank=2)
     perturb_adapters(plain)
     ckpt = copy.deepcopy(plain)
     ckpt.mode = mode
@@ -718,7 +762,20 @@ def test_minilm_adapters(minilm, kind, method):
     assert len(layers) == 36 and torch.equal(model.encoder.layer[0].attention.self.query.weight,
                                              layers[0][1].base_layer.weight)
     out = model(**batch).last_hidden_state
-    assert rel(out, expected) <= 1e-6
+    # float32: six layers deep, two float32 evaluations of one function differ by about the float32 error of the
+    # model itself (its distance to float64, 7–8e-7 here): at init the adapters add no more than that (a rotation's
+    # paired reflectors are the identity only up to rounding: 1.1e-6 on an AVX-512 CPU); each layer alone is held
+    # to 1e-6 (test_outputs_equal_the_pretrained_model_at_init), the float64 model to 1e-12 below
+    floor = rel(expected.double(), copy.deepcopy(base).double().eval()(**batch).last_hidden_state)
+    assert rel(out, expected) <= max(1e-6, 2.0 * floor)
+    with torch.no_grad():
+        wide_base = copy.deepcopy(base).double().train()
+        for m in wide_base.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+        wide_expected = wide_base(**batch).last_hidden_state
+        torch_sttp.add_adapters(wide_base, kind, method, rank=8, target=nn.Linear, exclude="pooler.*")
+        assert rel(wide_base(**batch).last_hidden_state, wide_expected) <= 1e-12
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     direction = torch.randn(expected.shape, generator=gen(0))
     for _ in range(2):
@@ -729,9 +786,7 @@ def test_minilm_adapters(minilm, kind, method):
         adapted = model(**batch).last_hidden_state
         assert rel(adapted, expected) > 1e-5
         merged = torch_sttp.merge_adapters(copy.deepcopy(model))
-        # float32: six layers deep, two float32 evaluations of one function differ by about the float32 error of
-        # the model itself (its distance to float64, ~7e-7 here): merging must add no more than that
-        floor = rel(expected.double(), copy.deepcopy(base).double().eval()(**batch).last_hidden_state)
+        # merging adds no more than the float32 error of the model itself either (the floor above)
         assert rel(merged(**batch).last_hidden_state, adapted) <= max(1e-6, 2.0 * floor)
         wide = copy.deepcopy(model).double()
         wide_adapted = wide(**batch).last_hidden_state

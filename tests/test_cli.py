@@ -243,6 +243,22 @@ def test_export_of_an_svd_checkpoint_as_dense(capsys, tmp_path, dense_file):
     assert "factorized checkpoint" in line and "--format factorized" in line
 
 
+def test_a_state_dict_that_does_not_fit_the_model_is_one_line(capsys, tmp_path, dense_file):
+    wide = tmp_path / "wide.pt"
+    torch.save(nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 12)).state_dict(), wide)
+    line = _user_error(COMPRESS + ["--model", wide, "--budget", "0.5", "--output", tmp_path / "out.pt"],
+                       capsys, tmp_path)
+    assert "wide.pt does not fit the model of --constructor tests.test_cli:_small_model" in line
+    assert "size mismatch for 0.weight" in line
+    compressed = tmp_path / "c.pt"
+    assert cli.main(COMPRESS + ["--model", str(dense_file), "--budget", "0.5", "--quiet",
+                                "--output", str(compressed)]) == 0
+    capsys.readouterr()
+    line = _user_error(["export", "--input", compressed, "--model", wide, "--constructor",
+                        "tests.test_cli:_small_model", "--output", tmp_path / "o.pt"], capsys, tmp_path)
+    assert "wide.pt does not fit" in line
+
+
 def test_export_missing_input(capsys, tmp_path, dense_file):
     line = _user_error(["export", "--input", tmp_path / "missing.pt", "--model", dense_file, "--constructor",
                         "tests.test_cli:_small_model", "--output", tmp_path / "o.pt"], capsys, tmp_path)

@@ -31,14 +31,9 @@ from torch import nn
 from torch.func import functional_call
 
 from torch_sttp.modules import layer_state
-from torch_sttp.surgery import (
-    convert,
-    converted_layers,
-    skipped_layers,
-    spectral_parametrization,
-    to_dense,
-    to_factorized,
-)
+from torch_sttp.tt import split_modes
+from torch_sttp.export import to_dense, to_factorized
+from torch_sttp.surgery import convert, converted_layers, skipped_layers, spectral_parametrization
 
 FUZZ = settings(
     deadline=None,
@@ -325,6 +320,13 @@ KNOWN_PADDING_IDX_GRAD_BUG = _probe_padding_idx_grad_bug()
 KNOWN_ZERO_WEIGHT_BUG = _probe_zero_weight_bug()
 
 
+def _has_tt_path(root: nn.Module, method: str) -> bool:
+    """Whether a non-empty Linear of ``root`` would have the TT path (STTP, more than two modes)."""
+    return method == "sttp" and any(
+        isinstance(m, nn.Linear) and min(m.weight.shape) > 0
+        and sum(map(len, split_modes(tuple(m.weight.shape), "sttp"))) > 2 for m in root.modules())
+
+
 def check_case(case: dict) -> None:
     dtype = case["dtype"]
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
@@ -347,7 +349,8 @@ def check_case(case: dict) -> None:
         except ValueError as e:
             _event(f"{case['kind']}: refused with ValueError")
             assert str(e).strip(), "ValueError without a message"
-            assert expect_skip and not case["companion"], f"conversion of a valid layer refused: {e}"
+            tt_refused = case["path"] == "tt" and not _has_tt_path(root, case["method"]) and "path='tt'" in str(e)
+            assert (expect_skip and not case["companion"]) or tt_refused, f"conversion of a valid layer refused: {e}"
             assert not converted_layers(root), "a failed conversion left converted layers behind"
             assert type(layer) is type(reference), "a failed conversion left the layer's class changed"
             after = root(x, **kwargs).detach()
@@ -507,7 +510,7 @@ def test_fuzz_invalid_arguments_raise_value_error(case, bad, twice):
         x, kwargs = make_input(case, layer, torch.Generator().manual_seed(case["seed"]))
         settings_ = {"method": case["method"], "rank": case["rank"], "spectrum": case["spectrum"],
                      "init": case["init"], "path": case["path"], "batching": case["batching"]}
-        if twice and min(layer_dims(case)) > 0:
+        if twice and min(layer_dims(case)) > 0 and (case["path"] != "tt" or _has_tt_path(root, case["method"])):
             convert(root, **settings_)
             bad = {}
         settings_.update(bad)

@@ -14,7 +14,8 @@ from torch_sttp.ranks import (
     projection_errors,
     select_ranks,
 )
-from torch_sttp.surgery import convert, converted_layers, to_dense
+from torch_sttp.export import to_dense
+from torch_sttp.surgery import convert, converted_layers
 from torch_sttp.tt import count_dof
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -363,3 +364,56 @@ def test_randomized_projection_of_a_transposed_conv_and_the_recorded_errors():
     assert projection_errors(rand)["0"] == pytest.approx(truncated, abs=1e-4)
     record = conversion(rand)
     assert projection_errors(rand) == record.projection_errors and record.projection_seconds > 0
+
+
+def test_project_defaults_need_no_tqdm_and_asking_for_a_bar_without_it_says_how(monkeypatch):
+    # tqdm is an optional extra: the defaults never import it; progress=True without it names the fix
+    import sys
+
+    from torch_sttp.calibration import calibrate
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    plan = select_ranks(Synthetic(), 0.3, "svdp")
+    quiet = project(Synthetic(), "svdp", plan)
+    reference = Synthetic()
+    monkeypatch.undo()
+    project(reference, "svdp", plan, progress=False)
+    assert projection_errors(quiet) == pytest.approx(projection_errors(reference), abs=0)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    for call in (lambda: project(Synthetic(), "svdp", plan, progress=True),
+                 lambda: project(Synthetic(), "svdp", plan, progress=True, randomized=True),
+                 lambda: convert(Synthetic(), "svdp", 4, progress=True),
+                 lambda: calibrate(nn.Sequential(nn.Linear(6, 4)), [torch.randn(2, 6)], progress=True)):
+        with pytest.raises(ImportError, match=r"progress=True needs tqdm \(pip install tqdm"):
+            call()
+
+
+def test_a_plan_is_used_with_its_own_method_by_every_entry_point():
+    # the plan's ranks fit the budget in its method's DOF: convert, project and project_whitened all refuse
+    # another method (project_whitened took it and overshot the budget)
+    from torch_sttp.calibration import calibrate
+    from torch_sttp.data_aware import project_whitened
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6))
+    batches = [torch.randn(16, 12, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plan = select_ranks(model, 0.3, "sttp")
+    calls = {"convert": lambda: convert(copy_of(model), "svdp", plan),
+             "project": lambda: project(copy_of(model), "svdp", plan),
+             "project_whitened": lambda: project_whitened(copy_of(model), "svdp", plan, batches=batches)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"plan was made for method='sttp'.*use it with method='sttp'"):
+            call()
+    svd_plan = select_ranks(model, 0.3, "svd")
+    stats = calibrate(model, batches)
+    whitened = project_whitened(copy_of(model), "svdp", svd_plan, stats)  # a two-factor plan: same weights
+    assert set(whitened.errors) == set(svd_plan)
+    with pytest.raises(ValueError, match="use it with method='svdp'"):
+        project_whitened(copy_of(model), "sttp", svd_plan, stats)
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)

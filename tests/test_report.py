@@ -218,6 +218,22 @@ def test_arithmetic_route_on_meta_wrn():
 
 
 # ---------------------------------------------------------------------------------------------- forward info
+@pytest.mark.parametrize("path", ["dense", "lowrank"])
+def test_flops_per_sample_are_flops_for_every_layer_type(path):
+    # the per-call overhead that steers "auto" is not work: it stays out of the recorded FLOPs (a Linear had 1e6
+    # per call in them, convolutions none); batch 2, rank 4
+    linear = report(convert(nn.Sequential(nn.Linear(24, 8)), "svdp", rank=4, spectrum="free", path=path),
+                    example_input=torch.randn(2, 24)).layers[0]
+    expected = {"dense": 2 * 8 * 24 * 2 + 2 * 4 * 8 * 24,   # the product, and forming W = (U·Σ)·Vᵀ
+                "lowrank": 2 * 4 * (24 + 8) * 2 + 4 * 2}   # x·V, ·σ, ·Uᵀ
+    assert linear.flops_per_sample == pytest.approx(expected[path] / 2)
+    conv = report(convert(nn.Sequential(nn.Conv1d(8, 6, 3, bias=False)), "svdp", rank=4, spectrum="free",
+                          path=path), example_input=torch.randn(2, 8, 24)).layers[0]
+    expected = {"dense": 2 * 6 * 24 * 22 * 2 + 2 * 4 * 6 * 24,  # d_in = 8·3, 22 output positions
+                "lowrank": 2 * 4 * (24 * 22 + 6 * 22) * 2}
+    assert conv.flops_per_sample == pytest.approx(expected[path] / 2)
+
+
 def test_example_input_records_paths_and_restores_modes():
     model = convert(Mixed(), "sttp", rank=5)
     model.train()

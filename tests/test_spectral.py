@@ -595,3 +595,19 @@ def test_device_and_dtype_agnostic(device, dtype):
     reg = spectral.apply_spectral_regularization(dense, every=1)
     reg.step()
     assert all(v.device.type == device for v in reg.running_max.values())
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_a_padded_embedding_reports_the_spectrum_of_the_weight_it_uses(method):
+    # the fixed padding row replaces a row of U·Σ·Vᵀ: |Σ| is not the spectrum of the layer's weight
+    padded, plain = _converted(nn.Embedding(9, 6, padding_idx=1), nn.Embedding(9, 6), spectrum="normalized",
+                               rank=3, method=method, init="random").children()
+    for layer in (padded, plain):
+        _set_s(layer, [0.3, -1.0, 0.7])
+    sigma = inspection.singular_values(padded)[""]
+    assert torch.allclose(sigma, torch.linalg.svdvals(padded.weight)[:3], atol=1e-12)
+    assert not torch.allclose(sigma, torch.tensor([1.0, 0.7, 0.3], dtype=sigma.dtype))
+    assert torch.allclose(inspection.singular_values(plain)[""], torch.tensor([1.0, 0.7, 0.3], dtype=sigma.dtype))
+    stats = inspection.spectral_stats(nn.Sequential(padded))["layers"]["0"]
+    assert stats["sigma_max"] == pytest.approx(float(torch.linalg.svdvals(padded.weight)[0]), abs=1e-12)
+    assert stats["sigma_max"] <= 1.0  # a zero row only lowers the singular values (interlacing)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from torch_sttp.export import to_dense, to_factorized
 from torch_sttp.modules import layer_state, original_class
+from torch_sttp.tt import split_modes
 import torch_sttp
 from torch_sttp import parametrizations as P
 from torch_sttp import surgery as S
@@ -58,7 +60,7 @@ def randomize_spectrum(model: nn.Module, seed=5):
 
 def plain_twin(model: nn.Module) -> nn.Module:
     """A plain (dense) copy of a converted model; its weights are replaced in :func:`reference_call`."""
-    return S.to_dense(copy.deepcopy(model))
+    return to_dense(copy.deepcopy(model))
 
 
 def reference_call(model: nn.Module, twin: nn.Module, *args, **kwargs):
@@ -227,9 +229,21 @@ def test_layer_matches_original_float32(case, method, path):
 @pytest.mark.parametrize("shape", [(12, 6), (6, 12), (30, 8), (1, 6), (7, 1)])
 def test_sttp_linear_tt_path(shape, spectrum, dtype):
     d_in, d_out = shape
+    modes = sum(map(len, split_modes((d_out, d_in), "sttp")))
+    if modes <= 2:  # no train to contract: asking for the TT path is an error, not a silent dense forward
+        with pytest.raises(ValueError, match=r"path='tt' applies to STTP Linear layers .*none of the selected"):
+            S.convert(nn.Sequential(nn.Linear(d_in, d_out)), "sttp", 4, spectrum, path="tt")
+        return
     layer = check_layer(lambda: nn.Linear(d_in, d_out), (2, 3, d_in), {}, "sttp", "tt", spectrum, dtype)
-    p = S.spectral_parametrization(layer)
-    assert layer_state(layer).last_path == ("tt" if len(p.out_modes) + len(p.in_modes) > 2 else "dense")
+    assert layer_state(layer).last_path == "tt"
+
+
+def test_tt_path_needs_sttp_and_other_layers_run_dense():
+    with pytest.raises(ValueError, match=r"path='tt' contracts the input with STTP cores; it needs method='sttp'"):
+        S.convert(nn.Sequential(nn.Linear(12, 6)), "svdp", 4, path="tt")
+    model = S.convert(nn.Sequential(nn.Conv1d(3, 12, 3), nn.Flatten(), nn.Linear(12 * 6, 6)), "sttp", 4, path="tt")
+    model(torch.randn(2, 3, 8))
+    assert [layer_state(m).last_path for _, m in S.converted_layers(model)] == ["dense", "tt"]
 
 
 def test_embedding_padding_rows_get_no_gradient():
@@ -694,7 +708,7 @@ def test_to_dense_and_remove_parametrizations(method):
     model = mixed(method)
     expected = model(IDX4).detach()
     originals = {n: original_class(m) for n, m in S.converted_layers(model)}
-    dense = S.to_dense(copy.deepcopy(model))
+    dense = to_dense(copy.deepcopy(model))
     for name, cls in originals.items():
         assert type(dense.get_submodule(name)) is cls
     for m in dense.modules():
@@ -718,7 +732,7 @@ def test_to_dense_and_remove_parametrizations(method):
     partial = mixed(method)
     torch_parametrize.remove_parametrizations(partial.conv, "weight")
     assert_close(partial(IDX4), expected)
-    S.to_dense(partial)
+    to_dense(partial)
     assert type(partial.conv) is nn.Conv1d
     assert_close(partial(IDX4), expected)
 
@@ -727,7 +741,7 @@ def test_to_dense_keeps_user_load_hooks():
     model = mixed()
     seen = []
     model.fc._register_load_state_dict_pre_hook(lambda *a, **k: seen.append(1))
-    S.to_dense(model)
+    to_dense(model)
     model.load_state_dict(model.state_dict())
     assert seen == [1]
 
@@ -736,8 +750,8 @@ def test_to_dense_keeps_user_load_hooks():
 def test_to_factorized(method):
     model = mixed(method)
     expected = model(IDX4).detach()
-    dense_count = sum(p.numel() for p in S.to_dense(copy.deepcopy(model)).parameters())
-    fact = S.to_factorized(copy.deepcopy(model))
+    dense_count = sum(p.numel() for p in to_dense(copy.deepcopy(model)).parameters())
+    fact = to_factorized(copy.deepcopy(model))
     for m in fact.modules():
         assert type(m).__module__.startswith("torch.nn.modules") or type(m) is Mixed, type(m)
         assert not torch_parametrize.is_parametrized(m)
@@ -752,7 +766,7 @@ def test_to_factorized(method):
 def test_to_factorized_inside_sequential():
     model, x = cache_model(), net_input(1)
     expected = [t.detach() for t in model(x)]
-    fact = S.to_factorized(model)
+    fact = to_factorized(model)
     assert [type(m) for m in fact.features[0]] == [nn.Conv2d, nn.Conv2d]
     assert [type(m) for m in fact.up] == [nn.ConvTranspose2d, nn.Conv2d]
     for a, b in zip(fact(x), expected):
@@ -763,7 +777,7 @@ def test_to_factorized_root_layer():
     layer = converted_layer(lambda: nn.Linear(12, 6), "sttp", "auto", "free", rank=2)
     x = torch.randn(3, 12, generator=gen(1), dtype=F64)
     expected = layer(x).detach()
-    fact = S.to_factorized(layer)
+    fact = to_factorized(layer)
     assert isinstance(fact, nn.Sequential)
     assert_close(fact(x), expected)
 
@@ -1071,6 +1085,17 @@ def test_torch_compile_fullgraph_without_graph_breaks(path):
         assert {layer_state(m).last_path for _, m in S.converted_layers(model)} == {"tt"}
 
 
+def test_when_every_layer_is_skipped_the_error_gives_their_reasons():
+    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    cases = [(nn.Sequential(nn.Embedding(10, 6, sparse=True)),
+              r"\(skipped: '0' \(Embedding\): sparse embedding gradients are not supported\); check include"),
+             (tied, r"\(skipped: '0' \(Embedding\): .*tied.*; '1' \(Linear\): .*tied")]
+    for model, message in cases:
+        with pytest.raises(ValueError, match="no layer was selected for conversion " + message):
+            S.convert(model, "svdp", 4)
+
+
 def test_tt_contraction_carries_the_flag_torch_compiler_sets():
     # cost marks the contraction plan constant for dynamo without importing torch._dynamo; if torch changes how
     # assume_constant_result marks a function, this fails instead of the TT path silently graph-breaking
@@ -1085,12 +1110,18 @@ def test_tt_contraction_carries_the_flag_torch_compiler_sets():
 
 
 def test_import_does_not_load_dynamo():
-    import subprocess
-    import sys
-
     code = "import sys, torch_sttp; print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name, owner", [("to_dense", "export"), ("to_factorized", "export"),
+                                         ("SpectralLinear", "modules"), ("SpectralEmbedding", "modules")])
+def test_names_moved_out_of_surgery_still_resolve_with_a_deprecation_warning(name, owner):
+    with pytest.warns(DeprecationWarning, match=f"torch_sttp.{owner}.{name}"):
+        found = getattr(S, name)
+    assert found is getattr(importlib.import_module(f"torch_sttp.{owner}"), name)
+    assert name not in S.__all__
 
 
 # ================================================================================= conversion record
@@ -1114,7 +1145,7 @@ def test_conversion_record_is_public_and_deepcopy_gets_its_own():
     y_model = model[:3](x)
     assert not torch.allclose(twin[:3](x), y_model)
     torch.testing.assert_close(model[:3](x), y_model)
-    S.to_dense(twin)
+    to_dense(twin)
     assert torch_sttp.conversion(twin) is None and torch_sttp.conversion(model) is record
 
 
@@ -1249,9 +1280,9 @@ def test_embedding_padding_row_is_kept_and_never_changes(method, init):
         assert torch.equal(emb.weight.detach()[3], expected_row)
     x = torch.tensor([[3, 1, 7]])
     y = model(x).detach()
-    factorized = S.to_factorized(copy.deepcopy(model))
+    factorized = to_factorized(copy.deepcopy(model))
     torch.testing.assert_close(factorized(x), y, rtol=1e-12, atol=1e-12)
-    dense = S.to_dense(model)[0]
+    dense = to_dense(model)[0]
     assert type(dense) is nn.Embedding and dense.padding_idx == 3
     assert torch.equal(dense.weight.detach()[3], expected_row)
     torch.testing.assert_close(dense(x), y, rtol=1e-12, atol=1e-12)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import KINDS, layer_kind, select_layers
+from .progress import progress_iter
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
 
 __all__ = ["KINDS", "Calibration", "calibrate", "layer_kind", "patches", "transposed_patches", "save_calibration",
@@ -486,11 +487,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
         raise ValueError("calibrate: no layer selected; check include/exclude (supported: Linear, Conv1/2/3d, "
                          "ConvTranspose1/2/3d, Embedding; converted layers are calibrated on the dense model)")
     collector = _Collector(selected, stop_early, measure, means)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(batches, desc="calibrate", unit="batch")
+    iterator = progress_iter(batches, progress, "calibrate", "batch")
     try:
         with _eval_mode(model), torch.no_grad():
             for i, batch in enumerate(iterator):

@@ -2,9 +2,10 @@
 order.
 
 A converted layer can run "dense" (materialise W, then the layer's own op), "lowrank" (x ↦ Vᵀx ↦ σ ↦ U without
-forming W) or, for an STTP Linear, "tt" (contract the tensorised input with the cores). Each path's cost is its
-estimated FLOPs for the input at hand plus a fixed per-call overhead (:func:`op_overhead_flops`); "auto" takes the
-cheapest (:func:`choose_path`).
+forming W) or, for an STTP Linear, "tt" (contract the tensorised input with the cores). Each path is a
+:class:`PathCost`: its estimated FLOPs for the input at hand and its number of operator calls; "auto" takes the
+path of least FLOPs plus calls × a fixed per-call overhead (:func:`op_overhead_flops`, :func:`choose_path`), and
+the layer records the FLOPs of the path it ran (what ``report`` shows).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .parametrizations import SpectralParametrization
 
 __all__ = [
     "op_overhead_flops",
+    "PathCost",
     "choose_path",
     "element_flops",
     "WeightPathCosts",
@@ -67,11 +69,21 @@ def batch_weight_products(layers: int, numel: int, costs: WeightPathCosts) -> bo
     return layers > 1 and 6 * (layers - 1) * costs.op > 2 * layers * numel * costs.element
 
 
-def choose_path(requested: str, costs: Mapping[str, float]) -> str:
-    """The path to run: ``requested`` when it is available for this layer and input, the cheapest for "auto",
-    and "dense" (always available) otherwise."""
+class PathCost(NamedTuple):
+    """One forward path of a layer for one input: its FLOPs (weight formation included) and operator calls."""
+
+    flops: float
+    calls: int
+
+
+def choose_path(requested: str, costs: Mapping[str, PathCost], device: torch.device) -> str:
+    """The path to run: ``requested`` when it is available for this layer and input, for "auto" the least
+    flops + calls·:func:`op_overhead_flops` on ``device``, and "dense" (always available) otherwise."""
     path = requested if requested in costs else ("dense" if requested != "auto" else "auto")
-    return min(costs, key=costs.get) if path == "auto" else path
+    if path != "auto":
+        return path
+    overhead = op_overhead_flops(device)
+    return min(costs, key=lambda name: costs[name].flops + costs[name].calls * overhead)
 
 
 def materialize_flops(p: SpectralParametrization) -> float:
@@ -79,41 +91,41 @@ def materialize_flops(p: SpectralParametrization) -> float:
     return 2.0 * p.r_mid * p.d_out * p.d_in
 
 
-def linear_costs(p: SpectralParametrization, batch: int, weight_flops: float, device: torch.device,
-                 tt: bool) -> dict[str, float]:
-    """Costs of y = x·Wᵀ for ``batch`` rows: dense (W formed at ``weight_flops``), low-rank and, if ``tt``, the
-    TT path. Dense: 2·d_out·d_in·B; low-rank: 2·R·(d_in + d_out)·B + R·B."""
-    overhead = op_overhead_flops(device)
+def linear_costs(p: SpectralParametrization, batch: int, weight_flops: float, tt: bool) -> dict[str, PathCost]:
+    """Paths of y = x·Wᵀ for ``batch`` rows: dense (W formed at ``weight_flops``; 1 call), low-rank (3 calls) and,
+    if ``tt``, the TT path (one call per pairwise contraction). Dense: 2·d_out·d_in·B; low-rank:
+    2·R·(d_in + d_out)·B + R·B."""
     r = p.r_mid
     costs = {
-        "dense": 2.0 * p.d_out * p.d_in * batch + weight_flops + overhead,
-        "lowrank": 2.0 * r * (p.d_in + p.d_out) * batch + r * batch + 3 * overhead,
+        "dense": PathCost(2.0 * p.d_out * p.d_in * batch + weight_flops, 1),
+        "lowrank": PathCost(2.0 * r * (p.d_in + p.d_out) * batch + r * batch, 3),
     }
     if tt:
         steps, flops = tt_contraction(tuple(p.in_modes), tuple(p.out_modes), tuple(p.ranks), p.has_spectrum,
                                       int(batch))
-        costs["tt"] = flops + len(steps) * overhead
+        costs["tt"] = PathCost(flops, len(steps))
     return costs
 
 
 def conv_costs(p: SpectralParametrization, weight_flops: float, batch: int, in_spatial: int, out_spatial: int,
-               transposed: bool, groups: int) -> dict[str, float]:
-    """Costs of a (transposed) convolution: dense 2·d_out·d_in·positions·B, where positions are the output
-    positions of a convolution and the input positions of a transposed one; low-rank (ungrouped only) an r-filter
-    convolution followed by a 1×1 one."""
+               transposed: bool, groups: int) -> dict[str, PathCost]:
+    """Paths of a (transposed) convolution: dense 2·d_out·d_in·positions·B (1 call), where positions are the
+    output positions of a convolution and the input positions of a transposed one; low-rank (ungrouped only) an
+    r-filter convolution followed by a 1×1 one (2 calls, σ folded into the second)."""
     positions = in_spatial if transposed else out_spatial
-    costs = {"dense": 2.0 * p.d_out * p.d_in * positions * batch + weight_flops}
+    costs = {"dense": PathCost(2.0 * p.d_out * p.d_in * positions * batch + weight_flops, 1)}
     if groups == 1:
-        costs["lowrank"] = 2.0 * p.r_mid * (p.d_in * positions + p.d_out * out_spatial) * batch
+        costs["lowrank"] = PathCost(2.0 * p.r_mid * (p.d_in * positions + p.d_out * out_spatial) * batch, 2)
     return costs
 
 
 def embedding_costs(p: SpectralParametrization, weight_flops: float, lookups: int,
-                    lowrank: bool = True) -> dict[str, float]:
-    """Costs of looking up ``lookups`` rows: dense (W formed) or low-rank (2·R·dim per row)."""
-    costs = {"dense": weight_flops}
+                    lowrank: bool = True) -> dict[str, PathCost]:
+    """Paths of looking up ``lookups`` rows: dense (W formed, then one lookup) or low-rank (2·R·dim per row; a
+    lookup in U, σ, the product with Vᵀ: 3 calls)."""
+    costs = {"dense": PathCost(weight_flops, 1)}
     if lowrank:
-        costs["lowrank"] = 2.0 * p.r_mid * p.d_in * lookups
+        costs["lowrank"] = PathCost(2.0 * p.r_mid * p.d_in * lookups, 3)
     return costs
 
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from .calibration import Calibration, calibrate, reestimate_batchnorm, sequential_statistics
 from .layers import matrix_to_weight, select_layers, weight_matrix
-from .options import check_method, check_rank, check_spectrum
+from .options import check_method, check_plan_method, check_rank, check_spectrum
 from .surgery import conversion, convert
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, is_centered, layer_metric, project_layer
 
@@ -203,6 +203,7 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     """
     check_method(method)
     check_spectrum(spectrum)
+    check_plan_method(rank, method)
     if "init" in convert_kwargs:
         raise ValueError("project_whitened always converts with init='pretrained'")
     ranks = _rank_map(model, rank, include, exclude)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .modules import SpectralLayer, original_class
-from .parametrizations import FixedRow, parametrization_tensors, spectral_parametrization
+from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
 from .surgery import converted_layers, detach_conversion
 
 __all__ = ["to_dense", "to_factorized", "factorized_pair"]
@@ -85,8 +85,7 @@ def _embedding_pair(module: nn.Embedding, r: int, us, vt, kw) -> nn.Sequential |
     if module.max_norm is not None or module.scale_grad_by_freq:
         return None
     if module.padding_idx is not None:
-        fixed = next(q.row for q in module.parametrizations["weight"] if isinstance(q, FixedRow))
-        if bool(fixed.any()):
+        if bool(fixed_row(module).any()):
             return None
     first = nn.Embedding(module.num_embeddings, r, padding_idx=module.padding_idx, **kw)
     second = nn.Linear(r, module.embedding_dim, bias=False, **kw)

@@ -22,7 +22,7 @@ from torch import nn
 
 from .layers import select_layers, weight_matrix
 from .modules import conv_function
-from .parametrizations import parametrization_tensors, spectral_parametrization
+from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
 
 __all__ = ["spectral_layers", "layer_singular_values", "singular_values", "snapshot_spectra", "spectral_stats",
            "conv_operator_norm"]
@@ -36,8 +36,14 @@ def spectral_layers(model: nn.Module, include=None, exclude=None) -> list[tuple[
 
 def layer_singular_values(layer: nn.Module) -> torch.Tensor:
     """σ(W) of one layer, descending, 1-D (k,), differentiable: |Σ| for an SVDP/STTP layer (k = r, exact),
-    ``svdvals(W)`` of the (d_out, d_in) matrix otherwise (k = min(d_out, d_in))."""
+    ``svdvals(W)`` of the (d_out, d_in) matrix otherwise (k = min(d_out, d_in)).
+
+    A converted Embedding with ``padding_idx`` uses U·Σ·Vᵀ with its padding row replaced by the fixed row, so its
+    σ are not |Σ|: they are the r largest ``svdvals`` of the weight it uses (all of them when the fixed row is zero,
+    whose rank is then ≤ r)."""
     p = spectral_parametrization(layer)
+    if p is not None and fixed_row(layer) is not None:
+        return torch.linalg.svdvals(weight_matrix(layer, layer.weight))[: p.r_mid]
     if p is not None:
         return p.singular_values(*parametrization_tensors(layer))
     return torch.linalg.svdvals(weight_matrix(layer, layer.weight))
@@ -46,7 +52,8 @@ def layer_singular_values(layer: nn.Module) -> torch.Tensor:
 def singular_values(model_or_layer: nn.Module, layers=None, grad: bool = False) -> "OrderedDict[str, torch.Tensor]":
     """{layer name: σ (k,) descending} for every supported layer, in ``named_modules`` (forward) order.
 
-    SVDP/STTP layers: σ = sort(|diag Σ|) from the parametrization (k = r, exact, no SVD); dense Linear, ConvNd,
+    SVDP/STTP layers: σ = sort(|diag Σ|) from the parametrization (k = r, exact, no SVD; a converted Embedding with
+    ``padding_idx``: the SVD of the weight it uses, see :func:`layer_singular_values`); dense Linear, ConvNd,
     ConvTransposeNd, Embedding: σ = svdvals(W) (k = min(d_out, d_in)). A single layer comes back under the name ``""``.
 
     Args:

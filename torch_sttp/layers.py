@@ -16,7 +16,7 @@ from .options import check_ranks
 from .tt import layout_view, transposed_layout_shape
 
 __all__ = ["SUPPORTED_TYPES", "KINDS", "layer_kind", "layout_shape", "weight_matrix", "matrix_to_weight",
-           "is_transposed_conv", "as_patterns", "matches", "select_layers"]
+           "is_transposed_conv", "as_patterns", "matches", "select_layers", "conversion_blockers"]
 
 SUPPORTED_TYPES = (
     nn.Linear,
@@ -166,6 +166,14 @@ def _check_rank_map(modules: list[tuple[str, nn.Module]], rank_map: Mapping[str,
         raise ValueError("rank mapping names modules that are not supported layers: "
                          + ", ".join(f"{n!r} ({type(names[n]).__name__})" for n in unsupported))
     check_ranks(rank_map)
+
+
+def conversion_blockers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, reason) of every module of ``model`` whose class declares ``conversion_blocked``, a string saying why
+    a model holding it cannot be converted and what to do (adapter layers: converting the layer they wrap would lose
+    what they add). Name "" is the model itself."""
+    return [(name, reason) for name, module in model.named_modules()
+            if isinstance(reason := getattr(type(module), "conversion_blocked", None), str)]
 
 
 def _conversion_skip_reasons(model: nn.Module, modules: list[tuple[str, nn.Module]]):

@@ -21,7 +21,7 @@ from torch import nn
 from . import cost
 from .layers import SUPPORTED_TYPES
 from .planner import Factors, FramePlanner
-from .parametrizations import FixedRow, parametrization_tensors, spectral_parametrization
+from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
 
 __all__ = [
     "LayerState",
@@ -103,11 +103,11 @@ class SpectralLayer:
             w = later(w)
         return w
 
-    def _choose(self, costs: dict[str, float], batch: int) -> str:
+    def _choose(self, costs: dict[str, cost.PathCost], batch: int, device: torch.device) -> str:
         state = self._sttp
-        path = cost.choose_path(state.path, costs)
+        path = cost.choose_path(state.path, costs, device)
         state.last_path = path
-        state.last_flops_per_sample = costs[path] / max(batch, 1)
+        state.last_flops_per_sample = costs[path].flops / max(batch, 1)
         return path
 
     def _weight_flops(self) -> float:
@@ -120,12 +120,14 @@ class SpectralLinear(SpectralLayer, nn.Linear):
     """``nn.Linear`` whose weight is W = U·Σ·Vᵀ (see :func:`torch_sttp.convert`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = x·Wᵀ + b for x (*, d_in), y (*, d_out), by the cheapest path: W formed ("dense"), ((x·V)·Σ)·Uᵀ
+        ("lowrank"), or the input tensorised and contracted with the cores ("tt", STTP)."""
         if not self._sttp_active():
             return super().forward(x)
         p = spectral_parametrization(self)
         batch = x.numel() // max(x.shape[-1], 1)
         tt = p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2 and self._sttp.path in ("auto", "tt")
-        path = self._choose(cost.linear_costs(p, batch, self._weight_flops(), x.device, tt), batch)
+        path = self._choose(cost.linear_costs(p, batch, self._weight_flops(), tt), batch, x.device)
         if path == "dense":
             return F.linear(x, self.spectral_weight(), self.bias)
         if path == "tt":
@@ -161,7 +163,7 @@ class _SpectralConv(SpectralLayer):
         in_spatial = math.prod(x.shape[-nd:])
         costs = cost.conv_costs(p, self._weight_flops(), batch, in_spatial, out_spatial, self.transposed,
                                 self.groups)
-        if self._choose(costs, batch) == "dense":
+        if self._choose(costs, batch, x.device) == "dense":
             return dense(self.spectral_weight())
         u, sigma, vt = self.spectral_factors()
         h = first(vt.reshape(p.r_mid, self.in_channels, *self.kernel_size))
@@ -231,12 +233,13 @@ class SpectralEmbedding(SpectralLayer, nn.Embedding):
     """
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows W[idx] of shape (*idx.shape, dim): U[idx]·Σ·Vᵀ ("lowrank") or looked up in W formed ("dense")."""
         if not self._sttp_active():
             return super().forward(idx)
         p = spectral_parametrization(self)
         n = idx.numel()
         costs = cost.embedding_costs(p, self._weight_flops(), n, lowrank=not self.scale_grad_by_freq)
-        if self._choose(costs, n) == "dense":
+        if self._choose(costs, n, idx.device) == "dense":
             rows = F.embedding(idx, self.spectral_weight(), self.padding_idx, None, 2.0, self.scale_grad_by_freq,
                                False)
         else:
@@ -248,8 +251,7 @@ class SpectralEmbedding(SpectralLayer, nn.Embedding):
         coeff = F.embedding(idx, u, self.padding_idx)
         rows = (coeff if sigma is None else coeff * sigma) @ vt
         if self.padding_idx is not None:  # the fixed padding row; σ and Vᵀ get no gradient from it
-            fixed = next(q.row for q in self.parametrizations["weight"] if isinstance(q, FixedRow))
-            rows = torch.where((idx == self.padding_idx).unsqueeze(-1), fixed.to(rows.dtype), rows)
+            rows = torch.where((idx == self.padding_idx).unsqueeze(-1), fixed_row(self).to(rows.dtype), rows)
         return rows
 
     def _renormed(self, rows: torch.Tensor) -> torch.Tensor:

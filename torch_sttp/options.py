@@ -23,12 +23,15 @@ __all__ = [
     "OBJECTIVES",
     "STRATEGIES",
     "PENALTIES",
+    "ADAPTER_KINDS",
+    "ROTATION_PATHS",
     "check_option",
     "check_method",
     "check_spectrum",
     "check_init",
     "check_rank",
     "check_ranks",
+    "check_plan_method",
 ]
 
 METHODS = ("svdp", "sttp")
@@ -47,6 +50,11 @@ STRATEGIES = ("auto", "greedy", "uniform")
 PENALTIES = ("d_optimal", "divergence")
 CHOICES.update({"objective": OBJECTIVES, "strategy": STRATEGIES, "penalty kind": PENALTIES})
 
+# the adapters' vocabulary: the update kinds and how a rotation adapter is applied
+ADAPTER_KINDS = ("principal", "delta", "rotation")
+ROTATION_PATHS = ("auto", "input", "lowrank", "weight")
+CHOICES.update({"adapter kind": ADAPTER_KINDS, "rotation path": ROTATION_PATHS})
+
 
 def check_option(name: str, value, choices=None):
     """``value`` if it is one of ``CHOICES[name]`` (or of ``choices``, a vocabulary of this module such as
@@ -58,14 +66,17 @@ def check_option(name: str, value, choices=None):
 
 
 def check_method(method: str) -> str:
+    """``method`` if it is one of ``METHODS`` ("svdp", "sttp"), else a ValueError listing them."""
     return check_option("method", method)
 
 
 def check_spectrum(spectrum: str) -> str:
+    """``spectrum`` if it is one of ``SPECTRA``, else a ValueError listing them."""
     return check_option("spectrum", spectrum)
 
 
 def check_init(init: str) -> str:
+    """``init`` if it is one of ``INITS`` (frame inits and "pretrained"), else a ValueError listing them."""
     return check_option("init", init)
 
 
@@ -79,6 +90,18 @@ def check_rank(rank) -> int:
     if value is None or value < 1:
         raise ValueError(f"rank must be a positive integer, got {rank!r}; pass e.g. rank=64")
     return value
+
+
+def check_plan_method(rank, method: str) -> None:
+    """A rank mapping that records the method it was planned for (a :class:`~torch_sttp.ranks.RankPlan`'s
+    ``method``: its ranks fit the budget in that method's DOF) is used with that method only; a plan for ``"svd"``
+    (two dense factors) projects with ``"svdp"`` (same weights). Anything else is a ValueError."""
+    planned = getattr(rank, "method", None) if isinstance(rank, Mapping) else None
+    if planned is None or planned == method or (planned == "svd" and method == "svdp"):
+        return
+    use = "svdp" if planned == "svd" else planned
+    raise ValueError(f"the plan was made for method={planned!r} (its ranks fit the budget in that method's DOF); "
+                     f"use it with method={use!r}, or plan again with select_ranks(..., method={method!r})")
 
 
 def check_ranks(rank):

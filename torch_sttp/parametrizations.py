@@ -56,7 +56,8 @@ from .tt import (
 )
 
 __all__ = ["SpectralParametrization", "SVDP", "STTP", "FixedRow", "parametrize", "register", "svdp", "sttp", "INITS",
-           "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors", "encode_config", "decode_config"]
+           "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors", "encode_config", "decode_config",
+           "tensor_key", "config_key", "entry_key", "is_parametrization_key", "fixed_row"]
 
 FORMAT_VERSION = 2  # 1: reflectors stored padded, one (L, N, R) tensor per side; 2: flat free blocks
 
@@ -135,11 +136,13 @@ class WarnOnce:
         self.given: set = set()
 
     def warn(self, key, message: str, stacklevel: int = 4) -> None:
+        """Warn with ``message`` the first time ``key`` is seen, and never again for it."""
         if key not in self.given:
             self.given.add(key)
             warnings.warn(message, stacklevel=stacklevel)
 
     def reset(self) -> None:
+        """Forget which warnings were given (each warns once more)."""
         self.given.clear()
 
 
@@ -275,7 +278,9 @@ class SpectralParametrization(nn.Module):
         return frames[:n_u], frames[n_u:]
 
     def weight_from_factors(self, u, sigma, vt) -> torch.Tensor:
-        """The layer's weight tensor from (U, σ, Vᵀ)."""
+        """The layer's weight tensor W = (U·diag σ)·Vᵀ from U (d_out, R), σ (R,) or None (Σ = I) and Vᵀ (R, d_in),
+        in the layer's own layout (Linear (d_out, d_in), conv (C_out, C_in/groups, *k), transposed conv with its
+        first two axes swapped back)."""
         return layout_view(((u if sigma is None else u * sigma) @ vt).reshape(self.layout_shape), self.transposed)
 
     def matrix(self, u_params, v_params, s=None) -> torch.Tensor:
@@ -284,10 +289,12 @@ class SpectralParametrization(nn.Module):
         return (u if sigma is None else u * sigma) @ vt
 
     def forward(self, u_params: torch.Tensor, v_params: torch.Tensor, s: torch.Tensor | None = None) -> torch.Tensor:
+        """W = U(θ_U)·Σ(S)·V(θ_V)ᵀ from the flat free blocks of each side and S (R,) or None, in the layer's weight
+        layout (see :meth:`weight_from_factors`)."""
         return self.weight_from_factors(*self.factors(u_params, v_params, s))
 
     def singular_values(self, u_params, v_params, s=None) -> torch.Tensor:
-        """Singular values of W, descending (exact: |Σ|, no SVD)."""
+        """Singular values of W, descending, shape (R,) (exact: |Σ|, no SVD; ones for the identity spectrum)."""
         sigma = self.sigma(s)
         if sigma is None:
             return torch.ones(self.r_mid, dtype=u_params.dtype, device=u_params.device)
@@ -479,6 +486,8 @@ class SpectralParametrization(nn.Module):
 
     # ------------------------------------------------------------------------------------ checkpoint metadata
     def config(self) -> dict:
+        """What rebuilds this parametrization from a state_dict: format version, method, rank, spectrum, shapes and
+        train layout (stored as the ``_extra_state`` at :func:`config_key`)."""
         return {
             "format_version": FORMAT_VERSION,
             "method": self.method,
@@ -560,6 +569,37 @@ def spectral_parametrization(module: nn.Module, tensor_name: str = "weight") -> 
     return None
 
 
+def fixed_row(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor | None:
+    """The fixed padding row (dim,) a converted embedding keeps (:class:`FixedRow`), or None: then W = U·Σ·Vᵀ;
+    with it, row ``padding_idx`` of W is this row instead."""
+    if not torch_parametrize.is_parametrized(module, tensor_name):
+        return None
+    return next((q.row for q in module.parametrizations[tensor_name] if isinstance(q, FixedRow)), None)
+
+
+def entry_key(prefix: str, index: int, name: str) -> str:
+    """State-dict key of ``name`` (a buffer or ``_extra_state``) of entry ``index`` of a parametrized weight, for a
+    layer whose keys start with ``prefix`` ("" or "block.0.")."""
+    return f"{prefix}parametrizations.weight.{index}.{name}"
+
+
+def config_key(prefix: str) -> str:
+    """State-dict key of a converted layer's configuration: the ``_extra_state`` of its
+    :class:`SpectralParametrization`, which :func:`parametrize` registers first (entry 0)."""
+    return entry_key(prefix, 0, "_extra_state")
+
+
+def tensor_key(prefix: str, i: int) -> str:
+    """State-dict key of tensor ``i`` of :func:`parametrization_tensors` (0: U reflectors, 1: V, 2: S)."""
+    return f"{prefix}parametrizations.weight.original{i}"
+
+
+def is_parametrization_key(prefix: str, key: str) -> bool:
+    """Whether ``key`` belongs to the parametrized weight of the layer at ``prefix`` (its tensors, buffers or
+    configuration)."""
+    return key.startswith(f"{prefix}parametrizations.weight.")
+
+
 def parametrization_tensors(module: nn.Module, tensor_name: str = "weight") -> tuple[torch.Tensor, ...]:
     """The tensors a parametrized ``module.<tensor_name>`` is computed from: (U reflectors, V reflectors[, S]).
 
@@ -637,6 +677,7 @@ class FixedRow(nn.Module):
         self.register_buffer("row", row)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` (num_embeddings, dim) with row ``index`` replaced by the fixed row (no gradient reaches it)."""
         mask = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
         mask[self.index] = True
         return torch.where(mask, self.row.to(weight.dtype), weight)

@@ -138,11 +138,14 @@ class FramePlanner:
 
     # ------------------------------------------------------------------------------------------------ members
     def add(self, module: nn.Module, name: str = "") -> None:
+        """Make ``module`` (a converted layer, or any module with ``planner_parametrization()`` /
+        ``planner_tensors()``) a member, named ``name`` in errors; the next pass plans anew."""
         self.layers.append(module)
         self.names[id(module)] = name
         self._members_changed()
 
     def remove(self, module: nn.Module) -> None:
+        """Stop computing ``module``'s factors (nothing if it is not a member); the next pass plans anew."""
         self.layers = [m for m in self.layers if m is not module]
         self.names.pop(id(module), None)
         self._members_changed()

@@ -34,8 +34,9 @@ from torch import nn
 
 from .frames import frame_to_params
 from .layers import SUPPORTED_TYPES, layout_shape, select_layers, weight_matrix
-from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_spectrum
+from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_plan_method, check_spectrum
 from .parametrizations import parametrization_tensors, spectral_parametrization
+from .progress import progress_iter
 from .surgery import conversion, convert, converted_layers
 from .tt import count_dof, split_modes, tt_ranks
 from .allocation import allocate_ranks, uniform_ranks
@@ -538,7 +539,7 @@ def project(
     method: str = "svdp",
     rank_or_plan=64,
     spectrum: str = "free",
-    progress: bool = True,
+    progress: bool = False,
     randomized: bool = False,
     include=None,
     exclude=None,
@@ -611,10 +612,8 @@ def project(
 
 def _check_projection(method: str, rank_or_plan, spectrum: str, randomized: bool, convert_kwargs: Mapping) -> None:
     """The arguments of :func:`project` that ``convert`` does not check itself."""
+    check_plan_method(rank_or_plan, method)
     if isinstance(rank_or_plan, RankPlan):
-        if rank_or_plan.method not in (method, "svd") or (rank_or_plan.method == "svd" and method != "svdp"):
-            raise ValueError(f"the plan was made for method={rank_or_plan.method!r}; project it with "
-                             f"method={'svdp' if rank_or_plan.method == 'svd' else rank_or_plan.method!r}")
         if rank_or_plan.spectrum != spectrum:
             warnings.warn(f"the plan counted DOF for spectrum={rank_or_plan.spectrum!r}, projecting with "
                           f"spectrum={spectrum!r}", stacklevel=3)
@@ -630,11 +629,7 @@ def _check_projection(method: str, rank_or_plan, spectrum: str, randomized: bool
 def _project_randomized(model: nn.Module, originals: Mapping[str, torch.Tensor], oversample: int, niter: int,
                         progress: bool) -> None:
     """Set every converted SVDP layer of ``model`` from a (randomized) truncated SVD of its dense weight."""
-    layers = converted_layers(model)
-    if progress:
-        from tqdm.auto import tqdm
-
-        layers = tqdm(layers, desc="project (randomized)", unit="layer")
+    layers = progress_iter(converted_layers(model), progress, "project (randomized)", "layer")
     for name, module in layers:
         _set_svdp_from_svd(module, originals[name], oversample, niter)
 

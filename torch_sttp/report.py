@@ -31,13 +31,11 @@ from .adapters import active_adapter, adapter_info, adapter_names, adapter_state
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
 from .options import check_method, check_ranks, check_spectrum
-from .parametrizations import spectral_parametrization
+from .parametrizations import is_parametrization_key, parametrization_tensors, spectral_parametrization, tensor_key
 from .surgery import converted_layers, skipped_layers
 from .tt import count_dof, split_modes, tt_ranks
 
 __all__ = ["LayerRow", "SkippedRow", "AdapterRow", "CompressionReport", "report", "compression", "count_model_dof"]
-
-_PARAM_KEY = "parametrizations.weight.original"
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -308,9 +306,9 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
     keys = list(model.state_dict(keep_vars=True))
     for name, module in converted_layers(model):
         p = spectral_parametrization(module)
-        head = _prefix(name) + _PARAM_KEY
-        excluded.update(k for k in keys if k.startswith(head) and k[len(head):].isdigit())
-        excluded.update(k for k in keys if k.startswith(_prefix(name) + "parametrizations.weight.")
+        prefix = _prefix(name)
+        excluded.update(tensor_key(prefix, i) for i in range(len(parametrization_tensors(module))))
+        excluded.update(k for k in keys if is_parametrization_key(prefix, k)
                         and k.endswith("._extra_state"))  # the configuration (a uint8 JSON tensor), not numbers
         state = layer_state(module)
         rows.append(LayerRow(

@@ -22,11 +22,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .layers import SUPPORTED_TYPES, select_layers
+from .layers import SUPPORTED_TYPES, conversion_blockers, layout_shape, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
-from .options import PATHS, check_init, check_method, check_option, check_ranks, check_spectrum
-from .parametrizations import FixedRow, decode_config, parametrization_tensors, parametrize, spectral_parametrization
-from .planner import BATCHING, FramePlanner, NonFiniteParameterError
+from .options import (BATCHING, PATHS, check_init, check_method, check_option, check_plan_method, check_ranks,
+                      check_spectrum)
+from .parametrizations import (FixedRow, config_key, decode_config, entry_key, is_parametrization_key,
+                               parametrization_tensors, parametrize, spectral_parametrization, tensor_key)
+from .planner import FramePlanner, NonFiniteParameterError
+from .progress import progress_iter
+from .tt import split_modes
 
 __all__ = [
     "SUPPORTED_TYPES",
@@ -44,8 +48,6 @@ __all__ = [
     "set_check_finite",
     "skipped_layers",
     "spectral_parametrization",
-    "to_dense",
-    "to_factorized",
 ]
 
 _RECORD = "_sttp_conversion"
@@ -147,7 +149,10 @@ def convert(
             current weights: truncated SVD / TT-SVD).
         include / exclude: qualified-name globs (``"features.*"``) or module types selecting layers; by default every
             supported layer (Linear, Conv1/2/3d, ConvTranspose1/2/3d, Embedding) is included.
-        path: forward path, ``"auto"`` (cheapest estimated FLOPs), ``"dense"``, ``"lowrank"`` or ``"tt"``.
+        path: forward path, ``"auto"`` (cheapest estimated FLOPs), ``"dense"``, ``"lowrank"`` or ``"tt"``. ``"tt"``
+            (the input contracted with the cores) exists for STTP Linear layers whose d_out, d_in factor into more
+            than two modes: it needs ``method="sttp"`` and at least one such layer among the selected ones; the
+            other layers run ``"dense"``. ``layer_state(layer).last_path`` says what each layer ran.
         batching: how frames are batched across layers (see :class:`~torch_sttp.planner.FramePlanner`).
         check_finite: test the parameters for NaN/inf before each frame computation (one fused check) and raise
             :class:`NonFiniteParameterError` naming the first bad layer. Off by default; switch it on or off later
@@ -169,8 +174,9 @@ def convert(
     rank_map = options["rank"] if isinstance(options["rank"], dict) else None
     selected, skipped = select_layers(model, include, exclude, rank_map)
     if not selected:
-        raise ValueError("no layer was selected for conversion; check include/exclude/rank, supported types are "
-                         + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
+        raise ValueError(_nothing_selected(skipped))
+    _refuse_blocked(model, selected)
+    _check_tt_path(method, path, selected)
     planner = FramePlanner(batching, check_finite)
     _convert_layers(selected, planner, options, rank_map, alpha, generator, progress, calibration)
     hooks = (model.register_forward_pre_hook(planner.begin_forward),
@@ -189,10 +195,10 @@ def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], str
     ``convert_kwargs`` go to :func:`convert` (``path``, ``batching``, ``check_finite``).
     """
     configs = {}
-    suffix = ".parametrizations.weight.0._extra_state"
+    suffix = "." + config_key("")
     for key, value in state_dict.items():
-        if key.endswith(suffix) or key == suffix[1:]:
-            configs[key[: -len(suffix)] if key != suffix[1:] else ""] = decode_config(value)
+        if key.endswith(suffix) or key == config_key(""):
+            configs[key[: -len(suffix)] if key != config_key("") else ""] = decode_config(value)
     if not configs:
         raise ValueError("load_converted: the state_dict holds no SVDP/STTP layer; load it with "
                          "model.load_state_dict instead")
@@ -214,6 +220,7 @@ def _check_options(model, method, rank, spectrum, init, path, batching) -> dict:
     check_init(init)
     check_option("path", path)
     check_option("batching", batching)
+    check_plan_method(rank, method)
     if converted_layers(model):
         names = ", ".join(n or "<root>" for n, _ in converted_layers(model)[:3])
         raise ValueError(f"model is already converted (e.g. {names}); call torch_sttp.to_dense(model) first")
@@ -232,16 +239,46 @@ def _check_calibration(calibration, init: str) -> None:
                          f"torch_sttp.Calibration from torch_sttp.calibrate), got a {type(calibration).__name__}")
 
 
+def _check_tt_path(method: str, path: str, selected) -> None:
+    """``path="tt"`` must reach at least one layer that has a TT path (see :func:`convert`)."""
+    if path != "tt":
+        return
+    if method != "sttp":
+        raise ValueError("path='tt' contracts the input with STTP cores; it needs method='sttp' (with svdp use "
+                         "'lowrank' or 'auto')")
+    if not any(isinstance(m, nn.Linear) and sum(map(len, split_modes(layout_shape(m), method))) > 2
+               for _, m in selected):
+        names = ", ".join(repr(n) for n, _ in selected[:3]) + (", …" if len(selected) > 3 else "")
+        raise ValueError(f"path='tt' applies to STTP Linear layers whose d_out, d_in factor into more than two "
+                         f"modes; none of the selected layers ({names}) is one: use 'auto' or 'lowrank'")
+
+
+def _refuse_blocked(model: nn.Module, selected) -> None:
+    """A selected layer inside a module that declares ``conversion_blocked`` (an adapter layer) is an error."""
+    blockers = conversion_blockers(model)
+    inside = [(name, outer, reason) for name, _ in selected for outer, reason in blockers
+              if not outer or name == outer or name.startswith(outer + ".")]
+    if inside:
+        name, outer, reason = inside[0]
+        more = f" ({len(inside)} such layers)" if len(inside) > 1 else ""
+        raise ValueError(f"cannot convert layer {name!r}: it is inside {outer or '<root>'!r}, which {reason}{more}")
+
+
+def _nothing_selected(skipped) -> str:
+    """The error when no layer can be converted: the skipped layers' reasons first (at most 5), then the hint."""
+    shown = "; ".join(f"{name!r} ({kind}): {reason}" for name, kind, reason in skipped[:5])
+    more = f"; … ({len(skipped)} skipped in all)" if len(skipped) > 5 else ""
+    detail = f" (skipped: {shown}{more})" if skipped else ""
+    return (f"no layer was selected for conversion{detail}; check include/exclude/rank, supported types are "
+            + ", ".join(t.__name__ for t in SUPPORTED_TYPES))
+
+
 def _convert_layers(selected, planner: FramePlanner, options: dict, rank_map, alpha, generator, progress,
                     calibration=None) -> None:
     """Parametrize each selected layer (all or nothing: on any error the converted ones are restored); with
     ``calibration`` each layer is loaded from ``calibration.project_weight(...)``."""
     done: list[tuple[nn.Module, type, dict]] = []
-    iterator = selected
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(selected, desc="convert", unit="layer")
+    iterator = progress_iter(selected, progress, "convert", "layer")
     try:
         for name, module in iterator:
             r = rank_map[name] if rank_map is not None else options["rank"]
@@ -281,17 +318,17 @@ def _load_dense_weight_hook(module, state_dict, prefix, *args) -> None:
     key = prefix + "weight"
     if key not in state_dict or spectral_parametrization(module) is None:
         return
-    if any(k.startswith(prefix + "parametrizations.weight.") for k in state_dict):
+    if any(is_parametrization_key(prefix, k) for k in state_dict):
         return
     dense = state_dict.pop(key)
     p = spectral_parametrization(module)
     tensors = p.right_inverse(dense.to(parametrization_tensors(module)[0].dtype))
     for i, t in enumerate(tensors):
-        state_dict[f"{prefix}parametrizations.weight.original{i}"] = t
-    state_dict[f"{prefix}parametrizations.weight.0._extra_state"] = p.get_extra_state()
+        state_dict[tensor_key(prefix, i)] = t
+    state_dict[config_key(prefix)] = p.get_extra_state()
     for i, later in enumerate(module.parametrizations["weight"]):
         if isinstance(later, FixedRow):  # a dense embedding's padding row becomes the fixed row
-            state_dict[f"{prefix}parametrizations.weight.{i}.row"] = dense[later.index].to(later.row.dtype)
+            state_dict[entry_key(prefix, i, "row")] = dense[later.index].to(later.row.dtype)
 
 
 def detach_conversion(model: nn.Module) -> None:
@@ -307,12 +344,15 @@ def detach_conversion(model: nn.Module) -> None:
 _MOVED = {"to_dense": "export", "to_factorized": "export", "SpectralLinear": "modules",
           "SpectralConv1d": "modules", "SpectralConv2d": "modules", "SpectralConv3d": "modules",
           "SpectralConvTranspose1d": "modules", "SpectralConvTranspose2d": "modules",
-          "SpectralConvTranspose3d": "modules", "SpectralEmbedding": "modules", "LayerState": "modules"}
+          "SpectralConvTranspose3d": "modules", "SpectralEmbedding": "modules"}
 
 
 def __getattr__(name: str):
-    if name in _MOVED:
+    if name in _MOVED:  # deprecated: export sits above this module, so only old user code may reach it here
         import importlib
+        import warnings
 
+        warnings.warn(f"torch_sttp.surgery.{name} is deprecated; use torch_sttp.{_MOVED[name]}.{name}",
+                      DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(f"{__package__}.{_MOVED[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,19 +39,18 @@ from torch import nn
 
 from .allocation import RankCandidates
 from .layers import layer_kind, layout_shape, matrix_to_weight, select_layers, weight_matrix
-from .options import check_method, check_rank, check_spectrum
+from .options import RANK_METHODS, check_method, check_option, check_rank, check_spectrum
 from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
 if TYPE_CHECKING:  # the statistics' container sits above this module (it offers :class:`WhitenedProjector`)
     from .calibration import Calibration
 
-__all__ = ["DAMPING", "REFINE_ITERS", "CANDIDATE_METHODS", "Whitener", "LayerMetric", "layer_metric", "is_centered",
+__all__ = ["DAMPING", "REFINE_ITERS", "Whitener", "LayerMetric", "layer_metric", "is_centered",
            "whitened_svd", "whitened_train", "row_block_update", "factored_loss", "refine_train", "LayerProjection",
            "project_layer", "WhitenedProjector", "truncation_candidates"]
 
 DAMPING = 1e-3
 REFINE_ITERS = 10
-CANDIDATE_METHODS = ("svd", "svdp", "sttp")
 
 
 class Whitener:
@@ -636,8 +635,7 @@ def truncation_candidates(model: nn.Module, method: str, calibration: Calibratio
     data-free metric (losses are then the Frobenius truncation errors). ``layers`` (names) restricts the selection.
     ``centered`` / ``output_scales``: the metric of :func:`layer_metric` (an output scale not for "sttp").
     """
-    if method not in CANDIDATE_METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {CANDIDATE_METHODS}")
+    check_option("method", method, RANK_METHODS)
     check_spectrum(spectrum)
     selected, _ = select_layers(model, include, exclude)
     if layers is not None:

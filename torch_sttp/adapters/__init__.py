@@ -16,7 +16,6 @@ replaced by an :class:`~torch_sttp.adapters.layer.AdapterLayer` holding the unto
 from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapters, read_adapter_config, save_adapters
 from .layer import AdapterLayer, TrainableCopies
 from .model import (
-    KINDS,
     AdapterInfo,
     AdapterRecord,
     LayerInfo,
@@ -40,7 +39,7 @@ from .model import (
 from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate
 
 __all__ = [
-    "KINDS", "CONFIG_NAME", "WEIGHTS_NAME", "AdapterInfo", "AdapterRecord", "LayerInfo", "ParameterCounts",
+    "CONFIG_NAME", "WEIGHTS_NAME", "AdapterInfo", "AdapterRecord", "LayerInfo", "ParameterCounts",
     "AdapterLayer", "TrainableCopies", "SpectralUpdate", "RotationUpdate", "ReflectorPlanner",
     "add_adapters", "add_adapters_to_layers", "set_active_adapter", "active_adapter", "adapter_names",
     "adapter_info", "adapter_record", "adapter_layers", "trainable_copies", "targetable_modules",

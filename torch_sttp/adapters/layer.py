@@ -8,13 +8,12 @@ import torch
 from torch import nn
 
 from ..frames import householder_t
+from ..options import check_option
 from ..planner import Factors, FramePlanner
 from .ops import EmbeddingOps, LayerOps, Rotation, rotated_matrix
 from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate, full_precision
 
-__all__ = ["AdapterLayer", "TrainableCopies", "ROTATION_PATHS"]
-
-ROTATION_PATHS = ("auto", "input", "lowrank", "weight")
+__all__ = ["AdapterLayer", "TrainableCopies"]
 
 
 class _Delegating(nn.Module):
@@ -42,6 +41,9 @@ class AdapterLayer(_Delegating):
     :meth:`~torch_sttp.adapters.ops.LayerOps.rotation_costs`. ``last_path`` is what the last forward ran.
     """
 
+    conversion_blocked = ("carries adapters; merge them into the weights first (torch_sttp.merge_adapters) or "
+                          "remove them (torch_sttp.unload_adapters), then convert")
+
     def __init__(self, base_layer: nn.Module, ops: LayerOps, frame_planner: FramePlanner,
                  reflector_planner: ReflectorPlanner):
         super().__init__()
@@ -60,14 +62,15 @@ class AdapterLayer(_Delegating):
 
     @path.setter
     def path(self, value: str) -> None:
-        if value not in ROTATION_PATHS:
-            raise ValueError(f"unknown rotation path {value!r}; choose one of {ROTATION_PATHS}")
-        self._path = value
+        self._path = check_option("rotation path", value)
 
     def active_adapter(self) -> nn.Module | None:
+        """The active adapter's update module, or None (adapters disabled, or no adapter under the active name)."""
         return self.adapters[self.active] if self.active is not None and self.active in self.adapters else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The wrapped layer's output with the active adapter's weight: W₀ + U·diag(s)·Vᵀ (principal: W_res + U·Σ·Vᵀ)
+        or the rotated W·H; the wrapped layer itself when no adapter is active. Shapes are the wrapped layer's."""
         adapter = self.active_adapter()
         if adapter is None:
             self.last_path = "base"
@@ -127,6 +130,9 @@ class TrainableCopies(_Delegating):
     adapter's copy, and the original when the active adapter has none or adapters are disabled."""
 
     _wrapped = "original"
+    conversion_blocked = ("holds the trainable copies of an adapted model (add_adapters(trainable=...)); merge the "
+                          "adapters first (torch_sttp.merge_adapters) or remove them (torch_sttp.unload_adapters), "
+                          "then convert")
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -135,5 +141,6 @@ class TrainableCopies(_Delegating):
         self.active: str | None = None
 
     def forward(self, *args, **kwargs):
+        """The active adapter's trainable copy applied to the arguments, or the original module."""
         module = self.copies[self.active] if self.active is not None and self.active in self.copies else self.original
         return module(*args, **kwargs)

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 
 from ..layers import as_patterns, matches
-from ..options import check_method, check_rank
+from ..options import check_method, check_option, check_rank
 from ..parametrizations import SpectralParametrization
 from ..planner import FramePlanner
 from .layer import AdapterLayer, TrainableCopies
-from .ops import SUPPORTED_NAMES, layer_ops
-from .updates import KINDS, ReflectorPlanner, RotationUpdate, SpectralUpdate, begin_forward_in_full_precision
+from .ops import SUPPORTED_NAMES, is_weight_layer, layer_ops
+from .updates import ReflectorPlanner, RotationUpdate, SpectralUpdate, begin_forward_in_full_precision
 
-__all__ = ["KINDS", "AdapterInfo", "LayerInfo", "AdapterRecord", "ParameterCounts", "add_adapters", "adapter_record",
+__all__ = ["AdapterInfo", "LayerInfo", "AdapterRecord", "ParameterCounts", "add_adapters", "adapter_record",
            "adapter_info", "adapter_names", "active_adapter", "set_active_adapter", "adapters_disabled",
            "merge_adapters", "unload_adapters", "delete_adapter", "adapter_layers", "trainable_copies",
            "parameter_counts",
@@ -121,7 +121,8 @@ def add_adapters(model: nn.Module, kind: str, method: str = "svdp", rank: int = 
       ``method="svdp"``, TT-SVD for ``"sttp"``), W_res = W − U(θ₀)Σ₀V(θ₀)ᵀ frozen; U, V, Σ train.
     * ``"delta"`` — W' = W + U·diag(s)·Vᵀ, s = 0 and U, V random orthonormal frames (QR of a Gaussian) at init.
     * ``"rotation"`` — W' = W·H (``two_sided``: H_out·W·H), H a product of ``rank`` Householder reflectors, the
-      identity at init (reflectors in equal pairs: ``rank`` must be even); ``method`` does not apply.
+      identity at init (reflectors in equal pairs: ``rank`` must be even); ``method`` does not apply (only its
+      default is accepted).
 
     The outputs equal the pretrained model's at init. ``target`` / ``exclude``: globs on qualified names (a pattern
     without a dot also matches as a last-name suffix: ``"query"`` matches ``"encoder.layer.0.attention.self.query"``)
@@ -150,8 +151,7 @@ def add_adapters_to_layers(model: nn.Module, layers, kind: str, method: str = "s
 
 
 def _check_settings(model, kind, method, rank, name, two_sided, seed) -> dict:
-    if kind not in KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {KINDS}")
+    check_option("adapter kind", kind)
     check_method(method)
     check_rank(rank)
     if kind == "rotation" and rank % 2:
@@ -165,6 +165,9 @@ def _check_settings(model, kind, method, rank, name, two_sided, seed) -> dict:
                          f"with torch_sttp.adapters.delete_adapter(model, {name!r})")
     if kind != "rotation" and two_sided:
         raise ValueError(f"two_sided applies to rotation adapters only, not to kind {kind!r}")
+    if kind == "rotation" and method != "svdp":
+        raise ValueError(f"method={method!r} does not apply to rotation adapters (Householder reflectors, no SVDP/STTP "
+                         "factors); leave method at its default")
     return {"name": name, "kind": kind, "method": method, "rank": rank, "two_sided": bool(two_sided),
             "seed": int(seed)}
 
@@ -336,9 +339,9 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
         if not picked or (excludes and _matches(n, seen, excludes)):
             continue
         ops, reason = layer_ops(seen)
-        if ops is None and not targets and exact is None:
-            continue  # by default only the supported layer types are considered
-        if ops is None and next(seen.children(), None) is not None:
+        if ops is None and not targets and exact is None and not is_weight_layer(seen):
+            continue  # by default only weight layers are considered (and listed when they cannot be adapted)
+        if ops is None and next(seen.children(), None) is not None and not is_weight_layer(seen):
             continue  # a container matched by a pattern: its layers are considered one by one
         reason = reason or _placement_reason(n, named, seen, counts, trainable_names)
         if reason:
@@ -356,8 +359,6 @@ def _placement_reason(name: str, named, module: nn.Module, counts: dict, trainab
     parent = next((seen for n, _, seen in named if n == name.rpartition(".")[0]), None)
     if isinstance(parent, nn.MultiheadAttention):
         return "projection inside nn.MultiheadAttention (it reads the weight directly)"
-    if torch.nn.utils.parametrize.is_parametrized(module):
-        return "weight has a parametrization (e.g. a converted SVDP/STTP layer); export it with to_dense first"
     if any(counts.get(id(p), 0) > 1 for p in module.parameters(recurse=False)):
         return "weight is tied/shared with another module"
     if sum(1 for _, _, seen in named if seen is module) > 1:

@@ -27,7 +27,7 @@ from ..layers import is_transposed_conv
 from ..modules import conv_function
 
 __all__ = ["Rotation", "LayerOps", "LinearOps", "Conv1DOps", "ConvOps", "EmbeddingOps", "layer_ops", "conv1d_class",
-           "rotated_matrix", "rotated_linear", "SUPPORTED_NAMES"]
+           "rotated_matrix", "rotated_linear", "SUPPORTED_NAMES", "is_weight_layer"]
 
 SUPPORTED_NAMES = "Linear, Conv1d/2d/3d, Embedding, transformers Conv1D"
 
@@ -296,19 +296,33 @@ _OPS = {nn.Linear: LinearOps(), nn.Conv1d: ConvOps(), nn.Conv2d: ConvOps(), nn.C
 _CONV1D_OPS = Conv1DOps()
 
 
-def layer_ops(module: nn.Module) -> tuple[LayerOps | None, str | None]:
-    """(the ops of ``module``'s layer type, None) or (None, why it cannot carry an adapter)."""
+def _supported_base(module: nn.Module) -> type | None:
     conv1d = conv1d_class()
     bases = list(_OPS) + ([conv1d] if conv1d is not None else [])
-    base = next((b for b in bases if isinstance(module, b)), None)
+    return next((b for b in bases if isinstance(module, b)), None)
+
+
+def is_weight_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer a user would expect to carry an adapter (an instance of a supported type, or a
+    transposed convolution): when one cannot, it is listed as skipped with the reason even under the default
+    target."""
+    return _supported_base(module) is not None or is_transposed_conv(module)
+
+
+def layer_ops(module: nn.Module) -> tuple[LayerOps | None, str | None]:
+    """(the ops of ``module``'s layer type, None) or (None, why it cannot carry an adapter)."""
+    base = _supported_base(module)
     if base is None:
         if is_transposed_conv(module):
             return None, "transposed convolutions are not supported by adapters"
         return None, f"{type(module).__name__} is not a layer type adapters support ({SUPPORTED_NAMES})"
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return None, ("weight has a parametrization (e.g. a converted SVDP/STTP layer); export it with "
+                      "torch_sttp.to_dense first")
     if type(module).forward is not base.forward:
         return None, (f"{type(module).__name__} overrides {base.__name__}.forward; the adapted op would not be the "
                       "one it runs")
-    ops = _CONV1D_OPS if base is conv1d else _OPS[base]
+    ops = _OPS.get(base, _CONV1D_OPS)
     reason = _weight_reason(module, ops)
     return (None, reason) if reason else (ops, None)
 

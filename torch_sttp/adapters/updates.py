@@ -19,10 +19,8 @@ from ..frames import householder_t, householder_ts_grouped
 from ..parametrizations import SpectralParametrization
 from ..planner import Factors
 
-__all__ = ["KINDS", "SpectralUpdate", "RotationUpdate", "ReflectorPlanner", "paired_reflectors", "full_precision",
+__all__ = ["SpectralUpdate", "RotationUpdate", "ReflectorPlanner", "paired_reflectors", "full_precision",
            "begin_forward_in_full_precision"]
-
-KINDS = ("principal", "delta", "rotation")
 
 
 def full_precision():
@@ -167,9 +165,11 @@ class ReflectorPlanner:
         return self._computations
 
     def add(self, member: RotationUpdate) -> None:
+        """Batch ``member``'s T factors with the others' from the next pass on."""
         self.members.append(member)
 
     def remove(self, member: RotationUpdate) -> None:
+        """Stop batching ``member`` (nothing if it is not a member)."""
         self.members = [m for m in self.members if m is not member]
 
     def begin_forward(self, *_args, **_kwargs) -> None:

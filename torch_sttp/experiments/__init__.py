@@ -15,12 +15,16 @@ Training recipes (``sttp train classify|gan``)
     ``weights_only``) with one RNG capture/restore, and the stop/progress edges of the loop;
     :mod:`.classify` — image/sequence classification with a dense, SN, SR, SVDP or STTP model;
     :mod:`.gan` — SNGAN training with an SN, SR, SVDP or STTP discriminator (Tables 1-2, Fig. 5);
-    :mod:`.sweep` — accuracy vs compression over ranks and seeds (Fig. 7 protocol), runs of :mod:`.classify`.
+    :mod:`.sweep` — accuracy vs compression over ranks and seeds (Fig. 7 protocol), runs of :mod:`.classify`;
+    :mod:`.adapt` — fine-tuning a frozen pretrained model with adapters (``sttp train adapt``), on the two tasks of
+    :mod:`.adapt_tasks` (MiniLM sentence topics, SmallCNN digit transfer).
 
 Compression of trained models (``sttp compress`` / ``sttp export``)
     :mod:`.compress_cli` — budgeted rank selection, projection, safe checkpoint files, export to plain layers;
     :mod:`.distill` — a short distillation of a compressed model towards its dense original;
-    :mod:`.minilm` — the all-MiniLM-L6-v2 compression study (truncated SVD vs SVDP vs STTP).
+    :mod:`.minilm` — the all-MiniLM-L6-v2 compression study (truncated SVD vs SVDP vs STTP);
+    :mod:`.minilm_calibrated` — its data-aware counterpart (calibration, whitened projection, loss-aware ranks,
+    distillation of the compressed layers).
 
 Reproduction and demos
     :mod:`.paper` — the published compression ratios Z and their reproduction (``sttp reproduce compression``);

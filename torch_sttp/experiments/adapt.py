@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..options import METHODS
+from ..options import ADAPTER_KINDS, METHODS
 from .adapt_tasks import TASKS, adapter_targets, make_task
 from .runner import (RUN_DEFAULTS, RUN_RESUMABLE, MetricsLog, RecipeRun, RunSummary, add_length_arguments,
                      add_run_arguments, check_bool, check_choice, check_device, check_integer, check_length,
@@ -49,10 +49,9 @@ from .runner import (RUN_DEFAULTS, RUN_RESUMABLE, MetricsLog, RecipeRun, RunSumm
                      num_threads, recipe_main, resolve_settings, save_state, select_device, steps_or_epochs, train_loop,
                      write_text)
 
-__all__ = ["DEFAULTS", "KINDS", "METRIC_COLUMNS", "SUMMARY_KEYS", "RESUMABLE_CHANGES", "Summary",
+__all__ = ["DEFAULTS", "METRIC_COLUMNS", "SUMMARY_KEYS", "RESUMABLE_CHANGES", "Summary",
            "add_adapt_arguments", "resolve_config", "run_name", "evaluate", "run_adapt", "summary_line", "main"]
 
-KINDS = ("principal", "delta", "rotation")
 SCHEDULES = ("constant", "linear", "cosine")
 
 DEFAULTS: dict[str, Any] = {
@@ -103,7 +102,7 @@ def add_adapt_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     g = parser.add_argument_group("task and adapter")
     g.add_argument("--task", choices=TASKS, default=S, help=_help("text (MiniLM) or vision (SmallCNN)", "task"))
-    g.add_argument("--kind", choices=KINDS, default=S, help=_help("adapter kind", "kind"))
+    g.add_argument("--kind", choices=ADAPTER_KINDS, default=S, help=_help("adapter kind", "kind"))
     g.add_argument("--method", choices=METHODS, default=S, help=_help("frames of principal/delta", "method"))
     g.add_argument("--rank", type=int, default=S, help=_help("adapter rank (reflectors of a rotation)", "rank"))
     g.add_argument("--two-sided", action=argparse.BooleanOptionalAction, default=S,
@@ -133,7 +132,7 @@ def resolve_config(args=None, **overrides) -> dict:
 
 def _validate(cfg: dict) -> dict:
     """Check every setting before any work starts (names, types, ranges)."""
-    for key, allowed in (("task", TASKS), ("kind", KINDS), ("method", METHODS), ("schedule", SCHEDULES)):
+    for key, allowed in (("task", TASKS), ("kind", ADAPTER_KINDS), ("method", METHODS), ("schedule", SCHEDULES)):
         check_choice(cfg, key, allowed)
     check_length(cfg)
     check_rank_setting(cfg, "rank")
@@ -154,6 +153,9 @@ def _validate(cfg: dict) -> dict:
     if cfg["two_sided"] and cfg["kind"] != "rotation":
         raise ValueError(f"two_sided applies to rotation adapters only, not {cfg['kind']!r} "
                          "(flag --two-sided, config key two_sided)")
+    if cfg["kind"] == "rotation" and cfg["method"] != "svdp":
+        raise ValueError(f"method {cfg['method']!r} does not apply to rotation adapters (Householder reflectors); "
+                         "drop --method (config key method)")
     check_device(cfg)
     return cfg
 

@@ -36,8 +36,10 @@ from torch import nn
 
 from ..calibration import Calibration, calibrate
 from ..checkpoint import load_checkpoint as read_plain_file
-from ..ranks import RANK_METHODS, RankPlan, project, projection_errors, select_ranks
-from ..surgery import convert, to_dense, to_factorized
+from ..export import to_dense, to_factorized
+from ..options import RANK_METHODS
+from ..ranks import RankPlan, project, projection_errors, select_ranks
+from ..surgery import convert
 
 __all__ = [
     "FORMATS",
@@ -173,7 +175,8 @@ def load_model(model: str, constructor: str | None = None, constructor_kwargs: s
     if constructor:
         module = _build_empty(constructor, kwargs)
         state, _ = _read_state(path)
-        module.load_state_dict(state)
+        _load_into(module, state, f"{path} does not fit the model of --constructor {constructor} "
+                                  f"(--constructor-kwargs {json.dumps(kwargs)})")
         return module, {"model": str(path), "constructor": constructor, "constructor_kwargs": kwargs}
     if not trust_pickle:
         raise ValueError(f"{path}: pass --constructor package.module:callable to build the model and load this "
@@ -233,8 +236,19 @@ def build_compressed(model: nn.Module, path) -> nn.Module:
                 batching=info.get("batching", "shape"))
         if fmt == "factorized":
             model = to_factorized(model)
-    model.load_state_dict(state)
+    _load_into(model, state, f"{path} was not compressed from this --model")
     return model
+
+
+def _load_into(module: nn.Module, state: Mapping, what: str) -> None:
+    """``module.load_state_dict(state)``, a mismatch raised as one ValueError line: ``what``, then torch's first
+    complaints (missing / unexpected keys, size mismatches)."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        shown = "; ".join(line[:200].rstrip(".") for line in lines[:2]) + (f"; … ({len(lines)} in all)" if len(lines) > 2 else "")
+        raise ValueError(f"{what}: {shown or err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ calibration

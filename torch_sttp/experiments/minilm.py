@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ranks import compressible_layers, layer_spectra, project, projection_errors, select_ranks
-from ..surgery import to_factorized
+from ..export import to_factorized
 from .distill import distill
 
 __all__ = [
