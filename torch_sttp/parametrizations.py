@@ -714,15 +714,15 @@ def _upgrade_padded_reflectors(plist, p: SpectralParametrization, state_dict, pr
 
 def svdp(module: nn.Module, rank: int = 64, spectrum: str = "normalized", init: str = "noisy_identity",
          **kwargs) -> SpectralParametrization:
-    """Make ``module.weight`` W = U·Σ·Vᵀ with U, V orthonormal frames from Householder reflectors (SVDP), rank cap ``rank``, in place; the
-    functional twin of :func:`parametrize` with ``method="svdp"`` (the class of the returned parametrization is
+    """Make ``module.weight`` W = U·Σ·Vᵀ, in place, with U, V orthonormal frames from Householder reflectors (SVDP) and rank cap ``rank``;
+    the functional twin of :func:`parametrize` with ``method="svdp"`` (the class of the returned parametrization is
     :class:`SVDP`). W keeps the layer's weight shape; see :func:`parametrize` for the arguments."""
     return parametrize(module, "svdp", rank, spectrum, init, **kwargs)
 
 
 def sttp(module: nn.Module, rank: int = 64, spectrum: str = "normalized", init: str = "noisy_identity",
          **kwargs) -> SpectralParametrization:
-    """Make ``module.weight`` W = U·Σ·Vᵀ with U, V tensor trains of orthonormal cores (STTP), rank cap ``rank``, in place; the
-    functional twin of :func:`parametrize` with ``method="sttp"`` (the class of the returned parametrization is
+    """Make ``module.weight`` W = U·Σ·Vᵀ, in place, with U, V tensor trains of orthonormal cores (STTP) and rank cap ``rank``;
+    the functional twin of :func:`parametrize` with ``method="sttp"`` (the class of the returned parametrization is
     :class:`STTP`). W keeps the layer's weight shape; see :func:`parametrize` for the arguments."""
     return parametrize(module, "sttp", rank, spectrum, init, **kwargs)
