@@ -141,8 +141,9 @@ def test_masked_entries_are_ignored(reduced):
     torch.testing.assert_close(
         householder_frame(params + 100.0 * junk, reduced), householder_frame(params, reduced), rtol=0, atol=0
     )
+    # the masked form multiplies the whole Y; householder_frame splits its rows (same products, other rounding)
     torch.testing.assert_close(
-        householder_frame_masked(params, mask), householder_frame(params, reduced), rtol=0, atol=0
+        householder_frame_masked(params, mask), householder_frame(params, reduced), rtol=0, atol=1e-15
     )
 
 
@@ -325,12 +326,27 @@ def test_frame_to_params_reduced_general_matrix(n, r):
 
 
 @pytest.mark.parametrize("reduced", BOTH_FORMS)
-@pytest.mark.parametrize("shape", [(2, 4, 3), (3, 3), (3, 1), (2, 1, 4, 2)])
+@pytest.mark.parametrize("shape", [(2, 4, 3), (3, 3), (3, 1), (2, 1, 4, 2), (7, 3), (1, 9, 4)])
 def test_gradcheck(shape, reduced):
+    """Batches (Y formed, one compact-WY call) and single frames (Q's halves written from the block in place)."""
     params = torch.randn(*shape, generator=_gen(21), dtype=torch.float64).requires_grad_()
     fn = lambda p: householder_frame(p, reduced)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (params,), eps=1e-6, atol=1e-7)
     assert torch.autograd.gradgradcheck(fn, (params,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduced", BOTH_FORMS)
+def test_a_single_frame_equals_the_same_frame_in_a_batch(reduced):
+    """The two evaluation paths of householder_frame_free (one frame: from the block in place; a batch: Y formed)
+    agree: the values exactly, the gradients to rounding (also for an expanded ∂Q, the gradient of a sum)."""
+    n, r = 9, 4
+    block = torch.randn(n - r if reduced else n, r, generator=_gen(24), dtype=torch.float64).requires_grad_()
+    single = householder_frame_free(block, n, reduced)
+    pair = householder_frame_free(torch.stack([block, block]), n, reduced)
+    assert torch.equal(single, pair[0])  # summed in the same order: a frame's value does not depend on its batch
+    grad_single, = torch.autograd.grad(single.sum(), block)
+    grad_pair, = torch.autograd.grad(pair[0].sum(), block)
+    torch.testing.assert_close(grad_single, grad_pair, rtol=0, atol=1e-14)
 
 
 def test_gradcheck_masked():
@@ -559,6 +575,27 @@ def test_frame_batches_match_individual_frames():
         householder_frame_batches(batches, [9], [False])
 
 
+def test_blocked_inverse_choice_is_measured_once_and_not_under_a_dispatch_mode():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import torch_sttp.frames as frames
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    key = (64, torch.get_num_threads())
+    frames._BLOCKED_FASTER.pop(key, None)
+    with Count():
+        assert frames.blocked_inverse_pays(64, "cpu") is False  # the solve, and no timing runs to be counted
+    assert Count.calls == 0 and key not in frames._BLOCKED_FASTER
+    first = frames.blocked_inverse_pays(64, "cpu")
+    assert frames._BLOCKED_FASTER[key] is first and frames.blocked_inverse_pays(64, "cpu") is first
+
+
 def test_free_block_rejects_wrong_shape():
     with pytest.raises(ValueError, match="reduced frame of shape"):
         householder_frame_free(torch.zeros(9, 4), 9, reduced=True)
@@ -574,7 +611,7 @@ def test_blocked_triangular_inverse_equals_the_solve(r):
     torch.testing.assert_close(triangular_inverse(a, blocked=True), triangular_inverse(a), rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(triangular_inverse(a, blocked=True) @ a, torch.eye(r, dtype=a.dtype).expand_as(a),
                                rtol=0, atol=1e-12)
-    assert blocked_inverse_pays(r, "cpu") and not blocked_inverse_pays(r, "cuda") and not blocked_inverse_pays(48, "cpu")
+    assert not blocked_inverse_pays(r, "cuda") and not blocked_inverse_pays(48, "cpu")
     unit = y.tril(-1) + torch.eye(2 * r, r, dtype=y.dtype)
     blocked = compact_wy(unit, constants=wy_constants(2 * r, r, dtype=y.dtype, blocked=True))
     plain = compact_wy(unit, constants=wy_constants(2 * r, r, dtype=y.dtype, blocked=False))

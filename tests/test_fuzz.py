@@ -30,6 +30,7 @@ from hypothesis.errors import InvalidArgument
 from torch import nn
 from torch.func import functional_call
 
+from torch_sttp.cost import has_tt_path
 from torch_sttp.modules import layer_state
 from torch_sttp.tt import split_modes
 from torch_sttp.export import to_dense, to_factorized
@@ -322,9 +323,8 @@ KNOWN_ZERO_WEIGHT_BUG = _probe_zero_weight_bug()
 
 def _has_tt_path(root: nn.Module, method: str) -> bool:
     """Whether a non-empty Linear of ``root`` would have the TT path (STTP, more than two modes)."""
-    return method == "sttp" and any(
-        isinstance(m, nn.Linear) and min(m.weight.shape) > 0
-        and sum(map(len, split_modes(tuple(m.weight.shape), "sttp"))) > 2 for m in root.modules())
+    return any(isinstance(m, nn.Linear) and min(m.weight.shape) > 0
+               and has_tt_path(method, *split_modes(tuple(m.weight.shape), method)) for m in root.modules())
 
 
 def check_case(case: dict) -> None:

@@ -238,6 +238,19 @@ def test_sttp_linear_tt_path(shape, spectrum, dtype):
     assert layer_state(layer).last_path == "tt"
 
 
+@pytest.mark.parametrize("shape, expected", [((6, 12), True), ((12, 6), True), ((8, 30), True), ((6, 1), False),
+                                             ((1, 7), False), ((5, 3), False), ((4, 3), True)])
+def test_has_tt_path_needs_sttp_and_more_than_two_modes(shape, expected):
+    """One rule, used by the layer's forward, convert's path='tt' check and the fuzz tests."""
+    from torch_sttp.cost import has_tt_path
+    assert has_tt_path("sttp", *split_modes(shape, "sttp")) is expected
+    assert has_tt_path("svdp", *split_modes(shape, "svdp")) is False
+    if expected:
+        model = S.convert(nn.Sequential(nn.Linear(shape[1], shape[0])), "sttp", 4, path="tt")
+        model(torch.randn(2, shape[1]))
+        assert layer_state(model[0]).last_path == "tt"
+
+
 def test_tt_path_needs_sttp_and_other_layers_run_dense():
     with pytest.raises(ValueError, match=r"path='tt' contracts the input with STTP cores; it needs method='sttp'"):
         S.convert(nn.Sequential(nn.Linear(12, 6)), "svdp", 4, path="tt")

@@ -30,6 +30,7 @@ __all__ = [
     "embedding_costs",
     "conv_output_size",
     "conv_transpose_output_size",
+    "has_tt_path",
     "tt_contraction",
     "tt_einsum_spec",
 ]
@@ -89,6 +90,12 @@ def choose_path(requested: str, costs: Mapping[str, PathCost], device: torch.dev
 def materialize_flops(p: SpectralParametrization) -> float:
     """FLOPs of forming W = (U·Σ)·Vᵀ: 2·R·d_out·d_in."""
     return 2.0 * p.r_mid * p.d_out * p.d_in
+
+
+def has_tt_path(method: str, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:
+    """Whether a Linear layer with these modes (:func:`torch_sttp.tt.split_modes`) has the "tt" path: STTP with
+    more than two modes in all (with two, the cores are U and Vᵀ themselves and "tt" is "lowrank")."""
+    return method == "sttp" and len(out_modes) + len(in_modes) > 2
 
 
 def linear_costs(p: SpectralParametrization, batch: int, weight_flops: float, tt: bool) -> dict[str, PathCost]:

@@ -106,7 +106,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class WYConstants(NamedTuple):
     """Constants of the compact WY product of (B, n, r) frames (see :func:`wy_constants`)."""
 
-    eye: torch.Tensor             # (n, r): I_{n×r} (its first r rows: I_r)
+    eye: torch.Tensor             # (r, r): I_r, the leading block of I_{n×r} (the rest of I_{n×r} is zero)
     mask: torch.Tensor            # (r, r): 1 above the diagonal, ½ on it, 0 below: T⁻¹ = (YᵀY)∘mask (+ offset)
     offset: torch.Tensor | None   # (B, r, r): diag(pad), 1 for zero-padded columns; None without padding
     blocked: bool = False         # T by blocked inversion (batched products) instead of one triangular solve
@@ -115,20 +115,51 @@ class WYConstants(NamedTuple):
 BLOCK = 16  # the diagonal blocks of a blocked triangular inverse
 
 
+_BLOCKED_FASTER: dict = {}  # (r, threads) → whether the blocked inverse beat the batched solve on this CPU
+
+
 def blocked_inverse_pays(r: int, device) -> bool:
     """Whether T = (T⁻¹)⁻¹ is better formed by :func:`triangular_inverse`'s blocked products than by one batched
-    triangular solve: on a CPU for r = 16·2^k ≥ 32, where the batched solve (one small LAPACK call per matrix) runs
-    at a fraction of the GEMM rate; elsewhere one solve (also the fewer operator calls)."""
-    return torch.device(device or "cpu").type == "cpu" and r >= 2 * BLOCK and r % BLOCK == 0 and \
-        (r // BLOCK) & (r // BLOCK - 1) == 0
+    triangular solve. Only on a CPU for r = 16·2^k ≥ 32, and there it depends on the LAPACK build and the CPU
+    (one machine's batched 64×64 solves ran at a fraction of its GEMM rate, another's were 3–10× faster than the
+    blocked products): the first call for each (r, thread count) times both on a batch of 8 and keeps the
+    answer for the process. Elsewhere, while compiling, and under a dispatch mode (which would see the timing
+    runs), one solve — also the fewer operator calls."""
+    if torch.device(device or "cpu").type != "cpu" or r < 2 * BLOCK or r % BLOCK or (r // BLOCK) & (r // BLOCK - 1):
+        return False
+    key = (r, torch.get_num_threads())
+    if key not in _BLOCKED_FASTER:
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+            return False
+        _BLOCKED_FASTER[key] = _blocked_is_faster(r)
+    return _BLOCKED_FASTER[key]
+
+
+def _blocked_is_faster(r: int, batch: int = 8, runs: int = 5) -> bool:
+    """Best of ``runs`` timings of both inverses of a (batch, r, r) triangular matrix; blocked only if clearly
+    faster (by 20 %: otherwise the solve, with fewer calls)."""
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(batch, r, r, generator=gen).triu(1) + r * torch.eye(r)
+    best = {True: float("inf"), False: float("inf")}
+    with torch.no_grad():
+        for blocked in (True, False):
+            triangular_inverse(a, blocked)  # warm-up
+        for _ in range(runs):
+            for blocked in (True, False):
+                start = time.perf_counter()
+                triangular_inverse(a, blocked)
+                best[blocked] = min(best[blocked], time.perf_counter() - start)
+    return best[True] < 0.8 * best[False]
 
 
 def wy_constants(n: int, r: int, pad: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
                  device=None, blocked: bool | None = None) -> WYConstants:
     """The constants :func:`compact_wy` needs for frames (B, n, r); ``pad`` (B, r) marks zero-padded columns (1).
     ``blocked``: form T by blocked inversion (default: :func:`blocked_inverse_pays`)."""
-    eye = torch.eye(n, r, dtype=dtype, device=device)
-    mask = torch.ones(r, r, dtype=dtype, device=device).triu(1) + 0.5 * torch.eye(r, dtype=dtype, device=device)
+    eye = torch.eye(r, dtype=dtype, device=device)
+    mask = torch.ones(r, r, dtype=dtype, device=device).triu(1) + 0.5 * eye
     offset = None if pad is None else torch.diag_embed(pad.to(dtype=dtype, device=device))
     return WYConstants(eye, mask, offset, blocked_inverse_pays(r, device) if blocked is None else blocked)
 
@@ -154,6 +185,13 @@ def triangular_inverse(a: torch.Tensor, blocked: bool = False) -> torch.Tensor:
     return t.view(b, r, r)
 
 
+def _split_product(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Yᵀ·G (B, r, c) for Y (B, n, r), G (B, n, c), summed as rows < r plus rows ≥ r: the order in which
+    :class:`_FrameFromBlock` sums it (its Y is two pieces), so that a frame has the same value alone or in a batch."""
+    r = y.shape[-1]
+    return torch.baddbmm(torch.bmm(y[..., :r, :].mT, g[..., :r, :]), y[..., r:, :].mT, g[..., r:, :])
+
+
 def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None,
                 blocked: bool = False):
     """(T, X) of the compact WY form for unit lower-trapezoidal Y (B, n, r): T = (T⁻¹)⁻¹ with
@@ -161,7 +199,7 @@ def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: 
     real ones), and X = T·Y_topᵀ. T is formed once (:func:`triangular_inverse`); X, and the backward, are batched
     products."""
     r = y.shape[-1]
-    gram = torch.bmm(y.mT, y)
+    gram = _split_product(y, y)
     t_inv = gram * mask if offset is None else torch.addcmul(offset, gram, mask)
     t = triangular_inverse(t_inv, blocked and not torch.is_grad_enabled())
     return t, torch.bmm(t, y[..., :r, :].mT)
@@ -180,7 +218,9 @@ class _CompactWY(torch.autograd.Function):
     @staticmethod
     def forward(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None, blocked: bool):
         t, x = _wy_factors(y, eye, mask, offset, blocked)
-        return torch.baddbmm(eye, y, x, alpha=-1), t, x
+        q = torch.bmm(y, x).neg_()
+        q[..., : eye.shape[-1], :] += eye  # I_{n×r} − Y·X without an (n, r) identity
+        return q, t, x
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -194,18 +234,109 @@ class _CompactWY(torch.autograd.Function):
         if grad_q is None:
             return None, None, None, None, None
         y, t, x, eye, mask, offset = ctx.saved_tensors
+        grad_q = grad_q.contiguous()  # an expanded ∂Q (from a sum) would send the batched products to a slow path
         double = torch.is_grad_enabled()
         if double:  # double backward: rebuild the factors inside the graph
             t, x = _wy_factors(y, eye, mask, offset)
         r = y.shape[-1]
         xt = x.mT
-        h = torch.bmm(t.mT, torch.bmm(y.mT, grad_q))  # −∂/∂(Y_topᵀ)
+        h = torch.bmm(t.mT, _split_product(y, grad_q))  # −∂/∂(Y_topᵀ)
         grad_gram = torch.bmm(h, xt) * mask
-        grad_y = torch.baddbmm(torch.bmm(y, grad_gram + grad_gram.mT), grad_q, xt, alpha=-1)
         if double:
+            grad_y = torch.baddbmm(torch.bmm(y, grad_gram + grad_gram.mT), grad_q, xt, alpha=-1)
             return torch.cat([grad_y[..., :r, :] - h.mT, grad_y[..., r:, :]], dim=-2), None, None, None, None
-        grad_y[..., :r, :] -= h.mT  # a fresh tensor: no copy of the whole gradient
+        grad_y = torch.bmm(y, grad_gram + grad_gram.mT).baddbmm_(grad_q, xt, alpha=-1)  # one (n, r) tensor
+        grad_y[..., :r, :] -= h.mT
         return grad_y, None, None, None, None
+
+
+def _unit_top(block: torch.Tensor, eye: torch.Tensor, reduced: bool) -> torch.Tensor:
+    """Y's leading r×r block (B, r, r) from a free block: I_r (reduced) or the unit-lower part of its first r rows."""
+    r = block.shape[-1]
+    if reduced:
+        return eye.expand(block.shape[0], r, r)
+    return block[..., :r, :].tril(-1) + eye
+
+
+def _bottom(block: torch.Tensor, reduced: bool) -> torch.Tensor:
+    """Y's rows r…n−1 (B, n − r, r): the free block itself (reduced) or its rows from r on (a view)."""
+    return block if reduced else block[..., block.shape[-1]:, :]
+
+
+class _UnitLowerY(torch.autograd.Function):
+    """Y = [top; bottom] (B, n, r) of free blocks (see :func:`_unit_top`); its backward is one copy of ∂Y (the
+    rows < r of a full block keep their strictly lower entries), not the zero-filled slices of ``cat``'s."""
+
+    @staticmethod
+    def forward(block, eye, reduced: bool):
+        return torch.cat([_unit_top(block, eye, reduced), _bottom(block, reduced)], dim=-2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.reduced, ctx.r = inputs[2], inputs[0].shape[-1]
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        r = ctx.r
+        if ctx.reduced:
+            return grad_y[..., r:, :], None, None
+        if torch.is_grad_enabled():
+            return torch.cat([grad_y[..., :r, :].tril(-1), grad_y[..., r:, :]], dim=-2), None, None
+        grad = grad_y.clone()
+        grad[..., :r, :].tril_(-1)
+        return grad, None, None
+
+
+class _FrameFromBlock(torch.autograd.Function):
+    """Q = I_{n×r} − Y·T·Y_topᵀ of one frame (a batch of 1) straight from its free block (:func:`free_block_shape`):
+    Y = [top; bottom] is never formed, the (n, r) products read the block in place and write the two halves of
+    Q (and of ∂block) directly, so forward and backward each allocate one (n, r) tensor. The products and the
+    backward are those of :class:`_CompactWY`. Not for torch.func transforms (callers form Y there)."""
+
+    @staticmethod
+    def forward(block, eye, mask, reduced: bool, blocked: bool):
+        top, bottom = _unit_top(block, eye, reduced), _bottom(block, reduced)
+        gram = torch.baddbmm(torch.bmm(top.mT, top), bottom.mT, bottom)
+        t = triangular_inverse(gram * mask, blocked)
+        x = torch.bmm(t, top.mT)
+        r = block.shape[-1]
+        q = block.new_empty(1, r + bottom.shape[-2], r)
+        torch.bmm(top, x, out=q[:, :r]).neg_().add_(eye)
+        torch.bmm(bottom, x, out=q[:, r:]).neg_()
+        return q, t, x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (block, eye, mask, reduced, _), (_, t, x) = inputs, output
+        ctx.mark_non_differentiable(t, x)
+        ctx.set_materialize_grads(False)
+        ctx.reduced = reduced
+        ctx.save_for_backward(block, t, x, eye, mask)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor | None, _grad_t=None, _grad_x=None):
+        if grad_q is None:
+            return None, None, None, None, None
+        block, t, x, eye, mask = ctx.saved_tensors
+        grad_q = grad_q.contiguous()  # as in _CompactWY
+        reduced, r = ctx.reduced, block.shape[-1]
+        top, bottom = _unit_top(block, eye, reduced), _bottom(block, reduced)
+        if torch.is_grad_enabled():  # double backward: through Y, formed inside the graph
+            y = torch.cat([top, bottom], dim=-2)
+            grad_y, = torch.autograd.grad(_CompactWY.apply(y, eye, mask, None, False)[0], y, grad_q,
+                                          create_graph=True)
+            grad = grad_y[:, r:] if reduced else torch.cat([grad_y[:, :r].tril(-1), grad_y[:, r:]], dim=-2)
+            return grad, None, None, None, None
+        g_top, g_bottom, xt = grad_q[:, :r], grad_q[:, r:], x.mT
+        h = torch.bmm(t.mT, torch.baddbmm(torch.bmm(top.mT, g_top), bottom.mT, g_bottom))  # −∂/∂(Y_topᵀ)
+        grad_gram = torch.bmm(h, xt) * mask
+        sym = grad_gram + grad_gram.mT
+        if reduced:
+            return torch.bmm(bottom, sym).baddbmm_(g_bottom, xt, alpha=-1), None, None, None, None
+        grad = torch.empty_like(block)
+        torch.bmm(top, sym, out=grad[:, :r]).baddbmm_(g_top, xt, alpha=-1).sub_(h.mT).tril_(-1)  # strictly lower
+        torch.bmm(bottom, sym, out=grad[:, r:]).baddbmm_(g_bottom, xt, alpha=-1)
+        return grad, None, None, None, None
 
 
 def compact_wy(y: torch.Tensor, pad: torch.Tensor | None = None,
@@ -237,9 +368,9 @@ def householder_frame_masked(params: torch.Tensor, mask: torch.Tensor) -> torch.
     work = _compute_dtype(out_dtype)
     batch_shape = params.shape[:-2]
     with without_autocast(params.device):
-        constants = wy_constants(n, r, dtype=work, device=params.device)
-        y = torch.addcmul(constants.eye, params.to(work), mask.to(work))
-        q = compact_wy(y.reshape(-1, n, r), constants=constants)
+        eye = torch.eye(n, r, dtype=work, device=params.device)
+        y = torch.addcmul(eye, params.to(work), mask.to(work))
+        q = compact_wy(y.reshape(-1, n, r))
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 
@@ -249,8 +380,8 @@ def householder_frame(params: torch.Tensor, reduced: bool = False) -> torch.Tens
     ``reduced`` ignores rows < r of the parameters, giving a frame whose leading r×r block is upper triangular.
     """
     n, r = params.shape[-2:]
-    mask = frame_mask(n, r, reduced, device=params.device, dtype=params.dtype)
-    return householder_frame_masked(params, mask)
+    _check_shape(n, r)
+    return householder_frame_free(params[..., r:, :] if reduced else params, n, reduced)
 
 
 def free_block_shape(n: int, r: int, reduced: bool = False) -> tuple[int, int]:
@@ -279,13 +410,14 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
     batch_shape = block.shape[:-2]
     with without_autocast(block.device):
         b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
-        if reduced:
-            eye = torch.eye(r, dtype=work, device=block.device).expand(b.shape[0], r, r)
-            y = torch.cat([eye, b], dim=-2)
-        else:
-            y = b.tril(-1)
-            y.diagonal(dim1=-2, dim2=-1).fill_(1.0)  # unit diagonal, in place: tril's backward does not need y
-        q = compact_wy(y)
+        constants = wy_constants(n, r, dtype=work, device=block.device)
+        if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: plain differentiable ops
+            q = compact_wy(torch.cat([_unit_top(b, constants.eye, reduced), _bottom(b, reduced)], dim=-2),
+                           constants=constants)
+        elif b.shape[0] == 1:
+            q = _FrameFromBlock.apply(b, constants.eye, constants.mask, reduced, constants.blocked)[0]
+        else:  # a batch: Y formed once (Q's halves would not be contiguous views), then one compact-WY call
+            q = compact_wy(_UnitLowerY.apply(b, constants.eye, reduced), constants=constants)
     return q.reshape(*batch_shape, n, r).to(out_dtype)
 
 

@@ -126,7 +126,7 @@ class SpectralLinear(SpectralLayer, nn.Linear):
             return super().forward(x)
         p = spectral_parametrization(self)
         batch = x.numel() // max(x.shape[-1], 1)
-        tt = p.method == "sttp" and len(p.out_modes) + len(p.in_modes) > 2 and self._sttp.path in ("auto", "tt")
+        tt = cost.has_tt_path(p.method, p.out_modes, p.in_modes) and self._sttp.path in ("auto", "tt")
         path = self._choose(cost.linear_costs(p, batch, self._weight_flops(), tt), batch, x.device)
         if path == "dense":
             return F.linear(x, self.spectral_weight(), self.bias)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
+from .cost import has_tt_path
 from .layers import SUPPORTED_TYPES, conversion_blockers, layout_shape, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
 from .options import (BATCHING, PATHS, check_init, check_method, check_option, check_plan_method, check_ranks,
@@ -246,7 +247,7 @@ def _check_tt_path(method: str, path: str, selected) -> None:
     if method != "sttp":
         raise ValueError("path='tt' contracts the input with STTP cores; it needs method='sttp' (with svdp use "
                          "'lowrank' or 'auto')")
-    if not any(isinstance(m, nn.Linear) and sum(map(len, split_modes(layout_shape(m), method))) > 2
+    if not any(isinstance(m, nn.Linear) and has_tt_path(method, *split_modes(layout_shape(m), method))
                for _, m in selected):
         names = ", ".join(repr(n) for n, _ in selected[:3]) + (", …" if len(selected) > 3 else "")
         raise ValueError(f"path='tt' applies to STTP Linear layers whose d_out, d_in factor into more than two "
