@@ -21,7 +21,9 @@ parametrizations absorb them into the spectrum or into the adjacent factor. :fun
 reproduces the frame itself without signs (used where no factor is left to absorb them).
 
 The product is evaluated in the blocked "compact WY" form H₁…H_r = I − Y T Yᵀ with T⁻¹ = striu(YᵀY) + ½·diag(YᵀY)
-(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve (forming T).
+(the UT transform), so forward and backward passes are GEMMs plus one small triangular solve (forming T). A single
+frame is evaluated from its free block in place (Y never formed; Q written as its rows < r and ≥ r), a batch forms
+Y once; both sum Yᵀ·G in the same order, so a frame has the same value alone or in a batch.
 
 Rotations. The same form applies a product of r reflectors with *any* nonzero vectors y_j (columns of Y, d × r) to
 a matrix without forming the d × d matrix H: :func:`householder_t` gives T, :func:`householder_ts_grouped` the T of
