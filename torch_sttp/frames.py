@@ -191,7 +191,12 @@ def _split_product(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Yᵀ·G (B, r, c) for Y (B, n, r), G (B, n, c), summed as rows < r plus rows ≥ r: the order in which
     :class:`_FrameFromBlock` sums it (its Y is two pieces), so that a frame has the same value alone or in a batch."""
     r = y.shape[-1]
-    return torch.baddbmm(torch.bmm(y[..., :r, :].mT, g[..., :r, :]), y[..., r:, :].mT, g[..., r:, :])
+    return _two_part_product(y[..., :r, :], y[..., r:, :], g[..., :r, :], g[..., r:, :])
+
+
+def _two_part_product(y_top, y_bottom, g_top, g_bottom) -> torch.Tensor:
+    """Yᵀ·G from the row pieces of Y and G, summed as top plus bottom (the one order both frame paths use)."""
+    return torch.baddbmm(torch.bmm(y_top.mT, g_top), y_bottom.mT, g_bottom)
 
 
 def _wy_factors(y: torch.Tensor, eye: torch.Tensor, mask: torch.Tensor, offset: torch.Tensor | None,
@@ -265,13 +270,18 @@ def _bottom(block: torch.Tensor, reduced: bool) -> torch.Tensor:
     return block if reduced else block[..., block.shape[-1]:, :]
 
 
+def _stacked_y(block: torch.Tensor, eye: torch.Tensor, reduced: bool) -> torch.Tensor:
+    """Y = [top; bottom] (B, n, r) of free blocks, formed (plain differentiable ops)."""
+    return torch.cat([_unit_top(block, eye, reduced), _bottom(block, reduced)], dim=-2)
+
+
 class _UnitLowerY(torch.autograd.Function):
     """Y = [top; bottom] (B, n, r) of free blocks (see :func:`_unit_top`); its backward is one copy of ∂Y (the
     rows < r of a full block keep their strictly lower entries), not the zero-filled slices of ``cat``'s."""
 
     @staticmethod
     def forward(block, eye, reduced: bool):
-        return torch.cat([_unit_top(block, eye, reduced), _bottom(block, reduced)], dim=-2)
+        return _stacked_y(block, eye, reduced)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -298,7 +308,7 @@ class _FrameFromBlock(torch.autograd.Function):
     @staticmethod
     def forward(block, eye, mask, reduced: bool, blocked: bool):
         top, bottom = _unit_top(block, eye, reduced), _bottom(block, reduced)
-        gram = torch.baddbmm(torch.bmm(top.mT, top), bottom.mT, bottom)
+        gram = _two_part_product(top, bottom, top, bottom)
         t = triangular_inverse(gram * mask, blocked)
         x = torch.bmm(t, top.mT)
         r = block.shape[-1]
@@ -324,13 +334,13 @@ class _FrameFromBlock(torch.autograd.Function):
         reduced, r = ctx.reduced, block.shape[-1]
         top, bottom = _unit_top(block, eye, reduced), _bottom(block, reduced)
         if torch.is_grad_enabled():  # double backward: through Y, formed inside the graph
-            y = torch.cat([top, bottom], dim=-2)
+            y = _stacked_y(block, eye, reduced)
             grad_y, = torch.autograd.grad(_CompactWY.apply(y, eye, mask, None, False)[0], y, grad_q,
                                           create_graph=True)
             grad = grad_y[:, r:] if reduced else torch.cat([grad_y[:, :r].tril(-1), grad_y[:, r:]], dim=-2)
             return grad, None, None, None, None
         g_top, g_bottom, xt = grad_q[:, :r], grad_q[:, r:], x.mT
-        h = torch.bmm(t.mT, torch.baddbmm(torch.bmm(top.mT, g_top), bottom.mT, g_bottom))  # −∂/∂(Y_topᵀ)
+        h = torch.bmm(t.mT, _two_part_product(top, bottom, g_top, g_bottom))  # −∂/∂(Y_topᵀ)
         grad_gram = torch.bmm(h, xt) * mask
         sym = grad_gram + grad_gram.mT
         if reduced:
@@ -414,8 +424,7 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
         b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
         constants = wy_constants(n, r, dtype=work, device=block.device)
         if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: plain differentiable ops
-            q = compact_wy(torch.cat([_unit_top(b, constants.eye, reduced), _bottom(b, reduced)], dim=-2),
-                           constants=constants)
+            q = compact_wy(_stacked_y(b, constants.eye, reduced), constants=constants)
         elif b.shape[0] == 1:
             q = _FrameFromBlock.apply(b, constants.eye, constants.mask, reduced, constants.blocked)[0]
         else:  # a batch: Y formed once (Q's halves would not be contiguous views), then one compact-WY call
