@@ -18,8 +18,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_sttp
+from torch_sttp import cost
 from torch_sttp.frames import compact_wy
 from torch_sttp.parametrizations import parametrization_tensors, spectral_parametrization
+from torch_sttp.planner import member_parametrization, member_tensors
+from torch_sttp.weight_path import WeightPlan
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -153,6 +156,61 @@ def test_training_outputs_equal_across_batchings(method):
     for other in results[1:]:
         for a, b in zip(other, results[0]):
             close(a, b)
+
+
+@pytest.mark.parametrize("spectrum", ["identity", "normalized"])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_unpadded_families_are_read_in_place(method, spectrum):
+    """With no family padded (each frame shape its own family), the frames of U cores and of first V cores are
+    split into their steps' operands instead of gathered: factors, weights and gradients equal the per-layer
+    computation, and an SVDP plan gathers only its parameters (one index_select forward, one backward)."""
+    model = zoo(method, spectrum)
+    layers = [m for _, m in torch_sttp.converted_layers(model)]
+    costs = cost.weight_path_costs(torch.device("cpu"))._replace(frame_call=0.0)  # never pad to save a call
+    plan = WeightPlan([member_parametrization(m) for m in layers], F64, torch.device("cpu"), costs)
+    direct = [s for s, d in zip(plan.steps, plan.step_direct) if d]
+    assert {s.side for s in direct} == {0, 1}
+    if method == "sttp":
+        assert any(s.side == 0 and s.parent is not None for s in direct)  # a U core inside a train: a view
+    tensors = [member_tensors(m) for m in layers]
+    result = plan.run(tensors)
+    weights = [result.weight(i) for i in range(len(layers))]
+    factors = [result.factors(i) for i in range(len(layers))]
+    loss = sum((w * w.detach().cos()).sum() + u.sum() + vt.square().sum() for w, (u, _, vt) in zip(weights, factors))
+    got = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    reference = [spectral_parametrization(m) for m in layers]
+    ref_weights = [p(*t) for p, t in zip(reference, tensors)]
+    ref_factors = [p.factors(*t) for p, t in zip(reference, tensors)]
+    for w, rw, (u, sigma, vt), (ru, rs, rvt) in zip(weights, ref_weights, factors, ref_factors):
+        close(w, rw), close(u, ru), close(vt, rvt)
+        assert (sigma is None) == (rs is None)
+    ref_loss = sum((w * w.detach().cos()).sum() + u.sum() + vt.square().sum()
+                   for w, (u, _, vt) in zip(ref_weights, ref_factors))
+    want = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b)
+
+
+def test_an_svdp_plan_of_unpadded_families_gathers_only_its_parameters():
+    """Two layers of one shape, one of another, one rank: every family unpadded and read in place, so a forward and
+    backward of all weights runs one index_select each way (the parameters' gather; with the frames gathered too,
+    four)."""
+    torch.manual_seed(0)
+    model = torch_sttp.convert(nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16)), "svdp", 4,
+                               spectrum="identity", init="random")
+    layers = [m for _, m in torch_sttp.converted_layers(model)]
+    costs = cost.weight_path_costs(torch.device("cpu"))._replace(frame_call=0.0)
+    plan = WeightPlan([member_parametrization(m) for m in layers], torch.float32, torch.device("cpu"), costs)
+    assert all(plan.direct) and all(plan.step_direct)
+    counter = harness.CallCounter()
+    with counter:
+        tensors = [member_tensors(m) for m in layers]
+        result = plan.run(tensors)
+        loss = sum(result.weight(i).square().sum() for i in range(len(layers)))
+        torch.autograd.grad(loss, [t for ts in tensors for t in ts])
+    assert counter.by_name["aten.index_select.default"] == 2, counter.by_name
 
 
 def test_zero_padding_of_frames_is_exactly_inert():

@@ -131,25 +131,41 @@ class WeightPlan:
         self.costs = costs
         offsets, total = self._tensor_offsets()
         self.zero_slot, self.one_slot = total, total + 1
-        self.families, y_index, self.frame_address = self._families(self._frame_list(offsets), one_family)
-        self.frames_numel = sum(f.count * f.n * f.r for f in self.families)  # the zero after the flat frames
+        frames = self._frame_list(offsets)
         self.sigma_members = [i for i, p in enumerate(self.params) if p.has_spectrum]
         self.sigma_rank = max((self.params[i].r_mid for i in self.sigma_members), default=0)
         self.shape_of = self._shape_ids()
-        self.steps, self.blocks, core_index = [], [], []
+        groups = self._groups(frames, one_family)
+        self.steps, self.blocks, step_cores = [], [], []
         for side in (0, 1):
-            self._grow(side, core_index)
+            self._grow(side, step_cores)
+        groups = self._read_order(frames, groups, step_cores)
+        self.direct = self._direct_families(frames, groups, step_cores)
+        self.families, y_index, self.frame_address = self._families(frames, groups)
+        self.frames_numel = sum(f.count * f.n * f.r for d, f in zip(self.direct, self.families) if not d)
+        self.direct_steps = [[s for s, cores in enumerate(step_cores) if self._family_of(cores) == f] if d else []
+                             for f, d in enumerate(self.direct)]
+        self.step_direct = [self.direct[self._family_of(cores)] for cores in step_cores]
+        core_index = [self._core_index(cores, step) for cores, step, d in zip(step_cores, self.steps, self.step_direct)
+                      if not d]
         self.operand_sizes = [math.prod(t.shape) for t in core_index]
         self.shapes, self.member_shape = self._shapes()
-        self.y_numel = y_index.numel()
-        param_index = torch.cat([y_index, self._sigma_index(offsets)])
-        self.param_gather = (param_index.to(self.device), _inverse(param_index, total + 2, total).to(self.device))
+        self.y_sizes = [f.count * f.n * f.r for f in self.families]
+        unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to every parameter
+        param_index = torch.cat([y_index, self._sigma_index(offsets), unit])
+        self.param_gather = self._gather_maps(param_index, total)
         core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
-        self.core_gather = (core.to(self.device),
-                            _inverse(core, self.frames_numel + 1, self.frames_numel).to(self.device))
+        self.core_gather = self._gather_maps(core, self.frames_numel)
         self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
         self.zero = torch.zeros(1, dtype=self.work, device=self.device)
         self.sigma_scale = self._sigma_scale()
+
+    def _gather_maps(self, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, inverse) of a gather from ``size`` source entries (then constants), on the plan's device; int32
+        where they fit (a CPU gather reads them ~20 % faster)."""
+        inverse = _inverse(index, size, size)
+        small = max(size + 2, index.numel() + 1) < 2 ** 31
+        return tuple(t.to(self.device, torch.int32 if small else torch.long) for t in (index, inverse))
 
     def _rows(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
@@ -176,9 +192,8 @@ class WeightPlan:
                     start += a * b
         return frames
 
-    def _families(self, frames, one_family: bool):
-        """Families of frames, the Y gather index, and each frame's (family, slot, address in the flat frames,
-        row stride)."""
+    def _groups(self, frames, one_family: bool) -> list[tuple[int, int, list[int]]]:
+        """Families as (n, r, frame indices); sets ``group_of``, each frame's family."""
         shapes = [(f[3], f[4]) for f in frames]
         if not frames:
             groups = []
@@ -186,18 +201,53 @@ class WeightPlan:
             groups = [(max(n for n, _ in shapes), max(r for _, r in shapes), list(range(len(frames))))]
         else:
             groups = frame_families(shapes, self.costs.frame_call, self.costs.element)
+        self.group_of = {frames[j][:3]: g for g, (_, _, members) in enumerate(groups) for j in members}
+        return groups
+
+    @staticmethod
+    def _read_order(frames, groups, step_cores) -> list[tuple[int, int, list[int]]]:
+        """The families with their frames in the order the steps read them (a step's cores consecutive, steps in
+        plan order)."""
+        read = {key: n for n, key in enumerate(key for cores in step_cores for key in cores)}
+        return [(n, r, sorted(members, key=lambda j: read.get(frames[j][:3], len(read)))) for n, r, members in groups]
+
+    def _direct_families(self, frames, groups, step_cores) -> list[bool]:
+        """Whether each family's frames are, slot for slot, the operands of whole steps, so that they are split into
+        those operands (views) rather than gathered: unpadded frames of U cores or of first V cores, with the ranks
+        their step pads to."""
+        shape = {f[:3]: (f[3], f[4]) for f in frames}
+
+        def viewable(cores, step) -> bool:
+            n, r, _ = groups[self.group_of[cores[0]]]
+            return (step.side == 0 or step.parent is None) and all(
+                self.group_of[key] == self.group_of[cores[0]] and shape[key] == (n, r)
+                and tuple(self._side(key[0], key[1]).ranks[key[2]:key[2] + 2]) == (step.rank_in, step.rank_out)
+                for key in cores)
+
+        step_of = {key: s for s, cores in enumerate(step_cores) for key in cores}
+        ok = [viewable(cores, step) for cores, step in zip(step_cores, self.steps)]
+        return [all(frames[j][:3] in step_of and ok[step_of[frames[j][:3]]] for j in members)
+                for _, _, members in groups]
+
+    def _family_of(self, cores) -> int:
+        return self.group_of[cores[0]]
+
+    def _families(self, frames, groups):
+        """Families of frames, the Y gather index, and each frame's (family, slot, address among the gathered
+        frames (None in a direct family), row stride)."""
         families, pieces, address, base = [], [], {}, 0
-        for n_f, r_f, members in groups:
+        for g, (n_f, r_f, members) in enumerate(groups):
             pad = torch.zeros(len(members), r_f)
             for slot, j in enumerate(members):
                 i, side, k, rows, cols, red, start = frames[j]
                 pieces.append(self._y_index(rows, cols, red, start, n_f, r_f))
                 pad[slot, cols:] = 1.0
-                address[(i, side, k)] = (len(families), slot, base + slot * n_f * r_f, r_f)
+                address[(i, side, k)] = (g, slot, None if self.direct[g] else base + slot * n_f * r_f, r_f)
             # one triangular solve per family: fewer calls, and at these batch sizes its cost does not matter
             constants = wy_constants(n_f, r_f, pad if bool(pad.any()) else None, self.work, self.device, False)
             families.append(_Family(len(members), n_f, r_f, constants))
-            base += len(members) * n_f * r_f
+            if not self.direct[g]:
+                base += len(members) * n_f * r_f
         index = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
         return families, index, address
 
@@ -257,29 +307,29 @@ class WeightPlan:
     def _modes(self, i: int, side: int) -> tuple:
         return self._side(i, side).modes[self._skipped(i, side):]
 
-    def _grow(self, side: int, core_index: list) -> None:
+    def _grow(self, side: int, step_cores: list) -> None:
         """The steps and blocks of one side's forest (trains ordered so that every step's batch is contiguous)."""
         members = [i for i in range(len(self.params)) if self._side(i, side).modes]
         members.sort(key=lambda i: (self._modes(i, side) + (_END,), self.shape_of[i], i))
-        self._branch(side, members, 0, None, 0, 1, core_index)
+        self._branch(side, members, 0, None, 0, 1, step_cores)
 
     def _branch(self, side: int, members: list[int], depth: int, parent, piece: int, rank_in: int,
-                core_index: list) -> list[int]:
+                step_cores: list) -> list[int]:
         """Steps for forest depth ``depth`` of ``members`` (all with more cores), one per distinct mode; returns
         the sizes of their batches."""
         runs: dict = {}
         for i in members:
-            runs.setdefault(self._modes(i, side)[depth], []).append(i)
+            runs.setdefault(self._run_key(i, side, depth), []).append(i)
         sizes = []
-        for mode, run in runs.items():
+        for (mode, _), run in runs.items():
             index = len(self.steps)
             cores = [self._skipped(i, side) + depth for i in run]
             rank_out = max(self._side(i, side).ranks[k + 1] for i, k in zip(run, cores))
             self.steps.append(None)  # reserved: steps are listed parents first
-            core_index.append(torch.stack([self._core_index(i, side, k, rank_in, rank_out) for i, k in zip(run, cores)]))
+            step_cores.append([(i, side, k) for i, k in zip(run, cores)])
             going = [i for i in run if len(self._modes(i, side)) > depth + 1]
             ended = [i for i in run if len(self._modes(i, side)) == depth + 1]
-            split = self._branch(side, going, depth + 1, index, 0, rank_out, core_index) if going else []
+            split = self._branch(side, going, depth + 1, index, 0, rank_out, step_cores) if going else []
             block = None
             if ended:
                 block = len(self.blocks)
@@ -295,6 +345,17 @@ class WeightPlan:
             piece += 1
         return sizes
 
+    def _run_key(self, i: int, side: int, depth: int) -> tuple[int, int]:
+        """What the cores of one step share: their mode, and for sides of one core the family that holds the frames
+        of all layers of i's weight shape, if one does (so that an unpadded family is read in place, see
+        ``_direct_families``; such a step has no product to share, and a shape's factors stay in one block)."""
+        modes = self._modes(i, side)
+        if len(modes) > 1:
+            return modes[depth], -1
+        families = {self.group_of[(j, side, self._skipped(j, side))] for j, s in enumerate(self.shape_of)
+                    if s == self.shape_of[i]}
+        return modes[depth], families.pop() if len(families) == 1 else -1
+
     def _block(self, side: int, ended: list[int], rank: int) -> _Block:
         shapes = sorted(set(self.shape_of[i] for i in ended))
         sizes = tuple(sum(self.shape_of[i] == s for i in ended) for s in shapes)
@@ -303,7 +364,11 @@ class WeightPlan:
             rows = self._rows([self.sigma_members.index(i) for i in ended])
         return _Block(side, tuple(ended), rank, tuple(shapes), sizes, rows)
 
-    def _core_index(self, i: int, side: int, k: int, rank_in: int, rank_out: int) -> torch.Tensor:
+    def _core_index(self, cores, step: _Step) -> torch.Tensor:
+        """Gather index of one step's operand (B, rows, cols) from the gathered frames."""
+        return torch.stack([self._core_entry(i, side, k, step.rank_in, step.rank_out) for i, side, k in cores])
+
+    def _core_entry(self, i: int, side: int, k: int, rank_in: int, rank_out: int) -> torch.Tensor:
         """Gather index of core k of member i's side as a step operand, ranks zero-padded to (rank_in, rank_out).
 
         U core (R_{k−1}, n_k, R_k) from its frame (R_{k−1}·n_k, R_k): operand (R̃_{k−1}, n_k·R̃_k). V core from its
@@ -341,44 +406,55 @@ class WeightPlan:
     # ----------------------------------------------------------------------------------------------- running
     def run(self, tensors: Sequence[Sequence[torch.Tensor]]) -> WeightPathResult:
         """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
-        flat = torch.cat([t for ts in tensors for t in ts] + [self.zero_one])
+        sources = [t for ts in tensors for t in ts]
+        sizes = self.y_sizes + ([len(self.sigma_members) * self.sigma_rank] if self.sigma_members else []) + [1]
         with without_autocast(self.device):
-            gathered = _Gather.apply(flat, *self.param_gather)
-            y, s = gathered.split([self.y_numel, gathered.numel() - self.y_numel]) if self.sigma_members else \
-                (gathered, None)
-            frames = self._frames(y)
+            pieces = _Gather.apply(*self.param_gather, self.zero_one, tuple(sizes), *sources)
+            frames = self._frames(pieces[:len(self.families)])
             blocks = self._contract(self._operands(frames))
-            sigma = None if s is None else self._sigma(s.view(len(self.sigma_members), self.sigma_rank))
-        return WeightPathResult(self, flat, frames, blocks, sigma)
+            sigma = None
+            if self.sigma_members:
+                sigma = self._sigma(pieces[len(self.families)].view(len(self.sigma_members), self.sigma_rank))
+        return WeightPathResult(self, pieces[-1], frames, blocks, sigma)
 
-    def _frames(self, y: torch.Tensor) -> list[torch.Tensor]:
+    def _frames(self, ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Every family's frames (count, n, r), one compact-WY call each."""
-        if not self.families:
-            return []
-        if self.work != self.dtype:
-            y = y.to(self.work)
-        pieces = [y] if len(self.families) == 1 else y.split([f.count * f.n * f.r for f in self.families])
-        return [compact_wy(piece.view(f.count, f.n, f.r), constants=f.constants)
-                for f, piece in zip(self.families, pieces)]
+        return [compact_wy(y.view(f.count, f.n, f.r).to(self.work), constants=f.constants)
+                for f, y in zip(self.families, ys)]
 
     def _operands(self, frames: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every step's cores (B, rows, cols), gathered from the frames in one call."""
-        if not self.steps:
-            return []
-        flat = torch.cat([q.view(-1) for q in frames] + [self.zero])
-        if self.work != self.dtype:
-            flat = flat.to(self.dtype)
-        gathered = _Gather.apply(flat, *self.core_gather)
-        pieces = gathered.split(self.operand_sizes) if len(self.steps) > 1 else (gathered,)
-        out = []
-        for piece, step in zip(pieces, self.steps):
-            b = len(step.members)
-            if step.parent is None:  # a first core is its own partial product: U (B, n, R), V (B, R, n)
-                shape = (b, step.mode, step.rank_out) if step.side == 0 else (b, step.rank_out, step.mode)
-            else:
-                shape = (b, step.rank_in, -1) if step.side == 0 else (b, -1, step.rank_in)
-            out.append(piece.view(shape))
+        """Every step's cores (B, rows, cols): split from a direct family's frames, or gathered, in one call, from
+        the other families'."""
+        out: list = [None] * len(self.steps)
+        for f, steps in enumerate(self.direct_steps):
+            if steps:
+                q = frames[f].to(self.dtype)
+                chunks = q.split([len(self.steps[s].members) for s in steps]) if len(steps) > 1 else (q,)
+                for s, chunk in zip(steps, chunks):
+                    out[s] = self._direct_operand(self.steps[s], chunk)
+        gathered = [s for s, direct in enumerate(self.step_direct) if not direct]
+        if gathered:
+            sources = [q for q, direct in zip(frames, self.direct) if not direct]
+            pieces = _Gather.apply(*self.core_gather, self.zero, tuple(self.operand_sizes), *sources)
+            for s, piece in zip(gathered, pieces):
+                out[s] = piece.to(self.dtype).view(self._operand_shape(self.steps[s]))
         return out
+
+    @staticmethod
+    def _direct_operand(step: _Step, q: torch.Tensor) -> torch.Tensor:
+        """A step's operand from its unpadded frames q (B, rows, cols): U (B, R_in, n·R_out), a view (a first U core:
+        q itself); a first V core (B, R, n), one transposing copy (Vᵀ row-major: the GEMMs of W = (U·Σ)·Vᵀ and its
+        gradients run 1.3–2× faster on a CPU than with a transposed view)."""
+        if step.side == 1:
+            return q.mT.contiguous()
+        return q if step.parent is None else q.view(len(step.members), step.rank_in, -1)
+
+    @staticmethod
+    def _operand_shape(step: _Step) -> tuple[int, ...]:
+        b = len(step.members)
+        if step.parent is None:  # a first core is its own partial product: U (B, n, R), V (B, R, n)
+            return (b, step.mode, step.rank_out) if step.side == 0 else (b, step.rank_out, step.mode)
+        return (b, step.rank_in, -1) if step.side == 0 else (b, -1, step.rank_in)
 
     def _contract(self, operands: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every block's U (B, d_out, R) or Vᵀ (B, R, d_in): the forests' steps, one ``bmm`` each."""
@@ -409,9 +485,9 @@ class WeightPlan:
 
 
 def _inverse(index: torch.Tensor, size: int, constants: int) -> torch.Tensor:
-    """For a gather ``out = src[index]`` from a source of ``size`` entries: where each source entry went (its
-    position in ``out``), or ``len(out)`` for entries never read and for the constant slots from ``constants`` on
-    (read many times; their gradient is not needed). Every other entry must be read at most once."""
+    """For a gather ``out = src[index]``, src = (``size`` source entries, then constant slots from ``constants`` on,
+    read many times and without a gradient): where each source entry went (its position in ``out``), or ``len(out)``
+    for entries never read. Every source entry must be read at most once."""
     inverse = torch.full((size,), index.numel(), dtype=torch.long)
     real = index < constants
     targets = index[real]
@@ -422,23 +498,39 @@ def _inverse(index: torch.Tensor, size: int, constants: int) -> torch.Tensor:
 
 
 class _Gather(torch.autograd.Function):
-    """out = src[index] (1-D), where every non-constant source entry is read at most once; the backward is the
-    inverse gather ∂src = [∂out, 0][inverse] (a gather again, no scatter-add)."""
+    """pieces = [sources…, constants][index] split into ``sizes`` (1-D), where every source entry is read at most
+    once: the sources are concatenated inside, and the backward is the inverse gather
+    ∂sources = [∂pieces…, 0][inverse], split into the sources' shapes (a gather again, no scatter-add, and one
+    concatenation however many pieces and sources)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(src: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        return src.index_select(0, index)
+    def forward(index: torch.Tensor, inverse: torch.Tensor, constants: torch.Tensor, sizes: tuple[int, ...],
+                *sources: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        flat = torch.cat([_flat(t) for t in sources] + [constants])
+        return flat.index_select(0, index).split(sizes)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(inputs[2])
+        ctx.save_for_backward(inputs[1])
+        ctx.sizes = inputs[3]
+        ctx.shapes = [t.shape for t in inputs[4:]]
+        ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads):
         (inverse,) = ctx.saved_tensors
-        return torch.cat([grad, grad.new_zeros(1)]).index_select(0, inverse), None, None
+        like = next(g for g in grads if g is not None)
+        flat = [like.new_zeros(n) if g is None else _flat(g) for g, n in zip(grads, ctx.sizes)]
+        sources = torch.cat(flat + [like.new_zeros(1)]).index_select(0, inverse)
+        sources = sources.split([math.prod(shape) for shape in ctx.shapes])
+        return (None, None, None, None) + tuple(g if len(shape) == 1 else g.view(shape)
+                                                for g, shape in zip(sources, ctx.shapes))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 1 else t.reshape(-1)
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
@@ -464,10 +556,10 @@ class WeightPathResult:
     activation checkpoint (whose recomputation forms a layer's factors on their own, see the planner).
     """
 
-    def __init__(self, plan: WeightPlan, flat: torch.Tensor, frames: list[torch.Tensor], blocks: list[torch.Tensor],
+    def __init__(self, plan: WeightPlan, one: torch.Tensor, frames: list[torch.Tensor], blocks: list[torch.Tensor],
                  sigma: torch.Tensor | None) -> None:
         self.plan = plan
-        self._flat, self._frames, self._blocks, self._sigma = flat, frames, blocks, sigma
+        self._one, self._frames, self._blocks, self._sigma = one, frames, blocks, sigma
         self._memo: dict = {}
 
     def _lazy(self, key, compute):
@@ -481,8 +573,7 @@ class WeightPathResult:
 
     def _unit(self, b: int) -> torch.Tensor:
         """The factor of a side without cores, 1, tied to all parameters: (b, 1, 1)."""
-        unit = self._lazy("unit", lambda: (self._flat.narrow(0, self.plan.zero_slot, 1) + 1.0).view(1, 1, 1))
-        return unit.expand(b, 1, 1)
+        return self._one.view(1, 1, 1).expand(b, 1, 1)
 
     def _block_pieces(self, b: int, scaled: bool) -> tuple:
         """Block b split by weight shape; U·diag(σ) instead of U for ``scaled``."""
