@@ -193,24 +193,43 @@ def test_unpadded_families_are_read_in_place(method, spectrum):
             close(a, b)
 
 
-def test_an_svdp_plan_of_unpadded_families_gathers_only_its_parameters():
-    """Two layers of one shape, one of another, one rank: every family unpadded and read in place, so a forward and
-    backward of all weights runs one index_select each way (the parameters' gather; with the frames gathered too,
-    four)."""
+@pytest.mark.parametrize("spectrum", ["identity", "normalized"])
+def test_an_svdp_plan_forms_unpadded_families_from_their_parameters(spectrum):
+    """Two layers of one shape, one of another, one rank, no padding: every family is read in place. A family of
+    whole reflector tensors of one form is formed from them without a gather; one that mixes reduced U frames
+    (identity spectrum) with full V frames gathers its Y, and nothing else goes through a gather but the spectra."""
     torch.manual_seed(0)
     model = torch_sttp.convert(nn.Sequential(nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16)), "svdp", 4,
-                               spectrum="identity", init="random")
+                               spectrum=spectrum, init="random")
     layers = [m for _, m in torch_sttp.converted_layers(model)]
     costs = cost.weight_path_costs(torch.device("cpu"))._replace(frame_call=0.0)
     plan = WeightPlan([member_parametrization(m) for m in layers], torch.float32, torch.device("cpu"), costs)
     assert all(plan.direct) and all(plan.step_direct)
-    counter = harness.CallCounter()
-    with counter:
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.index_select.default:
+                reads.append(out.numel())
+            return out
+
+    with Reads():
         tensors = [member_tensors(m) for m in layers]
         result = plan.run(tensors)
         loss = sum(result.weight(i).square().sum() for i in range(len(layers)))
-        torch.autograd.grad(loss, [t for ts in tensors for t in ts])
-    assert counter.by_name["aten.index_select.default"] == 2, counter.by_name
+        grads = torch.autograd.grad(loss, [t for ts in tensors for t in ts])
+    if spectrum == "identity":
+        assert plan.formed == [None, False] and plan.y_sizes == [5 * 16 * 4]
+        gathered = sum(t.numel() for t in tensors[0][:1] + tensors[1] + tensors[2])  # not layer 0's V: formed
+        assert sorted(reads) == sorted([plan.y_sizes[0] + 1, gathered]), reads  # forward and backward
+    else:
+        assert plan.formed == [False, False] and plan.y_sizes == []
+        assert max(reads) <= 3 * 4 + 1, reads  # the spectra (and the constant 1), no reflector entry
+    for g, m in zip(grads[::len(tensors[0])], layers):  # equal to the per-layer computation
+        w = spectral_parametrization(m)(*member_tensors(m))
+        (want,) = torch.autograd.grad(w.square().sum(), member_tensors(m)[0])
+        close(g, want, 1e-5)
 
 
 def test_zero_padding_of_frames_is_exactly_inert():

@@ -406,11 +406,14 @@ def free_block_shape(n: int, r: int, reduced: bool = False) -> tuple[int, int]:
     return (n - r, r) if reduced else (n, r)
 
 
-def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -> torch.Tensor:
+def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False,
+                           constants: WYConstants | None = None) -> torch.Tensor:
     """Frame Q (…, n, r) from the free block of its reflectors (see :func:`free_block_shape`).
 
     Full form: ``block`` is the (…, n, r) LAPACK layout, strictly-lower entries used. Reduced form: ``block`` is
     (…, n − r, r), rows r…n−1 of the layout, so that Y = [I_r; block]. Equals ``householder_frame`` of the layout.
+    ``constants``: :func:`wy_constants` of (n, r) without padding, in the compute precision, for callers that
+    repeat the call.
     """
     r = block.shape[-1]
     if tuple(block.shape[-2:]) != free_block_shape(n, r, reduced):
@@ -422,7 +425,8 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False) -
     batch_shape = block.shape[:-2]
     with without_autocast(block.device):
         b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
-        constants = wy_constants(n, r, dtype=work, device=block.device)
+        if constants is None:
+            constants = wy_constants(n, r, dtype=work, device=block.device)
         if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: plain differentiable ops
             q = compact_wy(_stacked_y(b, constants.eye, reduced), constants=constants)
         elif b.shape[0] == 1:

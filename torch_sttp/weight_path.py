@@ -33,7 +33,8 @@ from typing import Sequence
 import torch
 
 from .cost import WeightPathCosts, batch_weight_products
-from .frames import WYConstants, compact_wy, frame_families, without_autocast, wy_constants
+from .frames import (WYConstants, compact_wy, frame_families, free_block_shape, householder_frame_free,
+                     without_autocast, wy_constants)
 from .parametrizations import SpectralParametrization
 
 __all__ = ["WeightPlan", "WeightPathResult", "structure_key", "compute_dtype"]
@@ -129,9 +130,7 @@ class WeightPlan:
         self.dtype, self.device = dtype, torch.device(device)
         self.work = compute_dtype(dtype)
         self.costs = costs
-        offsets, total = self._tensor_offsets()
-        self.zero_slot, self.one_slot = total, total + 1
-        frames = self._frame_list(offsets)
+        frames = self._frame_list()
         self.sigma_members = [i for i, p in enumerate(self.params) if p.has_spectrum]
         self.sigma_rank = max((self.params[i].r_mid for i in self.sigma_members), default=0)
         self.shape_of = self._shape_ids()
@@ -141,7 +140,12 @@ class WeightPlan:
             self._grow(side, step_cores)
         groups = self._read_order(frames, groups, step_cores)
         self.direct = self._direct_families(frames, groups, step_cores)
-        self.families, y_index, self.frame_address = self._families(frames, groups)
+        self.formed = self._formed_families(frames, groups)
+        offsets, total = self._tensor_offsets({frames[j][:2] for g, (_, _, members) in enumerate(groups)
+                                               if self.formed[g] is not None for j in members})
+        self.gathered = [(i, t) for i, row in enumerate(offsets) for t, o in enumerate(row) if o is not None]
+        self.zero_slot, self.one_slot = total, total + 1
+        self.families, y_index, self.frame_address = self._families(frames, groups, offsets)
         self.frames_numel = sum(f.count * f.n * f.r for d, f in zip(self.direct, self.families) if not d)
         self.direct_steps = [[s for s, cores in enumerate(step_cores) if self._family_of(cores) == f] if d else []
                              for f, d in enumerate(self.direct)]
@@ -150,7 +154,9 @@ class WeightPlan:
                       if not d]
         self.operand_sizes = [math.prod(t.shape) for t in core_index]
         self.shapes, self.member_shape = self._shapes()
-        self.y_sizes = [f.count * f.n * f.r for f in self.families]
+        self.formed_blocks = [[frames[j][:2] for j in members] if formed is not None else []
+                              for formed, (_, _, members) in zip(self.formed, groups)]
+        self.y_sizes = [f.count * f.n * f.r for f, formed in zip(self.families, self.formed) if formed is None]
         unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to every parameter
         param_index = torch.cat([y_index, self._sigma_index(offsets), unit])
         self.param_gather = self._gather_maps(param_index, total)
@@ -171,21 +177,24 @@ class WeightPlan:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------------------------------- frames, building
-    def _tensor_offsets(self) -> tuple[list[list[int]], int]:
-        """Offsets of each member's tensors (U reflectors, V reflectors[, S]) in their concatenation."""
+    def _tensor_offsets(self, skipped: set) -> tuple[list[list[int | None]], int]:
+        """Offsets of each member's tensors (U reflectors, V reflectors[, S]) in the concatenation of those the
+        parameter gather reads (None for the ``skipped`` (member, tensor) pairs), and its size."""
         offsets, total = [], 0
-        for p in self.params:
+        for i, p in enumerate(self.params):
             sizes = [p.u_side.numel, p.v_side.numel] + ([p.r_mid] if p.has_spectrum else [])
-            offsets.append([total + sum(sizes[:i]) for i in range(len(sizes))])
-            total += sum(sizes)
+            offsets.append([])
+            for t, size in enumerate(sizes):
+                offsets[-1].append(None if (i, t) in skipped else total)
+                total += 0 if (i, t) in skipped else size
         return offsets, total
 
-    def _frame_list(self, offsets) -> list[tuple]:
-        """(member, side, core, rows, cols, reduced, offset of its free block) of every core."""
+    def _frame_list(self) -> list[tuple]:
+        """(member, side, core, rows, cols, reduced, offset of its free block in its tensor) of every core."""
         frames = []
         for i, p in enumerate(self.params):
             for side_index, side in enumerate((p.u_side, p.v_side)):
-                start = offsets[i][side_index]
+                start = 0
                 for k, ((rows, cols), red) in enumerate(zip(side.frame_shapes, side.reduced)):
                     frames.append((i, side_index, k, rows, cols, red, start))
                     a, b = side.block_shapes[k]
@@ -229,18 +238,29 @@ class WeightPlan:
         return [all(frames[j][:3] in step_of and ok[step_of[frames[j][:3]]] for j in members)
                 for _, _, members in groups]
 
+    def _formed_families(self, frames, groups) -> list[bool | None]:
+        """For each family whose frames are formed from their parameters in place (no gather: a direct family of
+        whole reflector tensors, sides of one core, all of one form) that form's ``reduced``; None for the others."""
+        formed = []
+        for direct, (_, _, members) in zip(self.direct, groups):
+            whole = all(len(self._side(*frames[j][:2]).frame_shapes) == 1 for j in members)
+            forms = {frames[j][5] for j in members}
+            formed.append(forms.pop() if direct and whole and len(forms) == 1 else None)
+        return formed
+
     def _family_of(self, cores) -> int:
         return self.group_of[cores[0]]
 
-    def _families(self, frames, groups):
-        """Families of frames, the Y gather index, and each frame's (family, slot, address among the gathered
-        frames (None in a direct family), row stride)."""
+    def _families(self, frames, groups, offsets):
+        """Families of frames, the Y gather index (families not formed in place), and each frame's (family, slot,
+        address among the gathered frames (None in a direct family), row stride)."""
         families, pieces, address, base = [], [], {}, 0
         for g, (n_f, r_f, members) in enumerate(groups):
             pad = torch.zeros(len(members), r_f)
             for slot, j in enumerate(members):
                 i, side, k, rows, cols, red, start = frames[j]
-                pieces.append(self._y_index(rows, cols, red, start, n_f, r_f))
+                if self.formed[g] is None:
+                    pieces.append(self._y_index(rows, cols, red, offsets[i][side] + start, n_f, r_f))
                 pad[slot, cols:] = 1.0
                 address[(i, side, k)] = (g, slot, None if self.direct[g] else base + slot * n_f * r_f, r_f)
             # one triangular solve per family: fewer calls, and at these batch sizes its cost does not matter
@@ -406,21 +426,30 @@ class WeightPlan:
     # ----------------------------------------------------------------------------------------------- running
     def run(self, tensors: Sequence[Sequence[torch.Tensor]]) -> WeightPathResult:
         """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
-        sources = [t for ts in tensors for t in ts]
+        sources = [tensors[i][t] for i, t in self.gathered]
         sizes = self.y_sizes + ([len(self.sigma_members) * self.sigma_rank] if self.sigma_members else []) + [1]
         with without_autocast(self.device):
             pieces = _Gather.apply(*self.param_gather, self.zero_one, tuple(sizes), *sources)
-            frames = self._frames(pieces[:len(self.families)])
+            frames = self._frames(pieces[:len(self.y_sizes)], tensors)
             blocks = self._contract(self._operands(frames))
             sigma = None
             if self.sigma_members:
-                sigma = self._sigma(pieces[len(self.families)].view(len(self.sigma_members), self.sigma_rank))
+                sigma = self._sigma(pieces[len(self.y_sizes)].view(len(self.sigma_members), self.sigma_rank))
         return WeightPathResult(self, pieces[-1], frames, blocks, sigma)
 
-    def _frames(self, ys: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Every family's frames (count, n, r), one compact-WY call each."""
-        return [compact_wy(y.view(f.count, f.n, f.r).to(self.work), constants=f.constants)
-                for f, y in zip(self.families, ys)]
+    def _frames(self, ys: Sequence[torch.Tensor], tensors) -> list[torch.Tensor]:
+        """Every family's frames (count, n, r), one compact-WY call each: from its gathered Y, or from its
+        members' reflector tensors in place."""
+        ys, frames = iter(ys), []
+        for g, (f, reduced) in enumerate(zip(self.families, self.formed)):
+            if reduced is None:
+                frames.append(compact_wy(next(ys).view(f.count, f.n, f.r).to(self.work), constants=f.constants))
+                continue
+            blocks = [_flat(tensors[i][side]) for i, side in self.formed_blocks[g]]
+            block = (torch.cat(blocks) if len(blocks) > 1 else blocks[0]).to(self.work)
+            block = block.view(f.count, *free_block_shape(f.n, f.r, reduced))
+            frames.append(householder_frame_free(block, f.n, reduced, f.constants))
+        return frames
 
     def _operands(self, frames: list[torch.Tensor]) -> list[torch.Tensor]:
         """Every step's cores (B, rows, cols): split from a direct family's frames, or gathered, in one call, from
