@@ -5,22 +5,25 @@ holds the constants of the computation — index maps, padding masks; :meth:`Wei
 layers' tensors (U reflectors, V reflectors[, S] each). Its number of operator calls grows with the number of
 distinct layer structures, not with the number of cores or layers:
 
-1. **frames** — the free reflector blocks of every core of every layer are gathered, by one gather from the
-   concatenated parameters (its backward is the inverse gather, not a scatter), into zero-padded Y batches, one per *family* of frame shapes
+1. **frames** — frames are grouped into *families* of frame shapes, zero-padded to a common (n, r)
    (:func:`~torch_sttp.frames.frame_families` weighs padding FLOPs against calls); each family is one compact-WY
-   call, its padded rows and columns exactly inert;
-2. **trains** — the cores are gathered from the frames, by one gather, straight into the operand layout
-   of batched contractions. The trains of one side are contracted from their outer end as a *forest*: layers
-   whose modes begin alike share the steps of that common beginning (one ``bmm`` per step for all of them; U sides
-   of d_out = 64, 128 and 256 share their first six steps), bond ranks zero-padded to the largest in the step.
-   Modes are never padded (intermediate sizes are products of modes);
+   call, its padded rows and columns exactly inert. A family's Y batch is gathered from the parameters (one gather
+   for all families, whose backward is the inverse gather, not a scatter), except for an unpadded family of whole
+   reflector tensors of one form, which is formed from them in place;
+2. **trains** — the cores are taken from the frames straight into the operand layout of batched contractions:
+   the frames of an unpadded family whose steps need no rank padding are split into their operands (views; a first
+   V core is transposed once), all others are gathered, by one gather. The trains of one side are contracted from
+   their outer end as a *forest*: layers whose modes begin alike share the steps of that common beginning (one
+   ``bmm`` per step for all of them; U sides of d_out = 64, 128 and 256 share their first six steps), bond ranks
+   zero-padded to the largest in the step. Modes are never padded (intermediate sizes are products of modes);
 3. **Σ** — the spectra of all layers are gathered into one zero-padded batch and normalised in one go;
 4. **weights** — on request, the weights of all layers of one shape are one batched product (U·Σ)·Vᵀ (or, where a
    stack of their gradients would cost more than the calls it saves, one product per layer); a layer is never
    padded to another shape.
 
-A side without cores (a dimension of 1) is the constant 1, tied to the concatenated parameters so that every
-parameter, empty ones included, takes part in the graph (DDP needs that). The padded computation equals the
+A side without cores (a dimension of 1) is the constant 1, an output of the parameter gather, which has every
+gathered tensor as an input, empty ones included, so that every parameter takes part in the graph (DDP needs
+that). The padded computation equals the
 layer-by-layer one (:meth:`~torch_sttp.parametrizations.SpectralParametrization.factors`) up to rounding.
 """
 from __future__ import annotations
