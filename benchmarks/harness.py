@@ -124,8 +124,12 @@ def weights_fn(model: torch.nn.Module) -> Callable[[], None]:
     return run
 
 
-def gemm_floor_fn(model: torch.nn.Module) -> Callable[[], None]:
-    """The three GEMMs every weight needs at least (W = (UΣ)·Vᵀ, then ∂/∂(UΣ) and ∂/∂Vᵀ), nothing else."""
+def gemm_floor_fn(model: torch.nn.Module, keep: bool = False) -> Callable[[], None]:
+    """The three GEMMs every weight needs at least (W = (UΣ)·Vᵀ, then ∂/∂(UΣ) and ∂/∂Vᵀ), nothing else.
+
+    ``keep``: every W is formed first and kept until all gradients are formed, as in a training step (and in
+    :func:`weights_fn`); otherwise each W is dropped at once, so that one reused, cache-warm buffer takes them all.
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(0)
     ops = []
@@ -140,7 +144,14 @@ def gemm_floor_fn(model: torch.nn.Module) -> Callable[[], None]:
             grad @ vt.mT
             us.mT @ grad
 
-    return run
+    def run_kept():
+        weights = [us @ vt for us, vt, _ in ops]
+        for us, vt, grad in ops:
+            grad @ vt.mT
+            us.mT @ grad
+        del weights
+
+    return run_kept if keep else run
 
 
 def svdp_flop_bound(model: torch.nn.Module) -> float:
