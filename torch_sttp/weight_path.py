@@ -23,8 +23,8 @@ distinct layer structures, not with the number of cores or layers:
 
 A side without cores (a dimension of 1) is the constant 1, an output of the parameter gather, which has every
 gathered tensor as an input, empty ones included, so that every parameter takes part in the graph (DDP needs
-that). The padded computation equals the
-layer-by-layer one (:meth:`~torch_sttp.parametrizations.SpectralParametrization.factors`) up to rounding.
+that). The padded computation equals the layer-by-layer one
+(:meth:`~torch_sttp.parametrizations.SpectralParametrization.factors`) up to rounding.
 """
 from __future__ import annotations
 
@@ -172,7 +172,7 @@ class WeightPlan:
     def _gather_maps(self, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, inverse) of a gather from ``size`` source entries (then constants), on the plan's device; int32
         where they fit (a CPU gather reads them ~20 % faster)."""
-        inverse = _inverse(index, size, size)
+        inverse = _inverse(index, size)
         small = max(size + 2, index.numel() + 1) < 2 ** 31
         return tuple(t.to(self.device, torch.int32 if small else torch.long) for t in (index, inverse))
 
@@ -516,12 +516,12 @@ class WeightPlan:
         return s / torch.where(normalized, scale, torch.ones_like(scale))
 
 
-def _inverse(index: torch.Tensor, size: int, constants: int) -> torch.Tensor:
-    """For a gather ``out = src[index]``, src = (``size`` source entries, then constant slots from ``constants`` on,
-    read many times and without a gradient): where each source entry went (its position in ``out``), or ``len(out)``
-    for entries never read. Every source entry must be read at most once."""
+def _inverse(index: torch.Tensor, size: int) -> torch.Tensor:
+    """For a gather ``out = src[index]``, src = (``size`` source entries, then constant slots, read many times and
+    without a gradient): where each source entry went (its position in ``out``), or ``len(out)`` for entries never
+    read. Every source entry must be read at most once."""
     inverse = torch.full((size,), index.numel(), dtype=torch.long)
-    real = index < constants
+    real = index < size
     targets = index[real]
     if targets.unique().numel() != targets.numel():
         raise AssertionError("weight path: a gather reads a source entry twice")
