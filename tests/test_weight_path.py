@@ -220,16 +220,61 @@ def test_an_svdp_plan_forms_unpadded_families_from_their_parameters(spectrum):
         loss = sum(result.weight(i).square().sum() for i in range(len(layers)))
         grads = torch.autograd.grad(loss, [t for ts in tensors for t in ts])
     if spectrum == "identity":
-        assert plan.formed == [None, False] and plan.y_sizes == [5 * 16 * 4]
+        assert plan.formed_reduced == [None, False] and plan.y_sizes == [5 * 16 * 4]
         gathered = sum(t.numel() for t in tensors[0][:1] + tensors[1] + tensors[2])  # not layer 0's V: formed
         assert sorted(reads) == sorted([plan.y_sizes[0] + 1, gathered]), reads  # forward and backward
     else:
-        assert plan.formed == [False, False] and plan.y_sizes == []
+        assert plan.formed_reduced == [False, False] and plan.y_sizes == []
         assert max(reads) <= 3 * 4 + 1, reads  # the spectra (and the constant 1), no reflector entry
-    for g, m in zip(grads[::len(tensors[0])], layers):  # equal to the per-layer computation
-        w = spectral_parametrization(m)(*member_tensors(m))
-        (want,) = torch.autograd.grad(w.square().sum(), member_tensors(m)[0])
-        close(g, want, 1e-5)
+    got = iter(grads)
+    for m in layers:  # every tensor's gradient equals the per-layer computation's
+        own = member_tensors(m)
+        wants = torch.autograd.grad(spectral_parametrization(m)(*own).square().sum(), own)
+        for want in wants:
+            close(next(got), want, 1e-5)
+
+
+class _DropsGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None
+
+
+def test_a_backward_that_reaches_the_weight_path_without_gradients_gives_none_or_zeros():
+    """When every gradient arriving at the weight path is None (a custom backward that returns None), the
+    parameters get no gradient (None or zeros), not an error."""
+    model = zoo("svdp", "normalized")
+    layers = [m for _, m in torch_sttp.converted_layers(model)]
+    tensors = [member_tensors(m) for m in layers]
+    plan = WeightPlan([member_parametrization(m) for m in layers], F64, torch.device("cpu"),
+                      cost.weight_path_costs(torch.device("cpu")))
+    result = plan.run(tensors)
+    other = torch.ones(1, dtype=F64, requires_grad=True)
+    loss = sum(_DropsGradient.apply(result.weight(i)).sum() for i in range(len(layers))) + other.sum()
+    grads = torch.autograd.grad(loss, [t for ts in tensors for t in ts] + [other], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads[:-1]) and torch.equal(grads[-1], torch.ones(1, dtype=F64))
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_bfloat16_weights_equal_the_per_layer_computation(method):
+    """bfloat16 parameters: frames in float32, cores cast once per family before the gather; the weights equal the
+    per-layer path's to bfloat16 rounding, and every tensor gets a bfloat16 gradient."""
+    model = zoo(method, "normalized").to(torch.bfloat16)
+    layers = [m for _, m in torch_sttp.converted_layers(model)]
+    tensors = [member_tensors(m) for m in layers]
+    plan = WeightPlan([member_parametrization(m) for m in layers], torch.bfloat16, torch.device("cpu"),
+                      cost.weight_path_costs(torch.device("cpu")))
+    result = plan.run(tensors)
+    for i, m in enumerate(layers):
+        want = spectral_parametrization(m)(*tensors[i]).float()
+        torch.testing.assert_close(result.weight(i).float(), want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    grads = torch.autograd.grad(sum(result.weight(i).float().sum() for i in range(len(layers))),
+                                [t for ts in tensors for t in ts], allow_unused=True)
+    assert all(g is None or g.dtype == torch.bfloat16 for g in grads) and any(g is not None for g in grads)
 
 
 def test_zero_padding_of_frames_is_exactly_inert():

@@ -8,11 +8,12 @@ distinct layer structures, not with the number of cores or layers:
 1. **frames** — frames are grouped into *families* of frame shapes, zero-padded to a common (n, r)
    (:func:`~torch_sttp.frames.frame_families` weighs padding FLOPs against calls); each family is one compact-WY
    call, its padded rows and columns exactly inert. A family's Y batch is gathered from the parameters (one gather
-   for all families, whose backward is the inverse gather, not a scatter), except for an unpadded family of whole
-   reflector tensors of one form, which is formed from them in place;
+   for all families, whose backward is the inverse gather, not a scatter), except where the family is read in
+   place (below) and holds whole reflector tensors of one form (sides of one core): then it is formed from them;
 2. **trains** — the cores are taken from the frames straight into the operand layout of batched contractions:
-   the frames of an unpadded family whose steps need no rank padding are split into their operands (views; a first
-   V core is transposed once), all others are gathered, by one gather. The trains of one side are contracted from
+   the frames of an unpadded family whose steps read them slot for slot (U cores, first V cores, no rank padding)
+   are split into their operands (views; a first V core is transposed once), all others are gathered, by one
+   gather. The trains of one side are contracted from
    their outer end as a *forest*: layers whose modes begin alike share the steps of that common beginning (one
    ``bmm`` per step for all of them; U sides of d_out = 64, 128 and 256 share their first six steps), bond ranks
    zero-padded to the largest in the step. Modes are never padded (intermediate sizes are products of modes);
@@ -22,8 +23,10 @@ distinct layer structures, not with the number of cores or layers:
    padded to another shape.
 
 A side without cores (a dimension of 1) is the constant 1, an output of the parameter gather, which has every
-gathered tensor as an input, empty ones included, so that every parameter takes part in the graph (DDP needs
-that). The padded computation equals the layer-by-layer one
+gathered tensor as an input, empty ones included. So a parameter takes part in the graph whenever a factor
+computed with it is used; the tensors of a layer whose factors go unused in a step get no gradient when nothing
+else shares their batched computation (as the unused weight of a dense layer: DDP then needs
+``find_unused_parameters=True``, as it would for the dense model). The padded computation equals the layer-by-layer one
 (:meth:`~torch_sttp.parametrizations.SpectralParametrization.factors`) up to rounding.
 """
 from __future__ import annotations
@@ -142,32 +145,37 @@ class WeightPlan:
         for side in (0, 1):
             self._grow(side, step_cores)
         groups = self._read_order(frames, groups, step_cores)
+        offsets, total, y_index = self._place_families(frames, groups, step_cores)
+        self.shapes, self.member_shape = self._shapes()
+        unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to the gathered tensors
+        self.param_gather = self._gather_maps(torch.cat([y_index, self._sigma_index(offsets), unit]), total)
+        core_index = [self._core_index(cores, step) for cores, step, d in zip(step_cores, self.steps, self.step_direct)
+                      if not d]
+        self.operand_sizes = [math.prod(t.shape) for t in core_index]
+        core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
+        self.core_gather = self._gather_maps(core, self.frames_numel)
+        self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
+        self.zero = torch.zeros(1, dtype=dtype, device=self.device)
+        self.sigma_scale = self._sigma_scale()
+
+    def _place_families(self, frames, groups, step_cores):
+        """Where each family's frames come from and go to: ``direct`` (read in place by its steps, else gathered),
+        ``formed_reduced`` (formed from whole tensors in place: their form; else None, Y gathered), the tensors the
+        parameter gather reads; returns their offsets, their total size and the Y gather index."""
         self.direct = self._direct_families(frames, groups, step_cores)
-        self.formed = self._formed_families(frames, groups)
-        offsets, total = self._tensor_offsets({frames[j][:2] for g, (_, _, members) in enumerate(groups)
-                                               if self.formed[g] is not None for j in members})
-        self.gathered = [(i, t) for i, row in enumerate(offsets) for t, o in enumerate(row) if o is not None]
+        self.formed_reduced = self._formed_families(frames, groups)
+        self.formed_blocks = [[frames[j][:2] for j in members] if formed is not None else []
+                              for formed, (_, _, members) in zip(self.formed_reduced, groups)]
+        offsets, total = self._tensor_offsets({key for blocks in self.formed_blocks for key in blocks})
+        self.gather_sources = [(i, t) for i, row in enumerate(offsets) for t, o in enumerate(row) if o is not None]
         self.zero_slot, self.one_slot = total, total + 1
         self.families, y_index, self.frame_address = self._families(frames, groups, offsets)
+        self.y_sizes = [f.count * f.n * f.r for f, formed in zip(self.families, self.formed_reduced) if formed is None]
         self.frames_numel = sum(f.count * f.n * f.r for d, f in zip(self.direct, self.families) if not d)
         self.direct_steps = [[s for s, cores in enumerate(step_cores) if self._family_of(cores) == f] if d else []
                              for f, d in enumerate(self.direct)]
         self.step_direct = [self.direct[self._family_of(cores)] for cores in step_cores]
-        core_index = [self._core_index(cores, step) for cores, step, d in zip(step_cores, self.steps, self.step_direct)
-                      if not d]
-        self.operand_sizes = [math.prod(t.shape) for t in core_index]
-        self.shapes, self.member_shape = self._shapes()
-        self.formed_blocks = [[frames[j][:2] for j in members] if formed is not None else []
-                              for formed, (_, _, members) in zip(self.formed, groups)]
-        self.y_sizes = [f.count * f.n * f.r for f, formed in zip(self.families, self.formed) if formed is None]
-        unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to every parameter
-        param_index = torch.cat([y_index, self._sigma_index(offsets), unit])
-        self.param_gather = self._gather_maps(param_index, total)
-        core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
-        self.core_gather = self._gather_maps(core, self.frames_numel)
-        self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
-        self.zero = torch.zeros(1, dtype=self.work, device=self.device)
-        self.sigma_scale = self._sigma_scale()
+        return offsets, total, y_index
 
     def _gather_maps(self, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, inverse) of a gather from ``size`` source entries (then constants), on the plan's device; int32
@@ -225,8 +233,8 @@ class WeightPlan:
 
     def _direct_families(self, frames, groups, step_cores) -> list[bool]:
         """Whether each family's frames are, slot for slot, the operands of whole steps, so that they are split into
-        those operands (views) rather than gathered: unpadded frames of U cores or of first V cores, with the ranks
-        their step pads to."""
+        those operands (views of U cores, one transposing copy of first V cores) rather than gathered: unpadded
+        frames of U cores or of first V cores, with the ranks their step pads to."""
         shape = {f[:3]: (f[3], f[4]) for f in frames}
 
         def viewable(cores, step) -> bool:
@@ -243,7 +251,8 @@ class WeightPlan:
 
     def _formed_families(self, frames, groups) -> list[bool | None]:
         """For each family whose frames are formed from their parameters in place (no gather: a direct family of
-        whole reflector tensors, sides of one core, all of one form) that form's ``reduced``; None for the others."""
+        whole reflector tensors, sides of one core, all of one form) whether that form is the reduced one; None
+        for the families whose Y is gathered."""
         formed = []
         for direct, (_, _, members) in zip(self.direct, groups):
             whole = all(len(self._side(*frames[j][:2]).frame_shapes) == 1 for j in members)
@@ -262,7 +271,7 @@ class WeightPlan:
             pad = torch.zeros(len(members), r_f)
             for slot, j in enumerate(members):
                 i, side, k, rows, cols, red, start = frames[j]
-                if self.formed[g] is None:
+                if self.formed_reduced[g] is None:
                     pieces.append(self._y_index(rows, cols, red, offsets[i][side] + start, n_f, r_f))
                 pad[slot, cols:] = 1.0
                 address[(i, side, k)] = (g, slot, None if self.direct[g] else base + slot * n_f * r_f, r_f)
@@ -338,8 +347,9 @@ class WeightPlan:
 
     def _branch(self, side: int, members: list[int], depth: int, parent, piece: int, rank_in: int,
                 step_cores: list) -> list[int]:
-        """Steps for forest depth ``depth`` of ``members`` (all with more cores), one per distinct mode; returns
-        the sizes of their batches."""
+        """Steps for forest depth ``depth`` of ``members`` (all with more cores), one per distinct
+        :meth:`_run_key` (the mode; for sides of one core also their family); returns the sizes of their
+        batches."""
         runs: dict = {}
         for i in members:
             runs.setdefault(self._run_key(i, side, depth), []).append(i)
@@ -429,7 +439,7 @@ class WeightPlan:
     # ----------------------------------------------------------------------------------------------- running
     def run(self, tensors: Sequence[Sequence[torch.Tensor]]) -> WeightPathResult:
         """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
-        sources = [tensors[i][t] for i, t in self.gathered]
+        sources = [tensors[i][t] for i, t in self.gather_sources]
         sizes = self.y_sizes + ([len(self.sigma_members) * self.sigma_rank] if self.sigma_members else []) + [1]
         with without_autocast(self.device):
             pieces = _Gather.apply(*self.param_gather, self.zero_one, tuple(sizes), *sources)
@@ -444,7 +454,7 @@ class WeightPlan:
         """Every family's frames (count, n, r), one compact-WY call each: from its gathered Y, or from its
         members' reflector tensors in place."""
         ys, frames = iter(ys), []
-        for g, (f, reduced) in enumerate(zip(self.families, self.formed)):
+        for g, (f, reduced) in enumerate(zip(self.families, self.formed_reduced)):
             if reduced is None:
                 frames.append(compact_wy(next(ys).view(f.count, f.n, f.r).to(self.work), constants=f.constants))
                 continue
@@ -465,11 +475,11 @@ class WeightPlan:
                 for s, chunk in zip(steps, chunks):
                     out[s] = self._direct_operand(self.steps[s], chunk)
         gathered = [s for s, direct in enumerate(self.step_direct) if not direct]
-        if gathered:
-            sources = [q for q, direct in zip(frames, self.direct) if not direct]
+        if gathered:  # in the parameters' precision: one cast per family, half the bytes gathered in bfloat16
+            sources = [q.to(self.dtype) for q, direct in zip(frames, self.direct) if not direct]
             pieces = _Gather.apply(*self.core_gather, self.zero, tuple(self.operand_sizes), *sources)
             for s, piece in zip(gathered, pieces):
-                out[s] = piece.to(self.dtype).view(self._operand_shape(self.steps[s]))
+                out[s] = piece.view(self._operand_shape(self.steps[s]))
         return out
 
     @staticmethod
@@ -553,7 +563,9 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         (inverse,) = ctx.saved_tensors
-        like = next(g for g in grads if g is not None)
+        like = next((g for g in grads if g is not None), None)
+        if like is None:
+            return (None,) * (4 + len(ctx.shapes))
         flat = [like.new_zeros(n) if g is None else _flat(g) for g, n in zip(grads, ctx.sizes)]
         sources = torch.cat(flat + [like.new_zeros(1)]).index_select(0, inverse)
         sources = sources.split([math.prod(shape) for shape in ctx.shapes])
@@ -604,7 +616,7 @@ class WeightPathResult:
         return self._memo[key]
 
     def _unit(self, b: int) -> torch.Tensor:
-        """The factor of a side without cores, 1, tied to all parameters: (b, 1, 1)."""
+        """The factor of a side without cores, 1, tied to the gathered tensors: (b, 1, 1)."""
         return self._one.view(1, 1, 1).expand(b, 1, 1)
 
     def _block_pieces(self, b: int, scaled: bool) -> tuple:
