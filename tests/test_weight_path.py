@@ -84,6 +84,14 @@ def zoo(method, spectrum, batching="shape", seed=0):
     return model
 
 
+def same_gradients(model, got, want):
+    """Gradients of ``model``'s parameters (None where unused) equal, parameter by parameter."""
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            close(a, b)
+
+
 def reference_weight(module):
     """W from the layer's own parametrization chain, one layer at a time (no planner)."""
     p = spectral_parametrization(module)
@@ -123,10 +131,7 @@ def test_weights_factors_and_gradients_equal_the_layer_by_layer_computation(meth
     ref_loss = ref_loss + sum((u.sum() + vt.square().sum() + (0 if s is None else s.cos().sum()))
                               for u, s, vt in ref_factors)
     want = torch.autograd.grad(ref_loss, params, allow_unused=True)
-    for (name, _), a, b in zip(model.named_parameters(), got, want):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            close(a, b)
+    same_gradients(model, got, want)
 
 
 @pytest.mark.parametrize("method", ["svdp", "sttp"])
@@ -187,10 +192,7 @@ def test_unpadded_families_are_read_in_place(method, spectrum):
     ref_loss = sum((w * w.detach().cos()).sum() + u.sum() + vt.square().sum()
                    for w, (u, _, vt) in zip(ref_weights, ref_factors))
     want = torch.autograd.grad(ref_loss, list(model.parameters()), allow_unused=True)
-    for (name, _), a, b in zip(model.named_parameters(), got, want):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            close(a, b)
+    same_gradients(model, got, want)
 
 
 @pytest.mark.parametrize("spectrum", ["identity", "normalized"])
