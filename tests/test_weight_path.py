@@ -177,6 +177,9 @@ def test_unpadded_families_are_read_in_place(method, spectrum):
     assert {s.side for s in direct} == {0, 1}
     if method == "sttp":
         assert any(s.side == 0 and s.parent is not None for s in direct)  # a U core inside a train: a view
+    if spectrum == "normalized":  # Σ in the order of the U blocks: every block's and shape's rows are one range
+        rows = [b.sigma_rows for b in plan.blocks] + [g.sigma_rows for g in plan.shapes]
+        assert all(isinstance(r, tuple) for r in rows if r is not None) and any(r is not None for r in rows)
     tensors = [member_tensors(m) for m in layers]
     result = plan.run(tensors)
     weights = [result.weight(i) for i in range(len(layers))]

@@ -32,6 +32,7 @@ else shares their batched computation (as the unused weight of a dense layer: DD
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -95,14 +96,14 @@ class _Step:
 class _Block:
     """The finished trains of one side and one mode sequence: U (B, d, R) or Vᵀ (B, R, d), R = ``rank``, members
     ordered by weight shape (``shape_sizes`` consecutive members per shape in ``shapes``); ``sigma_rows``: their
-    rows in the Σ batch (U blocks with a learned spectrum)."""
+    rows in the Σ batch (a (start, count) range or an index) (U blocks with a learned spectrum)."""
 
     side: int
     members: tuple[int, ...]
     rank: int
     shapes: tuple[int, ...]
     shape_sizes: tuple[int, ...]
-    sigma_rows: torch.Tensor | None
+    sigma_rows: tuple[int, int] | torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ class _Shape:
     rank: int
     u: tuple[int, int] | None
     v: tuple[int, int] | None
-    sigma_rows: torch.Tensor | None
+    sigma_rows: tuple[int, int] | torch.Tensor | None
     batched: bool  # weights formed as one batched product (else layer by layer)
 
 
@@ -145,6 +146,7 @@ class WeightPlan:
         for side in (0, 1):
             self._grow(side, step_cores)
         groups = self._read_order(frames, groups, step_cores)
+        self._order_spectra()
         offsets, total, y_index = self._place_families(frames, groups, step_cores)
         self.shapes, self.member_shape = self._shapes()
         unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to the gathered tensors
@@ -392,10 +394,21 @@ class WeightPlan:
     def _block(self, side: int, ended: list[int], rank: int) -> _Block:
         shapes = sorted(set(self.shape_of[i] for i in ended))
         sizes = tuple(sum(self.shape_of[i] == s for i in ended) for s in shapes)
-        rows = None
-        if side == 0 and self.params[ended[0]].has_spectrum:
-            rows = self._rows([self.sigma_members.index(i) for i in ended])
-        return _Block(side, tuple(ended), rank, tuple(shapes), sizes, rows)
+        return _Block(side, tuple(ended), rank, tuple(shapes), sizes, None)  # sigma_rows: see _order_spectra
+
+    def _order_spectra(self) -> None:
+        """The Σ batch in the order of the U blocks, so that a block's (and a shape's) rows are one range, read as a
+        view; then each U block's ``sigma_rows``."""
+        in_blocks = [i for b in self.blocks if b.side == 0 for i in b.members if self.params[i].has_spectrum]
+        rest = [i for i in self.sigma_members if i not in set(in_blocks)]
+        self.sigma_members = in_blocks + rest
+        self.blocks = [dataclasses.replace(b, sigma_rows=self._sigma_rows(b.members))
+                       if b.side == 0 and self.params[b.members[0]].has_spectrum else b for b in self.blocks]
+
+    def _sigma_rows(self, members) -> tuple[int, int] | torch.Tensor:
+        """Rows of ``members`` in the Σ batch: (start, count) where they are one ascending range, else an index."""
+        rows = [self.sigma_members.index(i) for i in members]
+        return (rows[0], len(rows)) if rows == list(range(rows[0], rows[0] + len(rows))) else self._rows(rows)
 
     def _core_index(self, cores, step: _Step) -> torch.Tensor:
         """Gather index of one step's operand (B, rows, cols) from the gathered frames."""
@@ -427,7 +440,7 @@ class WeightPlan:
         for s in range(max(self.shape_of, default=-1) + 1):
             members = [i for i, t in enumerate(self.shape_of) if t == s]
             p = self.params[members[0]]
-            rows = self._rows([self.sigma_members.index(i) for i in members]) if p.has_spectrum else None
+            rows = self._sigma_rows(members) if p.has_spectrum else None
             for j, i in enumerate(members):
                 member_shape[i] = (s, j)
             batched = batch_weight_products(len(members), p.d_out * p.d_in, self.costs)
@@ -577,6 +590,11 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 1 else t.reshape(-1)
 
 
+def _rows_of(t: torch.Tensor, rows: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """Rows of t: a (start, count) range as a view, or an index."""
+    return t.narrow(0, *rows) if isinstance(rows, tuple) else t.index_select(0, rows)
+
+
 def _same(t: torch.Tensor) -> torch.Tensor:
     return t
 
@@ -626,7 +644,7 @@ class WeightPathResult:
         def compute():
             t = self._blocks[b]
             if scaled:
-                sigma = self._sigma.index_select(0, block.sigma_rows)
+                sigma = _rows_of(self._sigma, block.sigma_rows)
                 t = t * _narrow(sigma, 1, block.rank).unsqueeze(1)
             return t.split(block.shape_sizes) if len(block.shape_sizes) > 1 else (t,)
 
@@ -646,7 +664,7 @@ class WeightPathResult:
 
     def _shape_sigma(self, g: int) -> torch.Tensor:
         shape = self.plan.shapes[g]
-        return self._lazy(("sigma", g), lambda: _narrow(self._sigma.index_select(0, shape.sigma_rows), 1, shape.rank))
+        return self._lazy(("sigma", g), lambda: _narrow(_rows_of(self._sigma, shape.sigma_rows), 1, shape.rank))
 
     def _pieces(self, key, tensor_fn) -> tuple:
         return self._lazy(("unbind", key), lambda: tensor_fn().unbind(0))
