@@ -275,6 +275,14 @@ def _stacked_y(block: torch.Tensor, eye: torch.Tensor, reduced: bool) -> torch.T
     return torch.cat([_unit_top(block, eye, reduced), _bottom(block, reduced)], dim=-2)
 
 
+def _block_gradient(grad_y: torch.Tensor, r: int, reduced: bool) -> torch.Tensor:
+    """∂block from ∂Y (B, n, r), plain differentiable ops: rows ≥ r (reduced), or the strictly lower part of rows
+    < r above rows ≥ r (full)."""
+    if reduced:
+        return grad_y[..., r:, :]
+    return torch.cat([grad_y[..., :r, :].tril(-1), grad_y[..., r:, :]], dim=-2)
+
+
 class _UnitLowerY(torch.autograd.Function):
     """Y = [top; bottom] (B, n, r) of free blocks (see :func:`_unit_top`); its backward is one copy of ∂Y (the
     rows < r of a full block keep their strictly lower entries), not the zero-filled slices of ``cat``'s."""
@@ -290,10 +298,8 @@ class _UnitLowerY(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         r = ctx.r
-        if ctx.reduced:
-            return grad_y[..., r:, :], None, None
-        if torch.is_grad_enabled():
-            return torch.cat([grad_y[..., :r, :].tril(-1), grad_y[..., r:, :]], dim=-2), None, None
+        if ctx.reduced or torch.is_grad_enabled():
+            return _block_gradient(grad_y, r, ctx.reduced), None, None
         grad = grad_y.clone()
         grad[..., :r, :].tril_(-1)
         return grad, None, None
@@ -337,8 +343,7 @@ class _FrameFromBlock(torch.autograd.Function):
             y = _stacked_y(block, eye, reduced)
             grad_y, = torch.autograd.grad(_CompactWY.apply(y, eye, mask, None, False)[0], y, grad_q,
                                           create_graph=True)
-            grad = grad_y[:, r:] if reduced else torch.cat([grad_y[:, :r].tril(-1), grad_y[:, r:]], dim=-2)
-            return grad, None, None, None, None
+            return _block_gradient(grad_y, r, reduced), None, None, None, None
         g_top, g_bottom, xt = grad_q[:, :r], grad_q[:, r:], x.mT
         h = torch.bmm(t.mT, _two_part_product(top, bottom, g_top, g_bottom))  # −∂/∂(Y_topᵀ)
         grad_gram = torch.bmm(h, xt) * mask

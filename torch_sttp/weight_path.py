@@ -149,11 +149,14 @@ class WeightPlan:
         self._order_spectra()
         offsets, total, y_index = self._place_families(frames, groups, step_cores)
         self.shapes, self.member_shape = self._shapes()
-        unit = torch.tensor([total + 1])  # the constant 1 of a side without cores, tied to the gathered tensors
+        unit = torch.tensor([self.one_slot])  # the constant 1 of a side without cores, tied to the gathered tensors
         self.param_gather = self._gather_maps(torch.cat([y_index, self._sigma_index(offsets), unit]), total)
         core_index = [self._core_index(cores, step) for cores, step, d in zip(step_cores, self.steps, self.step_direct)
                       if not d]
-        self.operand_sizes = [math.prod(t.shape) for t in core_index]
+        self.operand_sizes = tuple(math.prod(t.shape) for t in core_index)
+        self.gathered_steps = [s for s, direct in enumerate(self.step_direct) if not direct]
+        self.param_sizes = tuple(self.y_sizes + ([len(self.sigma_members) * self.sigma_rank] if self.sigma_members
+                                                 else []) + [1])  # the parameter gather's pieces: Y, Σ, the unit
         core = torch.cat([t.reshape(-1) for t in core_index]) if core_index else torch.zeros(0, dtype=torch.long)
         self.core_gather = self._gather_maps(core, self.frames_numel)
         self.zero_one = torch.tensor([0.0, 1.0], dtype=dtype, device=self.device)
@@ -453,9 +456,8 @@ class WeightPlan:
     def run(self, tensors: Sequence[Sequence[torch.Tensor]]) -> WeightPathResult:
         """Frames, trains and Σ of every member from its tensors (U reflectors, V reflectors[, S])."""
         sources = [tensors[i][t] for i, t in self.gather_sources]
-        sizes = self.y_sizes + ([len(self.sigma_members) * self.sigma_rank] if self.sigma_members else []) + [1]
         with without_autocast(self.device):
-            pieces = _Gather.apply(*self.param_gather, self.zero_one, tuple(sizes), *sources)
+            pieces = _Gather.apply(*self.param_gather, self.zero_one, self.param_sizes, *sources)
             frames = self._frames(pieces[:len(self.y_sizes)], tensors)
             blocks = self._contract(self._operands(frames))
             sigma = None
@@ -487,11 +489,10 @@ class WeightPlan:
                 chunks = q.split([len(self.steps[s].members) for s in steps]) if len(steps) > 1 else (q,)
                 for s, chunk in zip(steps, chunks):
                     out[s] = self._direct_operand(self.steps[s], chunk)
-        gathered = [s for s, direct in enumerate(self.step_direct) if not direct]
-        if gathered:  # in the parameters' precision: one cast per family, half the bytes gathered in bfloat16
+        if self.gathered_steps:  # in the parameters' precision: one cast per family, half the bytes in bfloat16
             sources = [q.to(self.dtype) for q, direct in zip(frames, self.direct) if not direct]
-            pieces = _Gather.apply(*self.core_gather, self.zero, tuple(self.operand_sizes), *sources)
-            for s, piece in zip(gathered, pieces):
+            pieces = _Gather.apply(*self.core_gather, self.zero, self.operand_sizes, *sources)
+            for s, piece in zip(self.gathered_steps, pieces):
                 out[s] = piece.view(self._operand_shape(self.steps[s]))
         return out
 
