@@ -3,8 +3,9 @@
 A dense SmallCNN (width 16) is trained with the classification recipe (``configs/classify/mnist5k-small-cnn.yaml``'s
 data and optimiser settings, method "dense", 5 epochs, seed 0). Its conv2, conv3 and fc layers (conv1, the
 recipe's dense first layer, stays dense) are then projected to SVDP or STTP (spectrum "free") at several
-compression ratios Z — the paper's eq. 11, 100 · (Σ DOF of the projected layers + every other parameter) / (all
-parameters of the dense model) — with one rank for all layers ("uniform") or the loss-aware plan
+compression ratios Z — the paper's eq. 11 as the library counts it (``torch_sttp.compression``), 100 · (Σ DOF of
+the projected layers + every other state-dict value: conv1, biases, batch-norm affine parameters and running
+statistics) / (every state-dict value of the dense model), ``num_batches_tracked`` left out — with one rank for all layers ("uniform") or the loss-aware plan
 (:func:`torch_sttp.allocation.allocate_ranks` on each layer's truncation loss relative to its output energy, floor
 0.5, in the projection's own metric). Four projections per cell, all from the same 512 training images:
 
@@ -56,6 +57,7 @@ from torch_sttp.calibration import batchnorm_scales, calibrate, reestimate_batch
 from torch_sttp.checkpoint import load_checkpoint  # noqa: E402
 from torch_sttp.layers import layout_shape, weight_matrix  # noqa: E402
 from torch_sttp.ranks import project  # noqa: E402
+from torch_sttp.report import compression  # noqa: E402
 from torch_sttp.tt import count_dof, split_modes, tt_ranks  # noqa: E402
 from torch_sttp.data_aware import project_whitened  # noqa: E402
 from torch_sttp.whitening import DAMPING, REFINE_ITERS, truncation_candidates  # noqa: E402
@@ -183,6 +185,7 @@ def run(quick: bool, out: Path) -> tuple[list[dict], dict, list[dict]]:
     (method, ranks, Z, projection) on the test set; returns the rows, the chosen settings and the trained
     reference rows (not a target: the aware models of :data:`REFERENCE` fine-tuned, :func:`trained_reference`)."""
     from torch_sttp.experiments.data import load_mnist5k
+    from torch_sttp.experiments.models import state_dict_numel
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -193,7 +196,7 @@ def run(quick: bool, out: Path) -> tuple[list[dict], dict, list[dict]]:
     val = TensorDataset(*(t[order[512:1512]] for t in train.tensors))
     calib = (calibrate(dense, batches, layers=LAYERS, means=True), batchnorm_scales(dense, batches[0], LAYERS),
              batches)
-    total = sum(p.numel() for p in dense.parameters())
+    total = state_dict_numel(dense)  # eq. 11's denominator: running statistics count, num_batches_tracked not
     other = total - sum(dense.get_submodule(n).weight.numel() for n in LAYERS)
     zs = (ZS[1], ZS[3]) if quick else ZS
     budgets = {z: int(z / 100 * total) - other for z in zs}
@@ -207,8 +210,11 @@ def run(quick: bool, out: Path) -> tuple[list[dict], dict, list[dict]]:
                     model, ranks = compress(dense, method, budgets[z], strategy, data, calib, chosen[method])
                     dof = sum(count_dof(layout_shape(dense.get_submodule(n)), method, r, "free")
                               for n, r in ranks.items())
+                    z_model = compression(model)
+                    if not math.isclose(z_model, 100 * (dof + other) / total):
+                        raise RuntimeError(f"Z of the projected model {z_model} differs from its budget's count")
                     rows.append({"method": method, "strategy": strategy, "data": data, "z_target": z,
-                                 "z": 100 * (dof + other) / total, "ranks": dict(ranks),
+                                 "z": z_model, "ranks": dict(ranks),
                                  "accuracy": accuracy(model, test), "seconds": time.perf_counter() - t})
                     print(json.dumps(rows[-1]), flush=True)
                     if data == "aware" and strategy == REFERENCE["strategy"] and z in REFERENCE["zs"]:
