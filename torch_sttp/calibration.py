@@ -81,6 +81,24 @@ class Calibration:
                 raise ValueError(f"calibration: layer {name!r} refers to a missing statistic {key!r}")
             if kind not in KINDS:
                 raise ValueError(f"calibration: layer {name!r} has an unknown kind {kind!r}")
+        for key in self._sums:
+            self._check_entry(key)
+
+    def _check_entry(self, key: str) -> None:
+        """A stored statistic is a vector (packed Σ x xᵀ of triangular length, or token counts), finite, with N ≥ 0."""
+        names = [n for n, (k, _) in self._layers.items() if k == key] or [key]
+        kind = self._layers[names[0]][1] if names[0] in self._layers else None
+        stored, where = self._sums[key], f"calibration: layer {names[0]!r}"
+        n = stored.numel()
+        if stored.dim() != 1 or (kind != "embedding" and math.isqrt(8 * n + 1) ** 2 != 8 * n + 1):
+            raise ValueError(f"{where}: its stored statistic of shape {tuple(stored.shape)} is not a packed "
+                             "symmetric matrix (d(d + 1)/2 values) or a vector of token counts; calibrate again")
+        if self._samples.get(key, 0) < 0:
+            raise ValueError(f"{where}: a negative sample count {self._samples[key]}; calibrate again")
+        for t in (stored, self._column_sums.get(key)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{where}: its statistic has NaN or Inf entries (non-finite inputs in the "
+                                 "calibration batches, or a damaged file); calibrate again on finite data")
 
     @property
     def names(self) -> list[str]:
@@ -124,10 +142,10 @@ class Calibration:
         return self._samples[self.key(name)]
 
     def total(self, name: str) -> torch.Tensor:
-        """The raw float64 sum: Σ x xᵀ (d_in × d_in, a fresh matrix), or the token counts (num_embeddings,) of an
+        """The raw float64 sum, a fresh tensor: Σ x xᵀ (d_in × d_in), or the token counts (num_embeddings,) of an
         Embedding. A matrix is stored as its upper triangle (:func:`pack_symmetric`): half the memory, exact."""
         stored = self._sums[self.key(name)]
-        return stored if self.kind(name) == "embedding" else unpack_symmetric(stored)
+        return stored.clone() if self.kind(name) == "embedding" else unpack_symmetric(stored)
 
     def moment(self, name: str) -> torch.Tensor:
         """E[x xᵀ] = Σ x xᵀ / N (d_in × d_in); for an Embedding its diagonal, the token frequencies."""
@@ -135,7 +153,7 @@ class Calibration:
         if n == 0:
             raise ValueError(f"layer {name!r} saw no input during calibration")
         total = self.total(name)
-        return total / n if self.kind(name) == "embedding" else total.div_(n)  # a matrix is unpacked afresh
+        return total.div_(n)
 
     @property
     def has_means(self) -> bool:
@@ -214,7 +232,11 @@ class Calibration:
             column_keys = set(info.get("column_sums", []))
             stored = {k: f.get_tensor(k) for k in f.keys()}
         columns = {k: stored.pop(COLUMN_SUM_PREFIX + k) for k in column_keys}
-        return cls({n: tuple(v) for n, v in info["layers"].items()}, stored, info["samples"], column_sums=columns)
+        try:
+            return cls({n: tuple(v) for n, v in info["layers"].items()}, stored, info["samples"],
+                       column_sums=columns)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def __repr__(self) -> str:
         return f"Calibration(layers={len(self)}, statistics={len(self._sums)}, MiB={self.nbytes / 2**20:.1f})"
@@ -244,7 +266,8 @@ def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
     """The symmetric matrix of :func:`pack_symmetric`'s output (no temporaries beyond the d × d boolean mask)."""
     d = int((math.isqrt(8 * packed.numel() + 1) - 1) // 2)
     if d * (d + 1) // 2 != packed.numel():
-        raise ValueError(f"a packed symmetric statistic has a triangular number of values, got {packed.numel()}")
+        raise ValueError(f"a packed symmetric statistic needs a triangular number d(d + 1)/2 of values, got "
+                         f"{packed.numel()}")
     upper = _upper_mask(d, packed.device)
     out = packed.new_zeros(d, d)
     out.masked_scatter_(upper, packed)
@@ -329,11 +352,28 @@ def _signature(module: nn.Module, kind: str) -> tuple:
             getattr(module, "output_padding", None))
 
 
-def _columns(module: nn.Module, kind: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The input columns x of one call: (N, d_in) floats, or (N,) token indices for an Embedding."""
+def _unmasked(name: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The positions of a batch-first (B, T, …) ``x`` that the (B, T) ``mask`` keeps, (N, …); ``x`` itself when
+    its leading axes are not (B, T). A sequence-first (T, B, …) ``x`` is refused when the mask leaves anything out
+    (B ≠ T; with B = T the layouts look the same, so the mask's convention is batch-first)."""
+    if mask is None:
+        return x
+    lead, want = tuple(x.shape[:2]), tuple(mask.shape)
+    if lead == want:
+        return x[mask.to(device=x.device, dtype=torch.bool)]
+    if lead == want[::-1] and not bool(mask.all()):
+        raise ValueError(f"layer {name!r}: its tensor is sequence-first {tuple(x.shape)}, but the batch's "
+                         f"attention_mask {want} applies to batch-first (B, T, …) tensors only; use a batch-first "
+                         "model, or leave attention_mask out of the batches")
+    return x
+
+
+def _columns(name: str, module: nn.Module, kind: str, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The input columns x of one call: (N, d_in) floats, or (N,) token indices for an Embedding. A (B, T)
+    ``mask`` leaves out the masked positions of a batch-first (B, T, …) input."""
     if kind in ("linear", "embedding"):
-        if mask is not None and x.dim() >= 2 + (kind == "linear") and tuple(x.shape[:2]) == tuple(mask.shape):
-            x = x[mask.to(device=x.device, dtype=torch.bool)]
+        if x.dim() >= 2 + (kind == "linear"):
+            x = _unmasked(name, x, mask)
         return x.reshape(-1) if kind == "embedding" else x.reshape(-1, x.shape[-1])
     return patches(module, x) if kind == "conv" else transposed_patches(module, x)
 
@@ -377,8 +417,20 @@ class _Collector:
         self.calls: dict[str, list[int]] = {}  # this batch: layer -> indices into seen
         self.handles = [m.register_forward_pre_hook(self._hook(name, m)) for name, m in selected]
 
-    def begin(self, mask) -> None:
-        self.mask, self.seen, self.calls = mask, [], {}
+    def begin(self, mask, batch_index: int = 0) -> None:
+        self.mask, self.seen, self.calls, self.batch_index = mask, [], {}, batch_index
+
+    def _check_finite(self) -> None:
+        """Once per batch: the statistics it added to are finite."""
+        keys: dict[str, str] = {}
+        for name in self.calls:  # forward order: the first layer that reads a statistic names it
+            keys.setdefault(self.layers[name][0], name)
+        for key, name in keys.items():
+            sums = [self.sums.get(key)] + [self.column_sums.get(key)]
+            if not all(t is None or bool(torch.isfinite(t).all()) for t in sums):
+                raise ValueError(f"calibrate: layer {name!r} got NaN or Inf inputs in batch {self.batch_index} "
+                                 "(counting from 0); its statistic would be meaningless. Check that batch (and the "
+                                 "layers before this one)")
 
     def _hook(self, name: str, module: nn.Module):
         def hook(_module, args):
@@ -401,7 +453,10 @@ class _Collector:
         key = self.layers[name][0]
         if index is None:
             if self.measure:
-                self._add(key, module, kind, _columns(module, kind, x.detach(), self.mask), x.device)
+                if x.is_meta:
+                    raise ValueError(f"calibrate: layer {name!r} got an input on the meta device, which has no "
+                                     "values; load the model's weights and feed real batches")
+                self._add(key, module, kind, _columns(name, module, kind, x.detach(), self.mask), x.device)
             self.seen.append((weakref.ref(x), sig, key))
             index = len(self.seen) - 1
         self.calls.setdefault(name, []).append(index)
@@ -422,7 +477,9 @@ class _Collector:
                 total += chunk.to(torch.float64).sum(0)
 
     def end(self, batch_index: int) -> None:
-        """Check that layers sharing a statistic were fed the same tensors in this batch."""
+        """Check that this batch's inputs were finite and that layers sharing a statistic were fed the same tensors."""
+        if self.measure:
+            self._check_finite()
         by_key: dict[str, tuple[str, list[int]]] = {}
         for name, calls in self.calls.items():
             key = self.layers[name][0]
@@ -491,7 +548,7 @@ def _collect(model: nn.Module, batches: Iterable, include, exclude, layers, prog
     try:
         with _eval_mode(model), torch.no_grad():
             for i, batch in enumerate(iterator):
-                collector.begin(_attention_mask(batch))
+                collector.begin(_attention_mask(batch), i)
                 try:
                     run_batch(model, batch)
                 except _StopForward:
@@ -512,7 +569,8 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
 
     Args:
         batches: tensors (``model(x)``), tuples (``model(*b)``) or dicts (``model(**b)``, e.g. tokenizer outputs; an
-            ``attention_mask`` entry (B, T) leaves padded positions out of Linear and Embedding statistics).
+            ``attention_mask`` entry (B, T) leaves padded positions out of the statistics of Linear and Embedding
+            layers whose inputs are batch-first (B, T, …); a sequence-first (T, B, …) input is refused).
         include / exclude: layer selection as in :func:`torch_sttp.convert` (:func:`torch_sttp.layers.select_layers`).
         progress: a progress bar over the batches.
         stop_early: end each forward pass as soon as every selected layer has seen its input (when only some
@@ -522,8 +580,9 @@ def calibrate(model: nn.Module, batches: Iterable, include=None, exclude=None, p
             metric of :func:`torch_sttp.whitening.layer_metric`); d_in more values per statistic (none for an
             Embedding or a grouped ConvTranspose).
 
-    Every module's training flag is restored afterwards. Raises ValueError if no layer is selected, if a selected
-    layer never runs, or if layers that shared an input stop sharing it in a later batch.
+    Every module's training flag is restored afterwards. Raises ValueError (naming the layer) if no layer is
+    selected, if a selected layer never runs, if its inputs hold NaN or Inf or are on the meta device, or if layers
+    that shared an input stop sharing it in a later batch.
     """
     c = _collect(model, batches, include, exclude, layers, progress, stop_early, measure=True, means=means)
     return Calibration(c.layers, c.sums, c.samples, packed=True, column_sums=c.column_sums)
@@ -614,6 +673,9 @@ def paired_statistics(reference: nn.Module, model: nn.Module, batches, names: It
             for key, value in (("xy", x.mT @ y), ("yy", y.mT @ y), ("x", x.sum(0)), ("y", y.sum(0)),
                                ("n", x.shape[0])):
                 sums[n][key] = sums[n].get(key, 0) + value
+            if not bool(torch.isfinite(sums[n]["xy"]).all() and torch.isfinite(sums[n]["x"]).all()):
+                raise ValueError(f"paired_statistics: layer {n!r} got NaN or Inf inputs in the reference model; "
+                                 "check the batches")
     missing = [n for n in names if not sums[n]]
     if missing:
         raise ValueError(f"paired_statistics: layers {missing[:4]} never ran on the batches")
@@ -627,7 +689,7 @@ def _batch_columns(net: nn.Module, layers, batch, mask) -> dict[str, list[torch.
     found: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
 
     def observe(name, module, args):
-        found[name].append(_columns(module, layer_kind(module), args[0].detach(), mask))
+        found[name].append(_columns(name, module, layer_kind(module), args[0].detach(), mask))
     _first_calls(net, layers, batch, observe=observe)
     return found
 
@@ -660,7 +722,9 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     size: pass smaller batches to bound it (the estimate is per column, so the batch size does not change it).
     Each layer's output gradient is reduced to its sum of squares as the backward pass produces it (a tensor hook;
     the pass differentiates with respect to one scalar leaf added to every selected output), so no layer's gradient
-    outlives its step of the backward pass; a layer called more than once per forward counts every call.
+    outlives its step of the backward pass; a layer called more than once per forward counts every call. Raises
+    ValueError naming the layers whose output gradients are NaN or Inf (a NaN input the Jacobian ignores, e.g.
+    through a ReLU's zero slope, goes unnoticed: the Jacobian is what this measures).
     """
     selected = _select(model, include, exclude, layers)
     kinds = {n: layer_kind(m) for n, m in selected}
@@ -672,7 +736,7 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
 
     def hook_for(name):
         def consume(g):  # each output gradient is reduced as backward produces it, then freed
-            total, columns = _squared_gradient_sum(g, mask[0], kinds[name])
+            total, columns = _squared_gradient_sum(name, g, mask[0], kinds[name])
             totals[name] += total
             counts[name] += columns
 
@@ -694,14 +758,18 @@ def layer_sensitivity(model: nn.Module, batches: Iterable, include=None, exclude
     finally:
         for h in handles:
             h.remove()
+    bad = [n for n, t in totals.items() if not math.isfinite(t)]
+    if bad:
+        raise ValueError(f"layer_sensitivity: layers {bad[:4]} got NaN or Inf output gradients (non-finite inputs or "
+                         "outputs on these batches); check the batches")
     return {n: totals[n] / counts[n] if counts[n] else 0.0 for n in totals}
 
 
-def _squared_gradient_sum(g: torch.Tensor, mask, kind: str) -> tuple[float, int]:
+def _squared_gradient_sum(name: str, g: torch.Tensor, mask, kind: str) -> tuple[float, int]:
     """(Σ‖g_t‖² / d_out, the number of columns) of one layer's output gradient ``g``, one column g_t per token or
     output position (masked positions left out)."""
-    if mask is not None and g.dim() >= 3 and tuple(g.shape[:2]) == tuple(mask.shape):
-        g = g[mask.to(device=g.device, dtype=torch.bool)]
+    if kind in ("linear", "embedding") and g.dim() >= 3:  # as in calibrate: the mask is per token
+        g = _unmasked(name, g, mask)
     if kind in ("conv", "conv_transpose"):
         g = g.movedim(1, -1)  # channels last: one column per output position
     cols = g.reshape(-1, g.shape[-1])
@@ -747,7 +815,8 @@ def reestimate_batchnorm(model: nn.Module, batches, include=None) -> dict[str, i
     inputs are those of the model whose earlier batch norms are already re-estimated. After compressing the layers
     before a batch norm, this restores the normalisation the trained model had (a layer followed by a
     re-estimated batch norm is blind to per-channel shifts of its output). ``batches`` must be re-iterable (one
-    pass per batch norm); eval mode, training flags restored. Returns {name: N}.
+    pass per batch norm); eval mode, training flags restored. Returns {name: N}. On an error (non-finite inputs,
+    too little data) every batch norm keeps the statistics it had.
     """
     if iter(batches) is batches:
         raise ValueError("reestimate_batchnorm needs re-iterable batches (a list), not a one-shot iterator")
@@ -757,6 +826,18 @@ def reestimate_batchnorm(model: nn.Module, batches, include=None) -> dict[str, i
         raise ValueError("reestimate_batchnorm: " + ("no batch given" if first is None else
                                                       "the model has no batch norm with running statistics"))
     modules = dict(norms)
+    saved = {n: (m.running_mean.clone(), m.running_var.clone()) for n, m in norms}
+    try:
+        return _reestimate(model, norms, modules, first, batches)
+    except BaseException:
+        with torch.no_grad():
+            for n, (mean, var) in saved.items():
+                modules[n].running_mean.copy_(mean)
+                modules[n].running_var.copy_(var)
+        raise
+
+
+def _reestimate(model, norms, modules, first, batches) -> dict[str, int]:
     counts = {}
     for name in _first_calls(model, norms, first):
         sums = {}
@@ -772,6 +853,9 @@ def reestimate_batchnorm(model: nn.Module, batches, include=None) -> dict[str, i
         if n < 2:
             raise ValueError(f"reestimate_batchnorm: layer {name!r} saw {n} value per channel; give more data")
         var = (sums["q"] - n * mean * mean).clamp_min(0) / (n - 1)
+        if not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            raise ValueError(f"reestimate_batchnorm: layer {name!r} got NaN or Inf inputs; check the batches (and "
+                             "the layers before it); every batch norm keeps its statistics")
         bn = modules[name]
         with torch.no_grad():
             bn.running_mean.copy_(mean.to(bn.running_mean))

@@ -19,7 +19,8 @@ from .calibration import Calibration, calibrate, reestimate_batchnorm, sequentia
 from .layers import matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_plan_method, check_rank, check_spectrum
 from .surgery import conversion, convert
-from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector, is_centered, layer_metric, project_layer
+from .whitening import (DAMPING, REFINE_ITERS, WhitenedProjector, check_output_scales, is_centered, layer_metric,
+                        project_layer)
 
 __all__ = ["WhitenedProjection", "project_whitened"]
 
@@ -28,7 +29,8 @@ __all__ = ["WhitenedProjection", "project_whitened"]
 class WhitenedProjection:
     """What :func:`project_whitened` did: per layer the :class:`LayerProjection` (without its weight), the relative
     weight error ‖W − Ŵ‖_F/‖W‖_F of the converted layer (``errors``, as :func:`torch_sttp.ranks.projection_errors`)
-    and the relative whitened error (``whitened_errors``); the seconds spent projecting (statistics of a
+    and the relative whitened error of the converted layer (``whitened_errors``; for a spectrum other than
+    "free" the records' losses are those of the converted weights too); the seconds spent projecting (statistics of a
     sequential run included) and, for a sequential run, in its calibration passes; the layers whose bias was
     corrected (``centered``, see :func:`project_whitened`)."""
 
@@ -67,12 +69,66 @@ class _ReleasingProjector:
         return weight
 
 
+class _ScoringProjector:
+    """``convert``'s projector (see :class:`WhitenedProjector`, which fills ``metrics``) that scores each layer once
+    it is converted: its record's loss becomes that of the converted weight (the spectrum's constraint applied)
+    against the dense W in the layer's metric. A layer is converted right after its projection, so it is scored when
+    the next layer is asked for (and by :meth:`finish`): one metric is held at a time."""
+
+    def __init__(self, projector, metrics: dict, records: dict, originals: dict):
+        self.projector, self.metrics, self.records, self.originals = projector, metrics, records, originals
+        self.pending: tuple[str, nn.Module] | None = None
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        self.finish()
+        weight = self.projector.project_weight(name, module, method, rank, spectrum)
+        self.pending = (name, module)
+        return weight
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            name, module = self.pending
+            metric = self.metrics.pop(name)
+            target = weight_matrix(module, self.originals[name]).detach().to(metric.gram.dtype)
+            _score_converted(self.records, {name: (metric, target)}, {name: module})
+            self.pending = None
+
+
 def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: int, compare: bool):
     """Project one layer and write Ŵ into its dense weight; the returned record keeps no weight."""
     proj = project_layer(module, method, rank, metric, refine_iters, compare)
     _write(module, proj.weight)
     proj.weight = None
     return proj
+
+
+def _score_converted(layers: dict, score: dict, modules: dict) -> None:
+    """Each record's loss becomes that of the converted weight (the spectrum's constraint applied) against the same
+    target in the same metric, so that ``whitened_errors`` describe the layers as converted."""
+    with torch.no_grad():
+        for name, (metric, target) in score.items():
+            layers[name].loss = metric.loss(target, weight_matrix(modules[name]).detach().to(target.dtype))
+
+
+def _restore_padding_row(name: str, module: nn.Module, original: torch.Tensor, exact: dict | None) -> None:
+    """For an Embedding with a ``padding_idx``: keep Ŵ in ``exact`` and put the original padding row back into the
+    dense weight (the converted layer keeps that row fixed, see :func:`torch_sttp.parametrizations.parametrize`)."""
+    row = module.padding_idx if isinstance(module, nn.Embedding) else None
+    if row is None or exact is None:
+        return
+    exact[name] = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight[row] = original[row]
+
+
+class _StoredWeights:
+    """``convert``'s projector that loads the kept Ŵ of some layers and every other layer's current weight."""
+
+    def __init__(self, weights: dict):
+        self.weights = weights
+
+    def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
+        return self.weights.get(name, module.weight.detach())
 
 
 def _compensated_target(module, stats, name, metric, centered: bool) -> None:
@@ -98,12 +154,15 @@ def _correct_bias(module, dense_weight, reference_mean, mean) -> bool:
     return True
 
 
-def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare, originals):
+def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare, originals,
+                        score=None, exact=None):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
     model (paired with the dense copy with ``compensate``), writing Ŵ into the dense weights (in place), correcting
     biases of centred layers (against ``originals``, the dense weights) and re-estimating batch norms after each
     group (``batchnorm``); returns ({name: LayerProjection}, seconds spent in the calibration passes, the
-    bias-corrected layers)."""
+    bias-corrected layers). ``score`` (a dict): each layer's (metric, target matrix) is kept there. An Embedding's
+    padding row is restored in its dense weight at once (the row the converted layer keeps), its exact Ŵ kept in
+    ``exact``."""
     modules = dict(model.named_modules())
     damping, centered, scales, compensate, batchnorm = options
     reference = copy.deepcopy(model) if compensate else None
@@ -117,7 +176,10 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
             metric = layer_metric(own, name, module, damping, centered, scales)
             if compensate:
                 _compensated_target(module, stats, name, metric, center)
+            if score is not None:  # the target W (W' when compensating), before Ŵ overwrites it
+                score[name] = (metric, weight_matrix(module).detach().to(metric.gram.dtype, copy=True))
             out[name] = _project(module, method, ranks[name], metric, refine_iters, compare)
+            _restore_padding_row(name, module, originals[name], exact)
             if center and _correct_bias(module, originals[name], stats.reference_mean(name) if compensate else
                                         own.mean(name), own.mean(name)):
                 corrected.append(name)
@@ -129,7 +191,7 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
 
 
 def _convert_sequential(model, method, ranks, spectrum, batches, options, refine_iters, progress, compare,
-                        convert_kwargs):
+                        convert_kwargs, score=None):
     """Sequential projection then ``convert(init="pretrained")``; on an error the dense weights, the biases and the
     batch-norm statistics are restored. Returns (projections, calibration seconds, the dense weights, the
     bias-corrected layers)."""
@@ -138,9 +200,12 @@ def _convert_sequential(model, method, ranks, spectrum, batches, options, refine
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()
              if k.endswith((".bias", "running_mean", "running_var", "num_batches_tracked"))}
     try:
+        exact: dict = {}
         layers, calib_seconds, corrected = _project_sequential(model, method, ranks, batches, options,
-                                                               refine_iters, progress, compare, originals)
-        convert(model, method, ranks, spectrum, init="pretrained", progress=progress, **convert_kwargs)
+                                                               refine_iters, progress, compare, originals, score,
+                                                               exact)
+        convert(model, method, ranks, spectrum, init="pretrained", progress=progress,
+                calibration=_StoredWeights(exact) if exact else None, **convert_kwargs)
     except BaseException:
         for n, w in originals.items():
             if modules[n].weight is not None and tuple(modules[n].weight.shape) == tuple(w.shape):
@@ -165,7 +230,11 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
     :class:`~torch_sttp.ranks.RankPlan`. Each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data
     (:func:`project_layer`) and is loaded exactly into the ``method`` ("svdp"/"sttp") form by
-    ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``).
+    ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``). For such a spectrum
+    the records' losses and ``whitened_errors`` are those of the converted weights (their ``tt_svd_loss``,
+    ``bound`` and ``data_free_loss`` still describe the unconstrained Ŵ); a sequential run fits its later layers on
+    the inputs of the unconstrained projections and keeps each layer's metric (d_in² float64 values) and target
+    until the conversion, to score it.
 
     Non-sequential: ``calibration`` holds the statistics of every projected layer (computed from ``batches`` when
     None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
@@ -207,6 +276,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     if "init" in convert_kwargs:
         raise ValueError("project_whitened always converts with init='pretrained'")
     ranks = _rank_map(model, rank, include, exclude)
+    modules = dict(model.named_modules())
+    check_output_scales({n: modules[n] for n in ranks}, method, output_scales)
     if sequential or calibration is None:
         if batches is None:
             raise ValueError("project_whitened needs calibration statistics or batches (sequential=True needs "
@@ -215,7 +286,6 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
             calibration = calibrate(model, batches, layers=list(ranks), progress=progress, means=bool(centered))
     if centered and not sequential and not calibration.has_means:
         raise ValueError("project_whitened(centered=...) needs the input means: calibrate with means=True")
-    modules = dict(model.named_modules())
     t0 = time.perf_counter()
     if release_statistics and sequential:
         raise ValueError("project_whitened: release_statistics frees the statistics of a non-sequential projection; "
@@ -223,11 +293,12 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     if (compensate or batchnorm) and not sequential:
         raise ValueError("project_whitened: compensate and batchnorm work layer by layer; pass sequential=True (or "
                          "call torch_sttp.calibration.reestimate_batchnorm after a non-sequential projection)")
+    score = {} if spectrum != "free" else None  # the spectrum changes Ŵ: score the converted weights
     if sequential:
         options = (damping, centered, output_scales, compensate, batchnorm)
         layers, calib_seconds, originals, corrected = _convert_sequential(model, method, ranks, spectrum, batches,
                                                                           options, refine_iters, progress, compare,
-                                                                          convert_kwargs)
+                                                                          convert_kwargs, score)
     else:
         missing = [n for n in ranks if n not in calibration]
         if missing:
@@ -235,12 +306,20 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
         means = {n: calibration.mean(n) for n in ranks if is_centered(n, centered)}
         layers, calib_seconds = {}, 0.0
-        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales)
+        metrics = {} if score is not None else None
+        projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales,
+                                      metrics)
         if release_statistics:
             projector = _ReleasingProjector(projector, calibration)
+        if score is not None:
+            projector = _ScoringProjector(projector, metrics, layers, originals)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
+        if score is not None:
+            projector.finish()
         corrected = [n for n, mu in means.items() if _correct_bias(modules[n], originals[n], mu, mu)]
+    if score and sequential:
+        _score_converted(layers, score, modules)
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():

@@ -16,7 +16,8 @@ from .options import check_ranks
 from .tt import layout_view, transposed_layout_shape
 
 __all__ = ["SUPPORTED_TYPES", "KINDS", "layer_kind", "layout_shape", "weight_matrix", "matrix_to_weight",
-           "is_transposed_conv", "as_patterns", "matches", "select_layers", "conversion_blockers"]
+           "is_transposed_conv", "as_patterns", "matches", "select_layers", "conversion_blockers",
+           "check_has_values"]
 
 SUPPORTED_TYPES = (
     nn.Linear,
@@ -41,6 +42,17 @@ def layer_kind(module: nn.Module) -> str:
         return "conv"
     raise ValueError(f"{type(module).__name__} has no calibration statistic; supported: Linear, Conv1/2/3d, "
                      "ConvTranspose1/2/3d, Embedding")
+
+
+def check_has_values(model: nn.Module, what: str, name: str | None = None) -> None:
+    """Raise ValueError when a parameter or buffer of ``model`` (a layer ``name``, or a whole model) is on the meta
+    device: ``what`` (e.g. "calibration") needs values, a meta tensor has none."""
+    meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
+    if meta is None:
+        return
+    where = f"layer {name!r}" if name is not None else f"the model ({meta!r})"
+    raise ValueError(f"{where} is on the meta device and has no values, which {what} needs; load the pretrained "
+                     "weights first (model.to_empty(device=...), then load_state_dict)")
 
 
 def layout_shape(module: nn.Module, shape=None) -> tuple[int, ...]:

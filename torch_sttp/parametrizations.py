@@ -624,8 +624,9 @@ def parametrize(
     """Register an SVDP/STTP parametrization on ``module.<tensor_name>`` and return it.
 
     ``init="pretrained"`` projects the current weight (:meth:`SpectralParametrization.right_inverse`), or the dense
-    tensor ``pretrained`` (the weight's shape) when given, leaving the current weight's values untouched; the other
-    inits ("identity", "random", "noisy_identity" with noise scale ``alpha``) start the frames afresh with S = 1.
+    tensor ``pretrained`` (the weight's shape) when given, leaving the current weight's values untouched (an
+    Embedding's ``padding_idx`` row stays the current weight's row, the given tensor's only on the meta device); the
+    other inits ("identity", "random", "noisy_identity" with noise scale ``alpha``) start the frames afresh with S = 1.
     The parameters appear as ``module.parametrizations.<tensor_name>.original0`` (U reflectors), ``original1``
     (V reflectors) and ``original2`` (S, learned spectra only). :func:`torch_sttp.convert` builds every layer's
     parametrization through this function.
@@ -648,8 +649,10 @@ def parametrize(
         if tuple(pretrained.shape) != tuple(weight.shape):
             raise ValueError(f"parametrize: pretrained tensor of shape {tuple(pretrained.shape)} does not match "
                              f"{type(module).__name__}.{tensor_name} {tuple(weight.shape)}")
-        weight = pretrained.detach().to(dtype=weight.dtype, device=weight.device)
-        initial = p.right_inverse(weight)
+        projected = pretrained.detach().to(dtype=weight.dtype, device=weight.device)
+        initial = p.right_inverse(projected)
+        if weight.is_meta:  # no values of its own: the fixed padding row below comes from the given tensor
+            weight = projected
     elif weight.is_meta:
         raise ValueError(f"init='pretrained' projects the current weight of {type(module).__name__}.{tensor_name}, "
                          "but it is on the meta device and has no values; load the pretrained weights first "

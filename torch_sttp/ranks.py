@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from .frames import frame_to_params
-from .layers import SUPPORTED_TYPES, layout_shape, select_layers, weight_matrix
+from .layers import SUPPORTED_TYPES, check_has_values, layout_shape, select_layers, weight_matrix
 from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_plan_method, check_spectrum
 from .parametrizations import parametrization_tensors, spectral_parametrization
 from .progress import progress_iter
@@ -187,6 +187,7 @@ def layer_spectra(layers: Iterable[tuple[str, nn.Module]], unfoldings: bool = Fa
     out = []
     with torch.no_grad():
         for name, module in layers:
+            check_has_values(module, "a spectrum", name)
             shape = layout_shape(module)
             # one float64 copy per layer; the unfoldings are views of it (a copy per unfolding, interleaved with
             # the small results, fragments the heap: hundreds of MB of RSS on MiniLM)

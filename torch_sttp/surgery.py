@@ -201,6 +201,9 @@ def load_converted(model: nn.Module, state_dict: Mapping[str, torch.Tensor], str
         if key.endswith(suffix) or key == config_key(""):
             configs[key[: -len(suffix)] if key != config_key("") else ""] = decode_config(value)
     if not configs:
+        if isinstance(state_dict.get("state_dict"), Mapping):
+            raise ValueError("load_converted: this is a checkpoint that holds a state_dict under 'state_dict' (as "
+                             "`sttp compress` writes a .pt), not a state_dict; pass torch.load(path)['state_dict']")
         raise ValueError("load_converted: the state_dict holds no SVDP/STTP layer; load it with "
                          "model.load_state_dict instead")
     settings = {(c["method"], c["spectrum"]) for c in configs.values()}

@@ -38,14 +38,14 @@ import torch
 from torch import nn
 
 from .allocation import RankCandidates
-from .layers import layer_kind, layout_shape, matrix_to_weight, select_layers, weight_matrix
+from .layers import check_has_values, layer_kind, layout_shape, matrix_to_weight, select_layers, weight_matrix
 from .options import RANK_METHODS, check_method, check_option, check_rank, check_spectrum
 from .tt import contract_train, contract_train_from_right, count_dof, split_modes, tt_ranks, tt_svd
 
 if TYPE_CHECKING:  # the statistics' container sits above this module (it offers :class:`WhitenedProjector`)
     from .calibration import Calibration
 
-__all__ = ["DAMPING", "REFINE_ITERS", "Whitener", "LayerMetric", "layer_metric", "is_centered",
+__all__ = ["DAMPING", "REFINE_ITERS", "Whitener", "LayerMetric", "layer_metric", "is_centered", "check_output_scales",
            "whitened_svd", "whitened_train", "row_block_update", "factored_loss", "refine_train", "LayerProjection",
            "project_layer", "WhitenedProjector", "truncation_candidates"]
 
@@ -199,6 +199,7 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, 
         metric.scale = scale
         return metric
     kind = layer_kind(module)
+    check_has_values(module, "a data-aware projection", name)
     if name not in calibration:
         raise ValueError(f"layer {name!r} has no calibration statistic; calibrate the model with this layer "
                          "selected (torch_sttp.calibrate(model, batches, include=...))")
@@ -213,6 +214,9 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, 
     if tuple(moment.shape) != want:
         raise ValueError(f"layer {name!r}: calibration statistic of shape {tuple(moment.shape)} does not fit its "
                          f"weight matrix ({d_out} × {d_in}, needs {want}); calibrate this model again")
+    if not bool(torch.isfinite(moment).all()):
+        raise ValueError(f"layer {name!r}: its calibration statistic has NaN or Inf entries (non-finite inputs in "
+                         "the calibration batches, or a damaged statistics file); calibrate again on finite data")
     if not damping >= 0:
         raise ValueError(f"damping must be ≥ 0, got {damping!r}")
     return LayerMetric(_damped(moment, damping), rows=kind == "embedding", scale=scale)
@@ -221,6 +225,25 @@ def layer_metric(calibration: Calibration | None, name: str, module: nn.Module, 
 def is_centered(name: str, centered: bool | Collection[str]) -> bool:
     """Whether layer ``name`` gets the centred metric under a ``centered`` setting (True/False or layer names)."""
     return centered if isinstance(centered, bool) else name in centered
+
+
+def check_output_scales(modules: Mapping[str, nn.Module], method: str, output_scales) -> None:
+    """Check the ``output_scales`` ({layer: g}) of the layers about to be projected (``modules``, by name) before
+    any work: g of d_out finite values, not for an Embedding, no scale for "sttp". Scales of other layers are
+    ignored (:func:`torch_sttp.calibration.batchnorm_scales` gives one for every layer that feeds a batch norm).
+    Raises ValueError naming the layer."""
+    for name, g in (output_scales or {}).items():
+        if name not in modules:
+            continue
+        module = modules[name]
+        if layer_kind(module) == "embedding":
+            raise ValueError(f"layer {name!r}: an Embedding's metric has no output-scaled form; leave its "
+                             "output_scale out")
+        _row_scale(name, g, weight_matrix(module).shape[0], module.weight.device)
+        if method == "sttp":
+            raise ValueError(f"layer {name!r}: method 'sttp' does not take an output_scale (a row scaling of a "
+                             "tensor train is not a train of the same ranks); use it with 'svdp' or 'svd', or "
+                             "leave it out")
 
 
 def _row_scale(name: str, scale, d_out: int, device) -> torch.Tensor | None:
@@ -552,7 +575,9 @@ class WhitenedProjector:
     :meth:`project_weight` is what :func:`torch_sttp.convert` asks for each layer's Ŵ before loading it into the
     parametrization (convert knows nothing about statistics or metrics). ``Calibration.projector(damping=…,
     refine_iters=…)`` makes one; a :class:`~torch_sttp.calibration.Calibration` itself is one with the defaults.
-    ``centered`` and ``output_scales`` are those of :func:`layer_metric` (a bool or layer names; {name: g})."""
+    ``centered`` and ``output_scales`` are those of :func:`layer_metric` (a bool or layer names; {name: g}).
+    With a ``metrics`` dict, each layer's :class:`LayerMetric` is kept there under its name (to score the converted
+    weight afterwards)."""
 
     calibration: "Calibration"
     damping: float = DAMPING
@@ -561,6 +586,7 @@ class WhitenedProjector:
     record: dict | None = None
     centered: bool | Collection[str] = False
     output_scales: Mapping[str, torch.Tensor] | None = None
+    metrics: dict | None = None
 
     def project_weight(self, name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> torch.Tensor:
         """Ŵ (``module.weight``'s shape, float64) minimising ‖(W − Ŵ)·L‖_F at rank cap ``rank`` (:func:`project_layer`
@@ -575,6 +601,8 @@ class WhitenedProjector:
         weight, proj.weight = proj.weight, None
         if self.record is not None:
             self.record[name] = proj
+        if self.metrics is not None:
+            self.metrics[name] = metric
         return weight
 
 
