@@ -351,8 +351,12 @@ class SpectralParametrization(nn.Module):
         self._check_weight(weight)
         if self.spectrum != "free":
             what = "scaled by 1/σ_max" if self.spectrum == "normalized" else "given unit singular values"
-            spectrum_warnings.warn(self.spectrum, f"loading a dense weight into the {self.spectrum!r} spectrum: the "
-                                   f"weight is {what}; use spectrum='free' to keep its scale")
+            zero = not bool(weight.any())  # no σ_max to divide by
+            if zero:
+                what = ("zero, which this spectrum cannot hold (its largest singular value is 1): the layer starts "
+                        "with unit singular values")
+            spectrum_warnings.warn((self.spectrum, zero), f"loading a dense weight into the {self.spectrum!r} "
+                                   f"spectrum: the weight is {what}; use spectrum='free' to keep its scale")
         dtype, device = weight.dtype, weight.device
         w = layout_view(weight.detach().to(torch.float64), self.transposed)
         modes = self.out_modes + self.in_modes
