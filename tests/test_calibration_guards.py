@@ -165,16 +165,21 @@ def test_whitened_errors_are_those_of_the_converted_layers(method, spectrum):
 
 
 @pytest.mark.filterwarnings("ignore:loading a dense weight")
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
 @pytest.mark.parametrize("spectrum", ["identity", "normalized"])
-def test_sequential_whitened_errors_are_those_of_the_converted_layers(spectrum):
+def test_sequential_runs_fit_and_score_later_layers_on_the_converted_model(method, spectrum):
     dense, batches = _mlp(), _batches()
     model = copy.deepcopy(dense)
-    result = project_whitened(model, "svdp", 3, batches=batches, sequential=True, spectrum=spectrum)
-    free = project_whitened(copy.deepcopy(dense), "svdp", 3, batches=batches, sequential=True)
-    # the first layer sees the dense model's inputs: its error is that of the dense statistics
-    stats = calibrate(dense, batches, layers=["0"])
-    want = _hand_whitened_error(weight_matrix(dense[0]).detach(), weight_matrix(model[0]).detach(), stats, "0")
-    assert result.whitened_errors["0"] == pytest.approx(want, rel=1e-9)
+    result = project_whitened(model, method, 3, batches=batches, sequential=True, spectrum=spectrum)
+    free = project_whitened(copy.deepcopy(dense), method, 3, batches=batches, sequential=True)
+    # layer '2' sees the outputs of layer '0' as converted: its metric is built from them by hand
+    with torch.no_grad():
+        inputs = [torch.relu(model[0](x)) for x in batches]
+    stats = {"0": calibrate(dense, batches, layers=["0"]), "2": calibrate(nn.Linear(12, 6).double(), inputs)}
+    for name, key in (("0", "0"), ("2", "")):
+        want = _hand_whitened_error(weight_matrix(dense.get_submodule(name)).detach(),
+                                    weight_matrix(model.get_submodule(name)).detach(), stats[name], key)
+        assert result.whitened_errors[name] == pytest.approx(want, rel=1e-7)
     assert result.whitened_errors["0"] > free.whitened_errors["0"]  # the spectrum's constraint costs
 
 

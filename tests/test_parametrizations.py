@@ -643,3 +643,20 @@ def test_loads_format1_padded_checkpoint(method):
     assert sd[prefix + "original0"].dim() == 3
     b.load_state_dict(sd)
     assert torch.equal(a[0].weight, b[0].weight)
+
+
+@pytest.mark.filterwarnings("ignore:loading a dense weight")
+@pytest.mark.parametrize("spectrum", ["free", "normalized", "identity"])
+@pytest.mark.parametrize("method,shape", [("svdp", (6, 10)), ("sttp", (8, 12)), ("sttp", (4, 2, 3, 3))])
+def test_loaded_weight_is_what_the_parametrization_holds_and_loads_back(method, shape, spectrum):
+    torch.manual_seed(0)
+    p = SpectralParametrization(shape, 3, method, spectrum).double()
+    weight = torch.randn(shape, dtype=torch.float64)
+    held = p.loaded(weight)
+    torch.testing.assert_close(held, p(*p.right_inverse(weight)), rtol=0, atol=0)
+    torch.testing.assert_close(p.loaded(held), held, rtol=1e-10, atol=1e-12)  # loading it again changes nothing
+    sv = torch.linalg.svdvals(held.reshape(shape[0], -1))
+    if spectrum == "normalized":
+        assert float(sv[0]) == pytest.approx(1.0, rel=1e-12)
+    elif spectrum == "identity":
+        torch.testing.assert_close(sv[: p.r_mid], torch.ones(p.r_mid, dtype=torch.float64))

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from .calibration import Calibration, calibrate, reestimate_batchnorm, sequential_statistics
-from .layers import matrix_to_weight, select_layers, weight_matrix
+from .layers import is_transposed_conv, matrix_to_weight, select_layers, weight_matrix
 from .options import check_method, check_plan_method, check_rank, check_spectrum
+from .parametrizations import SpectralParametrization
 from .surgery import conversion, convert
 from .whitening import (DAMPING, REFINE_ITERS, WhitenedProjector, check_output_scales, is_centered, layer_metric,
                         project_layer)
@@ -110,6 +111,14 @@ def _score_converted(layers: dict, score: dict, modules: dict) -> None:
             layers[name].loss = metric.loss(target, weight_matrix(modules[name]).detach().to(target.dtype))
 
 
+def _load_constrained(module: nn.Module, method: str, rank: int, spectrum: str) -> None:
+    """Write into the dense weight the weight the converted layer will hold: Ŵ loaded into its parametrization
+    (:meth:`~torch_sttp.parametrizations.SpectralParametrization.loaded`; ``convert`` then loads it unchanged)."""
+    weight = module.weight.detach()
+    p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, is_transposed_conv(module))
+    _write(module, p.to(weight.device).loaded(weight))
+
+
 def _restore_padding_row(name: str, module: nn.Module, original: torch.Tensor, exact: dict | None) -> None:
     """For an Embedding with a ``padding_idx``: keep Ŵ in ``exact`` and put the original padding row back into the
     dense weight (the converted layer keeps that row fixed, see :func:`torch_sttp.parametrizations.parametrize`)."""
@@ -154,15 +163,30 @@ def _correct_bias(module, dense_weight, reference_mean, mean) -> bool:
     return True
 
 
+def _fit_layer(name, module, method, rank, spectrum, metric, refine_iters, compare, original, exact):
+    """One layer of a sequential run: Ŵ written into its dense weight (:func:`_project`), constrained by a spectrum
+    other than "free" (:func:`_load_constrained`, the record scored on it), its padding row restored; returns the
+    record."""
+    target = weight_matrix(module).detach().to(metric.gram.dtype, copy=True) if spectrum != "free" else None
+    proj = _project(module, method, rank, metric, refine_iters, compare)
+    if target is not None:
+        _load_constrained(module, method, rank, spectrum)
+    _restore_padding_row(name, module, original, exact)
+    if target is not None:  # W (W' when compensating) against the weight the layer will hold
+        _score_converted({name: proj}, {name: (metric, target)}, {name: module})
+    return proj
+
+
 def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare, originals,
-                        score=None, exact=None):
+                        spectrum="free", exact=None):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
     model (paired with the dense copy with ``compensate``), writing Ŵ into the dense weights (in place), correcting
     biases of centred layers (against ``originals``, the dense weights) and re-estimating batch norms after each
     group (``batchnorm``); returns ({name: LayerProjection}, seconds spent in the calibration passes, the
-    bias-corrected layers). ``score`` (a dict): each layer's (metric, target matrix) is kept there. An Embedding's
-    padding row is restored in its dense weight at once (the row the converted layer keeps), its exact Ŵ kept in
-    ``exact``."""
+    bias-corrected layers). With a ``spectrum`` other than "free", the dense weight becomes the weight the converted
+    layer will hold (:func:`_load_constrained`), so later groups see the converted model, and its record is scored
+    on it. An Embedding's padding row is restored in its dense weight at once (the row the converted layer keeps),
+    its exact Ŵ kept in ``exact``."""
     modules = dict(model.named_modules())
     damping, centered, scales, compensate, batchnorm = options
     reference = copy.deepcopy(model) if compensate else None
@@ -176,10 +200,8 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
             metric = layer_metric(own, name, module, damping, centered, scales)
             if compensate:
                 _compensated_target(module, stats, name, metric, center)
-            if score is not None:  # the target W (W' when compensating), before Ŵ overwrites it
-                score[name] = (metric, weight_matrix(module).detach().to(metric.gram.dtype, copy=True))
-            out[name] = _project(module, method, ranks[name], metric, refine_iters, compare)
-            _restore_padding_row(name, module, originals[name], exact)
+            out[name] = _fit_layer(name, module, method, ranks[name], spectrum, metric, refine_iters, compare,
+                                   originals[name], exact)
             if center and _correct_bias(module, originals[name], stats.reference_mean(name) if compensate else
                                         own.mean(name), own.mean(name)):
                 corrected.append(name)
@@ -191,7 +213,7 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
 
 
 def _convert_sequential(model, method, ranks, spectrum, batches, options, refine_iters, progress, compare,
-                        convert_kwargs, score=None):
+                        convert_kwargs):
     """Sequential projection then ``convert(init="pretrained")``; on an error the dense weights, the biases and the
     batch-norm statistics are restored. Returns (projections, calibration seconds, the dense weights, the
     bias-corrected layers)."""
@@ -202,8 +224,8 @@ def _convert_sequential(model, method, ranks, spectrum, batches, options, refine
     try:
         exact: dict = {}
         layers, calib_seconds, corrected = _project_sequential(model, method, ranks, batches, options,
-                                                               refine_iters, progress, compare, originals, score,
-                                                               exact)
+                                                               refine_iters, progress, compare, originals,
+                                                               spectrum, exact)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress,
                 calibration=_StoredWeights(exact) if exact else None, **convert_kwargs)
     except BaseException:
@@ -232,9 +254,9 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     (:func:`project_layer`) and is loaded exactly into the ``method`` ("svdp"/"sttp") form by
     ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``). For such a spectrum
     the records' losses and ``whitened_errors`` are those of the converted weights (their ``tt_svd_loss``,
-    ``bound`` and ``data_free_loss`` still describe the unconstrained Ŵ); a sequential run fits its later layers on
-    the inputs of the unconstrained projections and keeps each layer's metric (d_in² float64 values) and target
-    until the conversion, to score it.
+    ``bound`` and ``data_free_loss`` still describe the unconstrained Ŵ); a sequential run puts each constrained
+    weight in place before it collects the next group's statistics, so later layers are fitted on the inputs of
+    the layers as converted.
 
     Non-sequential: ``calibration`` holds the statistics of every projected layer (computed from ``batches`` when
     None). ``sequential=True``: layers are projected in forward order, group by group (layers sharing an input
@@ -293,12 +315,12 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     if (compensate or batchnorm) and not sequential:
         raise ValueError("project_whitened: compensate and batchnorm work layer by layer; pass sequential=True (or "
                          "call torch_sttp.calibration.reestimate_batchnorm after a non-sequential projection)")
-    score = {} if spectrum != "free" else None  # the spectrum changes Ŵ: score the converted weights
+    scored = spectrum != "free"  # the spectrum changes Ŵ: score the converted weights
     if sequential:
         options = (damping, centered, output_scales, compensate, batchnorm)
         layers, calib_seconds, originals, corrected = _convert_sequential(model, method, ranks, spectrum, batches,
                                                                           options, refine_iters, progress, compare,
-                                                                          convert_kwargs, score)
+                                                                          convert_kwargs)
     else:
         missing = [n for n in ranks if n not in calibration]
         if missing:
@@ -306,20 +328,18 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
         originals = {n: modules[n].weight for n in ranks}  # convert leaves them untouched: no copies
         means = {n: calibration.mean(n) for n in ranks if is_centered(n, centered)}
         layers, calib_seconds = {}, 0.0
-        metrics = {} if score is not None else None
+        metrics = {} if scored else None
         projector = WhitenedProjector(calibration, damping, refine_iters, compare, layers, centered, output_scales,
                                       metrics)
         if release_statistics:
             projector = _ReleasingProjector(projector, calibration)
-        if score is not None:
+        if scored:
             projector = _ScoringProjector(projector, metrics, layers, originals)
         convert(model, method, ranks, spectrum, init="pretrained", progress=progress, calibration=projector,
                 **convert_kwargs)
-        if score is not None:
+        if scored:
             projector.finish()
         corrected = [n for n, mu in means.items() if _correct_bias(modules[n], originals[n], mu, mu)]
-    if score and sequential:
-        _score_converted(layers, score, modules)
     seconds = time.perf_counter() - t0
     errors = {}
     with torch.no_grad():

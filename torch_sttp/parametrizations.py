@@ -293,6 +293,14 @@ class SpectralParametrization(nn.Module):
         layout (see :meth:`weight_from_factors`)."""
         return self.weight_from_factors(*self.factors(u_params, v_params, s))
 
+    def loaded(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight this parametrization holds once ``weight`` (its weight shape) is loaded into it,
+        forward(right_inverse(weight)), in ``weight``'s dtype: the best approximation in this form, then the
+        spectrum's constraint (for ``"normalized"`` scaled by 1/σ_max, for ``"identity"`` unit singular values).
+        Loading the result again gives it back (up to rounding)."""
+        with torch.no_grad():
+            return self(*self.right_inverse(weight)).to(weight.dtype)
+
     def singular_values(self, u_params, v_params, s=None) -> torch.Tensor:
         """Singular values of W, descending, shape (R,) (exact: |Σ|, no SVD; ones for the identity spectrum)."""
         sigma = self.sigma(s)
