@@ -647,15 +647,18 @@ def test_loads_format1_padded_checkpoint(method):
 
 @pytest.mark.filterwarnings("ignore:loading a dense weight")
 @pytest.mark.parametrize("spectrum", ["free", "normalized", "identity"])
-@pytest.mark.parametrize("method,shape", [("svdp", (6, 10)), ("sttp", (8, 12)), ("sttp", (4, 2, 3, 3))])
-def test_loaded_weight_is_what_the_parametrization_holds_and_loads_back(method, shape, spectrum):
+@pytest.mark.parametrize("method,shape,transposed", [("svdp", (6, 10), False), ("sttp", (8, 12), False),
+                                                     ("sttp", (4, 2, 3, 3), False), ("svdp", (2, 4, 3, 3), True),
+                                                     ("sttp", (2, 4, 3, 3), True)])
+def test_loaded_weight_is_what_the_parametrization_holds_and_loads_back(method, shape, transposed, spectrum):
     torch.manual_seed(0)
-    p = SpectralParametrization(shape, 3, method, spectrum).double()
+    p = SpectralParametrization(shape, 3, method, spectrum, transposed).double()
     weight = torch.randn(shape, dtype=torch.float64)
     held = p.loaded(weight)
     torch.testing.assert_close(held, p(*p.right_inverse(weight)), rtol=0, atol=0)
     torch.testing.assert_close(p.loaded(held), held, rtol=1e-10, atol=1e-12)  # loading it again changes nothing
-    sv = torch.linalg.svdvals(held.reshape(shape[0], -1))
+    matrix = held.transpose(0, 1) if transposed else held  # the (d_out, C_in·k…) layout of a transposed conv
+    sv = torch.linalg.svdvals(matrix.reshape(matrix.shape[0], -1))
     if spectrum == "normalized":
         assert float(sv[0]) == pytest.approx(1.0, rel=1e-12)
     elif spectrum == "identity":

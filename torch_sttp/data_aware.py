@@ -111,12 +111,15 @@ def _score_converted(layers: dict, score: dict, modules: dict) -> None:
             layers[name].loss = metric.loss(target, weight_matrix(modules[name]).detach().to(target.dtype))
 
 
-def _load_constrained(module: nn.Module, method: str, rank: int, spectrum: str) -> None:
+def _load_constrained(name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> None:
     """Write into the dense weight the weight the converted layer will hold: Ŵ loaded into its parametrization
     (:meth:`~torch_sttp.parametrizations.SpectralParametrization.loaded`; ``convert`` then loads it unchanged)."""
     weight = module.weight.detach()
     p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, is_transposed_conv(module))
-    _write(module, p.to(weight.device).loaded(weight))
+    try:
+        _write(module, p.to(weight.device).loaded(weight))
+    except ValueError as e:
+        raise ValueError(f"layer {name!r} ({type(module).__name__}): {e}") from None
 
 
 def _restore_padding_row(name: str, module: nn.Module, original: torch.Tensor, exact: dict | None) -> None:
@@ -170,7 +173,7 @@ def _fit_layer(name, module, method, rank, spectrum, metric, refine_iters, compa
     target = weight_matrix(module).detach().to(metric.gram.dtype, copy=True) if spectrum != "free" else None
     proj = _project(module, method, rank, metric, refine_iters, compare)
     if target is not None:
-        _load_constrained(module, method, rank, spectrum)
+        _load_constrained(name, module, method, rank, spectrum)
     _restore_padding_row(name, module, original, exact)
     if target is not None:  # W (W' when compensating) against the weight the layer will hold
         _score_converted({name: proj}, {name: (metric, target)}, {name: module})
@@ -209,7 +212,6 @@ def _project_sequential(model, method, ranks, batches, options, refine_iters, pr
         if batchnorm:
             reestimate_batchnorm(model, batches)
     return out, calib_seconds, corrected
-
 
 
 def _convert_sequential(model, method, ranks, spectrum, batches, options, refine_iters, progress, compare,
@@ -252,7 +254,8 @@ def project_whitened(model: nn.Module, method: str, rank, calibration: Calibrati
     ``rank`` is a cap for every selected layer (``include``/``exclude``) or a mapping {layer: rank} such as a
     :class:`~torch_sttp.ranks.RankPlan`. Each layer's Ŵ minimises ‖(W − Ŵ)·X‖_F on the calibration data
     (:func:`project_layer`) and is loaded exactly into the ``method`` ("svdp"/"sttp") form by
-    ``convert(init="pretrained")`` (see the module docstring for spectra other than ``"free"``). For such a spectrum
+    ``convert(init="pretrained")`` (for spectra other than ``"free"``, see
+    :meth:`~torch_sttp.whitening.WhitenedProjector.project_weight`). For such a spectrum
     the records' losses and ``whitened_errors`` are those of the converted weights (their ``tt_svd_loss``,
     ``bound`` and ``data_free_loss`` still describe the unconstrained Ŵ); a sequential run puts each constrained
     weight in place before it collects the next group's statistics, so later layers are fitted on the inputs of
