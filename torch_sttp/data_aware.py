@@ -91,7 +91,7 @@ class _ScoringProjector:
             name, module = self.pending
             metric = self.metrics.pop(name)
             target = weight_matrix(module, self.originals[name]).detach().to(metric.gram.dtype)
-            _score_converted(self.records, {name: (metric, target)}, {name: module})
+            _score_converted(self.records[name], metric, target, module)
             self.pending = None
 
 
@@ -103,12 +103,11 @@ def _project(module: nn.Module, method: str, rank: int, metric, refine_iters: in
     return proj
 
 
-def _score_converted(layers: dict, score: dict, modules: dict) -> None:
-    """Each record's loss becomes that of the converted weight (the spectrum's constraint applied) against the same
-    target in the same metric, so that ``whitened_errors`` describe the layers as converted."""
+def _score_converted(record, metric, target: torch.Tensor, module: nn.Module) -> None:
+    """The record's loss becomes that of the layer's converted weight (the spectrum's constraint applied) against
+    the same target in the same metric, so that ``whitened_errors`` describe the layer as converted."""
     with torch.no_grad():
-        for name, (metric, target) in score.items():
-            layers[name].loss = metric.loss(target, weight_matrix(modules[name]).detach().to(target.dtype))
+        record.loss = metric.loss(target, weight_matrix(module).detach().to(target.dtype))
 
 
 def _load_constrained(name: str, module: nn.Module, method: str, rank: int, spectrum: str) -> None:
@@ -122,11 +121,11 @@ def _load_constrained(name: str, module: nn.Module, method: str, rank: int, spec
         raise ValueError(f"layer {name!r} ({type(module).__name__}): {e}") from None
 
 
-def _restore_padding_row(name: str, module: nn.Module, original: torch.Tensor, exact: dict | None) -> None:
+def _restore_padding_row(name: str, module: nn.Module, original: torch.Tensor, exact: dict) -> None:
     """For an Embedding with a ``padding_idx``: keep Ŵ in ``exact`` and put the original padding row back into the
     dense weight (the converted layer keeps that row fixed, see :func:`torch_sttp.parametrizations.parametrize`)."""
     row = module.padding_idx if isinstance(module, nn.Embedding) else None
-    if row is None or exact is None:
+    if row is None:
         return
     exact[name] = module.weight.detach().clone()
     with torch.no_grad():
@@ -176,12 +175,12 @@ def _fit_layer(name, module, method, rank, spectrum, metric, refine_iters, compa
         _load_constrained(name, module, method, rank, spectrum)
     _restore_padding_row(name, module, original, exact)
     if target is not None:  # W (W' when compensating) against the weight the layer will hold
-        _score_converted({name: proj}, {name: (metric, target)}, {name: module})
+        _score_converted(proj, metric, target, module)
     return proj
 
 
 def _project_sequential(model, method, ranks, batches, options, refine_iters, progress, compare, originals,
-                        spectrum="free", exact=None):
+                        spectrum, exact):
     """Project the layers of ``ranks`` group by group in forward order, each on statistics of the partly projected
     model (paired with the dense copy with ``compensate``), writing Ŵ into the dense weights (in place), correcting
     biases of centred layers (against ``originals``, the dense weights) and re-estimating batch norms after each

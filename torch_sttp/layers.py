@@ -44,15 +44,12 @@ def layer_kind(module: nn.Module) -> str:
                      "ConvTranspose1/2/3d, Embedding")
 
 
-def check_has_values(model: nn.Module, what: str, name: str | None = None) -> None:
-    """Raise ValueError when a parameter or buffer of ``model`` (a layer ``name``, or a whole model) is on the meta
-    device: ``what`` (e.g. "calibration") needs values, a meta tensor has none."""
-    meta = next((n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta), None)
-    if meta is None:
-        return
-    where = f"layer {name!r}" if name is not None else f"the model ({meta!r})"
-    raise ValueError(f"{where} is on the meta device and has no values, which {what} needs; load the pretrained "
-                     "weights first (model.to_empty(device=...), then load_state_dict)")
+def check_has_values(module: nn.Module, what: str, name: str) -> None:
+    """Raise ValueError when a parameter or buffer of layer ``name`` is on the meta device: ``what`` (e.g. "a
+    spectrum") needs values, a meta tensor has none."""
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise ValueError(f"layer {name!r} is on the meta device and has no values, which {what} needs; load the "
+                         "pretrained weights first (model.to_empty(device=...), then load_state_dict)")
 
 
 def layout_shape(module: nn.Module, shape=None) -> tuple[int, ...]:

@@ -240,10 +240,7 @@ def check_output_scales(modules: Mapping[str, nn.Module], method: str, output_sc
             raise ValueError(f"layer {name!r}: an Embedding's metric has no output-scaled form; leave its "
                              "output_scale out")
         _row_scale(name, g, weight_matrix(module).shape[0], module.weight.device)
-        if method == "sttp":
-            raise ValueError(f"layer {name!r}: method 'sttp' does not take an output_scale (a row scaling of a "
-                             "tensor train is not a train of the same ranks); use it with 'svdp' or 'svd', or "
-                             "leave it out")
+        _check_scale(method, g, name)
 
 
 def _row_scale(name: str, scale, d_out: int, device) -> torch.Tensor | None:
@@ -553,7 +550,7 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
     informative ``bound`` (and for SVDP ``data_free_loss``) are NaN, saving an SVD each."""
     check_method(method)
     check_rank(rank)
-    _check_scale(method, metric)
+    _check_scale(method, metric.scale)
     w = weight_matrix(module).detach().to(metric.gram.dtype)
     if method == "svdp":
         proj = _svd_projection(w, rank, metric, compare)
@@ -563,10 +560,12 @@ def project_layer(module: nn.Module, method: str, rank: int, metric: LayerMetric
     return proj
 
 
-def _check_scale(method: str, metric: LayerMetric) -> None:
-    if method == "sttp" and metric.scale is not None:
-        raise ValueError("method 'sttp' does not take an output_scale (a row scaling of a tensor train is not a train "
-                         "of the same ranks); use it with 'svdp' or 'svd', or leave it out")
+def _check_scale(method: str, scale, name: str | None = None) -> None:
+    """Refuse an output scale for "sttp" (naming layer ``name`` when given)."""
+    if method == "sttp" and scale is not None:
+        where = f"layer {name!r}: " if name is not None else ""
+        raise ValueError(f"{where}method 'sttp' does not take an output_scale (a row scaling of a tensor train is not "
+                         "a train of the same ranks); use it with 'svdp' or 'svd', or leave it out")
 
 
 @dataclass(frozen=True)
@@ -673,7 +672,7 @@ def truncation_candidates(model: nn.Module, method: str, calibration: Calibratio
     with torch.no_grad():
         for name, module in selected:
             metric = layer_metric(calibration, name, module, damping, centered, output_scales)
-            _check_scale(method, metric)
+            _check_scale(method, metric.scale)
             w = weight_matrix(module).detach().to(metric.gram.dtype)
             shape = layout_shape(module)
             if method == "sttp":
