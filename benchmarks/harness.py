@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_sttp
 from torch_sttp.experiments.models import build_model
-from torch_sttp.frames import frame_flops
+from torch_sttp.cost import weight_path_flops
 from torch_sttp.surgery import converted_layers, forward_pass, spectral_parametrization
 
 # the paper models of the weight-path measurements: registry name -> label
@@ -154,17 +154,15 @@ def gemm_floor_fn(model: torch.nn.Module, keep: bool = False) -> Callable[[], No
     return run_kept if keep else run
 
 
-def svdp_flop_bound(model: torch.nn.Module) -> float:
-    """(floor FLOPs + the frames' own FLOPs) / floor FLOPs of an SVDP-converted model: the ratio to the three-GEMM
-    floor that ours could not beat even at the floor's FLOP rate, since the floor leaves out forming U and V
-    (:func:`torch_sttp.frames.frame_flops` of the (d_out, r) and (d_in, r) frames of every layer)."""
-    floor = frames = 0.0
+def flop_bound(model: torch.nn.Module) -> float:
+    """Weight-path FLOPs / floor FLOPs of a converted model (:func:`torch_sttp.cost.weight_path_flops`, summed over
+    its layers): the ratio to the three-GEMM floor that ours could not beat even at the floor's FLOP rate, since
+    the floor leaves out forming U and V (their frames and, for STTP, their train contractions)."""
+    floor = ours = 0.0
     for _, m in converted_layers(model):
-        p = spectral_parametrization(m)
-        floor += 6.0 * p.d_out * p.d_in * p.r_mid
-        frames += frame_flops(p.d_out, p.r_mid) + frame_flops(p.d_in, p.r_mid)
-    return (floor + frames) / floor
-
+        layer_floor, layer_ours = weight_path_flops(spectral_parametrization(m))
+        floor, ours = floor + layer_floor, ours + layer_ours
+    return ours / floor
 
 # ---------------------------------------------------------------------------------------------- operator calls
 VIEW_LIKE = {"aten._unsafe_view.default", "aten._reshape_alias.default"}

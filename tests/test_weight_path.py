@@ -306,6 +306,42 @@ def test_zero_padding_of_frames_is_exactly_inert():
     assert gpad[:, n:].abs().max() == 0 and gpad[:, :, r:].abs().max() == 0
 
 
+# ================================================================================================== FLOP model
+@pytest.mark.parametrize("shape, rank", [((96, 40), 8), ((64, 16, 3, 3), 64), ((27, 128), 16), ((1, 30), 4)])
+def test_train_flops_are_the_flops_of_the_contraction(shape, rank):
+    """cost.train_flops counts exactly the GEMM FLOPs of contracting each side from its outer end, and the
+    backward exactly twice as many (what benchmarks/weights.py's FLOP bound adds for STTP)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from torch_sttp.parametrizations import SpectralParametrization
+    from torch_sttp.tt import contract_train
+
+    p = SpectralParametrization(shape, rank, method="sttp")
+    for side in (p.u_side, p.v_side):
+        if not side.modes:
+            assert cost.train_flops(side) == 0
+            continue
+        cores = [torch.randn(side.ranks[k], n, side.ranks[k + 1], dtype=F64, requires_grad=True)
+                 for k, n in enumerate(side.modes)]
+        with FlopCounterMode(display=False) as forward:
+            train = contract_train(cores)
+        with FlopCounterMode(display=False) as backward:
+            train.backward(torch.randn_like(train))
+        assert forward.get_total_flops() == cost.train_flops(side)
+        assert cost.train_flops(side) > 0 or len(side.modes) == 1
+        assert backward.get_total_flops() == 2 * cost.train_flops(side)
+
+
+def test_weight_path_flops_of_svdp_are_the_floor_plus_two_frames():
+    from torch_sttp.frames import frame_flops
+    from torch_sttp.parametrizations import SpectralParametrization
+
+    p = SpectralParametrization((64, 16, 3, 3), 32, method="svdp")
+    floor, ours = cost.weight_path_flops(p)
+    assert floor == 6 * 64 * 144 * 32
+    assert ours == floor + frame_flops(64, 32) + frame_flops(144, 32)
+
+
 # ============================================================================================== operator calls
 @functools.lru_cache(maxsize=None)
 def _dense_calls(name):

@@ -14,7 +14,8 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from .parametrizations import SpectralParametrization
+from .frames import frame_flops
+from .parametrizations import SpectralParametrization, TrainSide
 
 __all__ = [
     "op_overhead_flops",
@@ -25,6 +26,8 @@ __all__ = [
     "weight_path_costs",
     "batch_weight_products",
     "materialize_flops",
+    "train_flops",
+    "weight_path_flops",
     "linear_costs",
     "conv_costs",
     "embedding_costs",
@@ -90,6 +93,29 @@ def choose_path(requested: str, costs: Mapping[str, PathCost], device: torch.dev
 def materialize_flops(p: SpectralParametrization) -> float:
     """FLOPs of forming W = (U·Σ)·Vᵀ: 2·R·d_out·d_in."""
     return 2.0 * p.r_mid * p.d_out * p.d_in
+
+
+def train_flops(side: TrainSide) -> float:
+    """Forward FLOPs of contracting one train side from its outer end (:func:`torch_sttp.tt.contract_train`, the
+    order the weight path uses): step k ≥ 1 multiplies the partial product (n_0⋯n_{k−1}, R_k) by core k
+    (R_k, n_k·R_{k+1}), 2·n_0⋯n_{k−1}·R_k·n_k·R_{k+1}; 0 for one core (SVDP). Its backward costs twice as much."""
+    flops, rows = 0.0, 1
+    for k, n in enumerate(side.modes):
+        if k > 0:
+            flops += 2.0 * rows * side.ranks[k] * n * side.ranks[k + 1]
+        rows *= n
+    return flops
+
+
+def weight_path_flops(p: SpectralParametrization) -> tuple[float, float]:
+    """(floor, weight path) FLOPs of forming one layer's W and its gradient, forward + backward, without padding.
+    Floor: the three GEMMs any method needs, W = (U·Σ)·Vᵀ, ∂(U·Σ) = G·V and ∂Vᵀ = (U·Σ)ᵀ·G, 3·2·R·d_out·d_in.
+    Weight path: the floor plus every core's frame (:func:`torch_sttp.frames.frame_flops`, forward + backward)
+    and each side's train contraction, 3·:func:`train_flops` (forward + backward)."""
+    floor = 3.0 * materialize_flops(p)
+    sides = (p.u_side, p.v_side)
+    frames = sum(frame_flops(n, r) for side in sides for n, r in side.frame_shapes)
+    return floor, floor + frames + 3.0 * sum(train_flops(side) for side in sides)
 
 
 def has_tt_path(method: str, out_modes: Sequence[int], in_modes: Sequence[int]) -> bool:

@@ -55,7 +55,7 @@ from .tt import (
     tt_svd,
 )
 
-__all__ = ["SpectralParametrization", "SVDP", "STTP", "FixedRow", "parametrize", "register", "svdp", "sttp", "INITS",
+__all__ = ["SpectralParametrization", "TrainSide", "SVDP", "STTP", "FixedRow", "parametrize", "register", "svdp", "sttp", "INITS",
            "FORMAT_VERSION", "spectral_parametrization", "parametrization_tensors", "encode_config", "decode_config",
            "tensor_key", "config_key", "entry_key", "is_parametrization_key", "fixed_row"]
 
