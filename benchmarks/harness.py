@@ -110,13 +110,18 @@ def weights_fn(model: torch.nn.Module) -> Callable[[], None]:
 
     In a training step ∂L/∂W arrives from the layer's own backward; a fixed random tensor stands in for it, so the
     timing covers exactly the weight path (frames, contractions, U·Σ·Vᵀ) forward and backward, in one planner pass.
+    Each run starts as a step does after ``optimizer.zero_grad()`` (every ``.grad`` None, PyTorch's default), so
+    the gradients are stored, not added to those of the previous run.
     """
     layers = [m for _, m in converted_layers(model)]
-    device = next(model.parameters()).device
+    params = list(model.parameters())
+    device = params[0].device
     generator = torch.Generator().manual_seed(0)
     grads = [torch.randn(spectral_parametrization(m).weight_shape, generator=generator).to(device) for m in layers]
 
     def run():
+        for p in params:
+            p.grad = None
         with forward_pass(model):  # as inside a forward pass of the model: frames batched across layers
             weights = [m.spectral_weight() for m in layers]
         torch.autograd.backward(weights, grads)

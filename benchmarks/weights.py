@@ -5,7 +5,8 @@ Timing (one ``TARGET`` line per case). For WRN-28-10, SNGAN-32 G, SNGAN-32 D, SN
 converted with SVDP and STTP at r ∈ {16, 64} with the normalized and the identity spectrum:
 
 * **ours** — every converted weight formed inside one planner pass (``with torch_sttp.forward_pass(model)``,
-  ``SpectralLayer.spectral_weight()``), then ``torch.autograd.backward`` of a fixed random ∂L/∂W into it;
+  ``SpectralLayer.spectral_weight()``), then ``torch.autograd.backward`` of a fixed random ∂L/∂W into it, every
+  ``.grad`` set to None first (as ``optimizer.zero_grad()`` leaves them in a training step);
 * **floor** — the three GEMMs any method needs per layer: W = (UΣ)·Vᵀ, ∂L/∂(UΣ) = G·V and ∂L/∂Vᵀ = (UΣ)ᵀ·G at
   the layer's middle rank, each W dropped at once;
 * **kept** (printed, not a goal) — the same GEMMs with every W kept until all gradients are formed, as ours and a
