@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .model import (
+    active_adapter,
     add_adapters_to_layers,
     adapter_info,
     adapter_layers,
@@ -82,14 +83,34 @@ def save_adapters(model: nn.Module, directory, name: str | None = None) -> Path:
     """Write adapter ``name`` (default: the active one) to ``directory``: ``adapter_config.json`` (kind, method,
     rank, the adapted layers with their weight shapes and ranks, trainable modules) and
     ``adapter_model.safetensors`` (:func:`adapter_state_dict`); each file written atomically. Returns the folder."""
-    name = adapter_info(model, name).name
+    name = _require_adapter(model, name, "save_adapters")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: t.detach().contiguous() for k, t in adapter_state_dict(model, name).items()}
+    tensors = _unshared({k: t.detach().contiguous() for k, t in adapter_state_dict(model, name).items()})
     text = json.dumps(_config(model, name), indent=2)
-    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    # the weights first: a failed save never leaves a new configuration beside old (or no) weights
     _atomic_write(folder / WEIGHTS_NAME, lambda p: _safetensors().save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(folder / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return folder
+
+
+def _require_adapter(model: nn.Module, name: str | None, what: str) -> str:
+    """The adapter's name (default: the active one), or ValueError under ``what``'s name."""
+    try:
+        return adapter_info(model, name).name
+    except ValueError as e:
+        raise ValueError(str(e).replace("adapter_info:", f"{what}:", 1)) from None
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors with every one that shares memory with an earlier one cloned (tied weights of a trainable
+    module: safetensors stores each tensor on its own; loading copies the value into the tied parameter twice)."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        out[k] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
 
 
 def read_adapter_config(directory) -> dict:
@@ -129,12 +150,13 @@ def load_adapters(model: nn.Module, directory, name: str | None = None) -> nn.Mo
     _check_layers(model, config)
     tensors = _safetensors().load_file(str(Path(directory) / WEIGHTS_NAME))
     name = config["name"] if name is None else name
+    previous = active_adapter(model)
     add_adapters_to_layers(model, list(config["layers"]), config["kind"], config["method"], config["rank"], name,
                            config["trainable"], config["two_sided"], config["seed"], initialize=False)
     try:
         _copy_tensors(adapter_state_dict(model, name), tensors)
     except BaseException:
-        delete_adapter(model, name)
+        delete_adapter(model, name, activate=previous)
         raise
     return model
 

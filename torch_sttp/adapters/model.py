@@ -98,6 +98,10 @@ def adapter_record(model: nn.Module) -> AdapterRecord | None:
 def _require(model: nn.Module, what: str) -> AdapterRecord:
     record = adapter_record(model)
     if record is None:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's wrapper
+        if isinstance(inner, nn.Module) and adapter_record(inner) is not None:
+            raise ValueError(f"{what}: this is torch.compile's wrapper, which holds no adapters itself; pass the "
+                             "uncompiled model (compiled._orig_mod, or the model you compiled)")
         raise ValueError(f"{what}: the model has no adapters (add them with torch_sttp.add_adapters(model, ...))")
     return record
 
@@ -156,7 +160,9 @@ def _check_settings(model, kind, method, rank, name, two_sided, seed) -> dict:
     check_rank(rank)
     if kind == "rotation" and rank % 2:
         raise ValueError(f"rotation adapters start at the identity with reflectors in equal pairs, so rank must be "
-                         f"even; got rank={rank} (use {rank - 1 or 2} or {rank + 1})")
+                         f"even; got rank={rank} (use {rank + 1})" if rank == 1 else
+                         f"rotation adapters start at the identity with reflectors in equal pairs, so rank must be "
+                         f"even; got rank={rank} (use {rank - 1} or {rank + 1})")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-', got {name!r}")
     record = adapter_record(model)
@@ -173,8 +179,18 @@ def _check_settings(model, kind, method, rank, name, two_sided, seed) -> dict:
 
 
 def _add(model, settings: dict, target, exclude, trainable, exact, initialize: bool) -> nn.Module:
+    _check_one_root(model)
     trainable_names = _trainable_names(model, trainable) if exact is None else _exact_names(model, trainable)
     selected, skipped = _select(model, target, exclude, trainable_names, exact)
+    if exact is not None and skipped:
+        n, kind, why = skipped[0]
+        raise ValueError(f"layer {n!r} ({kind}) cannot carry the adapter: {why}")
+    on_meta = [n for n in [t.name for t in selected] + trainable_names
+               if any(q.is_meta for q in model.get_submodule(n).parameters())]
+    if on_meta:
+        raise ValueError(f"module {on_meta[0]!r} has its weights on the meta device; adapters start from the "
+                         "pretrained weights, so load them first (model.to_empty(device=...) and "
+                         "load_state_dict), then add the adapters")
     if settings["kind"] == "rotation":  # a pair of reflectors needs an input space of dimension ≥ 2
         narrow = [t for t in selected if t.ops.matrix(t.base).shape[1] < 2]
         skipped += [(t.name, type(t.base).__name__, "input dimension 1 leaves no room for a pair of reflectors")
@@ -297,6 +313,10 @@ def _check_patterns(named, what: str, patterns) -> None:
             supported = [n for n, _, seen in named if n and layer_ops(seen)[0] is not None]
             shown = supported[:12] + ([f"… ({len(supported)} in all)"] if len(supported) > 12 else [])
             label = pat.__name__ if isinstance(pat, type) else repr(pat)
+            if what == "trainable":  # any module can be trained whole
+                modules = [n for n, _, _ in named if n and "." not in n]
+                raise ValueError(f"trainable pattern {label} matches no module; the model's top-level modules are "
+                                 f"{modules[:12]}")
             raise ValueError(f"{what} pattern {label} matches no module; the layers that can carry adapters are "
                              f"{shown}")
 
@@ -307,11 +327,7 @@ def _trainable_names(model: nn.Module, trainable) -> list[str]:
     _check_patterns(named, "trainable", patterns)
     names = [n for n, _, seen in named if n and patterns and _matches(n, seen, patterns)]
     names = [n for n in names if not any(n.startswith(o + ".") for o in names)]  # outermost only
-    for n in names:
-        module = model.get_submodule(n)
-        if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
-            raise ValueError(f"trainable module {n!r} holds adapter layers; a module trained whole cannot also "
-                             "carry adapters (train it under another adapter name, or unload first)")
+    _check_no_adapter_layers(model, names)
     return names
 
 
@@ -320,7 +336,38 @@ def _exact_names(model: nn.Module, names) -> list[str]:
     unknown = [n for n in as_patterns(names) if n not in known]
     if unknown:
         raise ValueError(f"trainable modules {unknown} are not in the model")
-    return list(as_patterns(names))
+    names = list(as_patterns(names))
+    _check_no_adapter_layers(model, names)
+    return names
+
+
+def _check_no_adapter_layers(model: nn.Module, names: list[str]) -> None:
+    """Refuse trainable modules that hold adapter layers (of any adapter)."""
+    for n in names:
+        module = model.get_submodule(n)
+        if isinstance(module, AdapterLayer) or any(isinstance(m, AdapterLayer) for m in module.modules()):
+            raise ValueError(f"trainable module {n!r} holds adapter layers; a module trained whole cannot also "
+                             "carry adapters (train it under another adapter name, or unload first)")
+
+
+def _check_one_root(model: nn.Module) -> None:
+    """Refuse a model whose submodules carry adapters recorded elsewhere: on a submodule of their own (a record
+    there), or of an enclosing model (adapter layers here, no record)."""
+    if adapter_record(model) is not None:
+        inner = [n for n, m in model.named_modules() if n and adapter_record(m) is not None]
+        if inner:
+            raise ValueError(f"submodule {inner[0]!r} has adapters of its own (added on it directly); add every "
+                             f"adapter on one root: unload those of {inner[0]!r} first, or keep adding to it")
+        return
+    inner = [n for n, m in model.named_modules() if n and adapter_record(m) is not None]
+    if inner:
+        raise ValueError(f"submodule {inner[0]!r} already has adapters (added with add_adapters(model.{inner[0]}, "
+                         f"...)); add every adapter on one root: keep adding to {inner[0]!r}, or unload its adapters "
+                         "and add them all on this model")
+    held = [n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, TrainableCopies))]
+    if held:
+        raise ValueError(f"module {held[0]!r} carries adapters of an enclosing model; add adapters on that model "
+                         "(the one add_adapters was called on)")
 
 
 def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[list[_Target], list]:
@@ -343,6 +390,10 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
             continue  # by default only weight layers are considered (and listed when they cannot be adapted)
         if ops is None and next(seen.children(), None) is not None and not is_weight_layer(seen):
             continue  # a container matched by a pattern: its layers are considered one by one
+        if reason is None and isinstance(module, TrainableCopies):
+            owners = sorted(module.copies)
+            reason = (f"trained whole under adapter{'s' if len(owners) > 1 else ''} {', '.join(map(repr, owners))} "
+                      "(trainable), so it cannot also carry an adapter")
         reason = reason or _placement_reason(n, named, seen, counts, trainable_names)
         if reason:
             skipped.append((n or "<root>", type(seen).__name__, reason))
@@ -487,9 +538,10 @@ def merge_adapters(model: nn.Module, name: str | None = None) -> nn.Module:
     return model
 
 
-def delete_adapter(model: nn.Module, name: str) -> nn.Module:
+def delete_adapter(model: nn.Module, name: str, activate: str | None = None) -> nn.Module:
     """Remove adapter ``name``; layers left without adapters get their base layer back, and without any adapter
-    the model is as :func:`unload_adapters` leaves it. Another adapter (or none) becomes active."""
+    the model is as :func:`unload_adapters` leaves it. The active adapter stays active; if it was ``name``,
+    ``activate`` (default: the first one left) becomes active."""
     record = _require(model, "delete_adapter")
     name = _require_name(record, name, "delete_adapter")
     for n, layer in adapter_layers(model):
@@ -508,7 +560,8 @@ def delete_adapter(model: nn.Module, name: str) -> nn.Module:
     if not record.infos:
         _detach_record(model, record)
         return model
-    record.active = record.active if record.active in record.infos else next(iter(record.infos))
+    if record.active not in record.infos:
+        record.active = activate if activate in record.infos else next(iter(record.infos))
     _push_state(model, record)
     return model
 
