@@ -663,3 +663,36 @@ def test_loaded_weight_is_what_the_parametrization_holds_and_loads_back(method, 
         assert float(sv[0]) == pytest.approx(1.0, rel=1e-12)
     elif spectrum == "identity":
         torch.testing.assert_close(sv[: p.r_mid], torch.ones(p.r_mid, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spectrum", ["normalized", "identity"])
+def test_a_nonzero_padding_row_below_a_bounded_spectrum_warns_and_is_kept(spectrum):
+    """The fixed padding row lies outside the spectrum: kept (it never trains) and announced, since σ_max(W) may
+    then exceed 1; a zero row (nn.Embedding's own init) and the free spectrum stay silent."""
+    import warnings
+
+    from torch_sttp.parametrizations import spectrum_warnings
+
+    torch.manual_seed(0)
+    layer = nn.Embedding(12, 6, padding_idx=2)
+    with torch.no_grad():
+        layer.weight.mul_(4.0)
+        layer.weight[2] = 3.0
+    row = layer.weight.detach()[2].clone()
+    spectrum_warnings.reset()
+    with pytest.warns(UserWarning, match=r"padding row \(index 2\) .*\(norm 7.35\).* can exceed 1"):
+        torch_sttp.parametrize(layer, "svdp", rank=3, spectrum=spectrum, init="pretrained")
+    assert torch.equal(layer.weight[2], row) and torch.linalg.matrix_norm(layer.weight.detach(), 2) > 7
+    spectrum_warnings.reset()
+    with pytest.warns(UserWarning, match="padding row"):  # a dense weight set later: its row is kept too
+        layer.weight = torch.full((12, 6), 0.5)
+    for other, value in ((spectrum, 0.0), ("free", 3.0)):
+        fresh = nn.Embedding(12, 6, padding_idx=2)
+        with torch.no_grad():
+            fresh.weight[2] = value
+        spectrum_warnings.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch_sttp.parametrize(fresh, "svdp", rank=3, spectrum=other, init="pretrained")
+        assert not [w for w in caught if "padding row" in str(w.message)]
+    spectrum_warnings.reset()

@@ -674,7 +674,9 @@ def parametrize(
         register(module, tensor_name, p)
     if tensor_name == "weight" and isinstance(module, nn.Embedding) and module.padding_idx is not None:
         row = weight.detach()[module.padding_idx].clone() if init == "pretrained" else weight.new_zeros(weight.shape[1])
-        torch_parametrize.register_parametrization(module, tensor_name, FixedRow(module.padding_idx, row))
+        fixed = FixedRow(module.padding_idx, row, bounded=spectrum != "free")
+        fixed.warn_if_unbounded(row)
+        torch_parametrize.register_parametrization(module, tensor_name, fixed)
     return p
 
 
@@ -686,10 +688,21 @@ class FixedRow(nn.Module):
     pretrained row for ``init="pretrained"``) and puts it back after the spectral parametrization.
     """
 
-    def __init__(self, index: int, row: torch.Tensor) -> None:
+    def __init__(self, index: int, row: torch.Tensor, bounded: bool = False) -> None:
         super().__init__()
         self.index = int(index)
+        self.bounded = bool(bounded)  # below a normalized or identity spectrum, whose σ_max = 1 the row can break
         self.register_buffer("row", row)
+
+    def warn_if_unbounded(self, row: torch.Tensor) -> None:
+        """Warn (once per process) when a nonzero row is kept below a spectrum that bounds σ_max(W) by 1: the row
+        lies outside the spectrum, so W's σ_max may exceed 1 (up to about √(1 + ‖row‖²))."""
+        if self.bounded and not row.is_meta and bool(row.any()):
+            spectrum_warnings.warn("padding-row", f"an Embedding's padding row (index {self.index}) is kept as it "
+                                   f"is and never trains, outside the spectrum: with this nonzero row (norm "
+                                   f"{float(row.norm()):.3g}) the weight's largest singular value can exceed 1; "
+                                   "zero the row before converting (nn.Embedding initialises it to zero) or use "
+                                   "spectrum='free'", stacklevel=5)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` (num_embeddings, dim) with row ``index`` replaced by the fixed row (no gradient reaches it)."""
@@ -701,6 +714,7 @@ class FixedRow(nn.Module):
         """Setting a dense weight takes its padding row as the fixed row."""
         with torch.no_grad():
             self.row.copy_(weight[self.index])
+        self.warn_if_unbounded(self.row)
         return weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
