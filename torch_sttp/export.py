@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize as torch_parametrize
 
 from .modules import SpectralLayer, original_class
 from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
-from .surgery import converted_layers, detach_conversion
+from .surgery import conversion_hook_ids, converted_layers, detach_conversion
 
 __all__ = ["to_dense", "to_factorized", "factorized_pair"]
 
@@ -29,24 +29,44 @@ def _finish(model: nn.Module) -> None:
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every SVDP/STTP weight by its materialised dense weight, restoring plain layer classes (in place)."""
+    """Replace every SVDP/STTP weight by its materialised dense weight, restoring plain layer classes (in place).
+    Each weight is an ``nn.Parameter`` that requires grad as the layer's tensors did (also under ``no_grad``)."""
     for _, module in converted_layers(model):
         _to_plain(module)
     _finish(model)
     return model
 
 
+def _trains(module: nn.Module) -> bool:
+    """Whether the converted weight of ``module`` trains (any of its parametrization tensors requires grad)."""
+    return any(t.requires_grad for t in parametrization_tensors(module))
+
+
 def _to_plain(module: nn.Module) -> None:
-    """Materialise ``module``'s weight and give it back its original class."""
-    base, cls = original_class(module), module.__class__
+    """Materialise ``module``'s weight as a parameter (trainable as its tensors were) and give it back its
+    original class."""
+    base, cls, trains = original_class(module), module.__class__, _trains(module)
     # remove_parametrizations edits the class in place, and copy.deepcopy shares that class between a model and
     # its copies: work on a private class so that exporting a copy leaves the original model intact
     module.__class__ = type(cls.__name__, cls.__bases__,
                             {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
     torch_parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    # torch leaves a weight that does not require grad (frozen tensors, or under no_grad) as a buffer
+    weight = module.weight.detach()
+    del module.weight
+    module.weight = nn.Parameter(weight, requires_grad=trains)
     if isinstance(module, SpectralLayer):
         module.detach_state()
     module.__class__ = base
+
+
+def _exports_dense(module: nn.Module) -> bool:
+    """Whether ``module`` keeps its own object when exported (dense): a subclass of a torch layer (its forward may
+    do more than the layer's) or a module with forward or backward hooks, which a new pair of layers would drop."""
+    base, own = original_class(module), conversion_hook_ids(module)  # a converted root holds the planner's hooks
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return (base.__module__.split(".")[:3] != ["torch", "nn", "modules"]
+            or any(key not in own for h in hooks for key in h))
 
 
 def factorized_pair(module: nn.Module) -> nn.Sequential | None:
@@ -119,18 +139,35 @@ def to_factorized(model: nn.Module) -> nn.Module:
 
     Linear → Linear(d_in→r) · Linear(r→d_out); Conv → r-filter conv · 1×1 conv; ConvTranspose → r-channel
     transposed conv · 1×1 conv; Embedding → Embedding(·, r) · Linear(r→dim). Grouped convs, max_norm embeddings and
-    embeddings whose fixed padding row is not zero become dense layers. The result holds only plain modules (``torch.export``-able).
+    embeddings whose fixed padding row is not zero become dense layers, and so do subclasses of the torch layers
+    and layers with hooks (each keeps its own object, whose forward and hooks a new pair would drop). A layer held
+    under several names is replaced at all of them. The pairs keep the layer's ``requires_grad`` flags and
+    training mode. The result holds only plain modules (``torch.export``-able); a transposed conv's pair takes no
+    ``output_size`` (call it with the input alone, or export that layer with :func:`to_dense`).
     """
-    pairs = [(name, module, factorized_pair(module)) for name, module in converted_layers(model)]
+    pairs = [(name, module, None if _exports_dense(module) else factorized_pair(module))
+             for name, module in converted_layers(model)]
     for name, module, pair in pairs:
         if pair is None:
             _to_plain(module)
             continue
+        _match_state(pair, module)
         if name == "":
             _finish(model)
             return pair
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, pair)
+        for alias in [n for n, m in model.named_modules(remove_duplicate=False) if m is module]:
+            parent_name, _, child = alias.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, pair)
     _finish(model)
     return model
+
+
+def _match_state(pair: nn.Sequential, module: nn.Module) -> None:
+    """The pair trains as the converted layer did (its weight factors as its tensors, its bias as its bias) and is
+    in the same training/eval mode."""
+    trains = _trains(module)
+    for layer in pair:
+        layer.weight.requires_grad_(trains)
+    if getattr(module, "bias", None) is not None:
+        pair[1].bias.requires_grad_(module.bias.requires_grad)
+    pair.train(module.training)

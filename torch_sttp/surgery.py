@@ -43,6 +43,7 @@ __all__ = [
     "NonFiniteParameterError",
     "convert",
     "conversion",
+    "conversion_hook_ids",
     "converted_layers",
     "forward_pass",
     "load_converted",
@@ -333,6 +334,12 @@ def _load_dense_weight_hook(module, state_dict, prefix, *args) -> None:
     for i, later in enumerate(module.parametrizations["weight"]):
         if isinstance(later, FixedRow):  # a dense embedding's padding row becomes the fixed row
             state_dict[entry_key(prefix, i, "row")] = dense[later.index].to(later.row.dtype)
+
+
+def conversion_hook_ids(model: nn.Module) -> set[int]:
+    """The ids (keys in the module's hook dicts) of the forward hooks :func:`convert` attached to ``model``."""
+    record = model.__dict__.get(_RECORD)
+    return {handle.id for handle in record.hooks} if record is not None else set()
 
 
 def detach_conversion(model: nn.Module) -> None:
