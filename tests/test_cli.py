@@ -303,3 +303,33 @@ def test_gan_ends_with_a_summary_line_and_says_when_already_complete(capsys, tmp
     assert cli.main(argv) == 0
     again = capsys.readouterr().out.strip().splitlines()
     assert len(again) == 1 and "already complete (2/2 generator steps" in again[0]
+
+
+@pytest.fixture
+def garbage_safetensors(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    return path
+
+
+@pytest.mark.parametrize("where", ["model", "calibration", "export-input"])
+def test_a_damaged_safetensors_file_is_one_line_naming_it(capsys, tmp_path, dense_file, garbage_safetensors, where):
+    if where == "model":
+        argv = COMPRESS + ["--model", garbage_safetensors, "--budget", "0.3", "--output", tmp_path / "o.pt"]
+    elif where == "calibration":
+        argv = COMPRESS + ["--model", dense_file, "--budget", "0.3", "--calibration", garbage_safetensors,
+                           "--output", tmp_path / "o.pt"]
+    else:
+        argv = ["export", "--input", garbage_safetensors, "--model", dense_file, "--constructor",
+                "tests.test_cli:_small_model", "--output", tmp_path / "e.pt"]
+    line = _user_error(argv, capsys, tmp_path)
+    assert "garbage.safetensors" in line and "truncated or corrupted" in line and "not a readable safetensors" in line
+
+
+@pytest.mark.parametrize("flag", ["--output", "--report"])
+def test_an_output_below_a_file_is_refused_before_the_model_is_read(capsys, tmp_path, dense_file, flag):
+    paths = {"--output": tmp_path / "o.pt", "--report": tmp_path / "o.json"}
+    paths[flag] = dense_file / "x.pt"
+    line = _user_error(COMPRESS + ["--model", tmp_path / "missing.pt", "--budget", "0.3", "--output",
+                                   paths["--output"], "--report", paths["--report"]], capsys, tmp_path)
+    assert f"{flag} {dense_file / 'x.pt'}: {dense_file} is a file, not a folder" in line

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import open_safetensors
 from .layers import KINDS, layer_kind, select_layers
 from .progress import progress_iter
 from .whitening import DAMPING, REFINE_ITERS, WhitenedProjector
@@ -218,9 +219,7 @@ class Calibration:
     @classmethod
     def load(cls, path) -> "Calibration":
         """Read a file written by :meth:`save` (bit-exact)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:  # a damaged file: CheckpointError
             meta = (f.metadata() or {}).get(META_KEY)
             if meta is None:
                 raise ValueError(f"{path}: not a torch-sttp calibration file (no {META_KEY!r} metadata); "

@@ -21,6 +21,7 @@ the RNG states of those files too.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -36,6 +37,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "open_safetensors",
     "UnsafeCheckpointError",
     "TrainingState",
     "atomic_write",
@@ -185,6 +187,21 @@ def _damaged(path: str, detail: str) -> CheckpointError:
         "by a full disk or a copy that did not finish, or damaged in storage; if you keep rotating checkpoints, "
         "load the previous one instead."
     )
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike):
+    """``safetensors.safe_open(path, framework="pt")``, where a damaged or foreign file (its header, or a tensor
+    read in the block) raises :class:`CheckpointError` naming the file instead of safetensors' own error."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except Exception as e:  # safetensors' error class is not part of its public API: matched by name
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise _damaged(str(path), f"not a readable safetensors file: {e}") from None
 
 
 def _numeric_numpy_globals() -> list:

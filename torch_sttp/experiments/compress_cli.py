@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration, calibrate
-from ..checkpoint import load_checkpoint as read_plain_file
+from ..checkpoint import load_checkpoint as read_plain_file, open_safetensors
 from ..export import to_dense, to_factorized
 from ..options import RANK_METHODS
 from ..ranks import RankPlan, project, projection_errors, select_ranks
@@ -136,10 +137,8 @@ def _build_empty(constructor: str, kwargs: dict) -> nn.Module:
 def _read_state(path: Path) -> tuple[dict, dict]:
     """(state_dict, metadata) of a safetensors or weights_only torch file."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         state = {}
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(path) as f:  # a damaged file: CheckpointError
             meta = f.metadata() or {}
             for k in f.keys():
                 state[k] = f.get_tensor(k)
@@ -345,6 +344,7 @@ def cli_compress(args: argparse.Namespace) -> int:
     budget = parse_budget(args.budget)  # every argument is checked before the model is loaded
     _check_threads(getattr(args, "threads", None))
     _check_output(args.output)
+    _check_output(getattr(args, "report", None) or f"{args.output}.json", "--report")
     calib = getattr(args, "calibration", None)
     kind = check_calibration_args(calib, getattr(args, "calibration_samples", None), args.model,
                                   getattr(args, "randomized", False))
@@ -431,9 +431,20 @@ def _check_threads(threads) -> None:
         raise ValueError(f"--threads must be ≥ 1, got {threads}")
 
 
-def _check_output(path) -> None:
-    """A ``.safetensors`` output needs the safetensors package: say so before any work."""
-    if Path(path).suffix == ".safetensors":
+def _check_output(path, flag: str = "--output") -> None:
+    """Before any work: the output can be written where it is asked for (an existing folder that is not a file
+    and can be written, or one that can be created there), and a ``.safetensors`` output has its package."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file name in it")
+    ancestor = target.parent.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder; give another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: the folder {ancestor} cannot be written; give another output path")
+    if target.suffix == ".safetensors":
         try:
             import safetensors  # noqa: F401
         except ImportError:
