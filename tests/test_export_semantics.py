@@ -77,3 +77,17 @@ def test_to_factorized_replaces_a_layer_at_every_name_it_has():
     assert isinstance(model.layer, nn.Sequential) and model.alias is model.layer
     assert not any(k.startswith(("layer.parametrizations", "alias.parametrizations")) for k in model.state_dict())
     torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+@pytest.mark.parametrize("train", [True, False])
+def test_torch_export_of_a_converted_model_matches_it(method, train):
+    """torch.export traces a converted model as it is (no export step first): the frames go through plain
+    differentiable ops there, as under torch.func."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(128, 12), nn.ReLU(),
+                          nn.Linear(12, 5))
+    torch_sttp.convert(model, method, 4, init="random").train(train)
+    x = torch.randn(2, 3, 6, 6)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-6)

@@ -411,6 +411,12 @@ def free_block_shape(n: int, r: int, reduced: bool = False) -> tuple[int, int]:
     return (n - r, r) if reduced else (n, r)
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing (``torch.compiler.is_exporting``, absent before torch 2.5: False)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False,
                            constants: WYConstants | None = None) -> torch.Tensor:
     """Frame Q (…, n, r) from the free block of its reflectors (see :func:`free_block_shape`).
@@ -432,7 +438,8 @@ def householder_frame_free(block: torch.Tensor, n: int, reduced: bool = False,
         b = block.to(work).reshape(math.prod(batch_shape), *block.shape[-2:])
         if constants is None:
             constants = wy_constants(n, r, dtype=work, device=block.device)
-        if torch._C._functorch.peek_interpreter_stack() is not None:  # torch.func: plain differentiable ops
+        if torch._C._functorch.peek_interpreter_stack() is not None or _exporting():
+            # torch.func and torch.export: plain differentiable ops (no writes into views of an output)
             q = compact_wy(_stacked_y(b, constants.eye, reduced), constants=constants)
         elif b.shape[0] == 1:
             q = _FrameFromBlock.apply(b, constants.eye, constants.mask, reduced, constants.blocked)[0]
