@@ -171,3 +171,13 @@ def test_error_messages_name_the_call_and_a_valid_rank(tmp_path):
         torch_sttp.add_adapters(MLP(), "rotation", rank=1)
     with pytest.raises(ValueError, match="trainable pattern 'classifier' matches no module; the model's top-level"):
         torch_sttp.add_adapters(MLP(), "delta", rank=2, trainable=["classifier"])
+
+
+def test_a_target_naming_a_container_adapts_the_weight_layers_inside_it():
+    outer = nn.Sequential()
+    outer.add_module("enc", MLP())
+    outer.add_module("out", nn.Linear(3, 2))
+    torch_sttp.add_adapters(outer, "delta", rank=2, target=["enc"], exclude=["*.head"])
+    info = adapter_info(outer)
+    assert sorted(info.layers) == ["enc.fc1", "enc.fc2"] and info.skipped == []
+    assert isinstance(outer.out, nn.Linear)

@@ -130,7 +130,8 @@ def add_adapters(model: nn.Module, kind: str, method: str = "svdp", rank: int = 
 
     The outputs equal the pretrained model's at init. ``target`` / ``exclude``: globs on qualified names (a pattern
     without a dot also matches as a last-name suffix: ``"query"`` matches ``"encoder.layer.0.attention.self.query"``)
-    or layer types; by default every supported layer (Linear, Conv1d/2d/3d, Embedding, transformers Conv1D). Ranks
+    or layer types, a pattern that matches a container standing for the weight layers inside it; by default every
+    supported layer (Linear, Conv1d/2d/3d, Embedding, transformers Conv1D). Ranks
     above a layer's dimensions are clamped (:attr:`AdapterInfo.clamped`); targeted modules that cannot carry an
     adapter are listed in :attr:`AdapterInfo.skipped` (:func:`adapter_info`). ``trainable``: names of modules trained
     whole under this adapter (PEFT's ``modules_to_save``, e.g. a new classifier head), each a copy of the original.
@@ -380,16 +381,20 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
     for _, _, seen in named:
         for p in seen.parameters(recurse=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
+    # a container matched by a target pattern stands for the weight layers inside it
+    containers = [n for n, _, seen in named if n and targets and exact is None and _matches(n, seen, targets)
+                  and next(seen.children(), None) is not None and not is_weight_layer(seen)]
     selected, skipped = [], []
     for n, module, seen in named:
-        picked = n in exact if exact is not None else (_matches(n, seen, targets) if targets else True)
+        inside = any(n.startswith(c + ".") for c in containers)
+        picked = n in exact if exact is not None else (_matches(n, seen, targets) or inside if targets else True)
         if not picked or (excludes and _matches(n, seen, excludes)):
             continue
         ops, reason = layer_ops(seen)
-        if ops is None and not targets and exact is None and not is_weight_layer(seen):
-            continue  # by default only weight layers are considered (and listed when they cannot be adapted)
+        if ops is None and not is_weight_layer(seen) and (exact is None and not targets or inside):
+            continue  # by default (and inside a targeted container) only weight layers are considered
         if ops is None and next(seen.children(), None) is not None and not is_weight_layer(seen):
-            continue  # a container matched by a pattern: its layers are considered one by one
+            continue  # a container matched by a pattern: its layers are considered one by one (above)
         if reason is None and isinstance(module, TrainableCopies):
             owners = sorted(module.copies)
             reason = (f"trained whole under adapter{'s' if len(owners) > 1 else ''} {', '.join(map(repr, owners))} "
