@@ -696,3 +696,9 @@ def test_a_nonzero_padding_row_below_a_bounded_spectrum_warns_and_is_kept(spectr
             torch_sttp.parametrize(fresh, "svdp", rank=3, spectrum=other, init="pretrained")
         assert not [w for w in caught if "padding row" in str(w.message)]
     spectrum_warnings.reset()
+
+
+@pytest.mark.parametrize("layer", [nn.BatchNorm1d(4), nn.LayerNorm(4)])
+def test_a_one_dimensional_weight_is_refused_naming_the_layer(layer):
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}.weight has shape \(4,\): a low-rank weight needs"):
+        torch_sttp.parametrize(layer, "svdp", rank=2)

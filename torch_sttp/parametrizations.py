@@ -650,6 +650,10 @@ def parametrize(
     weight = getattr(module, tensor_name, None)
     if not isinstance(weight, torch.Tensor):
         raise ValueError(f"{type(module).__name__} has no tensor {tensor_name!r} to parametrize")
+    if weight.dim() < 2:
+        raise ValueError(f"{type(module).__name__}.{tensor_name} has shape {tuple(weight.shape)}: a low-rank weight "
+                         "needs at least two dimensions (d_out, C_in, *kernel), as in Linear, Conv, ConvTranspose and "
+                         "Embedding layers")
     p = SpectralParametrization(tuple(weight.shape), rank, method, spectrum, tensor_name == "weight" and is_transposed_conv(module))
     p.to(weight.device)
     initial = None
