@@ -181,3 +181,13 @@ def test_a_target_naming_a_container_adapts_the_weight_layers_inside_it():
     info = adapter_info(outer)
     assert sorted(info.layers) == ["enc.fc1", "enc.fc2"] and info.skipped == []
     assert isinstance(outer.out, nn.Linear)
+
+
+def test_disabling_adapters_leaves_tensors_frozen_by_hand_frozen():
+    model = torch_sttp.add_adapters(MLP(), "delta", rank=2, target=["fc1", "fc2"], trainable=["head"])
+    model.fc1.adapters["default"].spectrum.requires_grad_(False)
+    model.head.copies["default"].bias.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with torch_sttp.adapters_disabled(model):
+        assert torch.equal(model(X), MLP()(X))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags

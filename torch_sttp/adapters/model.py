@@ -459,18 +459,22 @@ def set_active_adapter(model: nn.Module, name: str) -> None:
     _push_state(model, record)
 
 
-def _push_state(model: nn.Module, record: AdapterRecord) -> None:
-    """Hand the record's active name (None while disabled) to every adapter layer, adapter and trainable copy."""
+def _push_state(model: nn.Module, record: AdapterRecord, flags: bool = True) -> None:
+    """Hand the record's active name (None while disabled) to every adapter layer, adapter and trainable copy;
+    with ``flags``, the active adapter's tensors train and the others' are frozen (not when only disabling, which
+    leaves tensors the user froze by hand as they are)."""
     running = None if record.disabled else record.active
     for _, layer in adapter_layers(model):
         layer.active = running
         for n, adapter in layer.adapters.items():
             adapter.enabled = n == running
-            adapter.requires_grad_(n == record.active)
+            if flags:
+                adapter.requires_grad_(n == record.active)
     for _, holder in trainable_copies(model):
         holder.active = running
         for n, module in holder.copies.items():
-            module.requires_grad_(n == record.active)
+            if flags:
+                module.requires_grad_(n == record.active)
     record.frame_planner.invalidate()
 
 
@@ -481,12 +485,12 @@ def adapters_disabled(model: nn.Module):
     record = _require(model, "adapters_disabled")
     previous = record.disabled
     record.disabled = True
-    _push_state(model, record)
+    _push_state(model, record, flags=False)
     try:
         yield model
     finally:
         record.disabled = previous
-        _push_state(model, record)
+        _push_state(model, record, flags=False)
 
 
 def unload_adapters(model: nn.Module) -> nn.Module:
