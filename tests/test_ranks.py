@@ -417,3 +417,27 @@ def copy_of(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_a_plan_used_with_a_spectrum_of_other_dof_warns_and_a_planned_layer_is_never_dropped():
+    """convert(rank=plan) with a spectrum whose DOF differ from the plan's warns (the budget would be exceeded);
+    include/exclude that leave out a layer the plan ranks are refused, not applied silently."""
+    import copy
+    import warnings
+
+    import torch_sttp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    plan = torch_sttp.select_ranks(model, 0.3, "svdp", spectrum="identity")
+    with pytest.warns(UserWarning, match="spectrum='identity'; converting with spectrum='free' exceeds the budget"):
+        torch_sttp.convert(copy.deepcopy(model), "svdp", rank=plan, spectrum="free", init="pretrained")
+    free_plan = torch_sttp.select_ranks(model, 0.3, "svdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # free and normalized count the same DOF: silent
+        torch_sttp.convert(copy.deepcopy(model), "svdp", rank=free_plan, spectrum="normalized")
+    for patterns in ({"exclude": ["0"]}, {"include": ["3"]}):
+        target = copy.deepcopy(model)
+        with pytest.raises(ValueError, match=r"layer '0' has a rank in the mapping \(or plan\), but the patterns"):
+            torch_sttp.project(target, "svdp", free_plan, **patterns)
+        assert not torch_sttp.converted_layers(target)

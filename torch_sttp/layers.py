@@ -239,7 +239,19 @@ def select_layers(model: nn.Module, include=None, exclude=None, rank_map: Mappin
             skipped.append((name, type(module).__name__, reason))
             continue
         selected.append((name, module))
+    if rank_map is not None:
+        _refuse_filtered(rank_map, selected, skipped, includes, excludes)
     return selected, skipped
+
+
+def _refuse_filtered(rank_map: Mapping[str, int], selected, skipped, includes, excludes) -> None:
+    """A layer given a rank (a rank mapping or plan) that include/exclude leave out is refused, not dropped."""
+    kept = {n for n, _ in selected} | {n for n, _, _ in skipped}
+    dropped = [n for n in rank_map if n not in kept]
+    if dropped:
+        by = " and ".join(f"{w}={list(map(str, p))}" for w, p in (("include", includes), ("exclude", excludes)) if p)
+        raise ValueError(f"layer {dropped[0]!r} has a rank in the mapping (or plan), but the patterns ({by}) leave "
+                         "it out; drop it from the mapping, or from the patterns")
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:

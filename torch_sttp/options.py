@@ -9,6 +9,7 @@ checks its options with these functions, so a bad value gets the same message wh
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Mapping
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "check_rank",
     "check_ranks",
     "check_plan_method",
+    "check_plan_spectrum",
 ]
 
 METHODS = ("svdp", "sttp")
@@ -102,6 +104,21 @@ def check_plan_method(rank, method: str) -> None:
     use = "svdp" if planned == "svd" else planned
     raise ValueError(f"the plan was made for method={planned!r} (its ranks fit the budget in that method's DOF); "
                      f"use it with method={use!r}, or plan again with select_ranks(..., method={method!r})")
+
+
+def check_plan_spectrum(rank, spectrum: str) -> None:
+    """Warn when a rank mapping that records the spectrum it was planned for (a
+    :class:`~torch_sttp.ranks.RankPlan`'s ``spectrum``) is used with one that counts other DOF ("identity" against
+    "free"/"normalized"): the converted model then exceeds the budget (a plan for ``"identity"`` has no S to count)
+    or leaves part of it unused."""
+    planned = getattr(rank, "spectrum", None) if isinstance(rank, Mapping) else None
+    if planned is None or getattr(rank, "method", None) == "svd" or "identity" not in (planned, spectrum) \
+            or planned == spectrum:
+        return  # "free" and "normalized" count the same DOF
+    effect = ("exceeds the budget by the S of every layer" if planned == "identity" else
+              "leaves the S of every layer unspent")
+    warnings.warn(f"the plan counted DOF for spectrum={planned!r}; converting with spectrum={spectrum!r} {effect} "
+                  f"(plan with select_ranks(..., spectrum={spectrum!r}) to fit the budget)", stacklevel=4)
 
 
 def check_ranks(rank):

@@ -613,11 +613,7 @@ def project(
 
 def _check_projection(method: str, rank_or_plan, spectrum: str, randomized: bool, convert_kwargs: Mapping) -> None:
     """The arguments of :func:`project` that ``convert`` does not check itself."""
-    check_plan_method(rank_or_plan, method)
-    if isinstance(rank_or_plan, RankPlan):
-        if rank_or_plan.spectrum != spectrum:
-            warnings.warn(f"the plan counted DOF for spectrum={rank_or_plan.spectrum!r}, projecting with "
-                          f"spectrum={spectrum!r}", stacklevel=3)
+    check_plan_method(rank_or_plan, method)  # a plan's spectrum: convert warns
     if randomized:
         if method != "svdp":
             raise ValueError("randomized=True is implemented for method='svdp' only")

@@ -25,8 +25,8 @@ from torch.nn.utils import parametrize as torch_parametrize
 from .cost import has_tt_path
 from .layers import SUPPORTED_TYPES, conversion_blockers, layout_shape, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
-from .options import (BATCHING, PATHS, check_init, check_method, check_option, check_plan_method, check_ranks,
-                      check_spectrum)
+from .options import (BATCHING, PATHS, check_init, check_method, check_option, check_plan_method,
+                      check_plan_spectrum, check_ranks, check_spectrum)
 from .parametrizations import (FixedRow, config_key, decode_config, entry_key, is_parametrization_key,
                                parametrization_tensors, parametrize, spectral_parametrization, tensor_key)
 from .planner import FramePlanner, NonFiniteParameterError
@@ -226,6 +226,7 @@ def _check_options(model, method, rank, spectrum, init, path, batching) -> dict:
     check_option("path", path)
     check_option("batching", batching)
     check_plan_method(rank, method)
+    check_plan_spectrum(rank, spectrum)
     if converted_layers(model):
         names = ", ".join(n or "<root>" for n, _ in converted_layers(model)[:3])
         raise ValueError(f"model is already converted (e.g. {names}); call torch_sttp.to_dense(model) first")
