@@ -1080,6 +1080,64 @@ def test_activation_checkpointing_matches_plain_training(method, mode):
             assert_close(b, a)
 
 
+def test_a_copy_made_inside_cached_or_a_forward_pass_starts_outside_them():
+    """A deep copy taken inside cached() (a best-model snapshot) follows .data updates once the context is left, and
+    one taken during a forward pass (a forward hook) computes fresh factors for direct layer calls."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Tanh(), nn.Linear(8, 3)).double()
+    S.convert(model, "svdp", rank=3, spectrum="free", init="random", generator=gen(0))
+    x = torch.randn(2, 4, dtype=F64)
+    with S.cached(model), torch.no_grad():
+        model(x)
+        best = copy.deepcopy(model)
+    with torch.no_grad():
+        best(x)
+        for p in best.parameters():
+            p.data.mul_(2.0)
+        assert_close(best(x), torch.tanh(x @ best[0].weight.T) @ best[2].weight.T + best[2].bias)
+    copies = []
+    handle = model[2].register_forward_hook(lambda *_: copies.append(copy.deepcopy(model)))
+    model(x)
+    handle.remove()
+    layer = copies[0][0]
+    with torch.no_grad():
+        layer(x)
+        for p in layer.parameters():
+            p.mul_(1.5)
+        assert_close(layer(x), x @ layer.weight.T)
+    for _ in range(2):  # a direct call, twice: fresh factors each time
+        layer(x).sum().backward()
+
+
+@pytest.mark.parametrize("how", ["sequential", "layer"])
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_checkpointing_segments_outside_a_pass_of_the_root_matches_plain_training(method, how):
+    """checkpoint_sequential(model, ...) and checkpoint(model[i], ...) run converted layers outside a forward pass of
+    the converted root: their own factors are computed inside the segment (non-reentrant checkpoint), and the
+    gradients equal those of the plain model (before: 'a different number of tensors was saved')."""
+    from torch.utils.checkpoint import checkpoint, checkpoint_sequential
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    S.convert(plain, method=method, rank=3, init="random", generator=torch.Generator().manual_seed(1))
+    ckpt = copy.deepcopy(plain)
+    x = torch.randn(4, 6, dtype=F64, requires_grad=True)
+    grads = []
+    for model, segmented in ((plain, False), (ckpt, True)):
+        x.grad = None
+        if not segmented:
+            out = model(x)
+        elif how == "sequential":
+            out = checkpoint_sequential(model, 2, x, use_reentrant=False)
+        else:
+            h = checkpoint(model[0], x, use_reentrant=False)
+            out = model[4](model[3](checkpoint(model[2], model[1](h), use_reentrant=False)))
+        out.square().sum().backward()
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert_close(b, a)
+
+
 @pytest.mark.parametrize("path", ["auto", "tt", "lowrank", "dense"])
 def test_torch_compile_fullgraph_without_graph_breaks(path):
     # a fresh STTP model (no eager call first, so no cached contraction plan) compiles into one graph; the TT path

@@ -20,7 +20,7 @@ from .cost import weight_path_costs
 from .frames import without_autocast
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
-from .weight_path import WeightPlan, structure_key
+from .weight_path import WeightPlan, bypassing_saved_tensor_hooks, structure_key
 
 __all__ = ["BATCHING", "Factors", "FramePlanner", "NonFiniteParameterError", "check_finite_parameters",
            "functorch_active", "member_parametrization", "member_tensors"]
@@ -121,6 +121,8 @@ class FramePlanner:
         state = dict(self.__dict__)
         state["_cache"] = None  # recorded graphs cannot be copied; recomputed on demand
         state["_plans"] = {}  # rebuilt on demand (for the copy's device and dtype)
+        # a copy (pickle) made inside cached() or during a forward pass is not inside them: it starts idle
+        state["_reuse"] = state["_depth"] = 0
         return state
 
     def __deepcopy__(self, memo):
@@ -262,13 +264,18 @@ class FramePlanner:
             with without_autocast(tensors[0].device):
                 return p.weight_from_factors(*factors)
 
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if torch.compiler.is_compiling() or functorch_active():
+            return compute()
+        if torch._C._current_graph_task_id() != -1:
             # inside a backward pass: the recomputation of an activation-checkpointing segment. These factors
             # stand in for the ones computed before the segment; saving their tensors through the checkpoint's
             # hooks would add entries that the original forward never saved.
             with torch.autograd.graph.saved_tensors_hooks(_detached, _same):
                 return compute()
-        return compute()
+        # a forward: factors computed inside a checkpointed segment (the layer called outside a pass of its root
+        # model) keep their saved tensors in the graph, so that the segment saves what its recomputation saves
+        with bypassing_saved_tensor_hooks():
+            return compute()
 
     def _entry(self, module: nn.Module) -> tuple:
         key = self._state_key()

@@ -44,7 +44,7 @@ from .frames import (WYConstants, compact_wy, frame_families, free_block_shape, 
                      without_autocast, wy_constants)
 from .parametrizations import SpectralParametrization
 
-__all__ = ["WeightPlan", "WeightPathResult", "structure_key", "compute_dtype"]
+__all__ = ["WeightPlan", "WeightPathResult", "structure_key", "compute_dtype", "bypassing_saved_tensor_hooks"]
 
 _END = float("inf")  # sorts a train that ends after a step behind those that go on
 
@@ -610,6 +610,15 @@ def _narrow(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 _HOOKS_SEEN = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
+def bypassing_saved_tensor_hooks():
+    """A context in which the tensors autograd saves are kept by the graph itself, not by enclosing saved-tensor
+    hooks (an activation checkpoint, offloading); a no-op when none are active (the check is PyTorch-private:
+    without it, always the bypass)."""
+    if _HOOKS_SEEN is None or _HOOKS_SEEN(False) is not None:
+        return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+    return contextlib.nullcontext()
+
+
 class WeightPathResult:
     """What :meth:`WeightPlan.run` computed, handed out per member (its index in the plan).
 
@@ -628,9 +637,7 @@ class WeightPathResult:
     def _lazy(self, key, compute):
         """``compute()`` once, its saved tensors kept by the graph, in the parameters' precision."""
         if key not in self._memo:
-            keep = _HOOKS_SEEN is None or _HOOKS_SEEN(False) is not None
-            with (torch.autograd.graph.saved_tensors_hooks(_same, _same) if keep else contextlib.nullcontext()), \
-                    without_autocast(self.plan.device):
+            with bypassing_saved_tensor_hooks(), without_autocast(self.plan.device):
                 self._memo[key] = compute()
         return self._memo[key]
 
