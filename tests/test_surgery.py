@@ -1366,3 +1366,17 @@ def test_dense_checkpoint_sets_the_padding_row():
     model = S.convert(nn.Sequential(nn.Embedding(8, 4, padding_idx=0)), "svdp", 4, spectrum="free")
     model.load_state_dict(source.state_dict())
     torch.testing.assert_close(model(torch.tensor([0, 5])), source(torch.tensor([0, 5])))
+
+
+@pytest.mark.parametrize("path", ["auto", "dense", "lowrank"])
+def test_a_converted_embedding_under_autocast_returns_what_a_plain_one_does(path):
+    """nn.Embedding is not an autocast op: its rows keep the weight's dtype under bf16 autocast, on every path."""
+    torch.manual_seed(0)
+    plain = nn.Embedding(2000, 16, padding_idx=0)
+    layer = S.convert(nn.Sequential(copy.deepcopy(plain)), "svdp", 4, spectrum="free", init="pretrained",
+                      path=path)[0]
+    idx = torch.tensor([[0, 5, 1999], [7, 0, 3]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rows, reference = layer(idx), plain(idx)
+    assert rows.dtype == reference.dtype == torch.float32
+    torch.testing.assert_close(rows, layer.weight.detach()[idx], rtol=1e-5, atol=1e-6)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cost
+from .frames import without_autocast
 from .layers import SUPPORTED_TYPES
 from .planner import Factors, FramePlanner
 from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
@@ -249,7 +250,8 @@ class SpectralEmbedding(SpectralLayer, nn.Embedding):
     def _lowrank_rows(self, idx: torch.Tensor) -> torch.Tensor:
         u, sigma, vt = self.spectral_factors()
         coeff = F.embedding(idx, u, self.padding_idx)
-        rows = (coeff if sigma is None else coeff * sigma) @ vt
+        with without_autocast(idx.device):  # a lookup, as nn.Embedding's: rows in the weight's dtype under autocast
+            rows = (coeff if sigma is None else coeff * sigma) @ vt
         if self.padding_idx is not None:  # the fixed padding row; σ and Vᵀ get no gradient from it
             rows = torch.where((idx == self.padding_idx).unsqueeze(-1), fixed_row(self).to(rows.dtype), rows)
         return rows
