@@ -65,6 +65,24 @@ def test_converted_generator_keeps_noise_to_conv_dense(tmp_path):
     assert summary["z_g"] < 100
 
 
+def test_the_r_penalty_covers_the_converted_layers_only(tmp_path, monkeypatch):
+    """-R regularizes the learned spectra: G's dense noise_to_conv is not penalized (no SVD of it every step)."""
+    from torch_sttp import spectral
+
+    seen = []
+    original = spectral.penalty
+
+    def recording(model, kind="d_optimal", layers=None, **kwargs):
+        seen.append((type(model).__name__, layers))
+        return original(model, kind, layers=layers, **kwargs)
+
+    monkeypatch.setattr(spectral, "penalty", recording)
+    gan.run_gan(dict(TINY, d="svdp-r", g="svdp-r", out=str(tmp_path)))
+    by_model = {name: layers for name, layers in seen}
+    assert len(by_model) == 2 and all(layers for layers in by_model.values())
+    assert not any("noise_to_conv" in n for layers in by_model.values() for n in layers)
+
+
 def test_reduced_discriminator_is_narrower():
     cfg = gan.resolve_config(dict(TINY, ndf=32, d_reduce=4, d="sn"))
     _, D, _ = gan.build_models(cfg, channels=1)

@@ -631,6 +631,12 @@ class _GanRun:
         self.opt_g, self.opt_d, self.sch_g, self.sch_d = _make_optimizers(cfg, self.G, self.D, cfg["steps"])
         self.noise = torch.Generator().manual_seed(cfg["seed"] + 2)
         self.d_reg, self.g_reg = _regularized(cfg["d"]), _regularized(cfg["g"])
+        # the -R penalty regularizes the learned spectra (paper §5): the converted layers only, not the layers a
+        # recipe keeps dense (G's noise_to_conv), whose σ would need an SVD every step
+        from ..surgery import converted_layers
+
+        self.d_penalized = [n for n, _ in converted_layers(self.D)] if self.d_reg else []
+        self.g_penalized = [n for n, _ in converted_layers(self.G)] if self.g_reg else []
 
     def _restore(self, saved: Mapping) -> None:
         for name, obj in (("G", self.G), ("D", self.D), ("opt_g", self.opt_g), ("opt_d", self.opt_d),
@@ -668,7 +674,7 @@ class _GanRun:
         if self.d_reg:
             from .. import spectral
 
-            pen = spectral.penalty(self.D, cfg["penalty_kind"])
+            pen = spectral.penalty(self.D, cfg["penalty_kind"], layers=self.d_penalized)
             total = d_loss + cfg["penalty_weight"] * pen
         self.opt_d.zero_grad(set_to_none=True)
         total.backward()
@@ -691,7 +697,8 @@ class _GanRun:
         if self.g_reg:
             from .. import spectral
 
-            g_total = g_loss + cfg["penalty_weight"] * spectral.penalty(self.G, cfg["penalty_kind"])
+            g_total = g_loss + cfg["penalty_weight"] * spectral.penalty(self.G, cfg["penalty_kind"],
+                                                                        layers=self.g_penalized)
         self.opt_g.zero_grad(set_to_none=True)
         g_total.backward()
         self.opt_g.step()
