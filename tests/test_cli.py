@@ -333,3 +333,13 @@ def test_an_output_below_a_file_is_refused_before_the_model_is_read(capsys, tmp_
     line = _user_error(COMPRESS + ["--model", tmp_path / "missing.pt", "--budget", "0.3", "--output",
                                    paths["--output"], "--report", paths["--report"]], capsys, tmp_path)
     assert f"{flag} {dense_file / 'x.pt'}: {dense_file} is a file, not a folder" in line
+
+
+def test_budget_one_is_the_whole_dense_count_and_svd_refuses_a_spectrum(capsys, tmp_path, dense_file):
+    from torch_sttp.experiments.compress_cli import parse_budget
+
+    assert parse_budget("1") == 1.0 and isinstance(parse_budget("1"), float) and parse_budget("2") == 2
+    line = _user_error(["compress", "--model", dense_file, "--constructor", "tests.test_cli:_small_model",
+                        "--method", "svd", "--spectrum", "identity", "--budget", "0.3", "--output",
+                        tmp_path / "o.pt"], capsys, tmp_path)
+    assert "--method svd writes two plain factors, which keep no spectrum" in line

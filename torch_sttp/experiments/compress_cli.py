@@ -66,7 +66,8 @@ DEFAULT_CALIBRATION_SAMPLES = 256
 
 # --------------------------------------------------------------------------------------------------- inputs
 def parse_budget(text) -> float | int:
-    """"0.3" → 0.3 (a fraction in (0, 1]), "150000" or "1e5" → 150000 (a DOF count ≥ 1); numbers pass through.
+    """"0.3" → 0.3 (a fraction in (0, 1]), "150000" or "1e5" → 150000 (a DOF count ≥ 2), "1" → 1.0 (the whole
+    dense count, as the help's "(0, 1]" reads; one DOF is never a budget); numbers pass through.
 
     Anything else ("0", "1.5", "abc") raises ValueError saying what a budget can be.
     """
@@ -82,6 +83,8 @@ def parse_budget(text) -> float | int:
             value = s
         if isinstance(value, float) and value.is_integer() and value > 1:
             value = int(value)
+        if value == 1:
+            value = 1.0
     if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
         return value
     if isinstance(value, float) and 0.0 < value <= 1.0:
@@ -342,6 +345,9 @@ def cli_compress(args: argparse.Namespace) -> int:
     (.safetensors or .pt), report (default: output + ".json"), threads, quiet.
     """
     budget = parse_budget(args.budget)  # every argument is checked before the model is loaded
+    if args.method == "svd" and args.spectrum != "free":
+        raise ValueError(f"--method svd writes two plain factors, which keep no spectrum, so --spectrum "
+                         f"{args.spectrum} does not apply; drop it, or use --method svdp or sttp for that spectrum")
     _check_threads(getattr(args, "threads", None))
     _check_output(args.output)
     _check_output(getattr(args, "report", None) or f"{args.output}.json", "--report")
@@ -420,10 +426,23 @@ def cli_export(args: argparse.Namespace) -> int:
     out_info = {"format": "dense" if fmt == "dense" else "factorized", "plan": info.get("plan"),
                 "source": source, "exported_from": str(args.input)}
     out = save_compressed(model, args.output, out_info)
-    numel = sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
     if not getattr(args, "quiet", False):
-        print(f"wrote {out} ({fmt}, {numel} parameters)")
+        print(f"wrote {out} ({fmt}, {_stored_values(model)} values: the state dict without num_batches_tracked, "
+              "a shared tensor once)")
     return 0
+
+
+def _stored_values(model: nn.Module) -> int:
+    """Entries of ``model.state_dict()`` as eq. 11 counts them: num_batches_tracked left out, shared tensors once."""
+    seen, total = set(), 0
+    for k, t in model.state_dict().items():
+        if not isinstance(t, torch.Tensor) or k.endswith("num_batches_tracked"):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel()
+    return total
 
 
 def _check_threads(threads) -> None:
@@ -458,7 +477,9 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     parser.add_argument("--constructor-kwargs", help="JSON keyword arguments for --constructor")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="allow unpickling a whole nn.Module from --model (runs code from the file)")
-    parser.add_argument("--budget", required=True, help="fraction in (0, 1] of the dense parameters, or a DOF count")
+    parser.add_argument("--budget", required=True,
+                        help="fraction in (0, 1] of the selected layers' dense parameters (1 = all of them), or a "
+                             "DOF count")
     parser.add_argument("--method", default="svdp", choices=list(RANK_METHODS))
     parser.add_argument("--spectrum", default="free", choices=["free", "normalized", "identity"])
     parser.add_argument("--strategy", default="auto", choices=["auto", "greedy", "uniform"])
