@@ -369,3 +369,20 @@ def test_report_counts_trainable_and_total_parameters_of_an_adapted_model():
     saved = json.loads(json.dumps(rep.to_dict()))
     assert (saved["trainable_params"], saved["total_params"]) == (24, rep.total_params)
     assert saved["adapters"][0]["params"] == delta + 44
+
+
+def test_an_embeddings_fixed_padding_row_counts_in_the_compressed_model_only():
+    """Eq. 11: every state-dict value of the converted model over every value of the dense one. The fixed padding
+    row is stored by the converted model only: in the numerator, not in the dense denominator."""
+    import copy
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Embedding(100, 16, padding_idx=0), nn.Linear(16, 4))
+    converted = convert(copy.deepcopy(dense), "svdp", 4, spectrum="free", init="pretrained")
+    dense_values = sum(v.numel() for v in dense.state_dict().values())
+    row = converted.state_dict()["0.parametrizations.weight.1.row"]
+    dof = count_dof((100, 16), "svdp", 4, "free") + count_dof((4, 16), "svdp", 4, "free")
+    for rep in (report(converted), count_model_dof(dense, "svdp", 4, "free")):
+        assert rep.numel_total + rep.other == dense_values  # the dense model's own count
+        assert (rep.dof_total, rep.other, rep.stored) == (dof, 4, row.numel())
+        assert rep.z == pytest.approx(100 * (dof + 4 + row.numel()) / dense_values)

@@ -31,7 +31,8 @@ from .adapters import active_adapter, adapter_info, adapter_names, adapter_state
 from .layers import layout_shape, select_layers
 from .modules import layer_state, original_class
 from .options import check_method, check_ranks, check_spectrum
-from .parametrizations import is_parametrization_key, parametrization_tensors, spectral_parametrization, tensor_key
+from .parametrizations import (fixed_row, is_parametrization_key, parametrization_tensors, spectral_parametrization,
+                              tensor_key)
 from .surgery import converted_layers, skipped_layers
 from .tt import count_dof, split_modes, tt_ranks
 
@@ -120,6 +121,8 @@ class CompressionReport:
         layers: one :class:`LayerRow` per reparameterized layer, in module order.
         skipped: :class:`SkippedRow` of the layers left alone by :func:`torch_sttp.convert`.
         other: C, the number of all other state-dict values (biases, BatchNorm, dense layers, buffers).
+        stored: values only the converted model stores, its embeddings' fixed padding rows: counted in Z's
+            numerator, not in the dense model's denominator.
         source: ``"model"`` (read from a converted model) or ``"arithmetic"`` (:func:`count_model_dof`).
         adapters: :class:`AdapterRow` of each named adapter of a model with adapters.
         trainable_params, total_params: the model's parameter entries with ``requires_grad`` and all of them (each
@@ -129,6 +132,7 @@ class CompressionReport:
     layers: list[LayerRow] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
     other: int = 0
+    stored: int = 0
     source: str = "model"
     adapters: list[AdapterRow] = field(default_factory=list)
     trainable_params: int | None = None
@@ -144,9 +148,10 @@ class CompressionReport:
 
     @property
     def z(self) -> float:
-        """Z in percent (paper eq. 11); 100 for a model without reparameterized layers."""
+        """Z in percent (paper eq. 11): (DOF + C + stored) / (numel + C); 100 for a model without reparameterized
+        layers."""
         den = self.numel_total + self.other
-        return 100.0 * (self.dof_total + self.other) / den if den else 100.0
+        return 100.0 * (self.dof_total + self.other + self.stored) / den if den else 100.0
 
     @property
     def flops_per_sample(self) -> float | None:
@@ -164,7 +169,8 @@ class CompressionReport:
             "dof_total": self.dof_total,
             "numel_total": self.numel_total,
             "other": self.other,
-            "params_compressed": self.dof_total + self.other,
+            "stored": self.stored,
+            "params_compressed": self.dof_total + self.other + self.stored,
             "params_dense": self.numel_total + self.other,
             "flops_per_sample": self.flops_per_sample,
             "source": self.source,
@@ -177,7 +183,8 @@ class CompressionReport:
 
     def summary(self) -> str:
         n = len(self.layers)
-        line = (f"Z = {self.z:.4g}%  (DOF {self.dof_total:,} + C {self.other:,}) / "
+        stored = f" + padding rows {self.stored:,}" if self.stored else ""
+        line = (f"Z = {self.z:.4g}%  (DOF {self.dof_total:,} + C {self.other:,}{stored}) / "
                 f"(numel {self.numel_total:,} + C {self.other:,});  {n} layer{'s' * (n != 1)} reparameterized, "
                 f"{len(self.skipped)} skipped")
         if self.flops_per_sample is not None:
@@ -329,8 +336,9 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
         ))
     skipped = [SkippedRow(*s) for s in skipped_layers(model)]
     other = _count_other(model, excluded)  # first: it names an uninitialised lazy parameter
+    stored = sum(fixed_row(m).numel() for _, m in converted_layers(model) if fixed_row(m) is not None)
     counts = parameter_counts(model)
-    rep = CompressionReport(rows, skipped, other, source="model",
+    rep = CompressionReport(rows, skipped, other - stored, stored=stored, source="model",
                             adapters=_adapter_rows(model), trainable_params=counts.trainable,
                             total_params=counts.total)
     if print_table:
@@ -391,4 +399,5 @@ def count_model_dof(
         excluded.add(_prefix(name) + "weight")
     # a converted embedding with padding_idx stores its fixed padding row (FixedRow): dim numbers
     fixed_rows = sum(m.embedding_dim for _, m in selected if isinstance(m, nn.Embedding) and m.padding_idx is not None)
-    return CompressionReport(rows, skipped, _count_other(dense_model, excluded) + fixed_rows, source="arithmetic")
+    return CompressionReport(rows, skipped, _count_other(dense_model, excluded), stored=fixed_rows,
+                             source="arithmetic")
