@@ -343,3 +343,24 @@ def test_budget_one_is_the_whole_dense_count_and_svd_refuses_a_spectrum(capsys, 
                         "--method", "svd", "--spectrum", "identity", "--budget", "0.3", "--output",
                         tmp_path / "o.pt"], capsys, tmp_path)
     assert "--method svd writes two plain factors, which keep no spectrum" in line
+
+
+@pytest.mark.parametrize("method", ["svdp", "svd"])
+def test_the_compress_report_gives_z_of_the_model_it_wrote(capsys, tmp_path, dense_file, method):
+    """The JSON report (and the printed line) carry eq. 11's Z of the whole written model and the layers left dense."""
+    from torch_sttp import compression
+    from torch_sttp.experiments.compress_cli import build_compressed
+
+    out = tmp_path / "c.pt"
+    assert cli.main(["compress", "--model", str(dense_file), "--constructor", "tests.test_cli:_small_model",
+                     "--method", method, "--budget", "0.3", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    comp = json.loads((tmp_path / "c.pt.json").read_text())["compression"]
+    dense = _small_model()
+    assert comp["params_dense"] == sum(v.numel() for v in dense.state_dict().values())
+    rebuilt = build_compressed(_small_model(), out)
+    if method == "svdp":
+        assert comp["z"] == pytest.approx(compression(rebuilt))
+    else:
+        assert comp["params_compressed"] == sum(v.numel() for v in rebuilt.state_dict().values())
+    assert comp["skipped"] == [] and f"Z = {comp['z']:.4g}%" in printed

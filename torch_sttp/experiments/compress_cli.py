@@ -40,7 +40,8 @@ from ..checkpoint import load_checkpoint as read_plain_file, open_safetensors
 from ..export import to_dense, to_factorized
 from ..options import RANK_METHODS
 from ..ranks import RankPlan, project, projection_errors, select_ranks
-from ..surgery import convert
+from ..report import report as model_report
+from ..surgery import convert, skipped_layers
 
 __all__ = [
     "FORMATS",
@@ -318,6 +319,7 @@ def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "fr
     is consumed: each statistic is freed once its layers are projected (``release_statistics``), which lowers the
     peak memory."""
     t0 = time.perf_counter()
+    dense_values = _stored_values(model)
     aware_plan = calibration is not None and strategy == "auto" and objective == "svd"
     plan = select_ranks(model, budget, method, spectrum, include=include, exclude=exclude, objective=objective,
                         strategy=strategy, calibration=calibration if aware_plan else None)
@@ -326,13 +328,19 @@ def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "fr
                     randomized=randomized, calibration=calibration, release_statistics=calibration is not None)
     errors = projection_errors(model)
     t2 = time.perf_counter()
+    counted = model_report(model)
+    skipped = [list(row) for row in skipped_layers(model)]
     if method == "svd":
         model = to_factorized(model)
+    compressed = counted.dof_total + counted.other + counted.stored if method != "svd" else _stored_values(model)
     report = {
         "plan": plan.to_dict(), "projection_errors": errors,
         "mean_projection_error": sum(errors.values()) / len(errors) if errors else 0.0,
         "select_seconds": t1 - t0, "project_seconds": t2 - t1,
         "format": "factorized" if method == "svd" else "spectral",
+        # eq. 11 over the whole model: DOF (spectral) or stored values (factorized) + everything else, over dense
+        "compression": {"z": 100.0 * compressed / dense_values, "params_compressed": compressed,
+                        "params_dense": dense_values, "skipped": skipped},
     }
     return model, plan, report
 
@@ -383,6 +391,11 @@ def cli_compress(args: argparse.Namespace) -> int:
     report_path.write_text(json.dumps(report, indent=2) + "\n")
     if not getattr(args, "quiet", False):
         print(plan.summary())
+        comp = report["compression"]
+        left = "; layers left dense: " + ", ".join(f"{n} ({why})" for n, _, why in comp["skipped"]) if comp["skipped"] \
+            else ""
+        print(f"Z = {comp['z']:.4g}% of the dense model (eq. 11: {comp['params_compressed']:,} of "
+              f"{comp['params_dense']:,} values){left}")
         print(f"mean projection error {report['mean_projection_error']:.4f}; wrote {out} and {report_path}")
     return 0
 
