@@ -441,3 +441,13 @@ def test_a_plan_used_with_a_spectrum_of_other_dof_warns_and_a_planned_layer_is_n
         with pytest.raises(ValueError, match=r"layer '0' has a rank in the mapping \(or plan\), but the patterns"):
             torch_sttp.project(target, "svdp", free_plan, **patterns)
         assert not torch_sttp.converted_layers(target)
+
+
+def test_an_sttp_plan_on_the_svd_objective_says_its_energy_is_a_proxy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 36), nn.ReLU(), nn.Linear(36, 12))
+    sttp = select_ranks(model, 1.0, "sttp")
+    assert "SVD energy: inner TT bonds not counted" in sttp.summary()
+    assert sttp.energy_retained == pytest.approx(1.0) and max(sttp.predicted_error.values()) > 0
+    assert "SVD energy" not in select_ranks(model, 1.0, "sttp", objective="tt").summary()
+    assert "SVD energy" not in select_ranks(model, 1.0, "svdp").summary()

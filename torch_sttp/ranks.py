@@ -269,8 +269,10 @@ class RankPlan(Mapping):
         lines = [f"{'layer':<{width}}  {'rank':>5}  {'dof':>9}  {'pred.err':>8}"]
         for n, r in self._ranks.items():
             lines.append(f"{n:<{width}}  {r:>5}  {self.layer_dof[n]:>9}  {self.predicted_error[n]:>8.4f}")
+        proxy = " (SVD energy: inner TT bonds not counted; see pred.err)" if (self.method, self.objective) == (
+            "sttp", "svd") else ""
         lines.append(f"{self.method}/{self.strategy}: dof {self.dof} of budget {self.budget} "
-                     f"({self.fraction:.3f} of {self.dense} dense), energy retained {self.energy_retained:.4f}")
+                     f"({self.fraction:.3f} of {self.dense} dense), energy retained {self.energy_retained:.4f}{proxy}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -341,7 +343,10 @@ def select_ranks(
         include, exclude, layers: which layers (see :func:`compressible_layers`).
         objective: ``"svd"`` — the energy of layer l at rank r is the sum of its r largest squared singular values;
             ``"tt"`` (``method="sttp"`` only) — ‖W‖² minus the squared TT-SVD error bound, which also charges the
-            truncation of the inner bonds of the train.
+            truncation of the inner bonds of the train. For STTP, ``"svd"`` is a proxy that ignores the inner bonds:
+            its ranks stop at min(d_out, d_in), where a lossless train may need more (a budget of 1.0 then leaves
+            DOF unspent, and its energy reads 1 while the predicted errors do not); ``"tt"`` plans up to the
+            Holtz bound.
         strategy: ``"auto"`` (the better of the greedy and the best uniform plan), ``"greedy"`` or ``"uniform"``.
         spectra: precomputed :func:`layer_spectra` of the same layers (to plan several budgets without new SVDs).
         calibration: a :class:`~torch_sttp.calibration.Calibration` of the selected layers: the loss-aware plan
