@@ -87,6 +87,7 @@ def test_a_failed_load_keeps_the_active_adapter_and_the_trainable_flags(tmp_path
     torch_sttp.add_adapters(model, "delta", rank=2, name="a", target=["fc1", "fc2"])
     torch_sttp.add_adapters(model, "delta", rank=2, name="b", target=["fc1", "fc2"])
     _perturb(model)
+    model.fc1.adapters["b"].u_reflectors.requires_grad_(False)  # frozen by hand: stays so
     flags, out = [p.requires_grad for p in model.parameters()], model(X).detach()
     with pytest.raises(ValueError, match="has shape"):
         torch_sttp.load_adapters(model, tmp_path)
@@ -181,6 +182,9 @@ def test_a_target_naming_a_container_adapts_the_weight_layers_inside_it():
     info = adapter_info(outer)
     assert sorted(info.layers) == ["enc.fc1", "enc.fc2"] and info.skipped == []
     assert isinstance(outer.out, nn.Linear)
+    torch_sttp.unload_adapters(outer)
+    torch_sttp.add_adapters(outer, "delta", rank=2, exclude=["enc"])  # an excluded container: none of its layers
+    assert list(adapter_info(outer).layers) == ["out"]
 
 
 def test_disabling_adapters_leaves_tensors_frozen_by_hand_frozen():

@@ -58,6 +58,21 @@ def test_to_factorized_keeps_subclass_forwards_and_hooks_by_exporting_them_dense
     assert calls == [1]
 
 
+class Renamed(nn.Linear):
+    """A subclass without a forward of its own (as many libraries define their layers)."""
+
+
+def test_a_subclass_without_a_forward_of_its_own_is_still_factorized():
+    torch.manual_seed(0)
+    model = torch_sttp.convert(nn.Sequential(Renamed(6, 5), nn.Linear(5, 3)).to(F64), "svdp", 2, spectrum="free",
+                               init="random")
+    x = torch.randn(4, 6, dtype=F64)
+    expected = model(x).detach()
+    torch_sttp.to_factorized(model)
+    assert isinstance(model[0], nn.Sequential)
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+
+
 class Twice(nn.Module):
     def __init__(self):
         super().__init__()

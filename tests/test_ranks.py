@@ -432,6 +432,8 @@ def test_a_plan_used_with_a_spectrum_of_other_dof_warns_and_a_planned_layer_is_n
     plan = torch_sttp.select_ranks(model, 0.3, "svdp", spectrum="identity")
     with pytest.warns(UserWarning, match="spectrum='identity'; converting with spectrum='free' exceeds the budget"):
         torch_sttp.convert(copy.deepcopy(model), "svdp", rank=plan, spectrum="free", init="pretrained")
+    with pytest.warns(UserWarning, match="spectrum='identity'; converting with spectrum='free' exceeds the budget"):
+        torch_sttp.project(copy.deepcopy(model), "svdp", plan, spectrum="free")
     free_plan = torch_sttp.select_ranks(model, 0.3, "svdp")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # free and normalized count the same DOF: silent

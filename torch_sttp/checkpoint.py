@@ -201,7 +201,8 @@ def open_safetensors(path: str | os.PathLike):
     except Exception as e:  # safetensors' error class is not part of its public API: matched by name
         if type(e).__name__ != "SafetensorError":
             raise
-        raise _damaged(str(path), f"not a readable safetensors file: {e}") from None
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({e}): it is damaged or truncated, "
+                              "or not a safetensors file at all; write it again, or give another file") from None
 
 
 def _numeric_numpy_globals() -> list:

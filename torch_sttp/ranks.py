@@ -34,7 +34,8 @@ from torch import nn
 
 from .frames import frame_to_params
 from .layers import SUPPORTED_TYPES, check_has_values, layout_shape, select_layers, weight_matrix
-from .options import OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_plan_method, check_spectrum
+from .options import (OBJECTIVES, RANK_METHODS, STRATEGIES, check_option, check_plan_method, check_plan_spectrum,
+                      check_spectrum)
 from .parametrizations import parametrization_tensors, spectral_parametrization
 from .progress import progress_iter
 from .surgery import conversion, convert, converted_layers
@@ -618,7 +619,8 @@ def project(
 
 def _check_projection(method: str, rank_or_plan, spectrum: str, randomized: bool, convert_kwargs: Mapping) -> None:
     """The arguments of :func:`project` that ``convert`` does not check itself."""
-    check_plan_method(rank_or_plan, method)  # a plan's spectrum: convert warns
+    check_plan_method(rank_or_plan, method)
+    check_plan_spectrum(rank_or_plan, spectrum)  # before the plan becomes a plain rank mapping for convert
     if randomized:
         if method != "svdp":
             raise ValueError("randomized=True is implemented for method='svdp' only")

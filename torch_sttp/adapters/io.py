@@ -150,13 +150,15 @@ def load_adapters(model: nn.Module, directory, name: str | None = None) -> nn.Mo
     _check_layers(model, config)
     tensors = _safetensors().load_file(str(Path(directory) / WEIGHTS_NAME))
     name = config["name"] if name is None else name
-    previous = active_adapter(model)
+    previous, flags = active_adapter(model), [(p, p.requires_grad) for p in model.parameters()]
     add_adapters_to_layers(model, list(config["layers"]), config["kind"], config["method"], config["rank"], name,
                            config["trainable"], config["two_sided"], config["seed"], initialize=False)
     try:
         _copy_tensors(adapter_state_dict(model, name), tensors)
     except BaseException:
         delete_adapter(model, name, activate=previous)
+        for p, flag in flags:  # tensors frozen by hand stay frozen
+            p.requires_grad_(flag)
         raise
     return model
 

@@ -381,14 +381,14 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
     for _, _, seen in named:
         for p in seen.parameters(recurse=False):
             counts[id(p)] = counts.get(id(p), 0) + 1
-    # a container matched by a target pattern stands for the weight layers inside it
-    containers = [n for n, _, seen in named if n and targets and exact is None and _matches(n, seen, targets)
-                  and next(seen.children(), None) is not None and not is_weight_layer(seen)]
+    # a container matched by a target (exclude) pattern stands for the weight layers inside it
+    containers = _containers(named, targets) if exact is None else []
+    left_out = _containers(named, excludes)
     selected, skipped = [], []
     for n, module, seen in named:
         inside = any(n.startswith(c + ".") for c in containers)
         picked = n in exact if exact is not None else (_matches(n, seen, targets) or inside if targets else True)
-        if not picked or (excludes and _matches(n, seen, excludes)):
+        if not picked or (excludes and _matches(n, seen, excludes)) or any(n.startswith(c + ".") for c in left_out):
             continue
         ops, reason = layer_ops(seen)
         if ops is None and not is_weight_layer(seen) and (exact is None and not targets or inside):
@@ -405,6 +405,12 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
         else:
             selected.append(_Target(n, module, seen, ops))
     return selected, skipped
+
+
+def _containers(named, patterns) -> list[str]:
+    """Names of the containers (modules with children, not weight layers) that ``patterns`` match."""
+    return [n for n, _, seen in named if n and patterns and _matches(n, seen, patterns)
+            and next(seen.children(), None) is not None and not is_weight_layer(seen)]
 
 
 def _placement_reason(name: str, named, module: nn.Module, counts: dict, trainable_names) -> str | None:

@@ -91,7 +91,7 @@ def parse_budget(text) -> float | int:
     if isinstance(value, float) and 0.0 < value <= 1.0:
         return value
     raise ValueError(f"budget {text!r} is neither a fraction in (0, 1] of the dense parameters (e.g. --budget 0.3) "
-                     "nor a whole DOF count ≥ 1 (e.g. --budget 150000)")
+                     "nor a whole DOF count ≥ 2 (e.g. --budget 150000)")
 
 
 def _import_callable(spec: str):
