@@ -1156,6 +1156,22 @@ def test_torch_compile_fullgraph_without_graph_breaks(path):
         assert {layer_state(m).last_path for _, m in S.converted_layers(model)} == {"tt"}
 
 
+@pytest.mark.parametrize("method", ["svdp", "sttp"])
+def test_torch_compile_fullgraph_at_ranks_of_the_blocked_inverse(method):
+    """At r = 32 the frames ask whether the blocked triangular inverse pays (it reads the thread count): while
+    compiling that question must not be traced (it broke the graph at every layer)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 64))
+    S.convert(model, method=method, rank=32, spectrum="free", init="random", generator=gen(2))
+    x = torch.randn(3, 64, generator=gen(3))
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(model, backend="eager", fullgraph=True)(x)  # raises on any graph break
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_when_every_layer_is_skipped_the_error_gives_their_reasons():
     tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
     tied[1].weight = tied[0].weight

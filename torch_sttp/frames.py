@@ -129,9 +129,11 @@ def blocked_inverse_pays(r: int, device) -> bool:
     runs), one solve — also the fewer operator calls."""
     if torch.device(device or "cpu").type != "cpu" or r < 2 * BLOCK or r % BLOCK or (r // BLOCK) & (r // BLOCK - 1):
         return False
+    if torch.compiler.is_compiling():  # before reading the thread count, which dynamo cannot trace
+        return False
     key = (r, torch.get_num_threads())
     if key not in _BLOCKED_FASTER:
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        if torch._C._len_torch_dispatch_stack() > 0:
             return False
         _BLOCKED_FASTER[key] = _blocked_is_faster(r)
     return _BLOCKED_FASTER[key]
