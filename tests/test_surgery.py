@@ -1396,3 +1396,24 @@ def test_a_converted_embedding_under_autocast_returns_what_a_plain_one_does(path
         rows, reference = layer(idx), plain(idx)
     assert rows.dtype == reference.dtype == torch.float32
     torch.testing.assert_close(rows, layer.weight.detach()[idx], rtol=1e-5, atol=1e-6)
+
+
+def test_convert_inside_autocast_equals_convert_outside_it():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 6))
+    outside = S.convert(copy.deepcopy(net), "svdp", 4, spectrum="free", init="pretrained")
+    inside = copy.deepcopy(net)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        S.convert(inside, "svdp", 4, spectrum="free", init="pretrained")
+    a, b = outside.state_dict(), inside.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_converted_embedding_resized_in_place_refuses_to_run():
+    """Resizing by hand (as transformers' resize_token_embeddings does) cannot reach the SVDP/STTP weight: the next
+    forward says so instead of an index error deep inside."""
+    layer = S.convert(nn.Sequential(nn.Embedding(10, 8)), "svdp", 4)[0]
+    layer.num_embeddings = 12
+    with pytest.raises(ValueError, match="says 12 × 8 but its SVDP/STTP weight is 10 × 8: a converted layer cannot "
+                                         "be resized in place"):
+        layer(torch.tensor([11]))

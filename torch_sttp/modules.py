@@ -238,6 +238,11 @@ class SpectralEmbedding(SpectralLayer, nn.Embedding):
         if not self._sttp_active():
             return super().forward(idx)
         p = spectral_parametrization(self)
+        if (self.num_embeddings, self.embedding_dim) != tuple(p.weight_shape):
+            raise ValueError(f"this converted Embedding says {self.num_embeddings} × {self.embedding_dim} but its "
+                             f"SVDP/STTP weight is {p.weight_shape[0]} × {p.weight_shape[1]}: a converted layer "
+                             "cannot be resized in place (e.g. by resize_token_embeddings); resize the dense model "
+                             "before converting, or torch_sttp.to_dense(model), resize, and convert again")
         n = idx.numel()
         costs = cost.embedding_costs(p, self._weight_flops(), n, lowrank=not self.scale_grad_by_freq)
         if self._choose(costs, n, idx.device) == "dense":
