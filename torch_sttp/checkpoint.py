@@ -38,6 +38,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "open_safetensors",
+    "unshared_tensors",
     "UnsafeCheckpointError",
     "TrainingState",
     "atomic_write",
@@ -187,6 +188,19 @@ def _damaged(path: str, detail: str) -> CheckpointError:
         "by a full disk or a copy that did not finish, or damaged in storage; if you keep rotating checkpoints, "
         "load the previous one instead."
     )
+
+
+def unshared_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, detached and contiguous, with each one that shares storage with an earlier one cloned:
+    safetensors refuses tensors that share memory (tied weights), and a tied pair loads back as two equal entries
+    (copied into the one tied parameter twice)."""
+    seen, out = set(), {}
+    for k, t in tensors.items():
+        t = t.detach()
+        key = (t.untyped_storage().data_ptr(), t.device)
+        out[k] = t.clone().contiguous() if key in seen else t.contiguous()
+        seen.add(key)
+    return out
 
 
 @contextlib.contextmanager

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
-from .layers import SUPPORTED_TYPES
-from .modules import SpectralLayer, original_class
+from .modules import SpectralLayer, has_own_forward, original_class
 from .parametrizations import fixed_row, parametrization_tensors, spectral_parametrization
 from .surgery import conversion_hook_ids, converted_layers, detach_conversion
 
@@ -65,10 +64,9 @@ def _exports_dense(module: nn.Module) -> bool:
     """Whether ``module`` keeps its own object when exported (dense): a subclass of a torch layer with a forward of
     its own (it may do more than the layer's) or a module with forward or backward hooks, which a new pair of
     layers would drop."""
-    base, own = original_class(module), conversion_hook_ids(module)  # a converted root holds the planner's hooks
-    layer = next(c for c in base.__mro__ if c in SUPPORTED_TYPES)
+    own = conversion_hook_ids(module)  # a converted root holds the planner's hooks
     hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return base.forward is not layer.forward or any(key not in own for h in hooks for key in h)
+    return has_own_forward(original_class(module)) or any(key not in own for h in hooks for key in h)
 
 
 def factorized_pair(module: nn.Module) -> nn.Sequential | None:
@@ -143,9 +141,8 @@ def to_factorized(model: nn.Module) -> nn.Module:
     transposed conv · 1×1 conv; Embedding → Embedding(·, r) · Linear(r→dim). Grouped convs, max_norm embeddings and
     embeddings whose fixed padding row is not zero become dense layers, and so do subclasses of the torch layers
     with a forward of their own and layers with hooks (each keeps its own object, whose forward and hooks a new
-    pair would drop). A layer held
-    under several names is replaced at all of them. The pairs keep the layer's ``requires_grad`` flags and
-    training mode. The result holds only plain modules (``torch.export``-able); a transposed conv's pair takes no
+    pair would drop). A layer held under several names is replaced at all of them. The pairs keep the layer's
+    ``requires_grad`` flags and training mode. The result holds only plain modules (``torch.export``-able); a transposed conv's pair takes no
     ``output_size`` (call it with the input alone, or export that layer with :func:`to_dense`).
     """
     pairs = [(name, module, None if _exports_dense(module) else factorized_pair(module))

@@ -52,6 +52,7 @@ __all__ = [
     "triangular_inverse",
     "blocked_inverse_pays",
     "without_autocast",
+    "without_autocast_on",
     "free_block_shape",
     "householder_frame_free",
     "householder_frame_batches",
@@ -99,6 +100,15 @@ def without_autocast(device: torch.device):
     if device.type not in _AUTOCAST_DEVICES:
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+@contextlib.contextmanager
+def without_autocast_on(devices):
+    """:func:`without_autocast` on every device of ``devices`` at once."""
+    with contextlib.ExitStack() as stack:
+        for device in set(devices):
+            stack.enter_context(without_autocast(device))
+        yield
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -36,6 +36,8 @@ __all__ = [
     "SpectralConvTranspose3d",
     "SpectralEmbedding",
     "spectral_class",
+    "supported_base",
+    "has_own_forward",
     "layer_state",
     "conv_function",
 ]
@@ -276,18 +278,28 @@ _SPECTRAL_CLASS = {
 }
 
 
+def supported_base(cls: type) -> type | None:
+    """The supported torch layer class ``cls`` derives from (``cls`` itself for one of them), or None."""
+    return next((base for base in SUPPORTED_TYPES if issubclass(cls, base)), None)
+
+
+def has_own_forward(cls: type) -> bool:
+    """Whether a subclass of a supported layer overrides the layer's ``forward``."""
+    return cls.forward is not supported_base(cls).forward
+
+
 def spectral_class(cls: type) -> type:
     """The spectral subclass for a layer class (exact supported types, or a dynamic subclass for subclasses)."""
     if cls in _SPECTRAL_CLASS:
         return _SPECTRAL_CLASS[cls]
-    for base in SUPPORTED_TYPES:
-        if issubclass(cls, base):
-            # a subclass's own forward is kept (it sees the materialised weight); otherwise the spectral forward runs
-            bases = (SpectralLayer, cls) if cls.forward is not base.forward else (_SPECTRAL_CLASS[base], cls)
-            new = type(f"Spectral{cls.__name__}", bases, {"__module__": __name__})
-            _SPECTRAL_CLASS[cls] = new
-            return new
-    raise TypeError(f"{cls.__name__} is not supported")
+    base = supported_base(cls)
+    if base is None:
+        raise TypeError(f"{cls.__name__} is not supported")
+    # a subclass's own forward is kept (it sees the materialised weight); otherwise the spectral forward runs
+    bases = (SpectralLayer, cls) if has_own_forward(cls) else (_SPECTRAL_CLASS[base], cls)
+    new = type(f"Spectral{cls.__name__}", bases, {"__module__": __name__})
+    _SPECTRAL_CLASS[cls] = new
+    return new
 
 
 def original_class(module: nn.Module) -> type:

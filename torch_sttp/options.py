@@ -112,8 +112,7 @@ def check_plan_spectrum(rank, spectrum: str) -> None:
     "free"/"normalized"): the converted model then exceeds the budget (a plan for ``"identity"`` has no S to count)
     or leaves part of it unused."""
     planned = getattr(rank, "spectrum", None) if isinstance(rank, Mapping) else None
-    if planned is None or getattr(rank, "method", None) == "svd" or "identity" not in (planned, spectrum) \
-            or planned == spectrum:
+    if planned in (None, spectrum) or getattr(rank, "method", None) == "svd" or "identity" not in (planned, spectrum):
         return  # "free" and "normalized" count the same DOF
     effect = ("exceeds the budget by the S of every layer" if planned == "identity" else
               "leaves the S of every layer unspent")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .cost import weight_path_costs
-from .frames import without_autocast
+from .frames import without_autocast, without_autocast_on
 from .options import BATCHING, check_option
 from .parametrizations import SpectralParametrization, parametrization_tensors, spectral_parametrization
 from .weight_path import WeightPlan, bypassing_saved_tensor_hooks, structure_key
@@ -303,9 +303,8 @@ class FramePlanner:
         if self.check_finite:
             check_finite_parameters(layers, self.names)
         entries = {}
-        with contextlib.ExitStack() as stack:  # factors in the parameters' precision, even under autocast
-            for device in {member_tensors(m)[0].device for m in layers}:
-                stack.enter_context(without_autocast(device))
+        # factors in the parameters' precision, even under autocast
+        with without_autocast_on(member_tensors(m)[0].device for m in layers):
             if self.batching == "none":
                 for m in layers:
                     entries[id(m)] = (_OwnResult(member_parametrization(m), member_tensors(m)), 0)

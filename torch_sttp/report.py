@@ -36,7 +36,8 @@ from .parametrizations import (fixed_row, is_parametrization_key, parametrizatio
 from .surgery import converted_layers, skipped_layers
 from .tt import count_dof, split_modes, tt_ranks
 
-__all__ = ["LayerRow", "SkippedRow", "AdapterRow", "CompressionReport", "report", "compression", "count_model_dof"]
+__all__ = ["LayerRow", "SkippedRow", "AdapterRow", "CompressionReport", "report", "compression", "count_model_dof",
+           "count_state_values"]
 
 
 # ---------------------------------------------------------------------------------------------------- rows
@@ -247,8 +248,9 @@ def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def _count_other(model: nn.Module, excluded: set[str]) -> int:
-    """Numbers in the state dict outside ``excluded`` keys and ``num_batches_tracked``; shared tensors once."""
+def count_state_values(model: nn.Module, excluded=frozenset()) -> int:
+    """Numbers in the state dict outside ``excluded`` keys and ``num_batches_tracked``; shared tensors once (eq. 11's
+    count of a plain model, or its C with the reparameterized weights' keys excluded)."""
     seen: set[int] = set()
     total = 0
     for key, value in model.state_dict(keep_vars=True).items():
@@ -309,11 +311,13 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
     """
     if example_input is not None:
         _run_example(model, example_input)
-    rows, excluded = [], set()
+    rows, excluded, stored = [], set(), 0
     keys = list(model.state_dict(keep_vars=True))
     for name, module in converted_layers(model):
         p = spectral_parametrization(module)
         prefix = _prefix(name)
+        row = fixed_row(module)  # an embedding's padding row: stored by the converted model only
+        stored += row.numel() if row is not None else 0
         excluded.update(tensor_key(prefix, i) for i in range(len(parametrization_tensors(module))))
         excluded.update(k for k in keys if is_parametrization_key(prefix, k)
                         and k.endswith("._extra_state"))  # the configuration (a uint8 JSON tensor), not numbers
@@ -335,8 +339,7 @@ def report(model: nn.Module, example_input=None, print_table: bool = False) -> C
             flops_per_sample=getattr(state, "last_flops_per_sample", None),
         ))
     skipped = [SkippedRow(*s) for s in skipped_layers(model)]
-    other = _count_other(model, excluded)  # first: it names an uninitialised lazy parameter
-    stored = sum(fixed_row(m).numel() for _, m in converted_layers(model) if fixed_row(m) is not None)
+    other = count_state_values(model, excluded)  # first: it names an uninitialised lazy parameter
     counts = parameter_counts(model)
     rep = CompressionReport(rows, skipped, other - stored, stored=stored, source="model",
                             adapters=_adapter_rows(model), trainable_params=counts.trainable,
@@ -399,5 +402,5 @@ def count_model_dof(
         excluded.add(_prefix(name) + "weight")
     # a converted embedding with padding_idx stores its fixed padding row (FixedRow): dim numbers
     fixed_rows = sum(m.embedding_dim for _, m in selected if isinstance(m, nn.Embedding) and m.padding_idx is not None)
-    return CompressionReport(rows, skipped, _count_other(dense_model, excluded), stored=fixed_rows,
+    return CompressionReport(rows, skipped, count_state_values(dense_model, excluded), stored=fixed_rows,
                              source="arithmetic")

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize as torch_parametrize
 
 from .cost import has_tt_path
-from .frames import without_autocast
+from .frames import without_autocast_on
 from .layers import SUPPORTED_TYPES, conversion_blockers, layout_shape, select_layers
 from .modules import LayerState, SpectralLayer, spectral_class
 from .options import (BATCHING, PATHS, check_init, check_method, check_option, check_plan_method,
@@ -181,9 +181,8 @@ def convert(
     _refuse_blocked(model, selected)
     _check_tt_path(method, path, selected)
     planner = FramePlanner(batching, check_finite)
-    with contextlib.ExitStack() as stack:  # projections in the weights' own precision, even inside autocast
-        for device in {t.device for _, m in selected for t in m.parameters(recurse=False)}:
-            stack.enter_context(without_autocast(device))
+    # projections in the weights' own precision, even inside autocast
+    with without_autocast_on(t.device for _, m in selected for t in m.parameters(recurse=False)):
         _convert_layers(selected, planner, options, rank_map, alpha, generator, progress, calibration)
     hooks = (model.register_forward_pre_hook(planner.begin_forward),
              model.register_forward_hook(planner.end_forward, always_call=True))

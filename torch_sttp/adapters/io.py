@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import unshared_tensors
 from .model import (
     active_adapter,
     add_adapters_to_layers,
@@ -86,7 +87,7 @@ def save_adapters(model: nn.Module, directory, name: str | None = None) -> Path:
     name = _require_adapter(model, name, "save_adapters")
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = _unshared({k: t.detach().contiguous() for k, t in adapter_state_dict(model, name).items()})
+    tensors = unshared_tensors(adapter_state_dict(model, name))
     text = json.dumps(_config(model, name), indent=2)
     # the weights first: a failed save never leaves a new configuration beside old (or no) weights
     _atomic_write(folder / WEIGHTS_NAME, lambda p: _safetensors().save_file(tensors, p, metadata={"format": "pt"}))
@@ -100,17 +101,6 @@ def _require_adapter(model: nn.Module, name: str | None, what: str) -> str:
         return adapter_info(model, name).name
     except ValueError as e:
         raise ValueError(str(e).replace("adapter_info:", f"{what}:", 1)) from None
-
-
-def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors with every one that shares memory with an earlier one cloned (tied weights of a trainable
-    module: safetensors stores each tensor on its own; loading copies the value into the tied parameter twice)."""
-    seen, out = set(), {}
-    for k, t in tensors.items():
-        key = (t.untyped_storage().data_ptr(), t.device)
-        out[k] = t.clone() if key in seen else t
-        seen.add(key)
-    return out
 
 
 def read_adapter_config(directory) -> dict:

@@ -160,10 +160,9 @@ def _check_settings(model, kind, method, rank, name, two_sided, seed) -> dict:
     check_method(method)
     check_rank(rank)
     if kind == "rotation" and rank % 2:
+        use = f"{rank + 1}" if rank == 1 else f"{rank - 1} or {rank + 1}"
         raise ValueError(f"rotation adapters start at the identity with reflectors in equal pairs, so rank must be "
-                         f"even; got rank={rank} (use {rank + 1})" if rank == 1 else
-                         f"rotation adapters start at the identity with reflectors in equal pairs, so rank must be "
-                         f"even; got rank={rank} (use {rank - 1} or {rank + 1})")
+                         f"even; got rank={rank} (use {use})")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"adapter name must be a non-empty string of letters, digits, '_' or '-', got {name!r}")
     record = adapter_record(model)
@@ -354,19 +353,17 @@ def _check_no_adapter_layers(model: nn.Module, names: list[str]) -> None:
 def _check_one_root(model: nn.Module) -> None:
     """Refuse a model whose submodules carry adapters recorded elsewhere: on a submodule of their own (a record
     there), or of an enclosing model (adapter layers here, no record)."""
-    if adapter_record(model) is not None:
-        inner = [n for n, m in model.named_modules() if n and adapter_record(m) is not None]
-        if inner:
-            raise ValueError(f"submodule {inner[0]!r} has adapters of its own (added on it directly); add every "
-                             f"adapter on one root: unload those of {inner[0]!r} first, or keep adding to it")
-        return
+    own = adapter_record(model) is not None
     inner = [n for n, m in model.named_modules() if n and adapter_record(m) is not None]
+    if inner and own:
+        raise ValueError(f"submodule {inner[0]!r} has adapters of its own (added on it directly); add every "
+                         f"adapter on one root: unload those of {inner[0]!r} first, or keep adding to it")
     if inner:
         raise ValueError(f"submodule {inner[0]!r} already has adapters (added with add_adapters(model.{inner[0]}, "
                          f"...)); add every adapter on one root: keep adding to {inner[0]!r}, or unload its adapters "
                          "and add them all on this model")
     held = [n for n, m in model.named_modules() if isinstance(m, (AdapterLayer, TrainableCopies))]
-    if held:
+    if held and not own:
         raise ValueError(f"module {held[0]!r} carries adapters of an enclosing model; add adapters on that model "
                          "(the one add_adapters was called on)")
 
@@ -393,7 +390,7 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
         ops, reason = layer_ops(seen)
         if ops is None and not is_weight_layer(seen) and (exact is None and not targets or inside):
             continue  # by default (and inside a targeted container) only weight layers are considered
-        if ops is None and next(seen.children(), None) is not None and not is_weight_layer(seen):
+        if ops is None and _is_container(seen):
             continue  # a container matched by a pattern: its layers are considered one by one (above)
         if reason is None and isinstance(module, TrainableCopies):
             owners = sorted(module.copies)
@@ -407,10 +404,14 @@ def _select(model, target, exclude, trainable_names: list[str], exact) -> tuple[
     return selected, skipped
 
 
+def _is_container(module: nn.Module) -> bool:
+    """A module with children that is not itself a weight layer."""
+    return next(module.children(), None) is not None and not is_weight_layer(module)
+
+
 def _containers(named, patterns) -> list[str]:
-    """Names of the containers (modules with children, not weight layers) that ``patterns`` match."""
-    return [n for n, _, seen in named if n and patterns and _matches(n, seen, patterns)
-            and next(seen.children(), None) is not None and not is_weight_layer(seen)]
+    """Names of the containers that ``patterns`` match."""
+    return [n for n, _, seen in named if n and patterns and _matches(n, seen, patterns) and _is_container(seen)]
 
 
 def _placement_reason(name: str, named, module: nn.Module, counts: dict, trainable_names) -> str | None:

@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from ..calibration import Calibration, calibrate
-from ..checkpoint import load_checkpoint as read_plain_file, open_safetensors
+from ..checkpoint import load_checkpoint as read_plain_file, open_safetensors, unshared_tensors
 from ..export import to_dense, to_factorized
 from ..options import RANK_METHODS
 from ..ranks import RankPlan, project, projection_errors, select_ranks
-from ..report import report as model_report
+from ..report import count_state_values, report as model_report
 from ..surgery import convert, skipped_layers
 
 __all__ = [
@@ -207,12 +207,8 @@ def save_compressed(model: nn.Module, path, info: Mapping) -> Path:
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        seen, out = {}, {}
-        for k, v in tensors.items():  # safetensors refuses tensors that share memory (tied weights)
-            key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()))
-            out[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
-            seen[key] = k
-        save_file(out, str(path), metadata={META_KEY: json.dumps({**info, "extra_state": extra})})
+        metadata = {META_KEY: json.dumps({**info, "extra_state": extra})}
+        save_file(unshared_tensors(tensors), str(path), metadata=metadata)
     else:
         torch.save({"state_dict": state, META_KEY: info}, str(path))
     return path
@@ -319,7 +315,7 @@ def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "fr
     is consumed: each statistic is freed once its layers are projected (``release_statistics``), which lowers the
     peak memory."""
     t0 = time.perf_counter()
-    dense_values = _stored_values(model)
+    dense_values = count_state_values(model)
     aware_plan = calibration is not None and strategy == "auto" and objective == "svd"
     plan = select_ranks(model, budget, method, spectrum, include=include, exclude=exclude, objective=objective,
                         strategy=strategy, calibration=calibration if aware_plan else None)
@@ -332,7 +328,7 @@ def compress(model: nn.Module, budget, method: str = "svdp", spectrum: str = "fr
     skipped = [list(row) for row in skipped_layers(model)]
     if method == "svd":
         model = to_factorized(model)
-    compressed = counted.dof_total + counted.other + counted.stored if method != "svd" else _stored_values(model)
+    compressed = counted.dof_total + counted.other + counted.stored if method != "svd" else count_state_values(model)
     report = {
         "plan": plan.to_dict(), "projection_errors": errors,
         "mean_projection_error": sum(errors.values()) / len(errors) if errors else 0.0,
@@ -440,22 +436,9 @@ def cli_export(args: argparse.Namespace) -> int:
                 "source": source, "exported_from": str(args.input)}
     out = save_compressed(model, args.output, out_info)
     if not getattr(args, "quiet", False):
-        print(f"wrote {out} ({fmt}, {_stored_values(model)} values: the state dict without num_batches_tracked, "
+        print(f"wrote {out} ({fmt}, {count_state_values(model)} values: the state dict without num_batches_tracked, "
               "a shared tensor once)")
     return 0
-
-
-def _stored_values(model: nn.Module) -> int:
-    """Entries of ``model.state_dict()`` as eq. 11 counts them: num_batches_tracked left out, shared tensors once."""
-    seen, total = set(), 0
-    for k, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor) or k.endswith("num_batches_tracked"):
-            continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.device)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel()
-    return total
 
 
 def _check_threads(threads) -> None:
